@@ -1,0 +1,33 @@
+# Every setup step lives here: `make train` and `make test` work on a fresh clone.
+# The stack is pinned to versions that load together on Python 3.11 (see README "Stack").
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+STAMP   := $(VENV)/.stack-installed
+EXT_STAMP := $(VENV)/.ext-built
+
+.PHONY: venv ext train test bench nvcc-check clean
+
+venv: $(STAMP)
+
+# torch first and exact, so pip takes the local CPU wheel instead of pulling CUDA wheels;
+# torchrec with --no-deps because it names the CUDA package fbgemm-gpu.
+$(STAMP): pyproject.toml
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q torch==2.13.0
+	$(VPY) -m pip install -q fbgemm-gpu-cpu==1.8.0
+	$(VPY) -m pip install -q --no-deps torchrec==1.8.0
+	$(VPY) -m pip install -q tensordict torchmetrics==1.0.3 tqdm pyre-extensions numpy \
+	    torchx hydra-core pytest hypothesis matplotlib iopath
+	$(VPY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+train: venv
+	$(VPY) -m torchrec_fiited.train
+
+test: venv
+	$(VPY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info

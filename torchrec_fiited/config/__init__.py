@@ -1,0 +1,5 @@
+"""Frozen configuration dataclasses (usable as Hydra structured configs)."""
+
+from torchrec_fiited.config.fiited_config import FiitedConfig
+
+__all__ = ["FiitedConfig"]

@@ -1,0 +1,141 @@
+"""FIITED configuration: one frozen dataclass, usable directly as a Hydra structured config.
+
+No ``from __future__ import annotations`` here: OmegaConf reads the real field types, and a
+stringified annotation breaks structured configs (FBGEMM's ``optimizer_config.py`` gives the same
+rule). OmegaConf runs ``__post_init__`` only in ``OmegaConf.to_object``, so entry points convert.
+"""
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+RATIO_MODES = ("manual", "dynamic")
+UTILITIES = ("grad_access", "access")
+OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")
+MAX_NUM_CHUNKS = 8  # the K-bit live mask is one uint8 per entry
+
+
+@dataclass(frozen=True)
+class FiitedConfig:
+    """How a FIITED embedding collection stores, scores and prunes its chunks.
+
+    Every row of a table with dim ``D`` is split into ``num_chunks`` (K) chunks of
+    ``chunk_size = D / K`` floats. Chunk pools hold ``budget`` times the bytes of the unpruned
+    tables; chunks compete for pool slots by utility.
+
+    Args:
+        num_chunks: K, chunks per row. 1 is AdaEmbed (row pruning). Must divide every table's dim.
+        budget: fraction of the full embedding bytes the chunk pools may hold, in (0, 1].
+        table_budgets: per-table budget overrides; such a table gets a pool of its own instead of
+            competing with the other tables in the shared pool.
+        ratio_mode: "manual" (one threshold per chunk index, from per-chunk pruning ratios) or
+            "dynamic" (one global threshold over all chunk utilities).
+        chunk_prune_ratios: explicit K per-chunk pruning ratios for manual mode; when None they
+            are fitted to average ``1 - budget`` with f(x) = c * x**power_law_exponent.
+        power_law_exponent: a in f(x) = c * x**a; 1.0 is the paper's linear fit, 0.5 its concave one.
+        max_chunk_prune_ratio: cap on any fitted ratio (the paper's 95%); capped chunks are
+            fixed and the rest refitted so the average still holds.
+        decay: gamma in u = gamma * u + a * g, in (0, 1].
+        prune_interval: T, training steps between pruning cycles; 0 disables automatic cycles
+            (``prune()`` still runs one on demand).
+        warmup_steps: no automatic cycle runs before this step.
+        sample_size: m, utilities sampled per pool to estimate thresholds.
+        enforce_ratio: enforced pruning (eviction) runs when more than this fraction of the
+            sampled chunks cross their threshold.
+        utility: "grad_access" (u += accesses * ||chunk grad||, the paper) or "access"
+            (u += accesses, the decayed access count TorchRec's ITEP uses).
+        optimizer: sparse optimizer fused into backward: "sgd", "adagrad" or "rowwise_adagrad"
+            (rowwise over each chunk slot, so K=1 is TBE's EXACT_ROWWISE_ADAGRAD).
+        learning_rate: initial learning rate of the fused optimizer.
+        eps: Adagrad epsilon.
+        weight_decay: L2 penalty added to the gradient of live chunks.
+        hash_ids: hash arbitrary int64 ids into the table's ``num_embeddings`` entries instead of
+            requiring ``0 <= id < num_embeddings``.
+        seed: seed of the generator used for sampling and chunk re-initialisation.
+    """
+
+    num_chunks: int = 2
+    budget: float = 0.25
+    table_budgets: Dict[str, float] = field(default_factory=dict)
+    ratio_mode: str = "manual"
+    chunk_prune_ratios: Optional[List[float]] = None
+    power_law_exponent: float = 1.0
+    max_chunk_prune_ratio: float = 0.95
+    decay: float = 0.99
+    prune_interval: int = 1000
+    warmup_steps: int = 0
+    sample_size: int = 65536
+    enforce_ratio: float = 0.01
+    utility: str = "grad_access"
+    optimizer: str = "rowwise_adagrad"
+    learning_rate: float = 0.01
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    hash_ids: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_int("num_chunks", self.num_chunks, 1, MAX_NUM_CHUNKS)
+        _check_budget("budget", self.budget)
+        for name, b in self.table_budgets.items():
+            _check_budget(f"table_budgets[{name!r}]", b)
+        _check_choice("ratio_mode", self.ratio_mode, RATIO_MODES)
+        _check_choice("utility", self.utility, UTILITIES)
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        if self.chunk_prune_ratios is not None:
+            ratios = list(self.chunk_prune_ratios)
+            if len(ratios) != self.num_chunks:
+                raise ValueError(
+                    f"chunk_prune_ratios must have num_chunks={self.num_chunks} entries, "
+                    f"got {len(ratios)}: {ratios}"
+                )
+            for k, r in enumerate(ratios):
+                if not 0.0 <= r < 1.0:
+                    raise ValueError(f"chunk_prune_ratios[{k}] must be in [0, 1), got {r}")
+            object.__setattr__(self, "chunk_prune_ratios", [float(r) for r in ratios])
+        if not (self.power_law_exponent > 0 and math.isfinite(self.power_law_exponent)):
+            raise ValueError(f"power_law_exponent must be > 0, got {self.power_law_exponent}")
+        if not 0.0 < self.max_chunk_prune_ratio < 1.0:
+            raise ValueError(
+                f"max_chunk_prune_ratio must be in (0, 1), got {self.max_chunk_prune_ratio}"
+            )
+        if not 0.0 < self.decay <= 1.0:
+            raise ValueError(f"decay must be in (0, 1], got {self.decay}")
+        _check_int("prune_interval", self.prune_interval, 0, None)
+        _check_int("warmup_steps", self.warmup_steps, 0, None)
+        _check_int("sample_size", self.sample_size, 1, None)
+        if not 0.0 <= self.enforce_ratio <= 1.0:
+            raise ValueError(f"enforce_ratio must be in [0, 1], got {self.enforce_ratio}")
+        if not (self.learning_rate >= 0 and math.isfinite(self.learning_rate)):
+            raise ValueError(f"learning_rate must be finite and >= 0, got {self.learning_rate}")
+        if not self.eps > 0:
+            raise ValueError(f"eps must be > 0, got {self.eps}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+
+    def budget_for(self, table_name: str) -> float:
+        """The budget that applies to ``table_name`` (its override, else the global one)."""
+        return self.table_budgets.get(table_name, self.budget)
+
+    def to_dict(self) -> Dict[str, object]:
+        """Plain-Python form, stored in checkpoints to detect a mismatched configuration."""
+        return dataclasses.asdict(self)
+
+
+def _check_budget(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and 0.0 < value <= 1.0):
+        raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+
+
+def _check_choice(name: str, value: str, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def _check_int(name: str, value: int, lo: int, hi: Optional[int]) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < lo or (
+        hi is not None and value > hi
+    ):
+        bound = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise ValueError(f"{name} must be an integer {bound}, got {value!r}")

@@ -1,0 +1,1 @@
+"""The unsharded TorchRec module."""

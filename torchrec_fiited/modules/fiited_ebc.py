@@ -1,0 +1,267 @@
+"""FiitedEmbeddingBagCollection: a drop-in EmbeddingBagCollection backed by a VHPI store."""
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+import torch
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface
+from torchrec.optim.fused import FusedOptimizerModule
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from torchrec_fiited.config import FiitedConfig
+from torchrec_fiited.modules import checkpoint, stats
+from torchrec_fiited.modules.layout_plan import make_policy, plan_pools
+from torchrec_fiited.modules.validation import check_ids, check_kjt
+from torchrec_fiited.ops import coalesce, occurrence_grads, pooled_lookup, sparse_update
+from torchrec_fiited.optim import FiitedFusedOptimizer
+from torchrec_fiited.policy import UtilityRule, apply_decision, sample_pool
+from torchrec_fiited.store import VHPIStore, hash_ids
+
+
+@dataclass
+class _FeatureLookup:
+    """One feature of a batch, resolved to its table's entries."""
+
+    feature: str
+    table: str
+    entries: torch.Tensor  # int64 [n]
+    offsets: torch.Tensor  # int64 [B + 1]
+    weights: Optional[torch.Tensor]  # fp32 [n] or None
+    mean: bool
+
+
+class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimizerModule):
+    """EmbeddingBagCollection whose rows are K chunks that are pruned and regrown in training.
+
+    Same contract as TorchRec's ``EmbeddingBagCollection``: for F features with dims D_f, a
+    KJT with batch size B gives a ``KeyedTensor`` with the same keys, order and
+    ``length_per_key``, values fp32 [B, sum_f D_f]. A pruned chunk contributes zeros.
+
+    Training forward admits entries seen for the first time (see ``VHPIStore.admit``); backward
+    applies the fused sparse optimizer to live chunks, adds a * ||g|| to every touched chunk's
+    utility (pruned ones too) and runs a pruning cycle every ``prune_interval`` steps. In eval
+    mode the module only reads.
+
+    Args:
+        tables: table configs; every ``embedding_dim`` must be divisible by ``num_chunks``.
+        config: FIITED settings.
+        device: where the store lives (default CPU).
+        is_weighted: pool with the KJT's per-sample weights.
+
+    Example::
+
+        tables = [EmbeddingBagConfig(name="t1", embedding_dim=8, num_embeddings=100,
+                                     feature_names=["f1"]),
+                  EmbeddingBagConfig(name="t2", embedding_dim=4, num_embeddings=50,
+                                     feature_names=["f2"])]
+        ebc = FiitedEmbeddingBagCollection(tables, FiitedConfig(num_chunks=2, budget=0.5))
+        #        0       1        2   <- batch
+        # f1   [0,1]  None    [2]
+        # f2   [3]    [4]     [5,6]
+        kjt = KeyedJaggedTensor.from_lengths_sync(
+            keys=["f1", "f2"], values=torch.tensor([0, 1, 2, 3, 4, 5, 6]),
+            lengths=torch.tensor([2, 0, 1, 1, 1, 2]))
+        out = ebc(kjt)
+        out.values().shape   # torch.Size([3, 12]); out.keys() == ["f1", "f2"]
+    """
+
+    def __init__(
+        self,
+        tables: List[EmbeddingBagConfig],
+        config: FiitedConfig,
+        device: Optional[torch.device] = None,
+        is_weighted: bool = False,
+    ) -> None:
+        super().__init__()
+        device = torch.device(device or "cpu")
+        self._config = config
+        self._is_weighted = is_weighted
+        self._tables = list(tables)
+        for t in self._tables:
+            if not t.feature_names:
+                t.feature_names = [t.name]
+        self._features = [(f, t) for t in self._tables for f in t.feature_names]
+        if len({f for f, _ in self._features}) != len(self._features):
+            raise ValueError(f"a feature may feed only one table: {[f for f, _ in self._features]}")
+        layouts, self._capacities, budgets = plan_pools(self._tables, config)
+        self.store = VHPIStore(layouts, self._capacities, config.num_chunks, config.optimizer, device)
+        self._policies = {p: make_policy(config, b) for p, b in budgets.items()}
+        self._rule = UtilityRule(config.utility, config.decay)
+        self._gen = torch.Generator(device=device).manual_seed(config.seed)
+        self.register_buffer("steps_done", torch.tensor(0, dtype=torch.int64, device=device))
+        self._last_cycle: Dict[str, Dict[str, Any]] = {}
+        self._fused_optimizer = FiitedFusedOptimizer(
+            dict(self.store.pools.items()), config.optimizer, config.learning_rate,
+            config.eps, config.weight_decay,
+        )
+        self._register_load_state_dict_pre_hook(checkpoint.validate_before_load, with_module=True)
+
+    # ---- EmbeddingBagCollectionInterface -------------------------------------------------
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        batch = self._resolve(features)  # every check runs before the store is touched
+        if self.training and torch.is_grad_enabled():
+            self._admit(batch)
+            anchor = torch.zeros((), requires_grad=True)  # makes autograd call our backward
+            values = _FusedLookup.apply(self, batch, anchor)
+        else:
+            values = self._pooled(batch)
+        return KeyedTensor(
+            keys=[f for f, _ in self._features],
+            length_per_key=[t.embedding_dim for _, t in self._features],
+            values=values,
+        )
+
+    def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
+        return self._tables
+
+    def is_weighted(self) -> bool:
+        return self._is_weighted
+
+    @property
+    def fused_optimizer(self) -> FiitedFusedOptimizer:
+        return self._fused_optimizer
+
+    @property
+    def config(self) -> FiitedConfig:
+        return self._config
+
+    # ---- pruning --------------------------------------------------------------------------
+
+    def prune(self) -> Dict[str, Dict[str, Any]]:
+        """Run one pruning cycle on every pool now; returns what it decided per pool."""
+        step = int(self.steps_done)
+        for pool, policy in self._policies.items():
+            sample = sample_pool(self.store, self._rule, pool, self._config.sample_size, step, self._gen)
+            decision = policy.decide(
+                sample.utilities, sample.live, self._capacities[pool], sample.num_seen
+            )
+            counts = apply_decision(self.store, self._rule, pool, decision, step, self._gen)
+            for table, n in counts.evictions.items():
+                self.store.tables[table].last_cycle_evictions.fill_(n)
+                self.store.tables[table].last_cycle_allocations.fill_(counts.allocations[table])
+            self._last_cycle[pool] = {
+                "step": step,
+                "thresholds": decision.thresholds.tolist(),
+                "keep_fractions": decision.keep_fractions.tolist(),
+                "churn": decision.churn,
+                "enforced": decision.enforce,
+            }
+        return dict(self._last_cycle)
+
+    def stats(self) -> Dict[str, Any]:
+        """Per table and in total: entries seen, live chunks per chunk index, thresholds and
+        ratios, last cycle's evictions/allocations, and bytes by component (pools, optimizer,
+        metadata) that sum to the bytes of the module's tensors."""
+        return stats.collect(self)
+
+    # ---- dense import/export ----------------------------------------------------------------
+
+    def load_dense_weights(self, weights: Dict[str, torch.Tensor]) -> None:
+        """Start from full tables (e.g. a TorchRec EBC's): every chunk live. Needs budget 1."""
+        for name, w in weights.items():
+            if name not in self.store.tables:
+                raise ValueError(f"unknown table {name!r}; tables are {list(self.store.tables)}")
+        for name, w in weights.items():
+            self.store.load_dense_weights(name, w, self._gen)
+
+    def dense_weights(self) -> Dict[str, torch.Tensor]:
+        """Logical tables fp32 [E, D] with pruned chunks as zeros, by table name."""
+        return {name: self.store.dense_weights(name) for name in self.store.tables}
+
+    # ---- checkpoint state -------------------------------------------------------------------
+
+    def get_extra_state(self) -> Dict[str, Any]:
+        return checkpoint.extra_state(self)
+
+    def set_extra_state(self, state: Dict[str, Any]) -> None:
+        self._gen.set_state(state["rng_state"])
+        self._last_cycle = dict(state["last_cycle"])
+
+    # ---- internals --------------------------------------------------------------------------
+
+    def _resolve(self, features: KeyedJaggedTensor) -> List[_FeatureLookup]:
+        check_kjt(features, [f for f, _ in self._features], self._is_weighted)
+        per_feature = features.to_dict()
+        batch = []
+        for feature, table in self._features:
+            jt = per_feature[feature]
+            ids = jt.values().to(torch.int64)
+            if self._config.hash_ids:
+                entries = hash_ids(ids, table.num_embeddings)
+            else:
+                check_ids(feature, table.name, ids, table.num_embeddings)
+                entries = ids
+            weights = jt.weights().to(torch.float32) if self._is_weighted else None
+            mean = table.pooling == PoolingType.MEAN
+            batch.append(_FeatureLookup(feature, table.name, entries, jt.offsets(), weights, mean))
+        return batch
+
+    def _by_table(self, batch: List[_FeatureLookup]) -> Dict[str, List[_FeatureLookup]]:
+        grouped: Dict[str, List[_FeatureLookup]] = {}
+        for fl in batch:
+            grouped.setdefault(fl.table, []).append(fl)
+        return grouped
+
+    def _admit(self, batch: List[_FeatureLookup]) -> None:
+        step = int(self.steps_done)
+        for table, lookups in self._by_table(batch).items():
+            entries = torch.unique(torch.cat([fl.entries for fl in lookups]))
+            pool = self.store.layouts[table].pool
+            quota = self._policies[pool].admission_quota(self._capacities[pool])
+            self.store.admit(table, entries, step, quota, self._gen)
+
+    def _pooled(self, batch: List[_FeatureLookup]) -> torch.Tensor:
+        outs = []
+        for fl in batch:
+            slots = self.store.tables[fl.table].chunk_slots[fl.entries]
+            weights = self.store.pool_of(fl.table).weights
+            outs.append(pooled_lookup(weights, slots, fl.offsets, fl.weights, fl.mean))
+        return torch.cat(outs, dim=1)
+
+    def _fused_backward(self, batch: List[_FeatureLookup], grad: torch.Tensor) -> None:
+        """Optimizer step on live chunks and utility update on all touched chunks."""
+        step = int(self.steps_done)
+        hp = self._fused_optimizer.param_groups[0]
+        cols = torch.cumsum(torch.tensor([0] + [t.embedding_dim for _, t in self._features]), 0)
+        col_of = {f: int(c) for (f, _), c in zip(self._features, cols[:-1])}
+        K = self._config.num_chunks
+        for table, lookups in self._by_table(batch).items():
+            D = self.store.layouts[table].dim
+            occ = [
+                occurrence_grads(grad[:, col_of[fl.feature] : col_of[fl.feature] + D], fl.offsets,
+                                 fl.weights, fl.mean)
+                for fl in lookups
+            ]
+            entries, accesses, g = coalesce(torch.cat([fl.entries for fl in lookups]), torch.cat(occ))
+            g_chunks = g.view(g.shape[0], K, D // K)  # [U, K, chunk_size]
+            et = self.store.tables[table]
+            self._rule.record(et, entries, accesses, g_chunks.norm(dim=2), step)
+            slots = et.chunk_slots[entries].to(torch.int64)
+            live = slots >= 0
+            pool = self.store.pool_of(table)
+            sparse_update(
+                hp["optimizer"], pool.weights, pool.momentum, slots[live], g_chunks[live],
+                hp["lr"], hp["eps"], hp["weight_decay"],
+            )
+        self.steps_done += 1
+        done = int(self.steps_done)
+        T = self._config.prune_interval
+        if T and done % T == 0 and done >= self._config.warmup_steps:
+            self.prune()
+
+
+class _FusedLookup(torch.autograd.Function):
+    """Forward: pooled lookup. Backward: the fused update; no gradient leaves the module."""
+
+    @staticmethod
+    def forward(ctx, module, batch, anchor):  # type: ignore[override]
+        ctx.module = module
+        ctx.batch = batch
+        return module._pooled(batch)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        ctx.module._fused_backward(ctx.batch, grad.contiguous())
+        return None, None, None

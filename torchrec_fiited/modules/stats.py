@@ -1,0 +1,71 @@
+"""``FiitedEmbeddingBagCollection.stats()``: occupancy, thresholds and bytes by component."""
+
+from typing import Any, Dict
+
+import torch
+
+# Buffers named by these suffixes are the chunk pools and the optimizer state; every other
+# tensor of the module is metadata (entries, free stacks, counters).
+POOL_SUFFIX = ".weights"
+OPTIMIZER_SUFFIX = ".momentum"
+
+
+def _component(name: str) -> str:
+    if name.startswith("store.pools.") and name.endswith(POOL_SUFFIX):
+        return "pools"
+    if name.startswith("store.pools.") and name.endswith(OPTIMIZER_SUFFIX):
+        return "optimizer"
+    return "metadata"
+
+
+def collect(module) -> Dict[str, Any]:
+    store = module.store
+    K = store.num_chunks
+    total = {"pools": 0, "optimizer": 0, "metadata": 0}
+    for name, t in list(module.named_buffers()) + list(module.named_parameters()):
+        total[_component(name)] += t.numel() * t.element_size()
+    total["total"] = sum(total.values())
+    tables: Dict[str, Any] = {}
+    full = 0
+    for name, layout in store.layouts.items():
+        et = store.tables[name]
+        live = (et.chunk_slots >= 0).sum(0).tolist()
+        seen = int(et.num_seen)
+        full += layout.num_entries * layout.dim * 4
+        tables[name] = {
+            "pool": layout.pool,
+            "num_embeddings": layout.num_entries,
+            "entries_seen": seen,
+            "live_chunks": live,
+            "chunk_prune_ratios": [1.0 - n / seen if seen else 0.0 for n in live],
+            "evictions_last_cycle": int(et.last_cycle_evictions),
+            "allocations_last_cycle": int(et.last_cycle_allocations),
+            "bytes": {
+                "pools_live": sum(live) * layout.chunk_size * 4,
+                "metadata": sum(b.numel() * b.element_size() for b in et.buffers()),
+            },
+        }
+    pools: Dict[str, Any] = {}
+    for name, pool in store.pools.items():
+        policy = module._policies[name]
+        pools[name] = {
+            "tables": store.tables_of_pool(name),
+            "capacity": pool.capacity,
+            "chunk_size": pool.chunk_size,
+            "free_slots": pool.free_count(),
+            "live_per_chunk": pool.live_per_chunk.tolist(),
+            "target_chunk_prune_ratios": list(getattr(policy, "ratios", [])),
+            "last_cycle": module._last_cycle.get(name, {}),
+            "bytes": {
+                "pools": pool.weights.numel() * 4,
+                "optimizer": pool.momentum.numel() * 4,
+            },
+        }
+    return {
+        "step": int(module.steps_done),
+        "num_chunks": K,
+        "tables": tables,
+        "pools": pools,
+        "bytes": total,
+        "bytes_full": full,
+    }

@@ -1,0 +1,5 @@
+"""Fused sparse optimizer exposure (the update kernels live in ``ops``)."""
+
+from torchrec_fiited.optim.fused import FiitedFusedOptimizer
+
+__all__ = ["FiitedFusedOptimizer"]

@@ -1,0 +1,55 @@
+"""The fused optimizer handle: a TorchRec KeyedOptimizer over the chunk pools.
+
+The update itself runs inside backward (``FiitedEmbeddingBagCollection``), reading its
+hyper-parameters from ``param_groups[0]`` at that moment, so LR schedulers and
+``CombinedOptimizer`` work as with TorchRec's fused EBC; ``step`` has nothing left to do.
+"""
+
+from typing import Any, Dict, Mapping
+
+import torch
+from torchrec.optim.fused import FusedOptimizer
+
+from torchrec_fiited.store.chunk_pool import ChunkPool
+
+
+class FiitedFusedOptimizer(FusedOptimizer):
+    """Keys: ``pools.<pool>.weights`` -> state ``{"<pool>.momentum": tensor}`` (none for SGD).
+
+    Args:
+        pools: the store's pools by name.
+        optimizer: "sgd", "adagrad" or "rowwise_adagrad".
+        lr: learning rate.
+        eps: Adagrad epsilon.
+        weight_decay: L2 penalty.
+    """
+
+    def __init__(
+        self,
+        pools: Mapping[str, ChunkPool],
+        optimizer: str,
+        lr: float,
+        eps: float,
+        weight_decay: float,
+    ) -> None:
+        params: Dict[str, torch.Tensor] = {f"pools.{n}.weights": p.weights for n, p in pools.items()}
+        state: Dict[Any, Any] = {
+            p.weights: ({f"{n}.momentum": p.momentum} if p.momentum.numel() else {})
+            for n, p in pools.items()
+        }
+        group = {
+            "params": list(params.values()),
+            "lr": lr,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "optimizer": optimizer,
+        }
+        super().__init__(params, state, [group])
+
+    def step(self, closure: Any = None) -> None:
+        """No-op: the update already happened in backward with the current ``param_groups``."""
+        return None
+
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        """No-op: fused updates leave no gradients behind."""
+        return None

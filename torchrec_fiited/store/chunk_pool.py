@@ -1,0 +1,76 @@
+"""Physical chunk pool: fixed-size weights, optimizer state and a free-slot stack."""
+
+import torch
+from torch import nn
+
+OPTIMIZER_STATE_SHAPES = {
+    "sgd": lambda capacity, chunk_size: (0,),
+    "adagrad": lambda capacity, chunk_size: (capacity, chunk_size),
+    "rowwise_adagrad": lambda capacity, chunk_size: (capacity,),
+}
+
+
+class ChunkPool(nn.Module):
+    """Slots for ``capacity`` chunks of ``chunk_size`` floats, shared by one group of tables.
+
+    The pool is allocated once at its full capacity, so the bytes it holds never exceed the
+    budget it was sized for. Slots are handed out and returned through ``free_stack`` (LIFO, the
+    paper's chunk address manager); ``live_per_chunk`` counts live chunks by chunk_id for the
+    admission quotas and the stats.
+
+    Args:
+        capacity: number of slots.
+        chunk_size: floats per chunk.
+        num_chunks: K, for the per-chunk_id live counts.
+        optimizer: "sgd", "adagrad" or "rowwise_adagrad"; fixes the shape of ``momentum``.
+        device: where the tensors live.
+    """
+
+    def __init__(
+        self,
+        capacity: int,
+        chunk_size: int,
+        num_chunks: int,
+        optimizer: str,
+        device: torch.device,
+    ) -> None:
+        super().__init__()
+        self.capacity = capacity
+        self.chunk_size = chunk_size
+        self.register_buffer("weights", torch.zeros(capacity, chunk_size, device=device))
+        momentum_shape = OPTIMIZER_STATE_SHAPES[optimizer](capacity, chunk_size)
+        self.register_buffer("momentum", torch.zeros(momentum_shape, device=device))
+        # Reversed so that the first pops hand out slots 0, 1, 2, ...
+        stack = torch.arange(capacity - 1, -1, -1, dtype=torch.int32, device=device)
+        self.register_buffer("free_stack", stack)
+        self.register_buffer("num_free", torch.tensor(capacity, dtype=torch.int64, device=device))
+        self.register_buffer(
+            "live_per_chunk", torch.zeros(num_chunks, dtype=torch.int64, device=device)
+        )
+
+    def free_count(self) -> int:
+        return int(self.num_free)
+
+    def pop(self, n: int) -> torch.Tensor:
+        """Take ``n`` free slots (int64 [n]); the caller checked ``n <= free_count()``."""
+        top = int(self.num_free)
+        if n > top:
+            raise RuntimeError(f"[torchrec_fiited] pool has {top} free slots, {n} requested")
+        slots = self.free_stack[top - n : top].flip(0).to(torch.int64)
+        self.num_free -= n
+        return slots
+
+    def push(self, slots: torch.Tensor) -> None:
+        """Return ``slots`` (int [n]) to the free stack; their state is reset when re-allocated."""
+        n = slots.numel()
+        top = int(self.num_free)
+        self.free_stack[top : top + n] = slots.to(torch.int32)
+        self.num_free += n
+
+    def reset_slots(self, slots: torch.Tensor, low: float, high: float, gen: torch.Generator) -> None:
+        """Re-initialise freshly allocated ``slots``: uniform(low, high) weights, zero state."""
+        fresh = torch.empty(slots.numel(), self.chunk_size, device=self.weights.device)
+        fresh.uniform_(low, high, generator=gen)
+        self.weights[slots] = fresh
+        if self.momentum.numel():
+            self.momentum[slots] = 0.0

@@ -1,0 +1,56 @@
+"""VHPI hash-table entries of one embedding table (see ``store.layout`` for the terms)."""
+
+import torch
+from torch import nn
+
+from torchrec_fiited.store.layout import NEVER_SEEN, PRUNED
+
+
+class EntryTable(nn.Module):
+    """Per-entry chunk addresses, utilities, live mask and seen bookkeeping for one table.
+
+    Bytes per entry: 4K (chunk_slots) + 4K (utilities) + 1 (live_mask) + 4 (last_step)
+    + 4 (seen_entries) = 8K + 9. The store never embeds policy logic; it is mutated only through
+    ``VHPIStore`` so that slots, mask and pool counters stay consistent.
+
+    Args:
+        num_entries: E, entries of the table (its ``num_embeddings``).
+        num_chunks: K.
+        device: where the tensors live.
+    """
+
+    def __init__(self, num_entries: int, num_chunks: int, device: torch.device) -> None:
+        super().__init__()
+        self.num_entries = num_entries
+        self.num_chunks = num_chunks
+        self.register_buffer(
+            "chunk_slots",
+            torch.full((num_entries, num_chunks), PRUNED, dtype=torch.int32, device=device),
+        )
+        self.register_buffer("utilities", torch.zeros(num_entries, num_chunks, device=device))
+        self.register_buffer("live_mask", torch.zeros(num_entries, dtype=torch.uint8, device=device))
+        self.register_buffer(
+            "last_step", torch.full((num_entries,), NEVER_SEEN, dtype=torch.int32, device=device)
+        )
+        self.register_buffer(
+            "seen_entries", torch.zeros(num_entries, dtype=torch.int32, device=device)
+        )
+        self.register_buffer("num_seen", torch.tensor(0, dtype=torch.int64, device=device))
+        # Last pruning cycle's counts, for stats().
+        self.register_buffer("last_cycle_evictions", torch.tensor(0, dtype=torch.int64, device=device))
+        self.register_buffer("last_cycle_allocations", torch.tensor(0, dtype=torch.int64, device=device))
+
+    def seen(self) -> torch.Tensor:
+        """Entries seen in training so far, int64 [num_seen], in first-seen order."""
+        return self.seen_entries[: int(self.num_seen)].to(torch.int64)
+
+    def mark_seen(self, entries: torch.Tensor, step: int) -> torch.Tensor:
+        """Record first sightings among ``entries`` (unique int64 [n]); returns the new ones."""
+        new = entries[self.last_step[entries] == NEVER_SEEN]
+        if new.numel():
+            top = int(self.num_seen)
+            self.seen_entries[top : top + new.numel()] = new.to(torch.int32)
+            self.num_seen += new.numel()
+            # Utilities of a never-seen entry are 0, so stamping the step loses nothing.
+            self.last_step[new] = step
+        return new

@@ -1,0 +1,61 @@
+"""VHPI layout: the terms every FIITED module uses, defined once.
+
+A table with ``E`` entries (``num_embeddings``) and dim ``D`` is split into ``K`` chunks of
+``chunk_size = D / K`` floats. ``chunk_id`` k in [0, K) names the k-th slice ``[k*chunk_size,
+(k+1)*chunk_size)`` of every row.
+
+Virtually hashed (one entry per row, per table; see ``EntryTable``):
+
+    entry             row index in [0, E): the id itself, or ``hash(id) % E`` with ``hash_ids``
+    chunk_slots       int32 [E, K]  pool slot of chunk k of entry e, or PRUNED (-1)
+    live_mask         uint8 [E]     bit k set iff chunk k is live (the paper's K-bit mask)
+    utilities         fp32  [E, K]  u = gamma * u + a * g, stored as of step last_step[e]
+    last_step         int32 [E]     step the entry's utilities were last brought up to date;
+                                    NEVER_SEEN (-1) for an entry never looked up in training
+    seen_entries      int32 [E]     entries in first-seen order; the first num_seen are valid
+
+Physically indexed (one pool per group of tables sharing a budget; see ``ChunkPool``):
+
+    slot              row index in [0, capacity) of a pool
+    weights           fp32  [capacity, chunk_size]
+    momentum          fp32  [capacity, chunk_size] (adagrad), [capacity] (rowwise), [0] (sgd)
+    free_stack        int32 [capacity]  free slots; the top is free_stack[num_free - 1]
+
+A pruned chunk reads as zeros. Its utility keeps growing from the gradient at its zero-padded
+slice, so it can win a slot back at a later pruning cycle.
+"""
+
+import torch
+
+PRUNED = -1
+NEVER_SEEN = -1
+
+
+def live_from_mask(live_mask: torch.Tensor, num_chunks: int) -> torch.Tensor:
+    """Unpack ``live_mask`` uint8 [n] into bool [n, K]."""
+    bits = torch.arange(num_chunks, dtype=torch.uint8, device=live_mask.device)
+    return ((live_mask.unsqueeze(-1) >> bits) & 1).bool()
+
+
+def mask_from_live(live: torch.Tensor) -> torch.Tensor:
+    """Pack bool [n, K] into ``live_mask`` uint8 [n]."""
+    weights = 1 << torch.arange(live.shape[-1], dtype=torch.int32, device=live.device)
+    return (live.to(torch.int32) * weights).sum(-1).to(torch.uint8)
+
+
+# splitmix64's finalizer, in signed int64 arithmetic (torch has no uint64 multiply).
+_MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
+_MIX2 = 0x94D049BB133111EB - (1 << 64)
+
+
+def _logical_shift_right(x: torch.Tensor, n: int) -> torch.Tensor:
+    return (x >> n) & ((1 << (64 - n)) - 1)
+
+
+def hash_ids(ids: torch.Tensor, num_entries: int) -> torch.Tensor:
+    """Map arbitrary int64 ids to entries in [0, num_entries), well mixed (int64 [n] -> [n])."""
+    x = ids.to(torch.int64)
+    x = (x ^ _logical_shift_right(x, 30)) * _MIX1
+    x = (x ^ _logical_shift_right(x, 27)) * _MIX2
+    x = x ^ _logical_shift_right(x, 31)
+    return torch.remainder(x, num_entries)
