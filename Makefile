@@ -6,7 +6,10 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.stack-installed
 EXT_STAMP := $(VENV)/.ext-built
 
-.PHONY: venv ext train test bench nvcc-check clean
+.PHONY: venv train test clean
+
+# Native kernels (C++ CPU ops, CUDA compile check): targets `ext` and `nvcc-check`.
+include cuda/build.mk
 
 venv: $(STAMP)
 

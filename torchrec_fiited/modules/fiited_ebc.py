@@ -13,7 +13,7 @@ from torchrec_fiited.config import FiitedConfig
 from torchrec_fiited.modules import checkpoint, stats
 from torchrec_fiited.modules.layout_plan import make_policy, plan_pools
 from torchrec_fiited.modules.validation import check_ids, check_kjt
-from torchrec_fiited.ops import coalesce, occurrence_grads, pooled_lookup, sparse_update
+from torchrec_fiited.ops import FusedParams, fused_backward, lookup_forward
 from torchrec_fiited.optim import FiitedFusedOptimizer
 from torchrec_fiited.policy import UtilityRule, apply_decision, sample_pool
 from torchrec_fiited.store import VHPIStore, hash_ids
@@ -213,43 +213,69 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
             self.store.admit(table, entries, step, quota, self._gen)
 
     def _pooled(self, batch: List[_FeatureLookup]) -> torch.Tensor:
-        outs = []
-        for fl in batch:
-            slots = self.store.tables[fl.table].chunk_slots[fl.entries]
-            weights = self.store.pool_of(fl.table).weights
-            outs.append(pooled_lookup(weights, slots, fl.offsets, fl.weights, fl.mean))
+        outs = [
+            lookup_forward(
+                self.store.pool_of(fl.table).weights, self.store.tables[fl.table].chunk_slots,
+                fl.entries, fl.offsets, fl.weights, fl.mean,
+            )
+            for fl in batch
+        ]
         return torch.cat(outs, dim=1)
 
     def _fused_backward(self, batch: List[_FeatureLookup], grad: torch.Tensor) -> None:
-        """Optimizer step on live chunks and utility update on all touched chunks."""
-        step = int(self.steps_done)
+        """Optimizer step on live chunks and utility update on all touched chunks, per table."""
         hp = self._fused_optimizer.param_groups[0]
-        cols = torch.cumsum(torch.tensor([0] + [t.embedding_dim for _, t in self._features]), 0)
-        col_of = {f: int(c) for (f, _), c in zip(self._features, cols[:-1])}
-        K = self._config.num_chunks
+        params = FusedParams(
+            hp["optimizer"], hp["lr"], hp["eps"], hp["weight_decay"], self._config.utility,
+            self._config.decay, int(self.steps_done),
+        )
+        col_of = _column_offsets(self._features)
         for table, lookups in self._by_table(batch).items():
             D = self.store.layouts[table].dim
-            occ = [
-                occurrence_grads(grad[:, col_of[fl.feature] : col_of[fl.feature] + D], fl.offsets,
-                                 fl.weights, fl.mean)
-                for fl in lookups
-            ]
-            entries, accesses, g = coalesce(torch.cat([fl.entries for fl in lookups]), torch.cat(occ))
-            g_chunks = g.view(g.shape[0], K, D // K)  # [U, K, chunk_size]
+            B = grad.shape[0]
+            # Stack the table's features' output gradients [F_t * B, D]; id i of feature j
+            # reads row j * B + bag(i).
+            grad_rows = torch.cat([grad[:, col_of[fl.feature] : col_of[fl.feature] + D] for fl in lookups])
+            rows, scales = [], []
+            for j, fl in enumerate(lookups):
+                r, s = _bag_rows_and_scales(fl)
+                rows.append(r + j * B)
+                scales.append(s)
+            id_scale = None if all(s is None for s in scales) else torch.cat(
+                [s if s is not None else torch.ones_like(r, dtype=grad.dtype) for s, r in zip(scales, rows)]
+            )
             et = self.store.tables[table]
-            self._rule.record(et, entries, accesses, g_chunks.norm(dim=2), step)
-            slots = et.chunk_slots[entries].to(torch.int64)
-            live = slots >= 0
             pool = self.store.pool_of(table)
-            sparse_update(
-                hp["optimizer"], pool.weights, pool.momentum, slots[live], g_chunks[live],
-                hp["lr"], hp["eps"], hp["weight_decay"],
+            fused_backward(
+                grad_rows, torch.cat(rows), id_scale, torch.cat([fl.entries for fl in lookups]),
+                et.chunk_slots, et.utilities, et.last_step, pool.weights, pool.momentum, params,
             )
         self.steps_done += 1
         done = int(self.steps_done)
         T = self._config.prune_interval
         if T and done % T == 0 and done >= self._config.warmup_steps:
             self.prune()
+
+
+def _column_offsets(features) -> Dict[str, int]:
+    """Column where each feature's block starts in the [B, sum D] output."""
+    cols, offset = {}, 0
+    for feature, table in features:
+        cols[feature] = offset
+        offset += table.embedding_dim
+    return cols
+
+
+def _bag_rows_and_scales(fl: _FeatureLookup):
+    """Bag of each id, int64 [n], and its gradient scale fp32 [n] (weight, 1/len) or None."""
+    lengths = fl.offsets[1:] - fl.offsets[:-1]
+    rows = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
+    scale = None
+    if fl.mean:
+        scale = (1.0 / lengths.clamp(min=1).to(torch.float32))[rows]
+    if fl.weights is not None:
+        scale = fl.weights if scale is None else scale * fl.weights
+    return rows, scale
 
 
 class _FusedLookup(torch.autograd.Function):

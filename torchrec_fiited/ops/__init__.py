@@ -1,5 +1,6 @@
-"""Kernel layer: the pure-PyTorch reference ops (native kernels register under the same names)."""
+"""Kernel layer: the FIITED ops (reference in PyTorch; native kernels take over when built)."""
 
-from torchrec_fiited.ops.reference import coalesce, occurrence_grads, pooled_lookup, sparse_update
+from torchrec_fiited.ops.dispatch import fused_backward, lookup_forward
+from torchrec_fiited.ops.reference import FusedParams, decayed_utilities
 
-__all__ = ["coalesce", "occurrence_grads", "pooled_lookup", "sparse_update"]
+__all__ = ["FusedParams", "decayed_utilities", "fused_backward", "lookup_forward"]

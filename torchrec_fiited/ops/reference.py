@@ -1,39 +1,75 @@
-"""Pure-PyTorch reference kernels for the chunked lookup and its fused backward.
+"""Pure-PyTorch reference of the FIITED ops: the chunked lookup and the fused backward.
 
-This is the op layer a native kernel takes over: each function is one step of the hot path with
-tensor-in, tensor-out semantics. Shapes use TorchRec's names: B bags, n ids, D = K * chunk_size.
+These two functions are the contract a native kernel takes over (``ops/dispatch.py`` picks the
+implementation). Shapes use TorchRec's names: B bags, n ids, E entries, D = K * chunk_size,
+C pool capacity. Terms (entry, chunk_slots, slot, ...) are defined in ``store/layout.py``.
 """
 
-from typing import Optional, Tuple
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")
+UTILITIES = ("grad_access", "access")
 
-def pooled_lookup(
+
+@dataclass(frozen=True)
+class FusedParams:
+    """Hyper-parameters of the fused backward.
+
+    Args:
+        optimizer: "sgd", "adagrad" or "rowwise_adagrad" (rowwise per chunk slot).
+        lr: learning rate.
+        eps: Adagrad epsilon.
+        weight_decay: L2 penalty added to live chunks' gradients.
+        utility: "grad_access" (u += a * ||g||) or "access" (u += a).
+        decay: gamma.
+        step: the training step in progress (utilities are brought to it before adding).
+    """
+
+    optimizer: str
+    lr: float
+    eps: float
+    weight_decay: float
+    utility: str
+    decay: float
+    step: int
+
+
+def decayed_utilities(utilities: torch.Tensor, last_step: torch.Tensor, step: int, decay: float) -> torch.Tensor:
+    """Utilities fp32 [n, K] stored as of ``last_step`` int32 [n], brought to ``step``."""
+    age = (step - last_step.to(torch.int64)).clamp(min=0).to(utilities.dtype)
+    return utilities * torch.pow(decay, age).unsqueeze(-1)
+
+
+def lookup_forward(
     weights: torch.Tensor,
     chunk_slots: torch.Tensor,
+    entries: torch.Tensor,
     offsets: torch.Tensor,
     per_sample_weights: Optional[torch.Tensor],
     mean: bool,
 ) -> torch.Tensor:
-    """Pool the chunks of each bag, pruned chunks reading as zeros.
+    """Pool the chunks of each bag; pruned chunks read as zeros.
 
     Args:
-        weights: pool weights, fp32 [capacity, chunk_size].
-        chunk_slots: slot of each id's chunks, int32 [n, K], -1 where pruned.
+        weights: pool weights, fp32 [C, chunk_size].
+        chunk_slots: the table's slots, int32 [E, K], -1 where pruned.
+        entries: int64 [n], each in [0, E).
         offsets: bag boundaries, int64 [B + 1].
         per_sample_weights: fp32 [n] or None.
-        mean: divide each bag by its length (empty bags give zeros).
+        mean: divide each bag by its length (an empty bag gives zeros).
 
     Returns:
         fp32 [B, K * chunk_size].
     """
-    K = chunk_slots.shape[1]
-    live = chunk_slots >= 0
-    slots = chunk_slots.clamp(min=0).to(torch.int64)
+    slots = chunk_slots[entries]
+    live = slots >= 0
+    slots = slots.clamp(min=0).to(torch.int64)
     outs = []
-    for k in range(K):
+    for k in range(slots.shape[1]):
         # Zero weight for a pruned chunk: embedding_bag then adds nothing for it.
         w = live[:, k].to(weights.dtype)
         if per_sample_weights is not None:
@@ -51,56 +87,65 @@ def pooled_lookup(
     return pooled
 
 
-def occurrence_grads(
-    grad_pooled: torch.Tensor,
-    offsets: torch.Tensor,
-    per_sample_weights: Optional[torch.Tensor],
-    mean: bool,
-) -> torch.Tensor:
-    """Gradient reaching each id from its bag: fp32 [B, D] -> fp32 [n, D]."""
-    lengths = offsets[1:] - offsets[:-1]
-    bag_of_id = torch.repeat_interleave(
-        torch.arange(lengths.numel(), device=offsets.device), lengths
-    )
-    scale = None
-    if mean:
-        scale = (1.0 / lengths.clamp(min=1).to(grad_pooled.dtype))[bag_of_id]
-    if per_sample_weights is not None:
-        scale = per_sample_weights if scale is None else scale * per_sample_weights
-    grads = grad_pooled[bag_of_id]
-    return grads if scale is None else grads * scale.unsqueeze(1)
+def fused_backward(
+    grad_rows: torch.Tensor,
+    row_of_id: torch.Tensor,
+    id_scale: Optional[torch.Tensor],
+    entries: torch.Tensor,
+    chunk_slots: torch.Tensor,
+    utilities: torch.Tensor,
+    last_step: torch.Tensor,
+    weights: torch.Tensor,
+    momentum: torch.Tensor,
+    params: FusedParams,
+) -> None:
+    """Coalesce one table's id gradients, update utilities and apply the optimizer, in place.
 
-
-def coalesce(
-    entries: torch.Tensor, grads: torch.Tensor
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sum the gradients of repeated entries.
+    The gradient of id i is ``id_scale[i] * grad_rows[row_of_id[i]]`` (the scale folds in
+    per-sample weights and 1/length for MEAN pooling). Repeated entries are summed; a = their
+    count. Every chunk of a touched entry gets u = gamma^age * u + a * ||g_chunk|| (pruned chunks
+    too: their gradient is the one at the zero-padded slice); only live chunks are updated.
 
     Args:
+        grad_rows: fp32 [R, D], the pooled-output gradients of the table's bags.
+        row_of_id: int64 [n], the bag row of each id.
+        id_scale: fp32 [n] or None (all ones).
         entries: int64 [n].
-        grads: fp32 [n, D].
-
-    Returns:
-        unique entries int64 [U] (sorted), accesses int64 [U], summed gradients fp32 [U, D].
+        chunk_slots: int32 [E, K] (read).
+        utilities: fp32 [E, K] (updated for touched entries).
+        last_step: int32 [E] (set to ``params.step`` for touched entries).
+        weights: fp32 [C, chunk_size] (updated at live slots).
+        momentum: fp32 [C, chunk_size] (adagrad), [C] (rowwise_adagrad) or [0] (sgd).
+        params: hyper-parameters.
     """
+    grads = grad_rows[row_of_id]
+    if id_scale is not None:
+        grads = grads * id_scale.unsqueeze(1)
     unique, inverse = torch.unique(entries, return_inverse=True)
     summed = torch.zeros(unique.numel(), grads.shape[1], dtype=grads.dtype, device=grads.device)
     summed.index_add_(0, inverse, grads)
-    accesses = torch.bincount(inverse, minlength=unique.numel())
-    return unique, accesses, summed
+    accesses = torch.bincount(inverse, minlength=unique.numel()).to(utilities.dtype)
+    K = chunk_slots.shape[1]
+    g_chunks = summed.view(unique.numel(), K, -1)  # [U, K, chunk_size]
+
+    u = decayed_utilities(utilities[unique], last_step[unique], params.step, params.decay)
+    gain = g_chunks.norm(dim=2) if params.utility == "grad_access" else 1.0
+    utilities[unique] = u + accesses.unsqueeze(1) * gain
+    last_step[unique] = params.step
+
+    slots = chunk_slots[unique].to(torch.int64)
+    live = slots >= 0
+    sparse_update(weights, momentum, slots[live], g_chunks[live], params)
 
 
 def sparse_update(
-    optimizer: str,
     weights: torch.Tensor,
     momentum: torch.Tensor,
     slots: torch.Tensor,
     grads: torch.Tensor,
-    lr: float,
-    eps: float,
-    weight_decay: float,
+    params: FusedParams,
 ) -> None:
-    """Apply one optimizer step to distinct pool ``slots`` (int64 [n]) with ``grads`` [n, cs].
+    """One optimizer step at distinct pool ``slots`` (int64 [n]) with ``grads`` fp32 [n, cs].
 
     Adagrad variants follow FBGEMM TBE's EXACT_ADAGRAD / EXACT_ROWWISE_ADAGRAD, with the rowwise
     state kept per chunk slot (so K=1 is exactly TBE's rowwise Adagrad).
@@ -108,16 +153,16 @@ def sparse_update(
     if slots.numel() == 0:
         return
     w = weights[slots]
-    g = grads + weight_decay * w if weight_decay else grads
-    if optimizer == "sgd":
-        weights[slots] = w - lr * g
-    elif optimizer == "adagrad":
+    g = grads + params.weight_decay * w if params.weight_decay else grads
+    if params.optimizer == "sgd":
+        weights[slots] = w - params.lr * g
+    elif params.optimizer == "adagrad":
         state = momentum[slots] + g * g
         momentum[slots] = state
-        weights[slots] = w - lr * g / (state.sqrt() + eps)
-    elif optimizer == "rowwise_adagrad":
+        weights[slots] = w - params.lr * g / (state.sqrt() + params.eps)
+    elif params.optimizer == "rowwise_adagrad":
         state = momentum[slots] + (g * g).mean(dim=1)
         momentum[slots] = state
-        weights[slots] = w - (lr / (state.sqrt() + eps)).unsqueeze(1) * g
+        weights[slots] = w - (params.lr / (state.sqrt() + params.eps)).unsqueeze(1) * g
     else:
-        raise ValueError(f"optimizer must be sgd, adagrad or rowwise_adagrad, got {optimizer!r}")
+        raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {params.optimizer!r}")
