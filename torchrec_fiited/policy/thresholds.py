@@ -6,6 +6,7 @@ exactly (1 - p_k) of chunk k, as in the paper; with fewer seen, the same shares 
 """
 
 import abc
+import math
 from dataclasses import dataclass
 from typing import List, Sequence
 
@@ -74,7 +75,8 @@ def _quantile_threshold(values: torch.Tensor, keep: float) -> torch.Tensor:
     if keep <= 0.0 or values.numel() == 0:
         return torch.tensor(float("inf"))
     ordered = torch.sort(values).values
-    idx = min(int((1.0 - keep) * values.numel()), values.numel() - 1)
+    # The epsilon keeps (1 - 0.8) * 5 = 0.99999... from flooring to 0.
+    idx = min(math.floor((1.0 - keep) * values.numel() + 1e-9), values.numel() - 1)
     return ordered[idx]
 
 
