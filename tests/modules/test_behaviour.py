@@ -1,0 +1,89 @@
+"""Eval is read-only, hash_ids, K=1 row pruning, automatic cycles, fused optimizer integration."""
+
+import torch
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from tests.conftest import make_tables, random_kjt
+import torchrec_fiited
+from torchrec_fiited import FiitedConfig, FiitedEmbeddingBagCollection
+
+
+def test_eval_mode_only_reads(gen):
+    m = FiitedEmbeddingBagCollection(make_tables(), FiitedConfig(budget=0.5, prune_interval=1))
+    m(random_kjt(make_tables(), 4, gen)).values().sum().backward()
+    m.eval()
+    before = {k: v.clone() for k, v in m.state_dict().items() if isinstance(v, torch.Tensor)}
+    out = m(random_kjt(make_tables(), 8, gen, max_len=8))
+    assert not out.values().requires_grad
+    after = m.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_hash_ids_accepts_any_int64_and_is_deterministic():
+    table = EmbeddingBagConfig(name="t", embedding_dim=4, num_embeddings=10, feature_names=["f"])
+    m = FiitedEmbeddingBagCollection([table], FiitedConfig(num_chunks=1, budget=1.0, hash_ids=True))
+    ids = torch.tensor([-5, 2**62, 123456789, -5])
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys=["f"], values=ids, lengths=torch.ones(4, dtype=torch.int64))
+    m(kjt).values().sum().backward()
+    m.eval()
+    out = m(kjt).values()
+    assert torch.equal(out[0], out[3])  # the same id maps to the same entry
+    assert int(m.store.tables["t"].num_seen) == 3
+    assert out.abs().sum() > 0
+
+
+def test_k1_is_row_pruning(gen):
+    """K=1 (AdaEmbed): a row is live or pruned as a whole."""
+    m = FiitedEmbeddingBagCollection(make_tables(), FiitedConfig(num_chunks=1, budget=0.3, prune_interval=2,
+                                                                 enforce_ratio=0.0))
+    for _ in range(6):
+        m(random_kjt(make_tables(), 8, gen)).values().pow(2).sum().backward()
+    assert m.stats()["pools"]["shared_cs8"]["last_cycle"]["step"] == 6
+    for name, et in m.store.tables.items():
+        assert et.chunk_slots.shape[1] == 1
+        dense = m.dense_weights()[name]
+        pruned_rows = et.chunk_slots[:, 0] < 0
+        assert bool((dense[pruned_rows] == 0).all())
+    assert m.store.invariant_errors() == []
+
+
+def test_cycles_run_every_prune_interval_steps(gen):
+    m = FiitedEmbeddingBagCollection(make_tables(), FiitedConfig(budget=0.3, prune_interval=4, warmup_steps=8))
+    steps_with_cycle = []
+    for step in range(1, 17):
+        m(random_kjt(make_tables(), 4, gen)).values().sum().backward()
+        last = m.stats()["pools"]["shared_cs4"]["last_cycle"]
+        if last and last["step"] == step:
+            steps_with_cycle.append(step)
+    assert steps_with_cycle == [8, 12, 16]
+
+
+def test_fused_optimizer_is_a_keyed_optimizer_driving_the_lr(gen):
+    tables = make_tables()
+    m = FiitedEmbeddingBagCollection(tables, FiitedConfig(budget=1.0, optimizer="sgd", learning_rate=0.5,
+                                                          prune_interval=0))
+    dense = torch.nn.Linear(2, 1)
+    combined = CombinedOptimizer([
+        ("sparse", m.fused_optimizer),
+        ("dense", KeyedOptimizerWrapper(dict(dense.named_parameters()), lambda p: torch.optim.SGD(p, lr=0.1))),
+    ])
+    assert "sparse.pools.shared_cs4.weights" in combined.params
+    sched = torch.optim.lr_scheduler.LambdaLR(m.fused_optimizer, lambda epoch: 0.0)
+    kjt = random_kjt(tables, 4, gen)
+    m(kjt).values().sum().backward()  # trains the admitted chunks once
+    sched.step()  # lr -> 0: the next backward must leave the weights alone
+    assert m.fused_optimizer.param_groups[0]["lr"] == 0.0
+    before = m.dense_weights()
+    m(kjt).values().sum().backward()
+    after = m.dense_weights()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_public_classes_are_documented():
+    for obj in (torchrec_fiited.FiitedConfig, torchrec_fiited.FiitedEmbeddingBagCollection,
+                torchrec_fiited.store.VHPIStore, torchrec_fiited.store.ChunkPool,
+                torchrec_fiited.store.EntryTable, torchrec_fiited.policy.ManualRatioPolicy,
+                torchrec_fiited.policy.DynamicThresholdPolicy, torchrec_fiited.optim.FiitedFusedOptimizer):
+        assert obj.__doc__ and not obj.__doc__.startswith(obj.__name__ + "("), obj
