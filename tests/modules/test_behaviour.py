@@ -73,6 +73,7 @@ def test_fused_optimizer_is_a_keyed_optimizer_driving_the_lr(gen):
     sched = torch.optim.lr_scheduler.LambdaLR(m.fused_optimizer, lambda epoch: 0.0)
     kjt = random_kjt(tables, 4, gen)
     m(kjt).values().sum().backward()  # trains the admitted chunks once
+    m.fused_optimizer.step()
     sched.step()  # lr -> 0: the next backward must leave the weights alone
     assert m.fused_optimizer.param_groups[0]["lr"] == 0.0
     before = m.dense_weights()

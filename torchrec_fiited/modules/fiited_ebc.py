@@ -195,7 +195,8 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
                 entries = ids
             weights = jt.weights().to(torch.float32) if self._is_weighted else None
             mean = table.pooling == PoolingType.MEAN
-            batch.append(_FeatureLookup(feature, table.name, entries, jt.offsets(), weights, mean))
+            offsets = jt.offsets().to(torch.int64)
+            batch.append(_FeatureLookup(feature, table.name, entries, offsets, weights, mean))
         return batch
 
     def _by_table(self, batch: List[_FeatureLookup]) -> Dict[str, List[_FeatureLookup]]:

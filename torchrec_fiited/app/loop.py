@@ -1,0 +1,76 @@
+"""Training and evaluation loops for a DLRM over torchrec ``Batch``es."""
+
+import time
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torchrec.datasets.utils import Batch
+from tqdm import tqdm
+
+from torchrec_fiited.app.metrics import EvalMetrics
+
+
+@dataclass
+class TrainResult:
+    """What a training run did.
+
+    Args:
+        steps: optimizer steps taken.
+        seconds: wall time of the training steps.
+        examples: examples seen.
+        losses: training loss of every step.
+    """
+
+    steps: int = 0
+    seconds: float = 0.0
+    examples: int = 0
+    losses: List[float] = field(default_factory=list)
+
+    @property
+    def examples_per_second(self) -> float:
+        return self.examples / self.seconds if self.seconds else 0.0
+
+
+def train(
+    model: torch.nn.Module,
+    batches: Iterable[Batch],
+    dense_optimizer: torch.optim.Optimizer,
+    max_steps: Optional[int] = None,
+    progress: bool = True,
+    result: Optional[TrainResult] = None,
+) -> TrainResult:
+    """One pass over ``batches`` (or ``max_steps`` of them). The embedding update is fused
+    into backward, so only the dense optimizer steps here."""
+    result = result or TrainResult()
+    model.train()
+    bar = tqdm(batches, disable=not progress, desc="train", leave=False)
+    for batch in bar:
+        if max_steps is not None and result.steps >= max_steps:
+            break
+        start = time.perf_counter()
+        logits = model(batch.dense_features, batch.sparse_features).squeeze(-1)
+        loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
+        dense_optimizer.zero_grad()
+        loss.backward()
+        dense_optimizer.step()
+        result.seconds += time.perf_counter() - start
+        result.steps += 1
+        result.examples += batch.labels.numel()
+        result.losses.append(loss.item())
+        if progress:
+            bar.set_postfix(loss=f"{result.losses[-1]:.4f}", ex_s=f"{result.examples_per_second:,.0f}")
+    return result
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: Iterable[Batch]) -> Dict[str, float]:
+    """AUC, accuracy, log loss and normalized entropy over ``batches`` in eval mode."""
+    model.eval()
+    metrics = EvalMetrics(from_logits=True)
+    for batch in batches:
+        logits = model(batch.dense_features, batch.sparse_features).squeeze(-1)
+        metrics.update(logits, batch.labels)
+    model.train()
+    return metrics.compute()
