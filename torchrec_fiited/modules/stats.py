@@ -29,14 +29,19 @@ def collect(module) -> Dict[str, Any]:
     full = 0
     for name, layout in store.layouts.items():
         et = store.tables[name]
-        live = (et.chunk_slots >= 0).sum(0).tolist()
+        live_mask = et.chunk_slots >= 0
+        live = live_mask.sum(0).tolist()
         seen = int(et.num_seen)
+        # Seen rows by how many of their K chunks are live: [rows with 0, 1, ..., K live].
+        per_row = live_mask[et.seen()].sum(1)
+        rows_by_live = torch.bincount(per_row, minlength=K + 1).tolist()
         full += layout.num_entries * layout.dim * 4
         tables[name] = {
             "pool": layout.pool,
             "num_embeddings": layout.num_entries,
             "entries_seen": seen,
             "live_chunks": live,
+            "rows_by_live_chunks": rows_by_live,
             "chunk_prune_ratios": [1.0 - n / seen if seen else 0.0 for n in live],
             "evictions_last_cycle": int(et.last_cycle_evictions),
             "allocations_last_cycle": int(et.last_cycle_allocations),
