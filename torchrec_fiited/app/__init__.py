@@ -1,0 +1,1 @@
+"""Training application: data, model, loop and metrics wired together."""

@@ -1,0 +1,625 @@
+"""Shared types and helpers of the data layer.
+
+Every dataset reader produces the same in-memory form, :class:`CTRArrays`:
+
+* ``dense``: float32 ``[N, n_dense]``, already transformed (log1p for counts);
+* ``sparse``: int64 ``[N, F]``, exactly one id per example and sparse feature,
+  with ``0 <= sparse[:, f] < spec.num_embeddings[f]``;
+* ``labels``: float32 ``[N]`` with values in {0, 1};
+* ``logits``: optional float32 ``[N]``, the planted true logit (synthetic data only).
+
+:func:`make_batches` cuts such arrays into torchrec
+:class:`~torchrec.datasets.utils.Batch` objects.
+
+Categorical encoding (shared by the Criteo, Avazu and MovieLens readers):
+
+1. While reading, each raw token string is hashed with a stable 32-bit hash
+   (:func:`hash_token`, ``zlib.crc32`` of its UTF-8 bytes; Python's ``hash()``
+   is salted per process and would change the ids from run to run). A missing
+   (empty) value is stored as :data:`MISSING_HASH`.
+2. After reading (train and test files together, so both use one id space), the
+   hash size of each feature is resolved (:func:`resolve_hash_sizes`): by default
+   ``min(observed cardinality + 1, cap)`` (:func:`hash_sizes_from_cardinalities`).
+3. :func:`ids_from_hashes` maps hashes to ids. Id :data:`MISSING_ID` (0) is reserved
+   for missing values. When the hash size holds every observed value
+   (``size >= cardinality + 1``), present values get collision-free ids
+   ``1..cardinality`` in order of their hash; otherwise they get
+   ``1 + hash % (size - 1)`` (the hashing trick, with collisions). Plain modulo
+   hashing into ``cardinality + 1`` buckets would merge about a third of the
+   values of every feature, small ones (weekday, gender) included.
+"""
+
+import gzip
+import logging
+import os
+import warnings
+import zlib
+from array import array
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Optional, TextIO, Union
+
+import numpy as np
+import torch
+from torchrec.datasets.utils import Batch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+#: Id that every reader gives to a missing (empty) categorical value.
+MISSING_ID = 0
+#: Raw hash value that marks a missing categorical value before id assignment.
+MISSING_HASH = -1
+#: Default cap on a feature's hash size when it is derived from the data.
+DEFAULT_MAX_HASH_SIZE = 2**20
+#: Number of offending line numbers quoted in a skip-mode warning.
+MAX_QUOTED_LINES = 10
+
+HashSizes = Union[int, Sequence[int]]
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Static description of a dataset, enough to size a model for it.
+
+    Attributes:
+        name: Dataset name, e.g. ``"criteo"``.
+        dense_names: Names of the dense features, in column order of ``dense``.
+        sparse_names: Names of the sparse features; also the KeyedJaggedTensor keys.
+        num_embeddings: Hash size per sparse feature; ids of feature ``f`` are
+            always in ``[0, num_embeddings[f])``.
+        num_train_examples: Number of training examples, or None if unknown.
+    """
+
+    name: str
+    dense_names: tuple[str, ...]
+    sparse_names: tuple[str, ...]
+    num_embeddings: tuple[int, ...]
+    num_train_examples: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if len(self.sparse_names) != len(self.num_embeddings):
+            raise ValueError(
+                f"dataset {self.name!r}: {len(self.sparse_names)} sparse names but "
+                f"{len(self.num_embeddings)} num_embeddings"
+            )
+        for feat, size in zip(self.sparse_names, self.num_embeddings):
+            if size < 1:
+                raise ValueError(
+                    f"dataset {self.name!r}: feature {feat!r} has num_embeddings "
+                    f"{size}, expected >= 1"
+                )
+
+    @property
+    def num_dense(self) -> int:
+        """Number of dense features."""
+        return len(self.dense_names)
+
+    @property
+    def num_sparse(self) -> int:
+        """Number of sparse features."""
+        return len(self.sparse_names)
+
+
+@dataclass(frozen=True)
+class CTRArrays:
+    """Examples of a CTR dataset held in memory as numpy arrays.
+
+    Attributes:
+        dense: float32 ``[N, n_dense]`` transformed dense features.
+        sparse: int64 ``[N, F]`` one id per example and sparse feature.
+        labels: float32 ``[N]`` click labels in {0, 1}.
+        logits: Optional float32 ``[N]`` true logits of a planted label model.
+    """
+
+    dense: np.ndarray
+    sparse: np.ndarray
+    labels: np.ndarray
+    logits: Optional[np.ndarray] = None
+
+    def __post_init__(self) -> None:
+        n = self.labels.shape[0]
+        if self.dense.ndim != 2 or self.sparse.ndim != 2 or self.labels.ndim != 1:
+            raise ValueError(
+                f"expected dense [N, D], sparse [N, F], labels [N]; got shapes "
+                f"{self.dense.shape}, {self.sparse.shape}, {self.labels.shape}"
+            )
+        for name, arr in (("dense", self.dense), ("sparse", self.sparse)):
+            if arr.shape[0] != n:
+                raise ValueError(f"{name} has {arr.shape[0]} rows but labels have {n}")
+        if self.logits is not None and self.logits.shape != (n,):
+            raise ValueError(f"logits shape {self.logits.shape} != labels shape ({n},)")
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def take(self, index: Union[slice, np.ndarray]) -> "CTRArrays":
+        """Returns the rows selected by ``index`` (a slice or an int64 ``[M]`` array)."""
+        return CTRArrays(
+            dense=self.dense[index],
+            sparse=self.sparse[index],
+            labels=self.labels[index],
+            logits=None if self.logits is None else self.logits[index],
+        )
+
+
+def concat_arrays(parts: Sequence[CTRArrays]) -> CTRArrays:
+    """Concatenates examples row-wise (logits kept only if every part has them)."""
+    has_logits = all(p.logits is not None for p in parts)
+    return CTRArrays(
+        dense=np.concatenate([p.dense for p in parts]),
+        sparse=np.concatenate([p.sparse for p in parts]),
+        labels=np.concatenate([p.labels for p in parts]),
+        logits=np.concatenate([p.logits for p in parts]) if has_logits else None,
+    )
+
+
+def split_tail(arrays: CTRArrays, test_fraction: float) -> tuple[CTRArrays, CTRArrays]:
+    """Holds out the last ``test_fraction`` of the rows as the test split.
+
+    The rows are expected in time order, so the test split is the future.
+
+    Args:
+        arrays: All examples, N rows.
+        test_fraction: Fraction in (0, 1) of the rows to hold out.
+
+    Returns:
+        ``(train, test)`` with ``round(N * test_fraction)`` test rows.
+
+    Raises:
+        ValueError: If the fraction is outside (0, 1) or leaves a split empty.
+    """
+    n = len(arrays)
+    n_train = tail_split_point(n, test_fraction)
+    return arrays.take(slice(0, n_train)), arrays.take(slice(n_train, n))
+
+
+def tail_split_point(n: int, test_fraction: float) -> int:
+    """Number of training rows when the last ``round(n * test_fraction)`` rows are held out.
+
+    Raises:
+        ValueError: If the fraction is outside (0, 1) or leaves a split empty.
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    n_test = int(round(n * test_fraction))
+    if n_test < 1 or n_test >= n:
+        raise ValueError(
+            f"test_fraction {test_fraction} of {n} rows gives {n_test} test rows; "
+            "both splits need at least one row"
+        )
+    return n - n_test
+
+
+def make_batches(
+    arrays: CTRArrays,
+    batch_size: int,
+    sparse_names: Sequence[str],
+    drop_last: bool = False,
+) -> list[Batch]:
+    """Cuts examples into torchrec batches, in row order.
+
+    Args:
+        arrays: N examples; ``arrays.sparse`` has one column per name in ``sparse_names``.
+        batch_size: Examples per batch (the last one may be smaller).
+        sparse_names: KeyedJaggedTensor keys, one per sparse column.
+        drop_last: Drop the final batch if it has fewer than ``batch_size`` rows.
+
+    Returns:
+        Batches with dense_features float32 ``[B, n_dense]``, labels float32 ``[B]``
+        and sparse_features a KeyedJaggedTensor with one key per sparse feature,
+        int64 values ``[F * B]`` (key-major) and int32 lengths ``[F * B]`` all 1.
+
+    Raises:
+        ValueError: If batch_size < 1 or the names do not match the sparse columns.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    keys = list(sparse_names)
+    if len(keys) != arrays.sparse.shape[1]:
+        raise ValueError(
+            f"{len(keys)} sparse names but the arrays have {arrays.sparse.shape[1]} "
+            "sparse columns"
+        )
+    dense = torch.from_numpy(np.ascontiguousarray(arrays.dense, dtype=np.float32))
+    labels = torch.from_numpy(np.ascontiguousarray(arrays.labels, dtype=np.float32))
+    # Transposed once so every batch's key-major values are a cheap slice + copy.
+    sparse_t = torch.from_numpy(np.ascontiguousarray(arrays.sparse.T, dtype=np.int64))
+    n = len(arrays)
+    batches = []
+    for start in range(0, n, batch_size):
+        end = min(start + batch_size, n)
+        if drop_last and end - start < batch_size:
+            break
+        size = end - start
+        kjt = KeyedJaggedTensor(
+            keys=keys,
+            values=sparse_t[:, start:end].reshape(-1),
+            lengths=torch.ones(len(keys) * size, dtype=torch.int32),
+            stride=size,
+        )
+        batches.append(Batch(dense_features=dense[start:end], sparse_features=kjt,
+                             labels=labels[start:end]))
+    return batches
+
+
+def hash_token(token: str) -> int:
+    """Stable 32-bit hash of a raw categorical token (crc32 of its UTF-8 bytes).
+
+    Args:
+        token: Non-empty raw value, e.g. ``"68fd1e64"``.
+
+    Returns:
+        An int in ``[0, 2**32)``, the same in every process and platform.
+    """
+    return zlib.crc32(token.encode("utf-8", "surrogateescape"))
+
+
+def hash_sizes_from_cardinalities(cardinalities: Sequence[int], cap: int) -> tuple[int, ...]:
+    """Hash size per feature: ``min(cardinality + 1, cap)``; the +1 is the missing slot.
+
+    Args:
+        cardinalities: Observed number of distinct present values per feature.
+        cap: Largest hash size allowed, >= 1.
+
+    Returns:
+        One hash size per feature.
+
+    Raises:
+        ValueError: If ``cap < 1`` or a cardinality is negative.
+    """
+    if cap < 1:
+        raise ValueError(f"hash size cap must be >= 1, got {cap}")
+    for f, card in enumerate(cardinalities):
+        if card < 0:
+            raise ValueError(f"feature {f}: cardinality {card} is negative")
+    return tuple(min(int(card) + 1, int(cap)) for card in cardinalities)
+
+
+def observed_cardinalities(hashes: np.ndarray) -> tuple[int, ...]:
+    """Distinct present values per column of int64 hashes ``[N, F]`` (MISSING_HASH excluded)."""
+    out = []
+    for col in hashes.T:
+        present = col[col != MISSING_HASH]
+        out.append(int(np.unique(present).size))
+    return tuple(out)
+
+
+def resolve_hash_sizes(
+    hash_sizes: Optional[HashSizes], hashes: np.ndarray, names: Sequence[str]
+) -> tuple[int, ...]:
+    """Turns the user's ``hash_sizes`` option into one size per feature.
+
+    Args:
+        hash_sizes: An int is a cap applied to every feature's observed cardinality
+            + 1; a sequence gives the exact size per feature; None means the
+            default cap :data:`DEFAULT_MAX_HASH_SIZE`.
+        hashes: int64 ``[N, F]`` raw hashes (train and test together).
+        names: Feature names, for error messages; ``len(names) == F``.
+
+    Returns:
+        One hash size per feature.
+
+    Raises:
+        ValueError: If a list has the wrong length or a size is < 1.
+    """
+    if hash_sizes is None:
+        hash_sizes = DEFAULT_MAX_HASH_SIZE
+    if isinstance(hash_sizes, (int, np.integer)):
+        return hash_sizes_from_cardinalities(observed_cardinalities(hashes), int(hash_sizes))
+    sizes = tuple(int(s) for s in hash_sizes)
+    if len(sizes) != len(names):
+        raise ValueError(
+            f"hash_sizes has {len(sizes)} entries but there are {len(names)} sparse "
+            f"features ({', '.join(names)})"
+        )
+    for name, size in zip(names, sizes):
+        if size < 1:
+            raise ValueError(f"hash size of feature {name!r} is {size}, expected >= 1")
+    return sizes
+
+
+def ids_from_hashes(hashes: np.ndarray, sizes: Sequence[int]) -> np.ndarray:
+    """Maps raw hashes to embedding ids (see the module docstring).
+
+    Args:
+        hashes: int64 ``[N, F]``, values in ``[0, 2**32)`` or MISSING_HASH.
+        sizes: Hash size per feature, ``len(sizes) == F``.
+
+    Returns:
+        int64 ``[N, F]`` ids with ``0 <= ids[:, f] < sizes[f]``; missing -> MISSING_ID.
+    """
+    ids = np.zeros(hashes.shape, dtype=np.int64)
+    for f, size in enumerate(sizes):
+        col = hashes[:, f]
+        present = col != MISSING_HASH
+        if size <= 1:
+            continue  # a single slot: every value shares it
+        values = col[present]
+        uniq, inverse = np.unique(values, return_inverse=True)
+        if uniq.size + 1 <= size:
+            ids[present, f] = inverse.reshape(-1) + 1  # exact vocabulary, no collision
+        else:
+            ids[present, f] = values % (size - 1) + 1
+    return ids
+
+
+def encode_categoricals(
+    hashes: np.ndarray, hash_sizes: Optional[HashSizes], names: Sequence[str]
+) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Resolves hash sizes and maps raw hashes to ids.
+
+    Args:
+        hashes: int64 ``[N, F]`` raw hashes, MISSING_HASH for missing.
+        hash_sizes: See :func:`resolve_hash_sizes`.
+        names: Feature names, ``len(names) == F``.
+
+    Returns:
+        ``(ids, sizes)``: int64 ``[N, F]`` ids and the hash size per feature.
+    """
+    sizes = resolve_hash_sizes(hash_sizes, hashes, names)
+    return ids_from_hashes(hashes, sizes), sizes
+
+
+def log_transform_dense(raw: np.ndarray) -> np.ndarray:
+    """The DLRM dense transform: missing (NaN) -> 0, negative -> 0, then log(1 + x).
+
+    Args:
+        raw: float64 ``[N, D]`` raw integer counts, NaN where missing.
+
+    Returns:
+        float32 ``[N, D]`` transformed values.
+    """
+    clean = np.nan_to_num(raw, nan=0.0)
+    return np.log1p(np.maximum(clean, 0.0)).astype(np.float32)
+
+
+class MalformedLines:
+    """Counts malformed input lines and skips them with one warning, or fails fast.
+
+    Use :meth:`report` for each bad line, then :meth:`finish` after reading.
+    """
+
+    def __init__(self, path: Union[str, os.PathLike], on_malformed: str) -> None:
+        """Creates the counter.
+
+        Args:
+            path: File being read, quoted in messages.
+            on_malformed: ``"skip"`` (drop the line, warn once at the end) or
+                ``"fail"`` (raise on the first bad line).
+
+        Raises:
+            ValueError: If on_malformed is neither value.
+        """
+        if on_malformed not in ("skip", "fail"):
+            raise ValueError(f"on_malformed must be 'skip' or 'fail', got {on_malformed!r}")
+        self.path = os.fspath(path)
+        self.on_malformed = on_malformed
+        self.count = 0
+        self.examples: list[tuple[int, str]] = []
+
+    def report(self, lineno: int, reason: str) -> None:
+        """Records a malformed line.
+
+        Args:
+            lineno: 1-based line number in the file.
+            reason: What is wrong, naming the field and the bad value.
+
+        Raises:
+            ValueError: In fail mode, naming the file, line and reason.
+        """
+        if self.on_malformed == "fail":
+            raise ValueError(f"{self.path}, line {lineno}: malformed line: {reason}")
+        self.count += 1
+        if len(self.examples) < MAX_QUOTED_LINES:
+            self.examples.append((lineno, reason))
+
+    def finish(self) -> None:
+        """Warns once (``warnings.warn`` and the logger) if lines were skipped."""
+        if self.count == 0:
+            return
+        quoted = "; ".join(f"line {n}: {r}" for n, r in self.examples)
+        more = f" (first {len(self.examples)} shown)" if self.count > len(self.examples) else ""
+        msg = f"{self.path}: skipped {self.count} malformed line(s){more}: {quoted}"
+        logger.warning(msg)
+        warnings.warn(msg, stacklevel=3)
+
+
+def open_text(path: Union[str, os.PathLike]) -> TextIO:
+    """Opens a data file (gzip if it ends in ``.gz``) after checking it exists and is non-empty.
+
+    Raises:
+        FileNotFoundError: If the path does not exist or is not a file.
+        ValueError: If the file is empty.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data file not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"data file is empty: {path}")
+    # surrogateescape: odd bytes survive decoding and still hash deterministically.
+    if path.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8", errors="surrogateescape", newline="")
+    return open(path, encoding="utf-8", errors="surrogateescape", newline="")
+
+
+def iter_lines(
+    handle: TextIO, path: str, progress: bool, start_lineno: int = 1
+) -> Iterator[tuple[int, str]]:
+    """Yields ``(line number, line without its line ending)``, skipping blank lines.
+
+    Args:
+        handle: Open text file, positioned at line ``start_lineno``.
+        path: File name for the progress bar.
+        progress: Show a tqdm progress bar.
+        start_lineno: Line number of the first line yielded.
+    """
+    bar = tqdm(handle, desc=f"reading {os.path.basename(path)}", unit=" lines",
+               disable=not progress, mininterval=1.0)
+    for lineno, line in enumerate(bar, start=start_lineno):
+        line = line.rstrip("\r\n")
+        if line:
+            yield lineno, line
+
+
+def require_rows(n_rows: int, path: str, malformed: MalformedLines) -> None:
+    """Raises ValueError naming ``path`` if no valid row was read from it."""
+    if n_rows == 0:
+        raise ValueError(
+            f"{path}: no valid data rows ({malformed.count} malformed line(s) skipped)"
+        )
+
+
+def check_max_rows(max_rows: Optional[int]) -> None:
+    """Raises ValueError unless max_rows is None or >= 1."""
+    if max_rows is not None and max_rows < 1:
+        raise ValueError(f"max_rows must be None or >= 1, got {max_rows}")
+
+
+class MalformedLineError(ValueError):
+    """Raised by a line parser to say why a line is malformed (caught by the reader)."""
+
+
+@dataclass(frozen=True)
+class RawRows:
+    """Parsed rows of one file before categorical ids are assigned.
+
+    Attributes:
+        labels: float32 ``[N]`` labels in {0, 1}.
+        dense: float32 ``[N, n_dense]`` transformed dense features.
+        hashes: int64 ``[N, F]`` raw token hashes, MISSING_HASH where missing.
+    """
+
+    labels: np.ndarray
+    dense: np.ndarray
+    hashes: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+class RowBuffer:
+    """Compact growable storage for parsed rows (8 bytes per value, not a Python object)."""
+
+    def __init__(self, n_dense: int, n_sparse: int) -> None:
+        """Creates an empty buffer for rows of ``n_dense`` raw dense and ``n_sparse`` hashes."""
+        self.n_dense = n_dense
+        self.n_sparse = n_sparse
+        self._labels = array("f")
+        self._dense = array("d")
+        self._hashes = array("q")
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    def append(self, label: float, dense: Sequence[float], hashes: Sequence[int]) -> None:
+        """Adds one row: a label, ``n_dense`` raw dense values (NaN = missing), the hashes."""
+        self._labels.append(label)
+        self._dense.extend(dense)
+        self._hashes.extend(hashes)
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Returns labels float32 ``[N]``, raw dense float64 ``[N, D]``, hashes int64 ``[N, F]``."""
+        n = len(self._labels)
+        labels = np.frombuffer(self._labels, dtype=np.float32).copy()
+        dense = np.frombuffer(self._dense, dtype=np.float64).reshape(n, self.n_dense).copy()
+        hashes = np.frombuffer(self._hashes, dtype=np.int64).reshape(n, self.n_sparse).copy()
+        return labels, dense, hashes
+
+
+def build_splits(
+    train: RawRows,
+    test: Optional[RawRows],
+    test_fraction: float,
+    hash_sizes: Optional[HashSizes],
+    sparse_names: Sequence[str],
+) -> tuple[CTRArrays, CTRArrays, tuple[int, ...]]:
+    """Assigns ids over train and test together, then returns the two splits.
+
+    Args:
+        train: Rows of the training file, in file (time) order.
+        test: Rows of a separate test file, or None to hold out the tail of ``train``.
+        test_fraction: Fraction of ``train`` held out when ``test`` is None.
+        hash_sizes: See :func:`resolve_hash_sizes`.
+        sparse_names: Names of the F sparse features.
+
+    Returns:
+        ``(train, test, sizes)`` arrays and the hash size per sparse feature.
+    """
+    parts = [train] if test is None else [train, test]
+    hashes = np.concatenate([p.hashes for p in parts])
+    ids, sizes = encode_categoricals(hashes, hash_sizes, sparse_names)
+    n_train = len(train)
+    everything = CTRArrays(
+        dense=np.concatenate([p.dense for p in parts]),
+        sparse=ids,
+        labels=np.concatenate([p.labels for p in parts]),
+    )
+    if test is None:
+        train_arr, test_arr = split_tail(everything, test_fraction)
+    else:
+        train_arr = everything.take(slice(0, n_train))
+        test_arr = everything.take(slice(n_train, len(everything)))
+    return train_arr, test_arr, sizes
+
+
+ParsedRow = tuple[float, Sequence[float], Sequence[int]]
+
+
+def read_rows(
+    handle: TextIO,
+    path: str,
+    parse_line: Callable[[str], ParsedRow],
+    buffer: RowBuffer,
+    max_rows: Optional[int],
+    on_malformed: str,
+    progress: bool,
+    start_lineno: int = 1,
+) -> RowBuffer:
+    """Parses the remaining lines of ``handle`` into ``buffer``.
+
+    Args:
+        handle: Open text file, positioned at line ``start_lineno``.
+        path: File name for messages.
+        parse_line: Turns a line into ``(label, raw dense values, hashes)`` or
+            raises :class:`MalformedLineError` saying why it cannot.
+        buffer: Receives the valid rows.
+        max_rows: Stop after this many valid rows (None: read everything).
+        on_malformed: ``"skip"`` or ``"fail"``, see :class:`MalformedLines`.
+        progress: Show a tqdm progress bar.
+        start_lineno: 1-based number of the first line left in ``handle``.
+
+    Returns:
+        ``buffer``.
+
+    Raises:
+        ValueError: On a malformed line in fail mode, or if no valid row was read.
+    """
+    check_max_rows(max_rows)
+    malformed = MalformedLines(path, on_malformed)
+    for lineno, line in iter_lines(handle, path, progress, start_lineno):
+        try:
+            label, dense, hashes = parse_line(line)
+        except MalformedLineError as err:
+            malformed.report(lineno, str(err))
+            continue
+        buffer.append(label, dense, hashes)
+        if max_rows is not None and len(buffer) >= max_rows:
+            break
+    malformed.finish()
+    require_rows(len(buffer), path, malformed)
+    return buffer
+
+
+def parse_label(token: str, column: str) -> float:
+    """Parses a 0/1 label.
+
+    Raises:
+        MalformedLineError: Naming the column and the value if it is not "0" or "1".
+    """
+    if token == "0":
+        return 0.0
+    if token == "1":
+        return 1.0
+    raise MalformedLineError(f"label column {column!r} has value {token!r}, expected 0 or 1")
