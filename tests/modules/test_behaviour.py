@@ -88,3 +88,15 @@ def test_public_classes_are_documented():
                 torchrec_fiited.store.EntryTable, torchrec_fiited.policy.ManualRatioPolicy,
                 torchrec_fiited.policy.DynamicThresholdPolicy, torchrec_fiited.optim.FiitedFusedOptimizer):
         assert obj.__doc__ and not obj.__doc__.startswith(obj.__name__ + "("), obj
+
+
+def test_itep_schedule_is_front_loaded(gen):
+    cfg = FiitedConfig(budget=0.3, prune_interval=40, schedule="itep")
+    m = FiitedEmbeddingBagCollection(make_tables(), cfg)
+    steps_with_cycle = []
+    for step in range(1, 81):
+        m(random_kjt(make_tables(), 2, gen)).values().sum().backward()
+        last = m.stats()["pools"]["shared_cs4"]["last_cycle"]
+        if last and last["step"] == step:
+            steps_with_cycle.append(step)
+    assert steps_with_cycle == [3, 6, 9, 30, 40, 60, 80]

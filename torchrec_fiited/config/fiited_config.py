@@ -13,6 +13,7 @@ from typing import Dict, List, Optional
 RATIO_MODES = ("manual", "dynamic")
 UTILITIES = ("grad_access", "access")
 OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")
+SCHEDULES = ("interval", "itep")
 MAX_NUM_CHUNKS = 8  # the K-bit live mask is one uint8 per entry
 
 
@@ -40,6 +41,9 @@ class FiitedConfig:
         prune_interval: T, training steps between pruning cycles; 0 disables automatic cycles
             (``prune()`` still runs one on demand).
         warmup_steps: no automatic cycle runs before this step.
+        schedule: "interval" (every ``prune_interval`` steps) or "itep" (TorchRec ITEP's
+            front-loaded schedule: every 3, 30, 300 steps below 10, 100, 1000 steps, then every
+            ``prune_interval``).
         sample_size: m, utilities sampled per pool to estimate thresholds.
         enforce_ratio: enforced pruning (eviction) runs when more than this fraction of the
             sampled chunks cross their threshold.
@@ -65,6 +69,7 @@ class FiitedConfig:
     decay: float = 0.99
     prune_interval: int = 1000
     warmup_steps: int = 0
+    schedule: str = "interval"
     sample_size: int = 65536
     enforce_ratio: float = 0.01
     utility: str = "grad_access"
@@ -82,6 +87,7 @@ class FiitedConfig:
             _check_budget(f"table_budgets[{name!r}]", b)
         _check_choice("ratio_mode", self.ratio_mode, RATIO_MODES)
         _check_choice("utility", self.utility, UTILITIES)
+        _check_choice("schedule", self.schedule, SCHEDULES)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         if self.chunk_prune_ratios is not None:
             ratios = list(self.chunk_prune_ratios)

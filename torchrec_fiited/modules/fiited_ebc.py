@@ -15,7 +15,7 @@ from torchrec_fiited.modules.layout_plan import make_policy, plan_pools
 from torchrec_fiited.modules.validation import check_ids, check_kjt
 from torchrec_fiited.ops import FusedParams, fused_backward, lookup_forward
 from torchrec_fiited.optim import FiitedFusedOptimizer
-from torchrec_fiited.policy import UtilityRule, apply_decision, sample_pool
+from torchrec_fiited.policy import UtilityRule, apply_decision, cycle_due, sample_pool
 from torchrec_fiited.store import VHPIStore, hash_ids
 
 
@@ -252,9 +252,8 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
                 et.chunk_slots, et.utilities, et.last_step, pool.weights, pool.momentum, params,
             )
         self.steps_done += 1
-        done = int(self.steps_done)
-        T = self._config.prune_interval
-        if T and done % T == 0 and done >= self._config.warmup_steps:
+        cfg = self._config
+        if cycle_due(int(self.steps_done), cfg.schedule, cfg.prune_interval, cfg.warmup_steps):
             self.prune()
 
 

@@ -118,6 +118,8 @@ def fused_backward(
         momentum: fp32 [C, chunk_size] (adagrad), [C] (rowwise_adagrad) or [0] (sgd).
         params: hyper-parameters.
     """
+    if entries.numel() == 0:
+        return
     grads = grad_rows[row_of_id]
     if id_scale is not None:
         grads = grads * id_scale.unsqueeze(1)
@@ -126,7 +128,7 @@ def fused_backward(
     summed.index_add_(0, inverse, grads)
     accesses = torch.bincount(inverse, minlength=unique.numel()).to(utilities.dtype)
     K = chunk_slots.shape[1]
-    g_chunks = summed.view(unique.numel(), K, -1)  # [U, K, chunk_size]
+    g_chunks = summed.view(unique.numel(), K, grad_rows.shape[1] // K)  # [U, K, chunk_size]
 
     u = decayed_utilities(utilities[unique], last_step[unique], params.step, params.decay)
     gain = g_chunks.norm(dim=2) if params.utility == "grad_access" else 1.0

@@ -2,6 +2,7 @@
 
 from torchrec_fiited.policy.cycle import CycleCounts, PoolSample, apply_decision, sample_pool
 from torchrec_fiited.policy.ratios import chunk_shares, fit_chunk_prune_ratios
+from torchrec_fiited.policy.schedule import cycle_due
 from torchrec_fiited.policy.thresholds import (
     DynamicThresholdPolicy,
     ManualRatioPolicy,
@@ -20,6 +21,7 @@ __all__ = [
     "UtilityRule",
     "apply_decision",
     "chunk_shares",
+    "cycle_due",
     "fit_chunk_prune_ratios",
     "sample_pool",
 ]
