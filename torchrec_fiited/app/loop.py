@@ -2,7 +2,7 @@
 
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -40,9 +40,11 @@ def train(
     max_steps: Optional[int] = None,
     progress: bool = True,
     result: Optional[TrainResult] = None,
+    on_step: Optional[Callable[[int], None]] = None,
 ) -> TrainResult:
     """One pass over ``batches`` (or ``max_steps`` of them). The embedding update is fused
-    into backward, so only the dense optimizer steps here."""
+    into backward, so only the dense optimizer steps here. ``on_step(steps_done)`` runs after
+    every step, outside the timed region."""
     result = result or TrainResult()
     model.train()
     bar = tqdm(batches, disable=not progress, desc="train", leave=False)
@@ -59,6 +61,8 @@ def train(
         result.steps += 1
         result.examples += batch.labels.numel()
         result.losses.append(loss.item())
+        if on_step is not None:
+            on_step(result.steps)
         if progress:
             bar.set_postfix(loss=f"{result.losses[-1]:.4f}", ex_s=f"{result.examples_per_second:,.0f}")
     return result

@@ -1,0 +1,99 @@
+"""Builds the embedding module for each ``emb=`` method, all sized by one ``budget`` knob.
+
+Pruning cadence adapts to the data: the interval and warm-up are fractions of an epoch unless
+given in steps, so the same preset works on a 200-step synthetic epoch and a 20k-step Criteo one.
+"""
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface
+
+from torchrec_fiited import FiitedConfig, FiitedEmbeddingBagCollection
+from torchrec_fiited.app.model import full_embeddings
+
+FIITED_METHODS = ("fiited", "fiited_dynamic", "adaembed", "itep")
+METHODS = ("full", "mixed_dim") + FIITED_METHODS
+
+
+@dataclass(frozen=True)
+class EmbeddingSpec:
+    """The ``emb`` config group.
+
+    Args:
+        method: one of ``METHODS``.
+        fiited: FiitedConfig fields for the FIITED-family methods (budget, learning rate, seed
+            and interval are filled in by the app).
+        prune_interval: pruning period T in steps; None means ``prune_interval_fraction`` of an
+            epoch.
+        prune_interval_fraction: T as a fraction of the steps per epoch.
+        warmup_fraction: no cycle before this fraction of the first epoch.
+        temperature: Mixed-Dimension power-law temperature.
+    """
+
+    method: str = "fiited"
+    fiited: Optional[Dict[str, Any]] = None
+    prune_interval: Optional[int] = None
+    prune_interval_fraction: float = 0.1
+    warmup_fraction: float = 0.0
+    temperature: float = 0.3
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"emb.method must be one of {list(METHODS)}, got {self.method!r}")
+        if not 0.0 < self.prune_interval_fraction <= 10.0:
+            raise ValueError(
+                f"emb.prune_interval_fraction must be in (0, 10], got {self.prune_interval_fraction}"
+            )
+
+
+def fiited_config(spec: EmbeddingSpec, budget: float, lr: float, eps: float, steps_per_epoch: int,
+                  seed: int) -> FiitedConfig:
+    """FiitedConfig for a FIITED-family method, with the cadence derived from the epoch."""
+    interval = spec.prune_interval or max(1, round(spec.prune_interval_fraction * steps_per_epoch))
+    fields = dict(spec.fiited or {})
+    fields.setdefault("warmup_steps", int(spec.warmup_fraction * steps_per_epoch))
+    return FiitedConfig(**{**fields, "budget": budget, "learning_rate": lr, "eps": eps,
+                           "prune_interval": interval, "seed": seed})
+
+
+def build_embeddings(
+    spec: EmbeddingSpec,
+    tables: List[EmbeddingBagConfig],
+    budget: float,
+    lr: float,
+    eps: float,
+    steps_per_epoch: int,
+    seed: int,
+    popularity: Optional[Sequence[float]] = None,
+) -> EmbeddingBagCollectionInterface:
+    """The embedding module of ``spec.method`` over ``tables`` at ``budget``."""
+    if spec.method == "full":
+        return full_embeddings(tables, lr, eps)
+    if spec.method == "mixed_dim":
+        from torchrec_fiited.baselines.mixed_dim import MixedDimEmbeddingBagCollection
+
+        return MixedDimEmbeddingBagCollection(
+            tables, budget=budget, temperature=spec.temperature, popularity=popularity, lr=lr, eps=eps
+        )
+    return FiitedEmbeddingBagCollection(
+        tables, fiited_config(spec, budget, lr, eps, steps_per_epoch, seed)
+    )
+
+
+def embedding_bytes(module: torch.nn.Module) -> int:
+    """Bytes the embedding module's tensors hold now (parameters, buffers and fused state)."""
+    if isinstance(module, FiitedEmbeddingBagCollection):
+        return module.stats()["bytes"]["total"]
+    if hasattr(module, "embedding_bytes"):
+        return int(module.embedding_bytes())
+    tensors = list(module.parameters()) + list(module.buffers())
+    optimizer = getattr(module, "fused_optimizer", None)
+    # torchrec 1.8's FusedEmbeddingBagCollection defines fused_optimizer as a method.
+    optimizer = optimizer() if callable(optimizer) else optimizer
+    if optimizer is not None:
+        for per_param in optimizer.state.values():
+            tensors += [t for t in per_param.values() if isinstance(t, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in tensors)
