@@ -26,6 +26,9 @@ def main(cfg: DictConfig) -> None:
     plain["emb_name"] = hc.runtime.choices.get("emb", plain["emb"]["method"])
     plain["dataset"] = _absolute_paths(plain["dataset"])
     metrics = TrainRecipe(plain, hc.runtime.output_dir).run()
+    if "infeasible" in metrics:
+        print(f"emb={metrics['emb']} budget={metrics['budget']}: infeasible: {metrics['infeasible']}")
+        return
     line = (
         f"emb={metrics['emb']} budget={metrics['budget']} dataset={metrics['dataset']} "
         f"AUC={metrics['test_auc']:.4f} accuracy={metrics['test_accuracy']:.4f} "

@@ -87,8 +87,6 @@ def embedding_bytes(module: torch.nn.Module) -> int:
     """Bytes the embedding module's tensors hold now (parameters, buffers and fused state)."""
     if isinstance(module, FiitedEmbeddingBagCollection):
         return module.stats()["bytes"]["total"]
-    if hasattr(module, "embedding_bytes"):
-        return int(module.embedding_bytes())
     tensors = list(module.parameters()) + list(module.buffers())
     optimizer = getattr(module, "fused_optimizer", None)
     # torchrec 1.8's FusedEmbeddingBagCollection defines fused_optimizer as a method.

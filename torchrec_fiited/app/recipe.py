@@ -135,7 +135,16 @@ class TrainRecipe:
             )
 
     def run(self) -> Dict[str, Any]:
-        self.setup()
+        from torchrec_fiited.baselines import BudgetUnreachable
+
+        try:
+            self.setup()
+        except BudgetUnreachable as e:
+            # Recorded, not raised: one unreachable point must not abort a whole sweep.
+            out = {"emb": self.cfg.get("emb_name", self.emb.method), "budget": self.budget,
+                   "seed": self.seed, "dataset": self.cfg["dataset"]["name"], "infeasible": str(e)}
+            self.write(out)
+            return out
         result = self.train()
         metrics = evaluate(self.model, self.test_batches)
         out = {
