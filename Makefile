@@ -26,8 +26,13 @@ $(STAMP): pyproject.toml
 	$(VPY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# The main job: full vs FIITED at the default budget on the synthetic data, then their table.
+TRAIN_DIR ?= outputs/make_train
 train: venv
-	$(VPY) -m torchrec_fiited.train
+	rm -rf $(TRAIN_DIR)
+	$(VPY) -m torchrec_fiited.train -m emb=full,fiited train.progress=false \
+	    hydra.sweep.dir=$(TRAIN_DIR) $(ARGS)
+	$(VPY) -m torchrec_fiited.report $(TRAIN_DIR)
 
 test: venv
 	$(VPY) -m pytest -q tests

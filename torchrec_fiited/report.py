@@ -52,7 +52,7 @@ LABELS = {"auc": "AUC", "accuracy": "accuracy"}
 #: Chunk-allocation figures show at most this many tables, the largest by rows.
 MAX_TABLES = 8
 #: Summary statistics (see :meth:`Run.value`) and the decimals they are shown with.
-STATS = (("auc", 4), ("accuracy", 4), ("logloss", 4), ("ne", 4), ("reduction", 2),
+STATS = (("auc", 4), ("accuracy", 4), ("logloss", 4), ("ne", 4), ("mib", 2), ("reduction", 2),
          ("examples_per_second", 0))
 
 
@@ -73,6 +73,8 @@ class Run:
         m = self.metrics
         if stat == "reduction":
             return m["embedding_bytes_full"] / m["embedding_bytes"]
+        if stat == "mib":
+            return m["embedding_bytes"] / 2**20
         return float(m[stat] if stat == "examples_per_second" else m[f"test_{stat}"])
 
 
@@ -184,14 +186,14 @@ def _fmt(value: float, decimals: int) -> str:
 def markdown_table(groups: Sequence[Group]) -> str:
     """The summary as a Markdown table, one line per group (see module docstring)."""
     header = ["dataset", "emb", "budget", "seeds", "AUC", "ΔAUC vs full", "accuracy",
-              "logloss", "NE", "reduction (x)", "examples/s"]
+              "logloss", "NE", "embedding MiB", "reduction (x)", "examples/s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for g in groups:
         cells = {s: f"{_fmt(g.mean[s], d)} ± {_fmt(g.std[s], d)}" for s, d in STATS}
         delta = "n/a" if g.auc_delta is None else f"{g.auc_delta:+.4f}"
         budget = _budget_label(g.budget)
         row = [g.dataset, g.emb, budget, str(len(g.runs)), cells["auc"], delta,
-               cells["accuracy"], cells["logloss"], cells["ne"], cells["reduction"],
+               cells["accuracy"], cells["logloss"], cells["ne"], cells["mib"], cells["reduction"],
                cells["examples_per_second"]]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
@@ -402,6 +404,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     runs = load_runs(paths)
     if not runs:
         parser.error(f"none of the {len(paths)} metrics.json files found is valid (see warnings)")
+    print(markdown_table(summarize(runs)))
     for path in write_report(runs, args.out or args.dirs[0], args.dirs):
         print(f"wrote {path}")
 

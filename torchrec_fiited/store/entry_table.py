@@ -10,7 +10,8 @@ class EntryTable(nn.Module):
     """Per-entry chunk addresses, utilities, live mask and seen bookkeeping for one table.
 
     Bytes per entry: 4K (chunk_slots) + 4K (utilities) + 1 (live_mask) + 4 (last_step)
-    + 4 (seen_entries) = 8K + 9. The store never embeds policy logic; it is mutated only through
+    = 8K + 5. "Seen" is ``last_step != NEVER_SEEN``: no separate list, so the O(seen) scans of a
+    pruning cycle become O(E) scans, which every T steps cost far less than 4 bytes per row. The store never embeds policy logic; it is mutated only through
     ``VHPIStore`` so that slots, mask and pool counters stay consistent.
 
     Args:
@@ -32,24 +33,19 @@ class EntryTable(nn.Module):
         self.register_buffer(
             "last_step", torch.full((num_entries,), NEVER_SEEN, dtype=torch.int32, device=device)
         )
-        self.register_buffer(
-            "seen_entries", torch.zeros(num_entries, dtype=torch.int32, device=device)
-        )
         self.register_buffer("num_seen", torch.tensor(0, dtype=torch.int64, device=device))
         # Last pruning cycle's counts, for stats().
         self.register_buffer("last_cycle_evictions", torch.tensor(0, dtype=torch.int64, device=device))
         self.register_buffer("last_cycle_allocations", torch.tensor(0, dtype=torch.int64, device=device))
 
     def seen(self) -> torch.Tensor:
-        """Entries seen in training so far, int64 [num_seen], in first-seen order."""
-        return self.seen_entries[: int(self.num_seen)].to(torch.int64)
+        """Entries seen in training so far, int64 [num_seen], ascending."""
+        return (self.last_step != NEVER_SEEN).nonzero().squeeze(1)
 
     def mark_seen(self, entries: torch.Tensor, step: int) -> torch.Tensor:
         """Record first sightings among ``entries`` (unique int64 [n]); returns the new ones."""
         new = entries[self.last_step[entries] == NEVER_SEEN]
         if new.numel():
-            top = int(self.num_seen)
-            self.seen_entries[top : top + new.numel()] = new.to(torch.int32)
             self.num_seen += new.numel()
             # Utilities of a never-seen entry are 0, so stamping the step loses nothing.
             self.last_step[new] = step

@@ -12,7 +12,6 @@ Virtually hashed (one entry per row, per table; see ``EntryTable``):
     utilities         fp32  [E, K]  u = gamma * u + a * g, stored as of step last_step[e]
     last_step         int32 [E]     step the entry's utilities were last brought up to date;
                                     NEVER_SEEN (-1) for an entry never looked up in training
-    seen_entries      int32 [E]     entries in first-seen order; the first num_seen are valid
 
 Physically indexed (one pool per group of tables sharing a budget; see ``ChunkPool``):
 

@@ -227,11 +227,6 @@ def _seen_errors(table: str, state, t: str) -> List[str]:
     seen_flag = state[t + "last_step"] != NEVER_SEEN
     if num_seen != int(seen_flag.sum()):
         return [f"table {table!r}: num_seen={num_seen} but {int(seen_flag.sum())} entries are seen"]
-    seen = state[t + "seen_entries"][:num_seen].to(torch.int64)
-    if seen.numel() and (
-        torch.unique(seen).numel() != num_seen or not bool(seen_flag[seen].all())
-    ):
-        return [f"table {table!r}: seen_entries is not the set of seen entries"]
     if bool(((state[t + "chunk_slots"] >= 0).any(1) & ~seen_flag).any()):
         return [f"table {table!r}: an entry never seen holds live chunks"]
     return []
