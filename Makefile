@@ -6,7 +6,7 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.stack-installed
 EXT_STAMP := $(VENV)/.ext-built
 
-.PHONY: venv train test clean
+.PHONY: venv train test sweep clean
 
 # Native kernels (C++ CPU ops, CUDA compile check): targets `ext` and `nvcc-check`.
 include cuda/build.mk
@@ -36,6 +36,15 @@ train: venv
 
 test: venv
 	$(VPY) -m pytest -q tests
+
+# The budget sweep (issue 3's preset): 5 methods x 6 budgets x 3 seeds, plus full x 3 seeds.
+SWEEP_DIR ?= multirun/budget_sweep
+sweep: venv
+	rm -rf $(SWEEP_DIR)
+	$(VPY) -m torchrec_fiited.train -m +experiment=budget_sweep hydra.sweep.dir=$(SWEEP_DIR)/methods $(ARGS)
+	$(VPY) -m torchrec_fiited.train -m +experiment=budget_sweep emb=full budget=1.0 \
+	    hydra.sweep.dir=$(SWEEP_DIR)/full $(ARGS)
+	$(VPY) -m torchrec_fiited.report $(SWEEP_DIR)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
