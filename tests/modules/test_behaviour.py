@@ -100,3 +100,46 @@ def test_itep_schedule_is_front_loaded(gen):
         if last and last["step"] == step:
             steps_with_cycle.append(step)
     assert steps_with_cycle == [3, 6, 9, 30, 40, 60, 80]
+
+
+def _two_tables():
+    return [
+        EmbeddingBagConfig(name="hot", embedding_dim=8, num_embeddings=50, feature_names=["h"]),
+        EmbeddingBagConfig(name="cold", embedding_dim=8, num_embeddings=50, feature_names=["c"]),
+    ]
+
+
+def _train_hot_cold(m, steps=4):
+    """Table "hot" gets gradients 20x larger than table "cold" on the same number of rows."""
+    ids = torch.arange(50)
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=["h", "c"], values=torch.cat([ids, ids]), lengths=torch.ones(100, dtype=torch.int64))
+    scale = torch.cat([torch.full((8,), 20.0), torch.ones(8)])
+    for _ in range(steps):
+        (m(kjt).values() * scale).sum().backward()
+
+
+def test_tables_compete_for_the_shared_pool_by_utility():
+    cfg = FiitedConfig(num_chunks=2, budget=0.5, prune_interval=0, enforce_ratio=0.0,
+                       optimizer="sgd", learning_rate=0.0)
+    m = FiitedEmbeddingBagCollection(_two_tables(), cfg)
+    _train_hot_cold(m)
+    m.prune()
+    live = {t: s["live_chunks"] for t, s in m.stats()["tables"].items()}
+    assert m.stats()["pools"].keys() == {"shared_cs4"}
+    # 100 slots; manual ratios at budget 0.5 are [0.25, 0.75], so chunk 0 gets 75 slots and
+    # chunk 1 gets 25. Within each chunk index the hot table wins every slot it can use.
+    assert live == {"hot": [50, 25], "cold": [25, 0]}, live
+
+
+def test_table_budget_override_gets_its_own_pool():
+    cfg = FiitedConfig(num_chunks=2, budget=0.5, table_budgets={"cold": 0.2}, prune_interval=0,
+                       enforce_ratio=0.0, optimizer="sgd", learning_rate=0.0)
+    m = FiitedEmbeddingBagCollection(_two_tables(), cfg)
+    assert m.store.pools["own_cold"].capacity == 20  # 0.2 * 50 rows * 8 dims / 4 floats per chunk
+    assert m.store.pools["shared_cs4"].capacity == 50
+    _train_hot_cold(m)
+    m.prune()
+    live = {t: sum(s["live_chunks"]) for t, s in m.stats()["tables"].items()}
+    # Cold can no longer be starved by hot: it fills its own pool; hot keeps its share.
+    assert live == {"hot": 50, "cold": 20}, live

@@ -51,3 +51,9 @@ def test_keep_fractions_fill_the_pool_when_few_entries_are_seen():
     keep = policy.keep_fractions(capacity=100, num_seen=60)
     # Shares 0.75 : 0.25 would ask chunk 0 for 75 > 60 live chunks; the excess goes to chunk 1.
     torch.testing.assert_close(keep * 60, torch.tensor([60.0, 40.0], dtype=torch.float64))
+
+
+def test_admission_quotas_fill_the_pool():
+    policy = ManualRatioPolicy([0.65, 0.95], enforce_ratio=0.0)
+    assert policy.admission_quota(20) == [18, 2]  # 17.5 and 2.5: the spare slot goes to chunk 0
+    assert sum(ManualRatioPolicy([0.1, 0.4, 0.7], 0.0).admission_quota(101)) == 101

@@ -117,7 +117,14 @@ class ManualRatioPolicy(ThresholdPolicy):
         ).to(torch.float32)
 
     def admission_quota(self, capacity: int) -> List[int]:
-        return [int(capacity * float(s)) for s in self.shares]
+        # Largest remainder, so the quotas add up to the whole pool rather than losing slots.
+        exact = [capacity * float(s) for s in self.shares]
+        quota = [math.floor(x) for x in exact]
+        # Rounded so float noise (0.35 / 0.4 = 0.87499...) does not break ties; ties favour chunk 0.
+        by_remainder = sorted(range(len(exact)), key=lambda k: (round(quota[k] - exact[k], 9), k))
+        for k in by_remainder[: capacity - sum(quota)]:
+            quota[k] += 1
+        return quota
 
 
 class DynamicThresholdPolicy(ThresholdPolicy):
