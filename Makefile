@@ -28,18 +28,18 @@ $(STAMP): pyproject.toml
 
 # The main job: full vs FIITED at the default budget on the synthetic data, then their table.
 TRAIN_DIR ?= outputs/make_train
-train: venv
+train: venv ext
 	rm -rf $(TRAIN_DIR)
 	$(VPY) -m torchrec_fiited.train -m emb=full,fiited train.progress=false \
 	    hydra.sweep.dir=$(TRAIN_DIR) $(ARGS)
 	$(VPY) -m torchrec_fiited.report $(TRAIN_DIR)
 
-test: venv
+test: venv ext nvcc-check
 	$(VPY) -m pytest -q tests
 
 # The budget sweep (issue 3's preset): 5 methods x 6 budgets x 3 seeds, plus full x 3 seeds.
 SWEEP_DIR ?= multirun/budget_sweep
-sweep: venv
+sweep: venv ext
 	rm -rf $(SWEEP_DIR)
 	$(VPY) -m torchrec_fiited.train -m +experiment=budget_sweep hydra.sweep.dir=$(SWEEP_DIR)/methods $(ARGS)
 	$(VPY) -m torchrec_fiited.train -m +experiment=budget_sweep emb=full budget=1.0 \

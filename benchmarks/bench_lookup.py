@@ -1,0 +1,411 @@
+"""Throughput of FIITED's native lookup and fused update against FBGEMM TBE and nn.EmbeddingBag.
+
+Workload (defaults, from shared/reference/performance-anchors.md): 8 tables x 200k rows x D=64
+fp32, batch 8192, Zipf(1.05) ids, pooling factors L=1 and L=20. Every path runs in its own
+process (spawned one after another in this run), so its peak RSS is its own; results are printed
+side by side as ratios to TBE, because absolute times on a shared machine move between runs.
+
+Paths:
+    tbe          FBGEMM SplitTableBatchedEmbeddingBagsCodegen on CPU, EXACT_ROWWISE_ADAGRAD.
+    embbag       torch.nn.EmbeddingBag(sparse=True) per table + sparse SGD.
+    fiited       FiitedEmbeddingBagCollection (KJT in, KeyedTensor out, autograd backward),
+                 rowwise Adagrad, K chunks, budget b, prune_interval=0. Before timing, it trains
+                 on ``fill_steps`` fresh L=20 batches of the same distribution (so that most
+                 entries are seen and a pool below budget 1 is full), then runs one pruning
+                 cycle, so the pool holds the chunks a trained model would.
+    fiited-ops   the same store, calling the ops directly (one lookup_forward per feature, one
+                 fused_backward per table): the kernels without the module's Python work.
+
+The pruning cycle is timed with ``module.prune()`` and reported as a fraction of T=1000 training
+steps of the module.
+
+Times: each measurement runs at least ``iterations`` times and ``min_measure_s`` seconds. The
+machine these numbers come from is shared (2 vCPU), and interference only ever adds time, so the
+ratios use the fastest iteration ("best"); the median is printed beside it.
+
+Usage::
+
+    .venv/bin/python benchmarks/bench_lookup.py            # full run (several minutes)
+    .venv/bin/python benchmarks/bench_lookup.py --quick    # smoke test (small sizes)
+"""
+
+import argparse
+import dataclasses
+import itertools
+import logging
+import multiprocessing as mp
+import resource
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Sequence, Tuple
+
+import torch
+
+PATHS = ("tbe", "embbag", "fiited", "fiited-ops")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to measure and how long.
+
+    Args:
+        num_tables: T tables, one feature each.
+        num_embeddings: E rows per table.
+        embedding_dim: D.
+        batch_size: B.
+        zipf_alpha: ids are Zipf(alpha) over a random permutation of each table's rows.
+        pooling_factors: L values, each a separate measurement (every bag holds exactly L ids).
+        num_chunks: K values for the FIITED paths.
+        budgets: budget values for the FIITED paths.
+        warmup: untimed iterations before each measurement.
+        iterations: timed iterations, at least.
+        min_measure_s: seconds each measurement runs, at least.
+        fill_steps: training steps on fresh L=``fill_pooling_factor`` batches that fill the
+            FIITED pool before the pruning cycle.
+        fill_pooling_factor: L of the fill batches.
+        prune_repeats: pruning cycles timed (median).
+        prune_interval: T of the pruning-cost fraction (cycle time / T training steps).
+        num_batches: distinct batches, cycled.
+        learning_rate: of every optimizer.
+        num_threads: intra-op threads of every path (0: torch's default, the core count).
+        seed: of the ids and of every module.
+    """
+
+    num_tables: int = 8
+    num_embeddings: int = 200_000
+    embedding_dim: int = 64
+    batch_size: int = 8192
+    zipf_alpha: float = 1.05
+    pooling_factors: Tuple[int, ...] = (1, 20)
+    num_chunks: Tuple[int, ...] = (1, 2, 4, 8)
+    budgets: Tuple[float, ...] = (1.0, 0.5, 0.25)
+    warmup: int = 3
+    iterations: int = 10
+    min_measure_s: float = 1.0
+    fill_steps: int = 24
+    fill_pooling_factor: int = 20
+    prune_repeats: int = 3
+    prune_interval: int = 1000
+    num_batches: int = 4
+    learning_rate: float = 0.01
+    num_threads: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("num_tables", "num_embeddings", "embedding_dim", "batch_size", "iterations",
+                     "prune_repeats", "prune_interval", "num_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for K in self.num_chunks:
+            if self.embedding_dim % K:
+                raise ValueError(f"embedding_dim={self.embedding_dim} is not divisible by K={K}")
+        for b in self.budgets:
+            if not 0.0 < b <= 1.0:
+                raise ValueError(f"budgets must be in (0, 1], got {b}")
+        if not self.zipf_alpha > 0:
+            raise ValueError(f"zipf_alpha must be > 0, got {self.zipf_alpha}")
+
+
+QUICK = BenchConfig(num_tables=2, num_embeddings=20_000, batch_size=512, num_chunks=(4,),
+                    budgets=(1.0, 0.25), warmup=1, iterations=3, min_measure_s=0.0, fill_steps=4,
+                    prune_repeats=1, num_batches=2)
+
+
+# ---- data -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Batch:
+    """One batch for all tables: per-table ids int64 [B * L] and the shared offsets [B + 1]."""
+
+    ids: List[torch.Tensor]
+    offsets: torch.Tensor
+    grad: torch.Tensor  # fp32 [B, T * D], the upstream gradient used by every path
+
+
+class ZipfIds:
+    """Zipf(alpha) ids over each table's rows, the hot ids spread by a fixed permutation."""
+
+    def __init__(self, cfg: BenchConfig) -> None:
+        self.cfg = cfg
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        ranks = torch.arange(1, cfg.num_embeddings + 1, dtype=torch.float64)
+        cdf = torch.cumsum(ranks.pow(-cfg.zipf_alpha), 0)
+        self.cdf = cdf / cdf[-1]
+        self.perms = [torch.randperm(cfg.num_embeddings, generator=self.gen)
+                      for _ in range(cfg.num_tables)]
+
+    def batch(self, L: int) -> Batch:
+        cfg = self.cfg
+        n = cfg.batch_size * L
+        ids = []
+        for perm in self.perms:
+            u = torch.rand(n, generator=self.gen, dtype=torch.float64)
+            ids.append(perm[torch.searchsorted(self.cdf, u).clamp(max=cfg.num_embeddings - 1)])
+        grad = torch.randn(cfg.batch_size, cfg.num_tables * cfg.embedding_dim, generator=self.gen)
+        return Batch(ids, torch.arange(0, n + 1, L, dtype=torch.int64), grad)
+
+
+def time_it(cfg: BenchConfig, fn: Callable[[int], Any]) -> Tuple[float, float]:
+    """(best, median) seconds of fn(i) after ``warmup`` calls, over at least ``iterations``
+    calls and ``min_measure_s`` seconds."""
+    for i in range(cfg.warmup):
+        fn(i)
+    times: List[float] = []
+    while len(times) < cfg.iterations or sum(times) < cfg.min_measure_s:
+        start = time.perf_counter()
+        fn(cfg.warmup + len(times))
+        times.append(time.perf_counter() - start)
+    return min(times), statistics.median(times)
+
+
+def timings(cfg: BenchConfig, forward: Callable[[int], Any], step: Callable[[int], Any]
+            ) -> Dict[str, float]:
+    fwd, fwd_med = time_it(cfg, forward)
+    stp, stp_med = time_it(cfg, step)
+    return {"fwd_s": fwd, "fwd_med_s": fwd_med, "step_s": stp, "step_med_s": stp_med}
+
+
+# ---- paths ----------------------------------------------------------------------------------
+
+
+def run_tbe(cfg: BenchConfig, batches: List[Batch]) -> Dict[str, float]:
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType
+    from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
+    from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+        ComputeDevice,
+        SplitTableBatchedEmbeddingBagsCodegen,
+    )
+
+    spec = (cfg.num_embeddings, cfg.embedding_dim, EmbeddingLocation.HOST, ComputeDevice.CPU)
+    tbe = SplitTableBatchedEmbeddingBagsCodegen(
+        [spec] * cfg.num_tables, optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD,
+        learning_rate=cfg.learning_rate, device="cpu",
+    )
+    inputs = []
+    for b in batches:
+        n = b.ids[0].numel()
+        offsets = torch.cat([b.offsets[:-1] + t * n for t in range(cfg.num_tables)]
+                            + [torch.tensor([cfg.num_tables * n])])
+        inputs.append((torch.cat(b.ids), offsets, b.grad))
+
+    def forward(i: int) -> None:
+        with torch.no_grad():
+            tbe(inputs[i % len(inputs)][0], inputs[i % len(inputs)][1])
+
+    def step(i: int) -> None:
+        ids, offsets, grad = inputs[i % len(inputs)]
+        tbe(ids, offsets).backward(grad)
+
+    return timings(cfg, forward, step)
+
+
+def run_embbag(cfg: BenchConfig, batches: List[Batch]) -> Dict[str, float]:
+    bags = [torch.nn.EmbeddingBag(cfg.num_embeddings, cfg.embedding_dim, mode="sum", sparse=True)
+            for _ in range(cfg.num_tables)]
+    opt = torch.optim.SGD([p for bag in bags for p in bag.parameters()], lr=cfg.learning_rate)
+
+    def pooled(b: Batch) -> torch.Tensor:
+        return torch.cat([bag(ids, b.offsets[:-1]) for bag, ids in zip(bags, b.ids)], dim=1)
+
+    def forward(i: int) -> None:
+        with torch.no_grad():
+            pooled(batches[i % len(batches)])
+
+    def step(i: int) -> None:
+        b = batches[i % len(batches)]
+        opt.zero_grad(set_to_none=True)
+        pooled(b).backward(b.grad)
+        opt.step()
+
+    return timings(cfg, forward, step)
+
+
+def to_kjt(cfg: BenchConfig, b: Batch):
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    L = b.ids[0].numel() // cfg.batch_size
+    return KeyedJaggedTensor.from_offsets_sync(
+        keys=[f"f{t}" for t in range(cfg.num_tables)], values=torch.cat(b.ids),
+        offsets=torch.arange(0, cfg.num_tables * b.ids[0].numel() + 1, L),
+    )
+
+
+def build_fiited(cfg: BenchConfig, K: int, budget: float, zipf: ZipfIds, batches: List[Batch]):
+    """A FIITED module trained on ``fill_steps`` fresh batches and once on each timed batch (so
+    that every path has seen the timed ids), then pruned once."""
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+
+    from torchrec_fiited import FiitedConfig, FiitedEmbeddingBagCollection
+
+    tables = [EmbeddingBagConfig(name=f"t{t}", embedding_dim=cfg.embedding_dim,
+                                 num_embeddings=cfg.num_embeddings, feature_names=[f"f{t}"])
+              for t in range(cfg.num_tables)]
+    config = FiitedConfig(num_chunks=K, budget=budget, prune_interval=0,
+                          optimizer="rowwise_adagrad", learning_rate=cfg.learning_rate,
+                          seed=cfg.seed)
+    ebc = FiitedEmbeddingBagCollection(tables, config)
+    fill = (zipf.batch(cfg.fill_pooling_factor) for _ in range(cfg.fill_steps))  # lazily: RSS
+    for b in itertools.chain(fill, batches):
+        ebc(to_kjt(cfg, b)).values().backward(b.grad)
+    ebc.prune()
+    return ebc
+
+
+def live_fractions(ebc, batches: List[Batch]) -> Dict[str, float]:
+    """Live chunks over all chunks of the tables ("live"), and over the chunks the timed batches
+    look up ("read": what the kernels load; Zipf ids mostly hit entries that kept their chunks)."""
+    tables = [ebc.store.tables[f"t{t}"] for t in range(len(batches[0].ids))]
+    live = sum(int((et.chunk_slots >= 0).sum()) for et in tables)
+    read = sum(float((et.chunk_slots[ids] >= 0).float().mean())
+               for b in batches for et, ids in zip(tables, b.ids))
+    return {"live_fraction": live / sum(et.chunk_slots.numel() for et in tables),
+            "read_fraction": read / (len(batches) * len(tables))}
+
+
+def run_fiited(cfg: BenchConfig, batches: List[Batch], zipf: ZipfIds, K: int, budget: float
+               ) -> Dict[str, float]:
+    ebc = build_fiited(cfg, K, budget, zipf, batches)
+    kjts = [to_kjt(cfg, b) for b in batches]
+
+    def forward(i: int) -> None:
+        with torch.no_grad():
+            ebc(kjts[i % len(kjts)])
+
+    def step(i: int) -> None:
+        ebc(kjts[i % len(kjts)]).values().backward(batches[i % len(batches)].grad)
+
+    result = timings(cfg, forward, step)
+    result["prune_s"] = min(time_it(dataclasses.replace(
+        cfg, warmup=0, iterations=cfg.prune_repeats, min_measure_s=0.0), lambda i: ebc.prune()))
+    result.update(live_fractions(ebc, batches))
+    return result
+
+
+def run_fiited_ops(cfg: BenchConfig, batches: List[Batch], zipf: ZipfIds, K: int, budget: float
+                   ) -> Dict[str, float]:
+    from torchrec_fiited.ops import FusedParams, fused_backward, lookup_forward
+
+    ebc = build_fiited(cfg, K, budget, zipf, batches)
+    store, D, first_step = ebc.store, cfg.embedding_dim, int(ebc.steps_done)
+    tables = [(store.pool_of(f"t{t}"), store.tables[f"t{t}"]) for t in range(cfg.num_tables)]
+
+    def forward(i: int) -> torch.Tensor:
+        b = batches[i % len(batches)]
+        return torch.cat([lookup_forward(pool.weights, et.chunk_slots, ids, b.offsets, None, False)
+                          for (pool, et), ids in zip(tables, b.ids)], dim=1)
+
+    def step(i: int) -> None:
+        b = batches[i % len(batches)]
+        forward(i)
+        rows = torch.repeat_interleave(torch.arange(cfg.batch_size), b.offsets.diff())
+        params = FusedParams("rowwise_adagrad", cfg.learning_rate, 1e-8, 0.0, "grad_access",
+                             0.99, first_step + i)
+        for t, ((pool, et), ids) in enumerate(zip(tables, b.ids)):
+            fused_backward(b.grad[:, t * D:(t + 1) * D].contiguous(), rows, None, ids,
+                           et.chunk_slots, et.utilities, et.last_step, pool.weights,
+                           pool.momentum, params)
+
+    result = timings(cfg, forward, step)
+    result.update(live_fractions(ebc, batches))
+    return result
+
+
+def _child(cfg: BenchConfig, path: str, L: int, K: int, budget: float, queue) -> None:
+    # torchrec's import warns about fx tracing once per process; it says nothing about this run.
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    torch.manual_seed(cfg.seed)
+    zipf = ZipfIds(cfg)
+    batches = [zipf.batch(L) for _ in range(cfg.num_batches)]  # the same in every process
+    if path == "tbe":
+        result = run_tbe(cfg, batches)
+    elif path == "embbag":
+        result = run_embbag(cfg, batches)
+    elif path == "fiited":
+        result = run_fiited(cfg, batches, zipf, K, budget)
+    else:
+        result = run_fiited_ops(cfg, batches, zipf, K, budget)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    queue.put(result)
+
+
+def measure(cfg: BenchConfig, path: str, L: int, K: int = 0, budget: float = 0.0
+            ) -> Dict[str, float]:
+    """Run one path in a fresh process; returns its timings and peak RSS."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(cfg, path, L, K, budget, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+# ---- report ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    path: str
+    K: int
+    budget: float
+    result: Dict[str, float] = field(default_factory=dict)
+
+
+def report(cfg: BenchConfig, L: int, rows: Sequence[Row]) -> None:
+    """A markdown table: throughput and ratios to TBE from the best iteration, ms best/median."""
+    lookups = cfg.num_tables * cfg.batch_size * L
+    tbe = next(r.result for r in rows if r.path == "tbe")
+    print(f"\nL={L}: {cfg.num_tables} tables x {cfg.num_embeddings} rows x D={cfg.embedding_dim}, "
+          f"B={cfg.batch_size}, Zipf({cfg.zipf_alpha}); {lookups / 1e6:.2f} M lookups per step\n")
+    print("| path | K | budget | live | read | fwd M/s | fwd x TBE | fwd ms best/med | step M/s "
+          "| step x TBE | step ms best/med | peak RSS MB | prune % of T steps |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        res = r.result
+        prune = (f"{100 * res['prune_s'] / (cfg.prune_interval * res['step_s']):.3f}"
+                 if "prune_s" in res else "")
+        live, read = (f"{res[k]:.2f}" if k in res else "" for k in ("live_fraction",
+                                                                        "read_fraction"))
+        print(f"| {r.path} | {r.K or ''} | {r.budget or ''} | {live} | {read} "
+              f"| {lookups / res['fwd_s'] / 1e6:.1f} | {tbe['fwd_s'] / res['fwd_s']:.2f} "
+              f"| {1e3 * res['fwd_s']:.1f}/{1e3 * res['fwd_med_s']:.1f} "
+              f"| {lookups / res['step_s'] / 1e6:.1f} | {tbe['step_s'] / res['step_s']:.2f} "
+              f"| {1e3 * res['step_s']:.1f}/{1e3 * res['step_med_s']:.1f} "
+              f"| {res['peak_rss_mb']:.0f} | {prune} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test")
+    parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
+    parser.add_argument("--pooling-factors", nargs="+", type=int)
+    parser.add_argument("--num-chunks", nargs="+", type=int)
+    parser.add_argument("--budgets", nargs="+", type=float)
+    parser.add_argument("--iterations", type=int)
+    parser.add_argument("--threads", type=int, help="intra-op threads (default: all cores)")
+    args = parser.parse_args()
+    cfg = QUICK if args.quick else BenchConfig()
+    overrides = {"pooling_factors": args.pooling_factors, "num_chunks": args.num_chunks,
+                 "budgets": args.budgets, "iterations": args.iterations,
+                 "num_threads": args.threads}
+    cfg = dataclasses.replace(cfg, **{k: (tuple(v) if isinstance(v, list) else v)
+                                      for k, v in overrides.items() if v})
+    threads = cfg.num_threads or torch.get_num_threads()
+    print(f"torch {torch.__version__}, {threads} threads; {cfg}")
+    paths = ["tbe"] + [p for p in args.paths if p != "tbe"]
+    for L in cfg.pooling_factors:
+        rows = []
+        for path in paths:
+            configs = ([(K, b) for K in cfg.num_chunks for b in cfg.budgets]
+                       if path.startswith("fiited") else [(0, 0.0)])
+            for K, budget in configs:
+                rows.append(Row(path, K, budget, measure(cfg, path, L, K, budget)))
+        report(cfg, L, rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+// Input validation at the boundary of the FIITED ops, shared by the CPU and CUDA hosts so that both
+// backends reject the same inputs with the same messages. Every message names the op, the
+// argument, what was expected and what was given.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <string_view>
+
+namespace fiited {
+
+enum class Optimizer { kSgd, kAdagrad, kRowwiseAdagrad };
+
+// Sizes of one lookup_forward call, after validation.
+struct LookupSizes {
+  int64_t capacity;    // C, pool slots
+  int64_t chunk_size;  // floats per chunk
+  int64_t num_entries; // E
+  int64_t num_chunks;  // K
+  int64_t num_ids;     // n
+  int64_t num_bags;    // B
+};
+
+// Sizes of one fused_backward call, after validation.
+struct BackwardSizes {
+  int64_t capacity;
+  int64_t chunk_size;
+  int64_t num_entries;
+  int64_t num_chunks;
+  int64_t num_ids;
+  int64_t num_rows;  // R, rows of grad_rows
+  Optimizer optimizer;
+  bool grad_access;  // utility == "grad_access" (else "access")
+};
+
+inline void check_tensor(
+    const char* op,
+    const char* name,
+    const at::Tensor& t,
+    at::ScalarType dtype,
+    int64_t dim,
+    const at::Device& device) {
+  TORCH_CHECK(
+      t.scalar_type() == dtype && t.dim() == dim && t.device() == device,
+      "[torchrec_fiited] ", op, ": ", name, " must be a ", dim, "-D ", dtype, " tensor on ",
+      device, ", got a ", t.dim(), "-D ", t.scalar_type(), " tensor on ", t.device());
+}
+
+inline void check_size(
+    const char* op,
+    const char* name,
+    const at::Tensor& t,
+    int64_t d,
+    int64_t want,
+    const char* why) {
+  TORCH_CHECK(
+      t.size(d) == want, "[torchrec_fiited] ", op, ": ", name, ".size(", d, ") must be ", want,
+      " (", why, "), got ", t.size(d), " (shape ", t.sizes(), ")");
+}
+
+inline void check_contiguous(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(
+      t.is_contiguous(), "[torchrec_fiited] ", op, ": ", name,
+      " is updated in place and must be contiguous, got strides ", t.strides(),
+      " for shape ", t.sizes());
+}
+
+inline LookupSizes check_lookup_inputs(
+    const at::Tensor& weights,              // (C, chunk_size)
+    const at::Tensor& chunk_slots,          // (E, K)
+    const at::Tensor& entries,              // (n)
+    const at::Tensor& offsets,              // (B + 1)
+    const std::optional<at::Tensor>& psw) { // (n) or None
+  constexpr const char* op = "fiited::lookup_forward";
+  const auto device = weights.device();
+  check_tensor(op, "weights", weights, at::kFloat, 2, device);
+  check_tensor(op, "chunk_slots", chunk_slots, at::kInt, 2, device);
+  check_tensor(op, "entries", entries, at::kLong, 1, device);
+  check_tensor(op, "offsets", offsets, at::kLong, 1, device);
+  TORCH_CHECK(
+      offsets.numel() >= 1, "[torchrec_fiited] ", op,
+      ": offsets must hold B + 1 >= 1 bag boundaries, got an empty tensor");
+  if (psw.has_value()) {
+    check_tensor(op, "per_sample_weights", *psw, at::kFloat, 1, device);
+    check_size(op, "per_sample_weights", *psw, 0, entries.numel(), "one weight per entry");
+  }
+  return {weights.size(0), weights.size(1), chunk_slots.size(0), chunk_slots.size(1),
+          entries.numel(), offsets.numel() - 1};
+}
+
+inline Optimizer parse_optimizer(std::string_view optimizer) {
+  if (optimizer == "sgd") return Optimizer::kSgd;
+  if (optimizer == "adagrad") return Optimizer::kAdagrad;
+  TORCH_CHECK(
+      optimizer == "rowwise_adagrad", "[torchrec_fiited] fiited::fused_backward: optimizer must ",
+      "be one of sgd, adagrad, rowwise_adagrad, got '", optimizer, "'");
+  return Optimizer::kRowwiseAdagrad;
+}
+
+inline bool parse_grad_access(std::string_view utility) {
+  TORCH_CHECK(
+      utility == "grad_access" || utility == "access", "[torchrec_fiited] fiited::fused_backward: ",
+      "utility must be one of grad_access, access, got '", utility, "'");
+  return utility == "grad_access";
+}
+
+inline void check_momentum(const at::Tensor& momentum, Optimizer opt, int64_t C, int64_t cs) {
+  constexpr const char* op = "fiited::fused_backward";
+  const bool ok = opt == Optimizer::kSgd ? momentum.dim() == 1 && momentum.size(0) == 0
+      : opt == Optimizer::kAdagrad       ? momentum.dim() == 2 && momentum.size(0) == C &&
+                                           momentum.size(1) == cs
+                                         : momentum.dim() == 1 && momentum.size(0) == C;
+  TORCH_CHECK(
+      ok, "[torchrec_fiited] ", op, ": momentum must have shape ",
+      opt == Optimizer::kSgd ? "(0) for sgd" : opt == Optimizer::kAdagrad
+          ? "(C, chunk_size) for adagrad" : "(C) for rowwise_adagrad",
+      " with C=", C, ", chunk_size=", cs, ", got ", momentum.sizes());
+  check_contiguous(op, "momentum", momentum);
+}
+
+inline BackwardSizes check_backward_inputs(
+    const at::Tensor& grad_rows,   // (R, D)
+    const at::Tensor& row_of_id,   // (n)
+    const std::optional<at::Tensor>& id_scale,  // (n) or None
+    const at::Tensor& entries,     // (n)
+    const at::Tensor& chunk_slots, // (E, K)
+    const at::Tensor& utilities,   // (E, K)
+    const at::Tensor& last_step,   // (E)
+    const at::Tensor& weights,     // (C, chunk_size)
+    const at::Tensor& momentum,    // (C, chunk_size) | (C) | (0)
+    std::string_view optimizer,
+    std::string_view utility,
+    int64_t step) {
+  constexpr const char* op = "fiited::fused_backward";
+  const auto device = weights.device();
+  check_tensor(op, "grad_rows", grad_rows, at::kFloat, 2, device);
+  check_tensor(op, "row_of_id", row_of_id, at::kLong, 1, device);
+  check_tensor(op, "entries", entries, at::kLong, 1, device);
+  check_tensor(op, "chunk_slots", chunk_slots, at::kInt, 2, device);
+  check_tensor(op, "utilities", utilities, at::kFloat, 2, device);
+  check_tensor(op, "last_step", last_step, at::kInt, 1, device);
+  check_tensor(op, "weights", weights, at::kFloat, 2, device);
+  check_tensor(op, "momentum", momentum, at::kFloat, momentum.dim() == 2 ? 2 : 1, device);
+  const int64_t n = entries.numel(), E = chunk_slots.size(0), K = chunk_slots.size(1);
+  const int64_t C = weights.size(0), cs = weights.size(1);
+  check_size(op, "row_of_id", row_of_id, 0, n, "one bag row per entry");
+  if (id_scale.has_value()) {
+    check_tensor(op, "id_scale", *id_scale, at::kFloat, 1, device);
+    check_size(op, "id_scale", *id_scale, 0, n, "one scale per entry");
+  }
+  check_size(op, "grad_rows", grad_rows, 1, K * cs, "D = K * chunk_size");
+  check_size(op, "utilities", utilities, 0, E, "chunk_slots.size(0)");
+  check_size(op, "utilities", utilities, 1, K, "chunk_slots.size(1)");
+  check_size(op, "last_step", last_step, 0, E, "chunk_slots.size(0)");
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"utilities", utilities},
+                                {"last_step", last_step}, {"weights", weights}}) {
+    check_contiguous(op, name, t);
+  }
+  TORCH_CHECK(
+      step >= 0 && step <= std::numeric_limits<int32_t>::max(), "[torchrec_fiited] ", op,
+      ": step must fit last_step's int32, i.e. be in [0, 2^31), got ", step);
+  TORCH_CHECK(
+      n < std::numeric_limits<int32_t>::max(), "[torchrec_fiited] ", op,
+      ": at most 2^31 - 1 entries per call, got ", n);
+  const Optimizer opt = parse_optimizer(optimizer);
+  check_momentum(momentum, opt, C, cs);
+  return {C, cs, E, K, n, grad_rows.size(0), opt, parse_grad_access(utility)};
+}
+
+}  // namespace fiited

@@ -1,0 +1,132 @@
+// CUDA registration of the FIITED ops: checks, dedupe sort and launch on the current stream.
+// Built only against a CUDA torch (see cuda/setup_ext.py); the kernels are in fiited_cuda.cu,
+// behind the C ABI of fiited_cuda.h.
+//
+// Temporaries (the sort's outputs) come from torch's CUDA caching allocator, which reuses
+// blocks across steps, so they do not pay the first-touch cost they would on the CPU.
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "fiited_checks.h"
+#include "fiited_cuda.h"
+
+namespace fiited {
+namespace {
+
+static_assert(
+    static_cast<int>(Optimizer::kSgd) == FIITED_SGD &&
+        static_cast<int>(Optimizer::kAdagrad) == FIITED_ADAGRAD &&
+        static_cast<int>(Optimizer::kRowwiseAdagrad) == FIITED_ROWWISE_ADAGRAD,
+    "fiited::Optimizer and FiitedOptimizer must agree");
+
+// Ids must index their tables before a kernel dereferences them. One device sync per checked
+// tensor; FBGEMM's TBE pays the same in its bounds check.
+void check_range(const char* op, const char* name, const at::Tensor& t, int64_t hi,
+                 const char* hi_name) {
+  if (t.numel() == 0) return;
+  const auto [lo_t, hi_t] = at::aminmax(t);
+  const int64_t lo = lo_t.item<int64_t>(), top = hi_t.item<int64_t>();
+  TORCH_CHECK(
+      lo >= 0 && top < hi, "[torchrec_fiited] ", op, ": ", name, " must be in [0, ", hi_name,
+      "=", hi, "), got values in [", lo, ", ", top, "]");
+}
+
+void check_offsets(const at::Tensor& offsets, int64_t num_ids) {
+  const auto host = offsets.cpu();
+  const int64_t* o = host.data_ptr<int64_t>();
+  const int64_t B = host.numel() - 1;
+  TORCH_CHECK(
+      o[0] == 0 && o[B] <= num_ids && (B == 0 || bool(host.diff().ge(0).all().item<bool>())),
+      "[torchrec_fiited] fiited::lookup_forward: offsets must start at 0, be non-decreasing and ",
+      "end at most at entries.numel()=", num_ids, ", got offsets[0]=", o[0], ", offsets[-1]=",
+      o[B]);
+}
+
+at::Tensor lookup_forward_cuda(
+    const at::Tensor& weights,
+    const at::Tensor& chunk_slots,
+    const at::Tensor& entries,
+    const at::Tensor& offsets,
+    const std::optional<at::Tensor>& per_sample_weights,
+    bool mean) {
+  const LookupSizes s =
+      check_lookup_inputs(weights, chunk_slots, entries, offsets, per_sample_weights);
+  const c10::cuda::CUDAGuard guard(weights.device());
+  const auto w = weights.contiguous(), slots = chunk_slots.contiguous();
+  const auto ids = entries.contiguous(), offs = offsets.contiguous();
+  const auto psw = per_sample_weights.has_value() ? per_sample_weights->contiguous() : at::Tensor();
+  check_range("fiited::lookup_forward", "entries", ids, s.num_entries, "E");
+  check_offsets(offs, s.num_ids);
+  auto out = at::empty({s.num_bags, s.num_chunks * s.chunk_size}, w.options());
+  const FiitedLookupParams params{
+      w.data_ptr<float>(), slots.data_ptr<int32_t>(), ids.data_ptr<int64_t>(),
+      offs.data_ptr<int64_t>(), psw.defined() ? psw.data_ptr<float>() : nullptr,
+      out.data_ptr<float>(), s.num_bags, s.num_entries, s.capacity,
+      static_cast<int32_t>(s.num_chunks), static_cast<int32_t>(s.chunk_size), mean ? 1 : 0};
+  // The launch error is read (and cleared) by C10_CUDA_KERNEL_LAUNCH_CHECK.
+  (void)fiited_lookup_forward_cuda(&params, c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+void fused_backward_cuda(
+    const at::Tensor& grad_rows,
+    const at::Tensor& row_of_id,
+    const std::optional<at::Tensor>& id_scale,
+    const at::Tensor& entries,
+    const at::Tensor& chunk_slots,
+    at::Tensor& utilities,
+    at::Tensor& last_step,
+    at::Tensor& weights,
+    at::Tensor& momentum,
+    c10::string_view optimizer,
+    double lr,
+    double eps,
+    double weight_decay,
+    c10::string_view utility,
+    double decay,
+    int64_t step) {
+  constexpr const char* op = "fiited::fused_backward";
+  const BackwardSizes s = check_backward_inputs(
+      grad_rows, row_of_id, id_scale, entries, chunk_slots, utilities, last_step, weights,
+      momentum, optimizer, utility, step);
+  TORCH_CHECK(
+      s.num_chunks * s.chunk_size <= FIITED_CUDA_MAX_DIM, "[torchrec_fiited] ", op,
+      ": the CUDA kernel takes D = K * chunk_size <= ", FIITED_CUDA_MAX_DIM, ", got ",
+      s.num_chunks * s.chunk_size);
+  if (s.num_ids == 0) return;
+  const c10::cuda::CUDAGuard guard(weights.device());
+  const auto grads = grad_rows.contiguous(), rows = row_of_id.contiguous();
+  const auto ids = entries.contiguous(), slots = chunk_slots.contiguous();
+  const auto scale = id_scale.has_value() ? id_scale->contiguous() : at::Tensor();
+  check_range(op, "entries", ids, s.num_entries, "E");
+  check_range(op, "row_of_id", rows, s.num_rows, "R=grad_rows.size(0)");
+  // Dedupe: a stable sort keeps each entry's ids in their original order (the reference's sum).
+  const auto [sorted, order] = at::sort(ids, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  const auto [unique, inverse, counts] = at::unique_consecutive(sorted, false, true);
+  const auto starts = at::cat({at::zeros({1}, counts.options()), counts.cumsum(0)});
+  const FiitedBackwardParams params{
+      grads.data_ptr<float>(), rows.data_ptr<int64_t>(),
+      scale.defined() ? scale.data_ptr<float>() : nullptr, order.data_ptr<int64_t>(),
+      unique.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), slots.data_ptr<int32_t>(),
+      utilities.data_ptr<float>(), last_step.data_ptr<int32_t>(), weights.data_ptr<float>(),
+      momentum.data_ptr<float>(), unique.numel(), s.capacity,
+      static_cast<int32_t>(s.num_chunks), static_cast<int32_t>(s.chunk_size),
+      static_cast<int32_t>(s.optimizer), s.grad_access ? 1 : 0, static_cast<float>(lr),
+      static_cast<float>(eps), static_cast<float>(weight_decay), static_cast<float>(decay),
+      static_cast<int32_t>(step)};
+  (void)fiited_fused_backward_cuda(&params, c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+}  // namespace fiited
+
+TORCH_LIBRARY_IMPL(fiited, CUDA, m) {
+  m.impl("lookup_forward", &fiited::lookup_forward_cuda);
+  m.impl("fused_backward", &fiited::fused_backward_cuda);
+}

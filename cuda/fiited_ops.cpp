@@ -1,0 +1,41 @@
+// Schemas of the FIITED ops: one definition, implementations per backend live beside it
+// (fiited_cpu.cpp, fiited_cuda.cu + fiited_cuda_host.cpp). The fake (meta) impls are the Python
+// functions in torchrec_fiited/ops/native.py, which set_python_module points torch at.
+//
+// Terms (entry, chunk_slots, slot, chunk_size, K) are defined in torchrec_fiited/store/layout.py;
+// the semantics are those of torchrec_fiited/ops/reference.py.
+
+#include <torch/library.h>
+
+TORCH_LIBRARY(fiited, m) {
+  m.set_python_module("torchrec_fiited.ops.native");
+
+  // Fused entry remap + chunk gather + pooling. Pruned chunks (slot -1) read as zeros and are
+  // never loaded.
+  //   weights             fp32  (C, chunk_size)   the pool
+  //   chunk_slots         int32 (E, K)            slot of chunk k of entry e, or -1
+  //   entries             int64 (n)               each in [0, E)
+  //   offsets             int64 (B + 1)           bag b is entries[offsets[b]:offsets[b + 1]]
+  //   per_sample_weights  fp32  (n) or None
+  //   returns             fp32  (B, K * chunk_size)
+  m.def(
+      "lookup_forward(Tensor weights, Tensor chunk_slots, Tensor entries, Tensor offsets, "
+      "Tensor? per_sample_weights, bool mean) -> Tensor");
+
+  // Coalesce one table's id gradients per entry, update the utilities and last_step of every
+  // chunk of each touched entry, then apply the optimizer to its live chunks, in place.
+  //   grad_rows   fp32  (R, D)        pooled-output gradients of the table's bags
+  //   row_of_id   int64 (n)           bag row of each id, in [0, R)
+  //   id_scale    fp32  (n) or None   per-id gradient scale (sample weight, 1 / length)
+  //   entries     int64 (n)
+  //   chunk_slots int32 (E, K)        read only
+  //   utilities   fp32  (E, K)        updated
+  //   last_step   int32 (E)           set to step for touched entries
+  //   weights     fp32  (C, chunk_size)  updated at live slots
+  //   momentum    fp32  (C, chunk_size) adagrad | (C) rowwise_adagrad | (0) sgd
+  m.def(
+      "fused_backward(Tensor grad_rows, Tensor row_of_id, Tensor? id_scale, Tensor entries, "
+      "Tensor chunk_slots, Tensor(a!) utilities, Tensor(b!) last_step, Tensor(c!) weights, "
+      "Tensor(d!) momentum, str optimizer, float lr, float eps, float weight_decay, "
+      "str utility, float decay, int step) -> ()");
+}

@@ -1,0 +1,144 @@
+"""The native FIITED ops (``torch.ops.fiited.*``): loads the built library and registers fakes.
+
+The schemas are in ``cuda/fiited_ops.cpp``; CPU and CUDA kernels are in ``cuda/``. ``make ext``
+builds ``torchrec_fiited/_C*.so``; without it, ``AVAILABLE`` is False and ``ops/dispatch.py``
+uses the reference. The fake (meta) impls below give shapes and dtypes for torch.compile and
+fake tensors, with the same argument checks that do not need data.
+
+Example::
+
+    from torchrec_fiited.ops import native
+    if native.AVAILABLE:
+        # weights fp32 [C, cs], chunk_slots int32 [E, K], entries int64 [n], offsets int64 [B+1]
+        out = torch.ops.fiited.lookup_forward(weights, chunk_slots, entries, offsets, None, False)
+        out.shape  # (B, K * cs)
+"""
+
+import glob
+import logging
+import os
+from typing import FrozenSet, Optional
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_LIBRARY_GLOB = os.path.join(os.path.dirname(os.path.dirname(__file__)), "_C*.so")
+OPS = ("lookup_forward", "fused_backward")
+
+
+def _load() -> bool:
+    """Load the built library once; False (with a log line) when it is missing or broken."""
+    if hasattr(torch.ops.fiited, "lookup_forward"):
+        return True
+    paths = sorted(glob.glob(_LIBRARY_GLOB))
+    if not paths:
+        logger.info("torchrec_fiited: native ops not built (run `make ext`); using the reference")
+        return False
+    try:
+        torch.ops.load_library(paths[-1])
+    except (OSError, RuntimeError) as e:
+        logger.warning("torchrec_fiited: cannot load %s (%s); using the reference", paths[-1], e)
+        return False
+    return True
+
+
+def _devices_with_kernels() -> FrozenSet[str]:
+    """Device types ("cpu", "cuda") for which every op has a kernel."""
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    return frozenset(
+        device
+        for device, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+        if all(has(f"fiited::{op}", key) for op in OPS)
+    )
+
+
+AVAILABLE: bool = _load()
+DEVICES: FrozenSet[str] = _devices_with_kernels() if AVAILABLE else frozenset()
+
+
+def _check_dtype_dim(op: str, name: str, t: torch.Tensor, dtype: torch.dtype, dim: int) -> None:
+    torch._check(
+        t.dtype == dtype and t.dim() == dim,
+        lambda: f"[torchrec_fiited] fiited::{op}: {name} must be a {dim}-D {dtype} tensor, "
+        f"got a {t.dim()}-D {t.dtype} tensor",
+    )
+
+
+def _lookup_forward_fake(
+    weights: torch.Tensor,
+    chunk_slots: torch.Tensor,
+    entries: torch.Tensor,
+    offsets: torch.Tensor,
+    per_sample_weights: Optional[torch.Tensor],
+    mean: bool,
+) -> torch.Tensor:
+    """Output fp32 [B, K * chunk_size] for offsets int64 [B + 1]; see ``reference.lookup_forward``."""
+    op = "lookup_forward"
+    _check_dtype_dim(op, "weights", weights, torch.float32, 2)
+    _check_dtype_dim(op, "chunk_slots", chunk_slots, torch.int32, 2)
+    _check_dtype_dim(op, "entries", entries, torch.int64, 1)
+    _check_dtype_dim(op, "offsets", offsets, torch.int64, 1)
+    torch._check(
+        offsets.shape[0] >= 1,
+        lambda: f"[torchrec_fiited] fiited::{op}: offsets must hold B + 1 >= 1 bag boundaries, "
+        f"got shape {tuple(offsets.shape)}",
+    )
+    if per_sample_weights is not None:
+        _check_dtype_dim(op, "per_sample_weights", per_sample_weights, torch.float32, 1)
+        torch._check(
+            per_sample_weights.shape[0] == entries.shape[0],
+            lambda: f"[torchrec_fiited] fiited::{op}: per_sample_weights must have one weight per "
+            f"entry, got {per_sample_weights.shape[0]} vs {entries.shape[0]}",
+        )
+    return weights.new_empty((offsets.shape[0] - 1, chunk_slots.shape[1] * weights.shape[1]))
+
+
+def _fused_backward_fake(
+    grad_rows: torch.Tensor,
+    row_of_id: torch.Tensor,
+    id_scale: Optional[torch.Tensor],
+    entries: torch.Tensor,
+    chunk_slots: torch.Tensor,
+    utilities: torch.Tensor,
+    last_step: torch.Tensor,
+    weights: torch.Tensor,
+    momentum: torch.Tensor,
+    optimizer: str,
+    lr: float,
+    eps: float,
+    weight_decay: float,
+    utility: str,
+    decay: float,
+    step: int,
+) -> None:
+    """Checks shapes and dtypes only; the op mutates its inputs and returns nothing."""
+    op = "fused_backward"
+    _check_dtype_dim(op, "grad_rows", grad_rows, torch.float32, 2)
+    _check_dtype_dim(op, "row_of_id", row_of_id, torch.int64, 1)
+    _check_dtype_dim(op, "entries", entries, torch.int64, 1)
+    _check_dtype_dim(op, "chunk_slots", chunk_slots, torch.int32, 2)
+    _check_dtype_dim(op, "utilities", utilities, torch.float32, 2)
+    _check_dtype_dim(op, "last_step", last_step, torch.int32, 1)
+    _check_dtype_dim(op, "weights", weights, torch.float32, 2)
+    K, cs = chunk_slots.shape[1], weights.shape[1]
+    torch._check(
+        grad_rows.shape[1] == K * cs,
+        lambda: f"[torchrec_fiited] fiited::{op}: grad_rows.size(1) must be D = K * chunk_size = "
+        f"{K} * {cs}, got {grad_rows.shape[1]}",
+    )
+    torch._check(
+        row_of_id.shape[0] == entries.shape[0],
+        lambda: f"[torchrec_fiited] fiited::{op}: row_of_id must have one row per entry, got "
+        f"{row_of_id.shape[0]} vs {entries.shape[0]}",
+    )
+    torch._check(
+        optimizer in ("sgd", "adagrad", "rowwise_adagrad"),
+        lambda: f"[torchrec_fiited] fiited::{op}: optimizer must be one of sgd, adagrad, "
+        f"rowwise_adagrad, got {optimizer!r}",
+    )
+
+
+if AVAILABLE:
+    torch.library.register_fake("fiited::lookup_forward")(_lookup_forward_fake)
+    torch.library.register_fake("fiited::fused_backward")(_fused_backward_fake)
