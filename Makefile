@@ -47,4 +47,4 @@ sweep: venv ext
 	$(VPY) -m torchrec_fiited.report $(SWEEP_DIR)
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info torchrec_fiited/_C*.so

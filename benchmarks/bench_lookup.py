@@ -13,8 +13,9 @@ Paths:
                  on ``fill_steps`` fresh L=20 batches of the same distribution (so that most
                  entries are seen and a pool below budget 1 is full), then runs one pruning
                  cycle, so the pool holds the chunks a trained model would.
-    fiited-ops   the same store, calling the ops directly (one lookup_forward per feature, one
-                 fused_backward per table): the kernels without the module's Python work.
+    fiited-ops   the same store, calling the ops directly: one lookup_forward_out per feature
+                 into a fresh [B, T * D] output (no per-feature outputs, no concatenation), one
+                 fused_backward per table: the kernels without the module's Python work.
 
 The pruning cycle is timed with ``module.prune()`` and reported as a fraction of T=1000 training
 steps of the module.
@@ -25,8 +26,9 @@ ratios use the fastest iteration ("best"); the median is printed beside it.
 
 Usage::
 
-    .venv/bin/python benchmarks/bench_lookup.py            # full run (several minutes)
-    .venv/bin/python benchmarks/bench_lookup.py --quick    # smoke test (small sizes)
+    .venv/bin/python benchmarks/bench_lookup.py                 # full run (about 9 minutes)
+    .venv/bin/python benchmarks/bench_lookup.py --quick         # smoke test (small sizes)
+    .venv/bin/python benchmarks/bench_lookup.py --threads 1 --num-chunks 4 --paths tbe fiited
 """
 
 import argparse
@@ -285,7 +287,8 @@ def run_fiited(cfg: BenchConfig, batches: List[Batch], zipf: ZipfIds, K: int, bu
 
 def run_fiited_ops(cfg: BenchConfig, batches: List[Batch], zipf: ZipfIds, K: int, budget: float
                    ) -> Dict[str, float]:
-    from torchrec_fiited.ops import FusedParams, fused_backward, lookup_forward
+    from torchrec_fiited.ops import FusedParams, fused_backward
+    from torchrec_fiited.ops.dispatch import lookup_forward_out
 
     ebc = build_fiited(cfg, K, budget, zipf, batches)
     store, D, first_step = ebc.store, cfg.embedding_dim, int(ebc.steps_done)
@@ -293,8 +296,11 @@ def run_fiited_ops(cfg: BenchConfig, batches: List[Batch], zipf: ZipfIds, K: int
 
     def forward(i: int) -> torch.Tensor:
         b = batches[i % len(batches)]
-        return torch.cat([lookup_forward(pool.weights, et.chunk_slots, ids, b.offsets, None, False)
-                          for (pool, et), ids in zip(tables, b.ids)], dim=1)
+        out = torch.empty(cfg.batch_size, cfg.num_tables * D)
+        for t, ((pool, et), ids) in enumerate(zip(tables, b.ids)):
+            lookup_forward_out(pool.weights, et.chunk_slots, ids, b.offsets, None, False,
+                               out[:, t * D:(t + 1) * D])
+        return out
 
     def step(i: int) -> None:
         b = batches[i % len(batches)]

@@ -91,6 +91,18 @@ inline LookupSizes check_lookup_inputs(
           entries.numel(), offsets.numel() - 1};
 }
 
+// `out` of lookup_forward_out: (B, K * chunk_size) fp32 rows with unit column stride.
+inline void check_lookup_out(
+    const at::Tensor& out, const LookupSizes& s, const at::Device& device) {
+  constexpr const char* op = "fiited::lookup_forward_out";
+  check_tensor(op, "out", out, at::kFloat, 2, device);
+  check_size(op, "out", out, 0, s.num_bags, "B = offsets.numel() - 1");
+  check_size(op, "out", out, 1, s.num_chunks * s.chunk_size, "D = K * chunk_size");
+  TORCH_CHECK(
+      out.size(1) <= 1 || out.stride(1) == 1, "[torchrec_fiited] ", op,
+      ": out must have unit column stride (rows may be strided), got strides ", out.strides());
+}
+
 inline Optimizer parse_optimizer(std::string_view optimizer) {
   if (optimizer == "sgd") return Optimizer::kSgd;
   if (optimizer == "adagrad") return Optimizer::kAdagrad;

@@ -42,7 +42,8 @@ struct LookupArgs {
   const int64_t* __restrict entries;           // (n)
   const int64_t* __restrict offsets;           // (B + 1)
   const float* __restrict per_sample_weights;  // (n) or nullptr
-  float* __restrict out;                       // (B, K * chunk_size)
+  float* __restrict out;                       // (B, K * chunk_size), rows out_stride apart
+  int64_t out_stride;
   LookupSizes sizes;
   bool mean;
 };
@@ -98,7 +99,7 @@ void pool_bags(const LookupArgs& a, int64_t bag_begin, int64_t bag_end) {
     // Division, not a multiply by 1 / length, to round as the reference does.
     const bool divide = a.mean && end > start;
     const Vec<W> length = splat<W>(static_cast<float>(end - start));
-    float* out = a.out + b * D;
+    float* out = a.out + b * a.out_stride;
     for (int64_t j = 0; j < D / W; ++j) vstore<W>(out + j * W, divide ? acc[j] / length : acc[j]);
   }
 }
@@ -117,6 +118,32 @@ void check_offsets(const at::Tensor& offsets, int64_t num_ids) {
   }
 }
 
+// Pools into `out` (validated by the caller: (B, D) fp32, unit column stride).
+void pool_into(
+    const LookupSizes& sizes,
+    const at::Tensor& weights,
+    const at::Tensor& chunk_slots,
+    const at::Tensor& entries,
+    const at::Tensor& offsets,
+    const std::optional<at::Tensor>& per_sample_weights,
+    bool mean,
+    at::Tensor& out) {
+  const auto w = weights.contiguous(), slots = chunk_slots.contiguous();
+  const auto ids = entries.contiguous(), offs = offsets.contiguous();
+  const auto psw = per_sample_weights.has_value() ? per_sample_weights->contiguous() : at::Tensor();
+  check_offsets(offs, sizes.num_ids);
+  const LookupArgs args{
+      w.data_ptr<float>(), slots.data_ptr<int32_t>(), ids.data_ptr<int64_t>(),
+      offs.data_ptr<int64_t>(), psw.defined() ? psw.data_ptr<float>() : nullptr,
+      out.data_ptr<float>(), out.stride(0), sizes, mean};
+  const int64_t* o = args.offsets;
+  dispatch_shape(sizes.num_chunks, sizes.chunk_size, [&](auto shape) {
+    parallel_balanced(
+        sizes.num_bags, [o](int64_t b) { return o[b]; },
+        [&](int64_t begin, int64_t end) { pool_bags<decltype(shape)>(args, begin, end); });
+  });
+}
+
 at::Tensor lookup_forward_cpu(
     const at::Tensor& weights,
     const at::Tensor& chunk_slots,
@@ -126,22 +153,23 @@ at::Tensor lookup_forward_cpu(
     bool mean) {
   const LookupSizes sizes =
       check_lookup_inputs(weights, chunk_slots, entries, offsets, per_sample_weights);
-  const auto w = weights.contiguous(), slots = chunk_slots.contiguous();
-  const auto ids = entries.contiguous(), offs = offsets.contiguous();
-  const auto psw = per_sample_weights.has_value() ? per_sample_weights->contiguous() : at::Tensor();
-  check_offsets(offs, sizes.num_ids);
-  auto out = at::empty({sizes.num_bags, sizes.num_chunks * sizes.chunk_size}, w.options());
-  const LookupArgs args{
-      w.data_ptr<float>(), slots.data_ptr<int32_t>(), ids.data_ptr<int64_t>(),
-      offs.data_ptr<int64_t>(), psw.defined() ? psw.data_ptr<float>() : nullptr,
-      out.data_ptr<float>(), sizes, mean};
-  const int64_t* o = args.offsets;
-  dispatch_shape(sizes.num_chunks, sizes.chunk_size, [&](auto shape) {
-    parallel_balanced(
-        sizes.num_bags, [o](int64_t b) { return o[b]; },
-        [&](int64_t begin, int64_t end) { pool_bags<decltype(shape)>(args, begin, end); });
-  });
+  auto out = at::empty({sizes.num_bags, sizes.num_chunks * sizes.chunk_size}, weights.options());
+  pool_into(sizes, weights, chunk_slots, entries, offsets, per_sample_weights, mean, out);
   return out;
+}
+
+void lookup_forward_out_cpu(
+    const at::Tensor& weights,
+    const at::Tensor& chunk_slots,
+    const at::Tensor& entries,
+    const at::Tensor& offsets,
+    const std::optional<at::Tensor>& per_sample_weights,
+    bool mean,
+    at::Tensor& out) {
+  const LookupSizes sizes =
+      check_lookup_inputs(weights, chunk_slots, entries, offsets, per_sample_weights);
+  check_lookup_out(out, sizes, weights.device());
+  pool_into(sizes, weights, chunk_slots, entries, offsets, per_sample_weights, mean, out);
 }
 
 // ---- fused_backward ---------------------------------------------------------------------------
@@ -337,5 +365,6 @@ void fused_backward_cpu(
 
 TORCH_LIBRARY_IMPL(fiited, CPU, m) {
   m.impl("lookup_forward", &fiited::lookup_forward_cpu);
+  m.impl("lookup_forward_out", &fiited::lookup_forward_out_cpu);
   m.impl("fused_backward", &fiited::fused_backward_cpu);
 }

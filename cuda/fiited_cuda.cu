@@ -42,7 +42,7 @@ __global__ void __launch_bounds__(kWarpSize * kWarpsPerBlock)
       const float w = p.per_sample_weights ? __ldg(p.per_sample_weights + i) : 1.f;
       acc += w * __ldg(p.weights + int64_t{s} * cs + col);
     }
-    p.out[bag * D + c] = divide ? acc / length : acc;
+    p.out[bag * p.out_stride + c] = divide ? acc / length : acc;
   }
 }
 

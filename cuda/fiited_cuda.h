@@ -28,7 +28,8 @@ struct FiitedLookupParams {
   const int64_t* __restrict entries;           // (n), validated in [0, E) by the host
   const int64_t* __restrict offsets;           // (B + 1)
   const float* __restrict per_sample_weights;  // (n) or nullptr
-  float* __restrict out;                       // (B, K * chunk_size)
+  float* __restrict out;                       // (B, K * chunk_size), rows out_stride apart
+  int64_t out_stride;
   int64_t num_bags;                            // B
   int64_t num_entries;                         // E
   int64_t capacity;                            // C

@@ -46,6 +46,32 @@ void check_offsets(const at::Tensor& offsets, int64_t num_ids) {
       o[B]);
 }
 
+// Pools into `out` (validated by the caller: (B, D) fp32 on the weights' GPU, unit column stride).
+void pool_into(
+    const LookupSizes& s,
+    const at::Tensor& weights,
+    const at::Tensor& chunk_slots,
+    const at::Tensor& entries,
+    const at::Tensor& offsets,
+    const std::optional<at::Tensor>& per_sample_weights,
+    bool mean,
+    at::Tensor& out) {
+  const c10::cuda::CUDAGuard guard(weights.device());
+  const auto w = weights.contiguous(), slots = chunk_slots.contiguous();
+  const auto ids = entries.contiguous(), offs = offsets.contiguous();
+  const auto psw = per_sample_weights.has_value() ? per_sample_weights->contiguous() : at::Tensor();
+  check_range("fiited::lookup_forward", "entries", ids, s.num_entries, "E");
+  check_offsets(offs, s.num_ids);
+  const FiitedLookupParams params{
+      w.data_ptr<float>(), slots.data_ptr<int32_t>(), ids.data_ptr<int64_t>(),
+      offs.data_ptr<int64_t>(), psw.defined() ? psw.data_ptr<float>() : nullptr,
+      out.data_ptr<float>(), out.stride(0), s.num_bags, s.num_entries, s.capacity,
+      static_cast<int32_t>(s.num_chunks), static_cast<int32_t>(s.chunk_size), mean ? 1 : 0};
+  // The launch error is read (and cleared) by C10_CUDA_KERNEL_LAUNCH_CHECK.
+  (void)fiited_lookup_forward_cuda(&params, c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 at::Tensor lookup_forward_cuda(
     const at::Tensor& weights,
     const at::Tensor& chunk_slots,
@@ -55,22 +81,23 @@ at::Tensor lookup_forward_cuda(
     bool mean) {
   const LookupSizes s =
       check_lookup_inputs(weights, chunk_slots, entries, offsets, per_sample_weights);
-  const c10::cuda::CUDAGuard guard(weights.device());
-  const auto w = weights.contiguous(), slots = chunk_slots.contiguous();
-  const auto ids = entries.contiguous(), offs = offsets.contiguous();
-  const auto psw = per_sample_weights.has_value() ? per_sample_weights->contiguous() : at::Tensor();
-  check_range("fiited::lookup_forward", "entries", ids, s.num_entries, "E");
-  check_offsets(offs, s.num_ids);
-  auto out = at::empty({s.num_bags, s.num_chunks * s.chunk_size}, w.options());
-  const FiitedLookupParams params{
-      w.data_ptr<float>(), slots.data_ptr<int32_t>(), ids.data_ptr<int64_t>(),
-      offs.data_ptr<int64_t>(), psw.defined() ? psw.data_ptr<float>() : nullptr,
-      out.data_ptr<float>(), s.num_bags, s.num_entries, s.capacity,
-      static_cast<int32_t>(s.num_chunks), static_cast<int32_t>(s.chunk_size), mean ? 1 : 0};
-  // The launch error is read (and cleared) by C10_CUDA_KERNEL_LAUNCH_CHECK.
-  (void)fiited_lookup_forward_cuda(&params, c10::cuda::getCurrentCUDAStream());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  auto out = at::empty({s.num_bags, s.num_chunks * s.chunk_size}, weights.options());
+  pool_into(s, weights, chunk_slots, entries, offsets, per_sample_weights, mean, out);
   return out;
+}
+
+void lookup_forward_out_cuda(
+    const at::Tensor& weights,
+    const at::Tensor& chunk_slots,
+    const at::Tensor& entries,
+    const at::Tensor& offsets,
+    const std::optional<at::Tensor>& per_sample_weights,
+    bool mean,
+    at::Tensor& out) {
+  const LookupSizes s =
+      check_lookup_inputs(weights, chunk_slots, entries, offsets, per_sample_weights);
+  check_lookup_out(out, s, weights.device());
+  pool_into(s, weights, chunk_slots, entries, offsets, per_sample_weights, mean, out);
 }
 
 void fused_backward_cuda(
@@ -128,5 +155,6 @@ void fused_backward_cuda(
 
 TORCH_LIBRARY_IMPL(fiited, CUDA, m) {
   m.impl("lookup_forward", &fiited::lookup_forward_cuda);
+  m.impl("lookup_forward_out", &fiited::lookup_forward_out_cuda);
   m.impl("fused_backward", &fiited::fused_backward_cuda);
 }

@@ -22,6 +22,13 @@ TORCH_LIBRARY(fiited, m) {
       "lookup_forward(Tensor weights, Tensor chunk_slots, Tensor entries, Tensor offsets, "
       "Tensor? per_sample_weights, bool mean) -> Tensor");
 
+  // lookup_forward writing into `out`, fp32 (B, K * chunk_size) with unit column stride: a
+  // column block of a collection's (B, sum D) output, which saves the per-feature outputs and
+  // their concatenation (a third of the forward at L=1, see benchmarks/bench_lookup.py).
+  m.def(
+      "lookup_forward_out(Tensor weights, Tensor chunk_slots, Tensor entries, Tensor offsets, "
+      "Tensor? per_sample_weights, bool mean, Tensor(a!) out) -> ()");
+
   // Coalesce one table's id gradients per entry, update the utilities and last_step of every
   // chunk of each touched entry, then apply the optimizer to its live chunks, in place.
   //   grad_rows   fp32  (R, D)        pooled-output gradients of the table's bags

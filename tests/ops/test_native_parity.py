@@ -116,6 +116,22 @@ def test_lookup_forward_matches_reference(K, D):
                                    f"pruned={pruned}: {m}")
 
 
+@pytest.mark.parametrize("K,D", [(4, 64), (2, 24)])
+def test_lookup_forward_out_writes_a_column_block(K, D):
+    """The out variant fills a column block of a wider output and leaves the rest alone."""
+    gen = torch.Generator().manual_seed(K + D)
+    store = make_store(300, K, D // K, 0.5, "sgd", 10, gen)
+    batch = make_batch(300, 33, 20, True, True, gen)
+    args = (store.weights, store.chunk_slots, batch.entries, batch.offsets, batch.weights, True)
+    full = torch.full((33, D + 10), 7.0)
+    torch.ops.fiited.lookup_forward_out(*args, full[:, 3:3 + D])
+    torch.testing.assert_close(full[:, 3:3 + D], reference.lookup_forward(*args), rtol=RTOL,
+                               atol=ATOL)
+    assert bool((full[:, :3] == 7).all()) and bool((full[:, 3 + D:] == 7).all())
+    with pytest.raises(RuntimeError, match=r"out must have unit column stride"):
+        torch.ops.fiited.lookup_forward_out(*args, torch.zeros(D, 33).t())
+
+
 def _backward_both(store, batch, grad_rows, params, device="cpu"):
     """Run the native op on ``device`` and the reference on CPU from the same state."""
     got, want = store.to(device), store.clone()
@@ -220,6 +236,8 @@ def _opcheck_inputs(optimizer="rowwise_adagrad"):
 def test_opcheck_lookup_forward():
     lookup, _ = _opcheck_inputs()
     torch.library.opcheck(torch.ops.fiited.lookup_forward.default, lookup)
+    out = torch.zeros(lookup[3].numel() - 1, 16)
+    torch.library.opcheck(torch.ops.fiited.lookup_forward_out.default, (*lookup, out))
 
 
 @pytest.mark.parametrize("optimizer", reference.OPTIMIZERS)
@@ -261,6 +279,16 @@ def test_bad_row_leaves_the_state_untouched():
         torch.ops.fiited.fused_backward(*bad)
     for b, a in zip(before, bad[4:9]):
         assert torch.equal(a, b)
+
+
+def test_dispatch_out_variant_matches_on_both_paths(monkeypatch):
+    lookup, _ = _opcheck_inputs()
+    want = reference.lookup_forward(*lookup)
+    for flag in ("1", "0"):
+        monkeypatch.setenv(dispatch.NATIVE_ENV, flag)
+        out = torch.zeros_like(want)
+        dispatch.lookup_forward_out(*lookup, out)
+        torch.testing.assert_close(out, want, rtol=RTOL, atol=ATOL)
 
 
 def test_dispatch_env_var_forces_the_reference(monkeypatch):

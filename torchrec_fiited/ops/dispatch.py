@@ -44,6 +44,31 @@ def lookup_forward(
     )
 
 
+def lookup_forward_out(
+    weights: torch.Tensor,
+    chunk_slots: torch.Tensor,
+    entries: torch.Tensor,
+    offsets: torch.Tensor,
+    per_sample_weights: Optional[torch.Tensor],
+    mean: bool,
+    out: torch.Tensor,
+) -> None:
+    """``lookup_forward`` written into ``out`` fp32 [B, K * chunk_size] (unit column stride).
+
+    ``out`` may be a column block of a collection's [B, sum D] output: the native op then writes
+    there directly, with no per-feature output and no concatenation.
+    """
+    if use_native(weights.device):
+        torch.ops.fiited.lookup_forward_out(
+            weights, chunk_slots, entries, offsets, per_sample_weights, mean, out
+        )
+        return
+    pooled = reference.lookup_forward(
+        weights, chunk_slots, entries, offsets, per_sample_weights, mean
+    )
+    out.copy_(pooled)
+
+
 def fused_backward(
     grad_rows: torch.Tensor,
     row_of_id: torch.Tensor,

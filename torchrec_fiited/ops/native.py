@@ -24,7 +24,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 _LIBRARY_GLOB = os.path.join(os.path.dirname(os.path.dirname(__file__)), "_C*.so")
-OPS = ("lookup_forward", "fused_backward")
+OPS = ("lookup_forward", "lookup_forward_out", "fused_backward")
 
 
 def _load() -> bool:
@@ -65,16 +65,14 @@ def _check_dtype_dim(op: str, name: str, t: torch.Tensor, dtype: torch.dtype, di
     )
 
 
-def _lookup_forward_fake(
+def _check_lookup_args(
+    op: str,
     weights: torch.Tensor,
     chunk_slots: torch.Tensor,
     entries: torch.Tensor,
     offsets: torch.Tensor,
     per_sample_weights: Optional[torch.Tensor],
-    mean: bool,
-) -> torch.Tensor:
-    """Output fp32 [B, K * chunk_size] for offsets int64 [B + 1]; see ``reference.lookup_forward``."""
-    op = "lookup_forward"
+) -> None:
     _check_dtype_dim(op, "weights", weights, torch.float32, 2)
     _check_dtype_dim(op, "chunk_slots", chunk_slots, torch.int32, 2)
     _check_dtype_dim(op, "entries", entries, torch.int64, 1)
@@ -91,7 +89,40 @@ def _lookup_forward_fake(
             lambda: f"[torchrec_fiited] fiited::{op}: per_sample_weights must have one weight per "
             f"entry, got {per_sample_weights.shape[0]} vs {entries.shape[0]}",
         )
+
+
+def _lookup_forward_fake(
+    weights: torch.Tensor,
+    chunk_slots: torch.Tensor,
+    entries: torch.Tensor,
+    offsets: torch.Tensor,
+    per_sample_weights: Optional[torch.Tensor],
+    mean: bool,
+) -> torch.Tensor:
+    """Output fp32 [B, K * chunk_size] for offsets int64 [B + 1]; see ``reference.lookup_forward``."""
+    _check_lookup_args("lookup_forward", weights, chunk_slots, entries, offsets, per_sample_weights)
     return weights.new_empty((offsets.shape[0] - 1, chunk_slots.shape[1] * weights.shape[1]))
+
+
+def _lookup_forward_out_fake(
+    weights: torch.Tensor,
+    chunk_slots: torch.Tensor,
+    entries: torch.Tensor,
+    offsets: torch.Tensor,
+    per_sample_weights: Optional[torch.Tensor],
+    mean: bool,
+    out: torch.Tensor,
+) -> None:
+    """Checks that ``out`` is fp32 [B, K * chunk_size]; the op writes it in place."""
+    op = "lookup_forward_out"
+    _check_lookup_args(op, weights, chunk_slots, entries, offsets, per_sample_weights)
+    _check_dtype_dim(op, "out", out, torch.float32, 2)
+    want = (offsets.shape[0] - 1, chunk_slots.shape[1] * weights.shape[1])
+    torch._check(
+        tuple(out.shape) == want,
+        lambda: f"[torchrec_fiited] fiited::{op}: out must have shape (B, K * chunk_size) = "
+        f"{want}, got {tuple(out.shape)}",
+    )
 
 
 def _fused_backward_fake(
@@ -141,4 +172,5 @@ def _fused_backward_fake(
 
 if AVAILABLE:
     torch.library.register_fake("fiited::lookup_forward")(_lookup_forward_fake)
+    torch.library.register_fake("fiited::lookup_forward_out")(_lookup_forward_out_fake)
     torch.library.register_fake("fiited::fused_backward")(_fused_backward_fake)
