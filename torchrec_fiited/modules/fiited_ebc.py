@@ -13,7 +13,7 @@ from torchrec_fiited.config import FiitedConfig
 from torchrec_fiited.modules import checkpoint, stats
 from torchrec_fiited.modules.layout_plan import make_policy, plan_pools
 from torchrec_fiited.modules.validation import check_ids, check_kjt
-from torchrec_fiited.ops import FusedParams, fused_backward, lookup_forward
+from torchrec_fiited.ops import FusedParams, fused_backward, lookup_forward_out
 from torchrec_fiited.optim import FiitedFusedOptimizer
 from torchrec_fiited.policy import UtilityRule, apply_decision, cycle_due, sample_pool
 from torchrec_fiited.store import VHPIStore, hash_ids
@@ -214,14 +214,21 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
             self.store.admit(table, entries, step, quota, self._gen)
 
     def _pooled(self, batch: List[_FeatureLookup]) -> torch.Tensor:
-        outs = [
-            lookup_forward(
+        # One [B, sum D] output written block by block: per-feature outputs plus a cat cost more
+        # than the lookups themselves at pooling factor 1 (bench_lookup: 2.0 -> 1.1 ms, K=4).
+        B = batch[0].offsets.numel() - 1
+        out = torch.empty(
+            B, sum(t.embedding_dim for _, t in self._features), device=self.steps_done.device
+        )
+        col_of = _column_offsets(self._features)
+        for fl in batch:
+            D = self.store.layouts[fl.table].dim
+            lookup_forward_out(
                 self.store.pool_of(fl.table).weights, self.store.tables[fl.table].chunk_slots,
                 fl.entries, fl.offsets, fl.weights, fl.mean,
+                out[:, col_of[fl.feature] : col_of[fl.feature] + D],
             )
-            for fl in batch
-        ]
-        return torch.cat(outs, dim=1)
+        return out
 
     def _fused_backward(self, batch: List[_FeatureLookup], grad: torch.Tensor) -> None:
         """Optimizer step on live chunks and utility update on all touched chunks, per table."""
