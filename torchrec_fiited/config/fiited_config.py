@@ -56,7 +56,8 @@ class FiitedConfig:
         weight_decay: L2 penalty added to the gradient of live chunks.
         hash_ids: hash arbitrary int64 ids into the table's ``num_embeddings`` entries instead of
             requiring ``0 <= id < num_embeddings``.
-        seed: seed of the generator used for sampling and chunk re-initialisation.
+        seed: key of the counter-based generator behind sampling and chunk (re-)initialisation:
+            values depend on (seed, table, row, chunk, step) only, not on the plan or process.
     """
 
     num_chunks: int = 2

@@ -12,11 +12,11 @@ EXTRA = "_extra_state"
 
 
 def extra_state(module) -> Dict[str, Any]:
-    """Non-tensor state: what the checkpoint was made with, the RNG and the last cycle."""
+    """Non-tensor state: what the checkpoint was made with and the last cycle. There is no RNG
+    state: initial values and samples come from a counter-based generator (``store.layout``)."""
     return {
         "config": module.config.to_dict(),
         "tables": _table_signature(module),
-        "rng_state": module._gen.get_state(),
         "last_cycle": dict(module._last_cycle),
     }
 
@@ -58,8 +58,8 @@ def validate_before_load(module, state_dict, prefix, *args: Any) -> None:
 
 
 def _check_extra(mine: Dict[str, Any], theirs: Any) -> None:
-    if not isinstance(theirs, dict) or not {"config", "tables", "rng_state", "last_cycle"} <= set(theirs):
-        raise ValueError("corrupt FIITED checkpoint: _extra_state lacks config/tables/rng_state")
+    if not isinstance(theirs, dict) or not {"config", "tables", "last_cycle"} <= set(theirs):
+        raise ValueError("corrupt FIITED checkpoint: _extra_state lacks config/tables/last_cycle")
     if theirs["tables"] != mine["tables"]:
         raise ValueError(
             f"checkpoint tables differ from this module's: {theirs['tables']} vs {mine['tables']}"
@@ -73,6 +73,3 @@ def _check_extra(mine: Dict[str, Any], theirs: Any) -> None:
         raise ValueError(
             "checkpoint is from another FiitedConfig (checkpoint vs module): " + ", ".join(diffs)
         )
-    rng = theirs["rng_state"]
-    if not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8 or rng.shape != mine["rng_state"].shape:
-        raise ValueError("corrupt FIITED checkpoint: rng_state is not a generator state")

@@ -1,7 +1,7 @@
 """FiitedEmbeddingBagCollection: a drop-in EmbeddingBagCollection backed by a VHPI store."""
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
@@ -11,11 +11,12 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_fiited.config import FiitedConfig
 from torchrec_fiited.modules import checkpoint, stats
-from torchrec_fiited.modules.layout_plan import make_policy, plan_pools
+from torchrec_fiited.modules.layout_plan import TableShard, plan_pools
+from torchrec_fiited.modules.pruning import run_cycle
 from torchrec_fiited.modules.validation import check_ids, check_kjt
 from torchrec_fiited.ops import FusedParams, fused_backward, lookup_forward_out
 from torchrec_fiited.optim import FiitedFusedOptimizer
-from torchrec_fiited.policy import UtilityRule, apply_decision, cycle_due, sample_pool
+from torchrec_fiited.policy import LocalCoordinator, PruneCoordinator, UtilityRule, cycle_due
 from torchrec_fiited.store import NEVER_SEEN, VHPIStore, hash_ids
 
 
@@ -48,6 +49,12 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
         config: FIITED settings.
         device: where the store lives (default CPU).
         is_weighted: pool with the KJT's per-sample weights.
+        shards: for a rank's local lookup in a sharded collection: which part of which global
+            table each of ``tables`` holds. Budgets, fitted ratios and thresholds then follow
+            ``global_tables``, and initial values and samples are keyed by global rows and
+            chunks, so the shards behave as one unsharded module would.
+        global_tables: the sharded collection's tables (with ``shards``).
+        coordinator: combines the pruning-cycle samples of all shards (default: this module only).
 
     Example::
 
@@ -72,6 +79,9 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
         config: FiitedConfig,
         device: Optional[torch.device] = None,
         is_weighted: bool = False,
+        shards: Optional[Mapping[str, TableShard]] = None,
+        global_tables: Optional[List[EmbeddingBagConfig]] = None,
+        coordinator: Optional[PruneCoordinator] = None,
     ) -> None:
         super().__init__()
         device = torch.device(device or "cpu")
@@ -87,11 +97,16 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
         self._col_of = _column_offsets(self._features)
         if len({f for f, _ in self._features}) != len(self._features):
             raise ValueError(f"a feature may feed only one table: {[f for f, _ in self._features]}")
-        layouts, self._capacities, budgets = plan_pools(self._tables, config)
-        self.store = VHPIStore(layouts, self._capacities, config.num_chunks, config.optimizer, device)
-        self._policies = {p: make_policy(config, b) for p, b in budgets.items()}
+        plan = plan_pools(self._tables, config, shards, global_tables)
+        self._capacities = plan.capacities
+        self._policies = plan.policies  # admission quotas of the local pools
+        self._logical = plan.logical  # capacities and policies the thresholds are computed for
+        self._logical_of = plan.logical_of
+        self.store = VHPIStore(
+            plan.layouts, plan.capacities, plan.num_chunks, config.optimizer, device, config.seed
+        )
         self._rule = UtilityRule(config.utility, config.decay)
-        self._gen = torch.Generator(device=device).manual_seed(config.seed)
+        self._coordinator = coordinator or LocalCoordinator()
         self.register_buffer("steps_done", torch.tensor(0, dtype=torch.int64, device=device))
         self._last_cycle: Dict[str, Dict[str, Any]] = {}
         self._fused_optimizer = FiitedFusedOptimizer(
@@ -129,25 +144,8 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
     # ---- pruning --------------------------------------------------------------------------
 
     def prune(self) -> Dict[str, Dict[str, Any]]:
-        """Run one pruning cycle on every pool now; returns what it decided per pool."""
-        step = int(self.steps_done)
-        for pool, policy in self._policies.items():
-            sample = sample_pool(self.store, self._rule, pool, self._config.sample_size, step, self._gen)
-            decision = policy.decide(
-                sample.utilities, sample.live, self._capacities[pool], sample.num_seen
-            )
-            counts = apply_decision(self.store, self._rule, pool, decision, step, self._gen)
-            for table, n in counts.evictions.items():
-                self.store.tables[table].last_cycle_evictions.fill_(n)
-                self.store.tables[table].last_cycle_allocations.fill_(counts.allocations[table])
-            self._last_cycle[pool] = {
-                "step": step,
-                "thresholds": decision.thresholds.tolist(),
-                "keep_fractions": decision.keep_fractions.tolist(),
-                "churn": decision.churn,
-                "enforced": decision.enforce,
-            }
-        return dict(self._last_cycle)
+        """Run one pruning cycle on every pool now; returns what it decided per logical pool."""
+        return run_cycle([self], self._coordinator)
 
     def stats(self) -> Dict[str, Any]:
         """Per table and in total: entries seen, live chunks per chunk index, thresholds and
@@ -163,7 +161,7 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
             if name not in self.store.tables:
                 raise ValueError(f"unknown table {name!r}; tables are {list(self.store.tables)}")
         for name, w in weights.items():
-            self.store.load_dense_weights(name, w, self._gen)
+            self.store.load_dense_weights(name, w)
 
     def dense_weights(self) -> Dict[str, torch.Tensor]:
         """Logical tables fp32 [E, D] with pruned chunks as zeros, by table name."""
@@ -175,7 +173,6 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
         return checkpoint.extra_state(self)
 
     def set_extra_state(self, state: Dict[str, Any]) -> None:
-        self._gen.set_state(state["rng_state"])
         self._last_cycle = dict(state["last_cycle"])
 
     # ---- internals --------------------------------------------------------------------------
@@ -216,7 +213,7 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
             entries = torch.unique(entries)
             pool = self.store.layouts[table].pool
             quota = self._policies[pool].admission_quota(self._capacities[pool])
-            self.store.admit(table, entries, step, quota, self._gen)
+            self.store.admit(table, entries, step, quota)
 
     def _pooled(self, batch: List[_FeatureLookup]) -> torch.Tensor:
         # One [B, sum D] output written block by block: per-feature outputs plus a cat cost more
@@ -234,6 +231,16 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
         return out
 
     def _fused_backward(self, batch: List[_FeatureLookup], grad: torch.Tensor) -> None:
+        self._apply_gradients(batch, grad)
+        self._end_step()
+
+    def _end_step(self) -> None:
+        self.steps_done += 1
+        cfg = self._config
+        if cycle_due(int(self.steps_done), cfg.schedule, cfg.prune_interval, cfg.warmup_steps):
+            self.prune()
+
+    def _apply_gradients(self, batch: List[_FeatureLookup], grad: torch.Tensor) -> None:
         """Optimizer step on live chunks and utility update on all touched chunks, per table."""
         hp = self._fused_optimizer.param_groups[0]
         params = FusedParams(
@@ -261,10 +268,6 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
                 grad_rows, torch.cat(rows), id_scale, torch.cat([fl.entries for fl in lookups]),
                 et.chunk_slots, et.utilities, et.last_step, pool.weights, pool.momentum, params,
             )
-        self.steps_done += 1
-        cfg = self._config
-        if cycle_due(int(self.steps_done), cfg.schedule, cfg.prune_interval, cfg.warmup_steps):
-            self.prune()
 
 
 def _column_offsets(features) -> Dict[str, int]:

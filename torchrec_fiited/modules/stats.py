@@ -60,7 +60,8 @@ def collect(module) -> Dict[str, Any]:
             "free_slots": pool.free_count(),
             "live_per_chunk": pool.live_per_chunk.tolist(),
             "target_chunk_prune_ratios": list(getattr(policy, "ratios", [])),
-            "last_cycle": module._last_cycle.get(name, {}),
+            "logical_pool": module._logical_of[name],
+            "last_cycle": module._last_cycle.get(module._logical_of[name], {}),
             "bytes": {
                 "pools": pool.weights.numel() * 4,
                 "optimizer": pool.momentum.numel() * 4,

@@ -67,10 +67,9 @@ class ChunkPool(nn.Module):
         self.free_stack[top : top + n] = slots.to(torch.int32)
         self.num_free += n
 
-    def reset_slots(self, slots: torch.Tensor, low: float, high: float, gen: torch.Generator) -> None:
-        """Re-initialise freshly allocated ``slots``: uniform(low, high) weights, zero state."""
-        fresh = torch.empty(slots.numel(), self.chunk_size, device=self.weights.device)
-        fresh.uniform_(low, high, generator=gen)
-        self.weights[slots] = fresh
+    def reset_slots(self, slots: torch.Tensor, weights: torch.Tensor) -> None:
+        """Re-initialise freshly allocated ``slots`` (int64 [n]) to ``weights`` fp32 [n, chunk_size]
+        with zero optimizer state."""
+        self.weights[slots] = weights.to(self.weights)
         if self.momentum.numel():
             self.momentum[slots] = 0.0

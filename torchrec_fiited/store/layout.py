@@ -24,6 +24,9 @@ A pruned chunk reads as zeros. Its utility keeps growing from the gradient at it
 slice, so it can win a slot back at a later pruning cycle.
 """
 
+import zlib
+from typing import Sequence, Union
+
 import torch
 
 PRUNED = -1
@@ -51,10 +54,39 @@ def _logical_shift_right(x: torch.Tensor, n: int) -> torch.Tensor:
     return (x >> n) & ((1 << (64 - n)) - 1)
 
 
-def hash_ids(ids: torch.Tensor, num_entries: int) -> torch.Tensor:
-    """Map arbitrary int64 ids to entries in [0, num_entries), well mixed (int64 [n] -> [n])."""
-    x = ids.to(torch.int64)
+def _mix64(x: torch.Tensor) -> torch.Tensor:
     x = (x ^ _logical_shift_right(x, 30)) * _MIX1
     x = (x ^ _logical_shift_right(x, 27)) * _MIX2
-    x = x ^ _logical_shift_right(x, 31)
-    return torch.remainder(x, num_entries)
+    return x ^ _logical_shift_right(x, 31)
+
+
+def hash_ids(ids: torch.Tensor, num_entries: int) -> torch.Tensor:
+    """Map arbitrary int64 ids to entries in [0, num_entries), well mixed (int64 [n] -> [n])."""
+    return torch.remainder(_mix64(ids.to(torch.int64)), num_entries)
+
+
+def table_key(name: str) -> int:
+    """A stable 32-bit id of a table name, the same in every process and plan."""
+    return zlib.crc32(name.encode())
+
+
+def row_keys(table: str, rows: torch.Tensor) -> torch.Tensor:
+    """Plan-independent keys (int64 [n]) of global ``rows`` of ``table``: crc32 << 31 | row."""
+    return (table_key(table) << 31) | rows.to(torch.int64)
+
+
+_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
+
+
+def counter_uniform(keys: Sequence[Union[int, torch.Tensor]]) -> torch.Tensor:
+    """Uniform [0, 1) floats that depend only on ``keys`` (ints or broadcastable int64 tensors).
+
+    A counter-based generator: the same (seed, table, row, chunk, step, ...) gives the same value
+    in any process, plan or world size, which is what makes re-initialisation and sampling
+    independent of where a row lives (and so reshardable and comparable across plans).
+    """
+    x = torch.tensor(0, dtype=torch.int64)
+    for key in keys:
+        x = _mix64((x ^ torch.as_tensor(key, dtype=torch.int64)) + _GOLDEN)
+    # The top 24 bits give every fp32 in [0, 1) on a 2^-24 grid, never 1.0.
+    return _logical_shift_right(x, 40).to(torch.float32) * (1.0 / (1 << 24))

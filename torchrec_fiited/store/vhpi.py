@@ -12,7 +12,13 @@ from torch import nn
 
 from torchrec_fiited.store.chunk_pool import ChunkPool
 from torchrec_fiited.store.entry_table import EntryTable
-from torchrec_fiited.store.layout import NEVER_SEEN, PRUNED, mask_from_live
+from torchrec_fiited.store.layout import (
+    NEVER_SEEN,
+    PRUNED,
+    counter_uniform,
+    mask_from_live,
+    table_key,
+)
 
 
 @dataclass(frozen=True)
@@ -27,6 +33,9 @@ class TableLayout:
         pool: name of the ChunkPool holding its chunks.
         init_low: lower bound of the uniform init of a (re)allocated chunk.
         init_high: upper bound of it.
+        global_name: the logical table this is a shard of (``name`` when unsharded).
+        row_offset: global row of local entry 0 (row-wise shards).
+        chunk_offset: global chunk index of local chunk 0 (column-wise shards).
     """
 
     name: str
@@ -36,6 +45,13 @@ class TableLayout:
     pool: str
     init_low: float
     init_high: float
+    global_name: str = ""
+    row_offset: int = 0
+    chunk_offset: int = 0
+
+    @property
+    def logical_name(self) -> str:
+        return self.global_name or self.name
 
 
 class VHPIStore(nn.Module):
@@ -47,6 +63,7 @@ class VHPIStore(nn.Module):
         num_chunks: K.
         optimizer: fixes the per-slot optimizer state shape.
         device: where the tensors live.
+        seed: keys the initial values of allocated chunks (see ``init_values``).
     """
 
     def __init__(
@@ -56,9 +73,11 @@ class VHPIStore(nn.Module):
         num_chunks: int,
         optimizer: str,
         device: torch.device,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.num_chunks = num_chunks
+        self.seed = seed
         self.layouts: Dict[str, TableLayout] = {t.name: t for t in layouts}
         self.tables = nn.ModuleDict(
             {t.name: EntryTable(t.num_entries, num_chunks, device) for t in layouts}
@@ -77,20 +96,37 @@ class VHPIStore(nn.Module):
     def pool_of(self, table: str) -> ChunkPool:
         return self.pools[self.layouts[table].pool]
 
+    def init_values(
+        self, table: str, entries: torch.Tensor, chunk_ids: torch.Tensor, step: int
+    ) -> torch.Tensor:
+        """Initial weights fp32 [n, chunk_size] of chunks allocated at ``step``.
+
+        Uniform in the table's init range, keyed by (seed, logical table, global row, global
+        column, step): a regrown chunk gets new values, and a chunk gets the same values
+        whichever rank or plan holds it.
+        """
+        layout = self.layouts[table]
+        cs = layout.chunk_size
+        rows = (entries.to(torch.int64) + layout.row_offset).unsqueeze(1)
+        first_col = (chunk_ids.to(torch.int64) + layout.chunk_offset) * cs
+        cols = first_col.unsqueeze(1) + torch.arange(cs, device=entries.device)
+        u = counter_uniform([self.seed, table_key(layout.logical_name), rows, cols, step])
+        return layout.init_low + (layout.init_high - layout.init_low) * u
+
     def allocate(
-        self, table: str, entries: torch.Tensor, chunk_ids: torch.Tensor, gen: torch.Generator
+        self, table: str, entries: torch.Tensor, chunk_ids: torch.Tensor, step: int
     ) -> None:
         """Give chunk ``chunk_ids[i]`` of entry ``entries[i]`` a fresh slot (int64 [n] each).
 
-        The chunks must be pruned and the pool must have ``n`` free slots. Each new chunk is
-        initialised uniformly in the table's init range and its optimizer state is zeroed.
+        The chunks must be pruned and the pool must have ``n`` free slots. Each new chunk gets
+        ``init_values`` for ``step`` and zeroed optimizer state.
         """
         if entries.numel() == 0:
             return
         layout = self.layouts[table]
         pool = self.pools[layout.pool]
         slots = pool.pop(entries.numel())
-        pool.reset_slots(slots, layout.init_low, layout.init_high, gen)
+        pool.reset_slots(slots, self.init_values(table, entries, chunk_ids, step))
         et = self.tables[table]
         et.chunk_slots[entries, chunk_ids] = slots.to(torch.int32)
         self._refresh_mask(et, entries)
@@ -119,7 +155,6 @@ class VHPIStore(nn.Module):
         entries: torch.Tensor,
         step: int,
         quota: Sequence[int],
-        gen: torch.Generator,
     ) -> None:
         """First-touch admission of ``entries`` (unique int64 [n]) seen in training at ``step``.
 
@@ -136,7 +171,7 @@ class VHPIStore(nn.Module):
             if room <= 0 or new.numel() == 0:
                 continue
             take = new[:room]
-            self.allocate(table, take, torch.full_like(take, k), gen)
+            self.allocate(table, take, torch.full_like(take, k), step)
 
     def dense_weights(self, table: str) -> torch.Tensor:
         """The logical table: fp32 [E, D], pruned chunks as zeros."""
@@ -147,7 +182,7 @@ class VHPIStore(nn.Module):
         chunks = pool.weights[slots.clamp(min=0)] * live.unsqueeze(-1)
         return chunks.reshape(et.num_entries, -1)
 
-    def load_dense_weights(self, table: str, weights: torch.Tensor, gen: torch.Generator) -> None:
+    def load_dense_weights(self, table: str, weights: torch.Tensor) -> None:
         """Make every entry of ``table`` seen with all chunks live, holding ``weights`` [E, D].
 
         Raises:
@@ -173,7 +208,7 @@ class VHPIStore(nn.Module):
         et.mark_seen(entries, 0)
         rows = entries.repeat_interleave(K)
         chunk_ids = torch.arange(K, device=rows.device).repeat(E)
-        self.allocate(table, rows, chunk_ids, gen)
+        self.allocate(table, rows, chunk_ids, 0)
         slots = et.chunk_slots.to(torch.int64).reshape(-1)
         pool.weights[slots] = weights.detach().to(pool.weights).reshape(E * K, layout.chunk_size)
 
