@@ -113,6 +113,8 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
             dict(self.store.pools.items()), config.optimizer, config.learning_rate,
             config.eps, config.weight_decay,
         )
+        # Where backward reads lr etc.; a sharded collection points its lookups at its own handle.
+        self._hparams_source = self._fused_optimizer
         self._register_load_state_dict_pre_hook(checkpoint.validate_before_load, with_module=True)
 
     # ---- EmbeddingBagCollectionInterface -------------------------------------------------
@@ -242,7 +244,7 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
 
     def _apply_gradients(self, batch: List[_FeatureLookup], grad: torch.Tensor) -> None:
         """Optimizer step on live chunks and utility update on all touched chunks, per table."""
-        hp = self._fused_optimizer.param_groups[0]
+        hp = self._hparams_source.param_groups[0]
         params = FusedParams(
             hp["optimizer"], hp["lr"], hp["eps"], hp["weight_decay"], self._config.utility,
             self._config.decay, int(self.steps_done),

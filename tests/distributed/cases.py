@@ -1,0 +1,316 @@
+"""Per-rank bodies of the distributed tests (module level, so spawned ranks can import them)."""
+
+from typing import Any, Dict, List
+
+import torch
+import torch.distributed as dist
+from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.sharding_plan import (
+    column_wise,
+    construct_module_sharding_plan,
+    row_wise,
+    table_wise,
+)
+from torchrec.distributed.types import ShardingEnv, ShardingPlan
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from torchrec_fiited import FiitedConfig, FiitedEmbeddingBagCollection
+from torchrec_fiited.distributed import FiitedEmbeddingBagCollectionSharder
+from torchrec_fiited.distributed.gather import gather_state_dict, logical_tables
+
+FEATURES = ["f0", "f1", "f2", "f3"]
+
+
+def tables(mean_t1: bool = False) -> List[EmbeddingBagConfig]:
+    return [
+        EmbeddingBagConfig(name="t0", num_embeddings=64, embedding_dim=8, feature_names=["f0"]),
+        EmbeddingBagConfig(
+            name="t1", num_embeddings=48, embedding_dim=8, feature_names=["f1", "f2"],
+            pooling=PoolingType.MEAN if mean_t1 else PoolingType.SUM,
+        ),
+        EmbeddingBagConfig(name="t2", num_embeddings=40, embedding_dim=16, feature_names=["f3"]),
+    ]
+
+
+def global_batches(num_steps: int, batch_size: int, seed: int = 0) -> List[KeyedJaggedTensor]:
+    """Global batches with skewed ids (some hot rows), 0-3 ids per bag."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = {"f0": 64, "f1": 48, "f2": 48, "f3": 40}
+    out = []
+    for _ in range(num_steps):
+        lengths = torch.randint(0, 4, (len(FEATURES), batch_size), generator=g)
+        values = []
+        for i, f in enumerate(FEATURES):
+            n = int(lengths[i].sum())
+            ids = (torch.rand(n, generator=g) ** 2 * sizes[f]).long()  # skewed to low ids
+            values.append(ids)
+        out.append(
+            KeyedJaggedTensor.from_lengths_sync(FEATURES, torch.cat(values), lengths.reshape(-1))
+        )
+    return out
+
+
+def rank_slice(kjt: KeyedJaggedTensor, rank: int, world_size: int) -> KeyedJaggedTensor:
+    """This rank's contiguous slice of a global batch (same keys)."""
+    B = kjt.stride()
+    b = B // world_size
+    lo, hi = rank * b, (rank + 1) * b
+    per = kjt.to_dict()
+    values, lengths = [], []
+    for f in kjt.keys():
+        jt = per[f]
+        off = jt.offsets()
+        values.append(jt.values()[off[lo] : off[hi]])
+        lengths.append(jt.lengths()[lo:hi])
+    return KeyedJaggedTensor.from_lengths_sync(kjt.keys(), torch.cat(values), torch.cat(lengths))
+
+
+def plan_for(kind: str, world_size: int, module) -> ShardingPlan:
+    sharder = FiitedEmbeddingBagCollectionSharder()
+    if kind == "table_wise":
+        per = {"t0": table_wise(rank=0), "t1": table_wise(rank=1 % world_size), "t2": table_wise(rank=0)}
+    elif kind == "row_wise":
+        per = {t: row_wise() for t in ("t0", "t1", "t2")}
+    elif kind == "column_wise":
+        ranks = list(range(world_size))
+        per = {"t0": column_wise(ranks=ranks), "t1": table_wise(rank=1 % world_size),
+               "t2": column_wise(ranks=ranks)}
+    else:
+        raise ValueError(kind)
+    mod_plan = construct_module_sharding_plan(
+        module, per, world_size=world_size, device_type="cpu", sharder=sharder
+    )
+    return ShardingPlan({"": mod_plan})
+
+
+def loss_weights(seed: int = 1) -> torch.Tensor:
+    return torch.randn(4096, 40, generator=torch.Generator().manual_seed(seed))
+
+
+GLOBAL_BATCH = 16
+
+
+def ebc_steps(
+    rank: int, world_size: int, kind: str, config: Dict[str, Any], num_steps: int, mean_t1: bool
+) -> Dict[str, Any]:
+    """Train a sharded FIITED EBC on this rank's slices of the global batches: the outputs of
+    every step (this rank's rows), the thresholds of the last cycle, and on rank 0 the whole
+    logical state after the last step."""
+    module = FiitedEmbeddingBagCollection(tables(mean_t1), FiitedConfig(**config))
+    dmp = DistributedModelParallel(
+        module, env=ShardingEnv.from_process_group(dist.group.WORLD), device=torch.device("cpu"),
+        plan=plan_for(kind, world_size, module), sharders=[FiitedEmbeddingBagCollectionSharder()],
+    )
+    W = loss_weights()
+    b = GLOBAL_BATCH // world_size
+    outputs = []
+    for kjt in global_batches(num_steps, GLOBAL_BATCH):
+        out = dmp(rank_slice(kjt, rank, world_size))
+        values = torch.cat([out[f] for f in FEATURES], dim=1)
+        (values * W[rank * b : (rank + 1) * b, : values.shape[1]]).sum().backward()
+        outputs.append(values.detach().clone())
+    sharded = dmp.module
+    return {
+        "outputs": outputs,
+        "last_cycle": sharded._lookups[0]._last_cycle,
+        "state": gather_state_dict(dmp.state_dict()),
+        "pool_bytes": sum(p.weights.numel() * 4 for l in sharded._lookups for p in l.store.pools.values()),
+        "capacity_ok": all(
+            p.capacity - p.free_count() <= p.capacity for l in sharded._lookups for p in l.store.pools.values()
+        ),
+    }
+
+
+def single_process(config: Dict[str, Any], num_steps: int, mean_t1: bool, world_size: int) -> Dict[str, Any]:
+    """The same global batches and loss through one unsharded module. TorchRec divides the
+    embedding gradients by the world size in the output dist's backward (to match DDP's
+    averaging), so the equivalent single-process loss is the sum of the ranks' losses / W."""
+    module = FiitedEmbeddingBagCollection(tables(mean_t1), FiitedConfig(**config))
+    W = loss_weights()
+    outputs = []
+    for kjt in global_batches(num_steps, GLOBAL_BATCH):
+        out = module(kjt)
+        values = torch.cat([out[f] for f in FEATURES], dim=1)
+        ((values * W[: values.shape[0], : values.shape[1]]).sum() / world_size).backward()
+        outputs.append(values.detach().clone())
+    return {"outputs": outputs, "last_cycle": module._last_cycle, "state": logical_tables(module)}
+
+
+# ---- DLRM on DMP with the planner ----------------------------------------------------------
+
+DLRM_TABLES = lambda: [  # noqa: E731 - one line per table reads best
+    EmbeddingBagConfig(name="t0", num_embeddings=64, embedding_dim=8, feature_names=["f0"]),
+    EmbeddingBagConfig(name="t1", num_embeddings=48, embedding_dim=8, feature_names=["f1", "f2"]),
+    EmbeddingBagConfig(name="t2", num_embeddings=40, embedding_dim=8, feature_names=["f3"]),
+]
+
+
+def dlrm(config: Dict[str, Any]):
+    from torchrec.models.dlrm import DLRM
+
+    torch.manual_seed(0)
+    ebc = FiitedEmbeddingBagCollection(DLRM_TABLES(), FiitedConfig(**config))
+    return DLRM(
+        embedding_bag_collection=ebc, dense_in_features=4, dense_arch_layer_sizes=[16, 8],
+        over_arch_layer_sizes=[16, 1],
+    )
+
+
+def dlrm_batches(num_steps: int, batch_size: int = GLOBAL_BATCH):
+    from torchrec.datasets.utils import Batch
+
+    g = torch.Generator().manual_seed(7)
+    out = []
+    for kjt in global_batches(num_steps, batch_size, seed=3):
+        dense = torch.randn(batch_size, 4, generator=g)
+        labels = (torch.rand(batch_size, generator=g) < 0.3).float()
+        out.append(Batch(dense_features=dense, sparse_features=kjt, labels=labels))
+    return out
+
+
+def batch_slice(batch, rank: int, world_size: int):
+    from torchrec.datasets.utils import Batch
+
+    b = batch.labels.numel() // world_size
+    return Batch(
+        dense_features=batch.dense_features[rank * b : (rank + 1) * b],
+        sparse_features=rank_slice(batch.sparse_features, rank, world_size),
+        labels=batch.labels[rank * b : (rank + 1) * b],
+    )
+
+
+def planned_dmp(model, world_size: int, sharding_type: str):
+    from torchrec.distributed.planner.types import ParameterConstraints
+
+    from torchrec_fiited.distributed import fiited_sharders, make_fiited_planner
+
+    constraints = {t.name: ParameterConstraints(sharding_types=[sharding_type]) for t in DLRM_TABLES()}
+    sharders = fiited_sharders()
+    plan = make_fiited_planner(world_size, "cpu", GLOBAL_BATCH // world_size, constraints).collective_plan(
+        model, sharders, dist.group.WORLD
+    )
+    dmp = DistributedModelParallel(
+        model, env=ShardingEnv.from_process_group(dist.group.WORLD), device=torch.device("cpu"),
+        plan=plan, sharders=sharders,
+    )
+    return dmp, plan
+
+
+def _loss(logits, labels):
+    return torch.nn.functional.binary_cross_entropy_with_logits(logits.squeeze(-1), labels)
+
+
+class WithLoss(torch.nn.Module):
+    """DLRM -> (loss, (loss, logits)): the shape TrainPipelineSparseDist expects of a model."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch):
+        logits = self.model(batch.dense_features, batch.sparse_features)
+        loss = _loss(logits, batch.labels)
+        return loss, (loss.detach(), logits.detach())
+
+
+def dlrm_steps(rank: int, world_size: int, sharding_type: str, config: Dict[str, Any],
+               num_steps: int, pipelined: bool) -> Dict[str, Any]:
+    """Train the DLRM on DMP (plain loop, or TrainPipelineSparseDist) on this rank's slices."""
+    dmp, plan = planned_dmp(WithLoss(dlrm(config)), world_size, sharding_type)
+    dense_opt = torch.optim.SGD([p for n, p in dmp.named_parameters() if "embedding_bags" not in n], lr=0.1)
+    batches = [batch_slice(b, rank, world_size) for b in dlrm_batches(num_steps)]
+    outputs, pipelined_modules = [], []
+    if pipelined:
+        from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+        pipeline = TrainPipelineSparseDist(dmp, dense_opt, torch.device("cpu"))
+        it = iter(batches)
+        for _ in range(num_steps):
+            outputs.append(pipeline.progress(it))
+        pipelined_modules = [type(m).__name__ for m in pipeline._pipelined_modules]
+    else:
+        for batch in batches:
+            loss, out = dmp(batch)
+            dense_opt.zero_grad()
+            loss.backward()
+            dense_opt.step()
+            outputs.append(out)
+    sharded = [m for m in dmp.modules() if type(m).__name__ == "ShardedFiitedEmbeddingBagCollection"][0]
+    prefix = "model.sparse_arch.embedding_bag_collection."
+    state = gather_state_dict({k[len(prefix):]: v for k, v in dmp.state_dict().items() if k.startswith(prefix)})
+    return {
+        "losses": [float(l) for l, _ in outputs],
+        "logits": [x for _, x in outputs],
+        "plan": {t: ps.sharding_type for mod in plan.plan.values() for t, ps in mod.items()},
+        "last_cycle": sharded._lookups[0]._last_cycle,
+        "state": state,
+        "pipelined": pipelined_modules,
+        "local_pool_bytes": sum(p.weights.numel() * 4 for l in sharded._lookups for p in l.store.pools.values()),
+        "local_logical_bytes": sum(
+            l.num_entries * l.dim * 4 for lk in sharded._lookups for l in lk.store.layouts.values()
+        ),
+    }
+
+
+def dlrm_single(config: Dict[str, Any], num_steps: int) -> Dict[str, Any]:
+    model = dlrm(config)
+    dense_opt = torch.optim.SGD([p for n, p in model.named_parameters() if "embedding_bags" not in n], lr=0.1)
+    losses, logits_seen = [], []
+    for batch in dlrm_batches(num_steps):
+        logits = model(batch.dense_features, batch.sparse_features)
+        loss = _loss(logits, batch.labels)
+        dense_opt.zero_grad()
+        loss.backward()
+        dense_opt.step()
+        losses.append(float(loss))
+        logits_seen.append(logits.detach())
+    ebc = model.sparse_arch.embedding_bag_collection
+    return {"losses": losses, "logits": logits_seen, "last_cycle": ebc._last_cycle,
+            "state": logical_tables(ebc)}
+
+
+# ---- DCP save at one world size, load at another ---------------------------------------------
+
+def _eval_outputs(dmp, rank: int, world_size: int) -> torch.Tensor:
+    kjt = global_batches(1, GLOBAL_BATCH, seed=11)[0]
+    dmp.eval()
+    with torch.no_grad():
+        out = dmp(rank_slice(kjt, rank, world_size))
+    values = torch.cat([out[f] for f in FEATURES], dim=1)
+    every = [torch.empty_like(values) for _ in range(world_size)]
+    dist.all_gather(every, values)
+    return torch.cat(every)
+
+
+def _ebc_dmp(kind: str, world_size: int, config: Dict[str, Any]):
+    module = FiitedEmbeddingBagCollection(tables(), FiitedConfig(**config))
+    return DistributedModelParallel(
+        module, env=ShardingEnv.from_process_group(dist.group.WORLD), device=torch.device("cpu"),
+        plan=plan_for(kind, world_size, module), sharders=[FiitedEmbeddingBagCollectionSharder()],
+    )
+
+
+def dcp_save(rank: int, world_size: int, kind: str, config: Dict[str, Any], path: str) -> torch.Tensor:
+    """Train a few steps, save with DCP, return the eval outputs on a fixed global batch."""
+    import torch.distributed.checkpoint as dcp
+
+    dmp = _ebc_dmp(kind, world_size, config)
+    W = loss_weights()
+    b = GLOBAL_BATCH // world_size
+    for kjt in global_batches(5, GLOBAL_BATCH):
+        values = torch.cat(list(dmp(rank_slice(kjt, rank, world_size)).to_dict().values()), dim=1)
+        (values * W[rank * b : (rank + 1) * b, : values.shape[1]]).sum().backward()
+    dcp.save(dmp.state_dict(), checkpoint_id=path)
+    return _eval_outputs(dmp, rank, world_size)
+
+
+def dcp_load(rank: int, world_size: int, kind: str, config: Dict[str, Any], path: str) -> torch.Tensor:
+    """A fresh collection under another plan and world size, loaded from ``path``."""
+    import torch.distributed.checkpoint as dcp
+
+    dmp = _ebc_dmp(kind, world_size, config)
+    state = dmp.state_dict()
+    dcp.load(state, checkpoint_id=path)
+    dmp.load_state_dict(state)
+    return _eval_outputs(dmp, rank, world_size)

@@ -1,0 +1,81 @@
+"""DistributedModelParallel with the FIITED sharder, 2 gloo ranks on CPU, against one process.
+
+TorchRec divides embedding gradients by the world size in backward and DDP averages the dense
+ones, so a DLRM trained on 2 ranks with a per-rank mean loss follows the single-process run on
+the concatenated global batches, step for step.
+"""
+
+import pytest
+import torch
+
+from tests.distributed import cases
+from tests.distributed.harness import run_ranks
+
+STEPS = 6
+# Own pools per table at budget 0.5: table-wise shards hold whole pools, so the budget binds,
+# cycles evict and regrow, and the run must still equal the single-process one exactly.
+BINDING = dict(
+    num_chunks=4, budget=0.5, table_budgets={"t0": 0.5, "t1": 0.5, "t2": 0.5}, prune_interval=2,
+    warmup_steps=0, sample_size=20, enforce_ratio=0.0, learning_rate=0.1,
+)
+# Row- and column-wise shards have pools of their own, so where a pool binds depends on the plan;
+# at budget 1.0 none binds and cycles (thresholds from all-gathered samples) must agree.
+ROOMY = dict(BINDING, budget=1.0, table_budgets={})
+
+
+def _check_matches(res, ref):
+    for step in range(STEPS):
+        got = torch.cat([r["logits"][step] for r in res])
+        torch.testing.assert_close(got, ref["logits"][step], rtol=1e-5, atol=1e-6)
+        # The global loss is the mean of the ranks' mean losses (equal batch slices).
+        assert sum(r["losses"][step] for r in res) / len(res) == pytest.approx(ref["losses"][step], abs=1e-6)
+    for key, want in ref["state"].items():
+        if key == "steps_done":
+            continue
+        torch.testing.assert_close(res[0]["state"][key].to(want.dtype), want, rtol=1e-5, atol=1e-6)
+    # Every rank decided exactly what the others did, and what one process decides.
+    assert res[0]["last_cycle"] == res[1]["last_cycle"]
+    for pool, mine in ref["last_cycle"].items():
+        theirs = res[0]["last_cycle"][pool]
+        assert theirs["enforced"] == mine["enforced"] and theirs["num_seen"] == mine["num_seen"]
+        assert theirs["num_sampled"] == mine["num_sampled"]
+        assert theirs["thresholds"] == pytest.approx(mine["thresholds"], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "sharding_type,config",
+    [("table_wise", BINDING), ("row_wise", ROOMY), ("column_wise", ROOMY)],
+)
+def test_dlrm_on_two_ranks_matches_single_process(sharding_type, config):
+    res = run_ranks(cases.dlrm_steps, 2, sharding_type, config, STEPS, False)
+    ref = cases.dlrm_single(config, STEPS)
+    assert set(res[0]["plan"].values()) == {sharding_type}
+    _check_matches(res, ref)
+    if config is BINDING:  # the budget really bound: chunks were pruned on the way
+        live = sum(int(v.sum()) for k, v in ref["state"].items() if k.endswith("fiited_live"))
+        seen = sum(int((v[:, 0] >= 0).sum()) * 4 for k, v in ref["state"].items() if k.endswith("last_step"))
+        assert 0 < live < seen
+
+
+def test_train_pipeline_sparse_dist_pipelines_and_matches():
+    res = run_ranks(cases.dlrm_steps, 2, "table_wise", BINDING, STEPS, True)
+    assert all(r["pipelined"] == ["ShardedFiitedEmbeddingBagCollection"] for r in res)
+    _check_matches(res, cases.dlrm_single(BINDING, STEPS))
+
+
+def test_each_rank_pool_within_its_budget_and_same_thresholds():
+    config = dict(ROOMY, budget=0.25)
+    res = run_ranks(cases.dlrm_steps, 2, "row_wise", config, STEPS, False)
+    for r in res:
+        assert 0 < r["local_pool_bytes"] <= 0.25 * r["local_logical_bytes"]
+    assert res[0]["last_cycle"] == res[1]["last_cycle"] and res[0]["last_cycle"]
+
+
+def test_dcp_save_at_two_ranks_load_at_one_and_four(tmp_path):
+    path = str(tmp_path / "ckpt")
+    saved = run_ranks(cases.dcp_save, 2, "table_wise", BINDING, path)[0]
+    at_one = run_ranks(cases.dcp_load, 1, "table_wise", BINDING, path)[0]
+    at_four = run_ranks(cases.dcp_load, 4, "column_wise", BINDING, path)[0]
+    assert saved.abs().sum() > 0
+    torch.testing.assert_close(at_one, saved, rtol=0, atol=0)
+    torch.testing.assert_close(at_four, saved, rtol=0, atol=0)

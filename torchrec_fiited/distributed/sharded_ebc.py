@@ -1,0 +1,357 @@
+"""ShardedFiitedEmbeddingBagCollection: the per-rank FIITED module DistributedModelParallel runs.
+
+TorchRec's table-, row- and column-wise pooled shardings provide the input dist (KJT
+all-to-all, row bucketization) and the output dist (pooled all-to-all or reduce-scatter); the
+rank's lookup is a ``FiitedEmbeddingBagCollection`` over its shards, one per sharding type.
+Admission, lookups, the fused update and pruning cycles all run in compute/backward, never in
+input_dist, so ``TrainPipelineSparseDist`` can run the next batch's input dist early.
+"""
+
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec.distributed.embedding_sharding import (
+    EmbeddingSharding,
+    EmbeddingShardingContext,
+    EmbeddingShardingInfo,
+    KJTListSplitsAwaitable,
+)
+from torchrec.distributed.embedding_types import KJTList, ShardedEmbeddingModule
+from torchrec.distributed.embeddingbag import (
+    EmbeddingBagCollectionAwaitable,
+    EmbeddingBagCollectionContext,
+)
+from torchrec.distributed.sharding.cw_sharding import CwPooledEmbeddingSharding
+from torchrec.distributed.sharding.rw_sharding import RwPooledEmbeddingSharding
+from torchrec.distributed.sharding.tw_sharding import TwPooledEmbeddingSharding
+from torchrec.distributed.types import (
+    Awaitable,
+    LazyAwaitable,
+    ParameterSharding,
+    QuantizedCommCodecs,
+    ShardingEnv,
+    ShardingType,
+)
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingTableConfig, PoolingType
+from torchrec.optim.fused import FusedOptimizerModule
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from torchrec_fiited.distributed.logical_state import LogicalStateMixin
+from torchrec_fiited.distributed.optimizer import ShardedFiitedOptimizer
+from torchrec_fiited.modules.fiited_ebc import FiitedEmbeddingBagCollection
+from torchrec_fiited.modules.layout_plan import TableShard
+from torchrec_fiited.modules.pruning import run_cycle
+from torchrec_fiited.modules.validation import check_ids
+from torchrec_fiited.policy import ProcessGroupCoordinator, cycle_due
+from torchrec_fiited.store import hash_ids
+
+_SHARDINGS = {
+    ShardingType.TABLE_WISE.value: lambda infos, env, device, codecs: TwPooledEmbeddingSharding(
+        infos, env, device, qcomm_codecs_registry=codecs
+    ),
+    ShardingType.ROW_WISE.value: lambda infos, env, device, codecs: RwPooledEmbeddingSharding(
+        infos, env, device, qcomm_codecs_registry=codecs
+    ),
+    # permute_embeddings: the output holds each table's column shards side by side, in order.
+    ShardingType.COLUMN_WISE.value: lambda infos, env, device, codecs: CwPooledEmbeddingSharding(
+        infos, env, device, permute_embeddings=True, qcomm_codecs_registry=codecs
+    ),
+}
+
+
+class ShardedFiitedEmbeddingBagCollection(
+    LogicalStateMixin,
+    ShardedEmbeddingModule[KJTList, List[torch.Tensor], KeyedTensor, EmbeddingBagCollectionContext],
+    FusedOptimizerModule,
+):
+    """The sharded form of a ``FiitedEmbeddingBagCollection`` (built by its sharder).
+
+    Each rank's pools hold its shards' share of the budget; every ``prune_interval`` steps the
+    ranks all-gather sampled utilities over a CPU process group and apply the same global
+    thresholds to their own pools. ``state_dict`` is the logical form (see
+    ``store/logical.py``) as ShardedTensors, so ``torch.distributed.checkpoint`` reshards it.
+
+    Raises:
+        ValueError: for a MEAN-pooled table planned row-wise (a rank sees only part of a bag),
+            a sharding type other than table/row/column-wise, or a column shard that does not
+            hold whole chunks.
+    """
+
+    def __init__(
+        self,
+        module: FiitedEmbeddingBagCollection,
+        table_name_to_parameter_sharding: Dict[str, ParameterSharding],
+        env: ShardingEnv,
+        device: Optional[torch.device] = None,
+        qcomm_codecs_registry: Optional[Dict[str, QuantizedCommCodecs]] = None,
+        module_fqn: Optional[str] = None,
+    ) -> None:
+        super().__init__(qcomm_codecs_registry=qcomm_codecs_registry)
+        self._env = env
+        self._device = torch.device(device or "cpu")
+        self._module_fqn = module_fqn
+        self._config = module.config
+        self._is_weighted = module.is_weighted()
+        self._tables: List[EmbeddingBagConfig] = list(module.embedding_bag_configs())
+        self._table_by_name = {t.name: t for t in self._tables}
+        self._parameter_sharding = dict(table_name_to_parameter_sharding)
+        self._feature_table = {f: t for t in self._tables for f in t.feature_names}
+        infos = self._sharding_infos()
+        self._sharding_types = list(infos)
+        self._embedding_shardings: List[EmbeddingSharding] = [
+            _SHARDINGS[st](infos[st], env, self._device, qcomm_codecs_registry) for st in infos
+        ]
+        # Samples travel on their own CPU group, so a cycle in backward never interleaves with
+        # the embedding all-to-alls or DDP's all-reduces on the default group.
+        group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        coordinator = ProcessGroupCoordinator(group)
+        lookups, self._local_keys = [], []
+        for sharding in self._embedding_shardings:
+            lookup, keys = self._local_lookup(sharding, coordinator)
+            lookups.append(lookup)
+            self._local_keys.append(keys)
+        self._lookups = nn.ModuleList(lookups)
+        self._output_dists = nn.ModuleList(
+            [s.create_output_dist(device=self._device) for s in self._embedding_shardings]
+        )
+        self._embedding_names = [n for s in self._embedding_shardings for n in s.embedding_names()]
+        self._embedding_dims = [d for s in self._embedding_shardings for d in s.embedding_dims()]
+        self._input_dists = nn.ModuleList()
+        self._has_uninitialized_input_dist = True
+        self._features_order: List[int] = []
+        self._feature_splits: List[int] = []
+        self._fused_optimizer = ShardedFiitedOptimizer(self._tables, module.fused_optimizer)
+        for lookup in self._lookups:
+            lookup._hparams_source = self._fused_optimizer
+        self._coordinator = coordinator
+
+    # ---- construction -----------------------------------------------------------------------
+
+    def _sharding_infos(self) -> Dict[str, List[EmbeddingShardingInfo]]:
+        infos: Dict[str, List[EmbeddingShardingInfo]] = {}
+        for t in self._tables:
+            ps = self._parameter_sharding.get(t.name)
+            if ps is None:
+                raise ValueError(f"table {t.name!r} has no entry in the sharding plan")
+            if ps.sharding_type not in _SHARDINGS:
+                raise ValueError(
+                    f"table {t.name!r}: sharding type {ps.sharding_type!r} is not supported; "
+                    f"use one of {sorted(_SHARDINGS)}"
+                )
+            if ps.sharding_type == ShardingType.ROW_WISE.value and t.pooling == PoolingType.MEAN:
+                raise ValueError(
+                    f"table {t.name!r}: MEAN pooling cannot be sharded row-wise (a rank sees only "
+                    f"part of each bag); plan it table_wise or column_wise, or use SUM"
+                )
+            config = EmbeddingTableConfig(
+                num_embeddings=t.num_embeddings,
+                embedding_dim=t.embedding_dim,
+                name=t.name,
+                data_type=t.data_type,
+                feature_names=list(t.feature_names),
+                pooling=t.pooling,
+                is_weighted=self._is_weighted,
+                has_feature_processor=False,
+                embedding_names=list(t.feature_names),
+                weight_init_max=t.weight_init_max,
+                weight_init_min=t.weight_init_min,
+            )
+            # Only the meta tensor's shape and strides are read (shard metadata).
+            proxy = torch.empty(t.num_embeddings, t.embedding_dim, device="meta")
+            infos.setdefault(ps.sharding_type, []).append(
+                EmbeddingShardingInfo(config, ps, proxy, dict(self._config_fused_params()))
+            )
+        return infos
+
+    @staticmethod
+    def _config_fused_params() -> Dict[str, Any]:
+        return {}
+
+    def _local_lookup(self, sharding, coordinator) -> Tuple[FiitedEmbeddingBagCollection, List[str]]:
+        """This rank's lookup for one sharding, and its feature names in local KJT order."""
+        local_tables, shards, keys = [], {}, []
+        for group in sharding._grouped_embedding_configs:
+            for st in group.embedding_tables:
+                g = self._table_by_name[st.name]
+                row_off, col_off = (st.local_metadata.shard_offsets if st.local_metadata else (0, 0))
+                column_shard = st.local_cols != g.embedding_dim
+                name = f"{st.name}@c{col_off}" if column_shard else st.name
+                feats = [f"{f}@c{col_off}" if column_shard else f for f in st.feature_names]
+                local_tables.append(
+                    EmbeddingBagConfig(
+                        num_embeddings=st.local_rows, embedding_dim=st.local_cols, name=name,
+                        feature_names=feats, pooling=g.pooling,
+                        weight_init_min=g.get_weight_init_min(), weight_init_max=g.get_weight_init_max(),
+                    )
+                )
+                shards[name] = TableShard(st.name, int(row_off), int(col_off))
+                keys += feats
+        lookup = FiitedEmbeddingBagCollection(
+            local_tables, self._config, self._device, self._is_weighted, shards, self._tables,
+            coordinator,
+        )
+        return lookup, keys
+
+    def _create_input_dist(self, input_feature_names: List[str]) -> None:
+        names: List[str] = []
+        for sharding in self._embedding_shardings:
+            self._input_dists.append(sharding.create_input_dist())
+            names += sharding.feature_names()
+            self._feature_splits.append(len(sharding.feature_names()))
+        if names != list(input_feature_names):
+            self._features_order = [list(input_feature_names).index(f) for f in names]
+
+    # ---- ShardedModule --------------------------------------------------------------------
+
+    def create_context(self) -> EmbeddingBagCollectionContext:
+        return EmbeddingBagCollectionContext()
+
+    def input_dist(
+        self, ctx: EmbeddingBagCollectionContext, features: KeyedJaggedTensor
+    ) -> Awaitable[Awaitable[KJTList]]:
+        features = self._checked(features)
+        if self._has_uninitialized_input_dist:
+            self._create_input_dist(features.keys())
+            self._has_uninitialized_input_dist = False
+        with torch.no_grad():
+            if self._features_order:
+                features = features.permute(self._features_order)
+            awaitables = []
+            for input_dist, part in zip(self._input_dists, features.split(self._feature_splits)):
+                awaitables.append(input_dist(part))
+                ctx.sharding_contexts.append(
+                    EmbeddingShardingContext(
+                        batch_size_per_feature_pre_a2a=part.stride_per_key(),
+                        variable_batch_per_feature=part.variable_stride_per_key(),
+                    )
+                )
+        return KJTListSplitsAwaitable(awaitables, ctx, self._module_fqn, self._sharding_types)
+
+    def _checked(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        """Validate (and hash, with ``hash_ids``) global ids before they are routed: a bad id
+        must fail here, naming its feature, not inside another rank's lookup."""
+        keys = list(features.keys())
+        if sorted(keys) != sorted(self._feature_table):
+            raise ValueError(
+                f"KJT keys {keys} do not match the collection's features {sorted(self._feature_table)}"
+            )
+        if self._is_weighted != (features.weights_or_none() is not None):
+            raise ValueError(f"the collection is_weighted={self._is_weighted}, the KJT disagrees")
+        if features.variable_stride_per_key():
+            raise ValueError("variable batch size per feature (VBE) is not supported")
+        values, lengths = features.values(), features.lengths()
+        per_key = features.length_per_key()
+        if self._config.hash_ids:
+            parts = []
+            for key, ids in zip(keys, torch.split(values, per_key)):
+                parts.append(hash_ids(ids, self._feature_table[key].num_embeddings))
+            values = torch.cat(parts) if parts else values.to(torch.int64)
+            return KeyedJaggedTensor(keys, values, features.weights_or_none(), lengths=lengths)
+        for key, ids in zip(keys, torch.split(values, per_key)):
+            t = self._feature_table[key]
+            check_ids(key, t.name, ids.to(torch.int64), t.num_embeddings)
+        return features
+
+    def compute(self, ctx: EmbeddingBagCollectionContext, dist_input: KJTList) -> List[torch.Tensor]:
+        batches = [
+            self._resolve(lookup, keys, kjt)
+            for lookup, keys, kjt in zip(self._lookups, self._local_keys, dist_input)
+        ]
+        if self.training and torch.is_grad_enabled():
+            for lookup, (batch, _) in zip(self._lookups, batches):
+                if batch:
+                    lookup._admit(batch)
+            anchor = torch.zeros((), requires_grad=True)  # makes autograd call our backward
+            return list(_ShardedFusedLookup.apply(self, batches, anchor))
+        return [_pooled(lookup, batch, stride) for lookup, (batch, stride) in zip(self._lookups, batches)]
+
+    @staticmethod
+    def _resolve(lookup, keys, kjt: KeyedJaggedTensor):
+        if not keys:
+            return [], kjt.stride()
+        # Column shards of one table on one rank arrive as repeated keys; rename them to the
+        # lookup's per-shard features (same order: both follow the grouped configs).
+        local = KeyedJaggedTensor(
+            keys, kjt.values(), kjt.weights_or_none(), lengths=kjt.lengths(), stride=kjt.stride()
+        )
+        return lookup._resolve(local), kjt.stride()
+
+    def output_dist(
+        self, ctx: EmbeddingBagCollectionContext, output: List[torch.Tensor]
+    ) -> LazyAwaitable[KeyedTensor]:
+        awaitables = [
+            odist(embs, sctx)
+            for odist, sctx, embs in zip(self._output_dists, ctx.sharding_contexts, output)
+        ]
+        return EmbeddingBagCollectionAwaitable(
+            awaitables=awaitables,
+            embedding_dims=self._embedding_dims,
+            embedding_names=self._embedding_names,
+        )
+
+    def compute_and_output_dist(
+        self, ctx: EmbeddingBagCollectionContext, input: KJTList
+    ) -> LazyAwaitable[KeyedTensor]:
+        return self.output_dist(ctx, self.compute(ctx, input))
+
+    def _end_step(self) -> None:
+        """After every lookup's update: advance all lookups together, and cycle when due."""
+        for lookup in self._lookups:
+            lookup.steps_done += 1
+        cfg = self._config
+        if cycle_due(self.steps_done, cfg.schedule, cfg.prune_interval, cfg.warmup_steps):
+            self.prune()
+
+    def prune(self) -> Dict[str, Dict[str, Any]]:
+        """Run one coordinated pruning cycle now (every rank must call it)."""
+        return run_cycle(list(self._lookups), self._coordinator)
+
+    @property
+    def steps_done(self) -> int:
+        return int(self._lookups[0].steps_done)
+
+    @property
+    def fused_optimizer(self) -> ShardedFiitedOptimizer:
+        return self._fused_optimizer
+
+    def sharded_parameter_names(self, prefix: str = "") -> Iterator[str]:
+        # Every tensor here is rank-local: DDP must neither broadcast nor all-reduce any of them.
+        for name, _ in self.named_buffers(prefix):
+            yield name
+
+    def stats(self) -> Dict[str, Any]:
+        """This rank's ``FiitedEmbeddingBagCollection.stats()`` per sharding type."""
+        return {st: lookup.stats() for st, lookup in zip(self._sharding_types, self._lookups)}
+
+    @property
+    def unsharded_module_type(self):
+        return FiitedEmbeddingBagCollection
+
+
+def _pooled(lookup, batch, stride: int) -> torch.Tensor:
+    if not batch:
+        return torch.zeros(stride, 0, device=lookup.steps_done.device)
+    return lookup._pooled(batch)
+
+
+class _ShardedFusedLookup(torch.autograd.Function):
+    """Forward: every local lookup. Backward: every lookup's fused update, then one step end
+    (and pruning cycle) for all of them, so all ranks reach the cycle's collectives together."""
+
+    @staticmethod
+    def forward(ctx, module, batches, anchor):  # type: ignore[override]
+        ctx.module = module
+        ctx.batches = batches
+        outs = tuple(_pooled(l, b, s) for l, (b, s) in zip(module._lookups, batches))
+        return outs
+
+    @staticmethod
+    def backward(ctx, *grads):  # type: ignore[override]
+        module = ctx.module
+        for lookup, (batch, _), grad in zip(module._lookups, ctx.batches, grads):
+            if batch:
+                lookup._apply_gradients(batch, grad.contiguous())
+        module._end_step()
+        return None, None, None
