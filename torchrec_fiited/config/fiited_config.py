@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 RATIO_MODES = ("manual", "dynamic")
+RATIO_TARGETS = ("budget", "ratios")
 UTILITIES = ("grad_access", "access")
 OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")
 SCHEDULES = ("interval", "itep")
@@ -34,6 +35,10 @@ class FiitedConfig:
             "dynamic" (one global threshold over all chunk utilities).
         chunk_prune_ratios: explicit K per-chunk pruning ratios for manual mode; when None they
             are fitted to average ``1 - budget`` with f(x) = c * x**power_law_exponent.
+        ratio_target: in manual mode, what the ratios steer. "budget" (default): they split the
+            pool between chunk indices and each cycle fills the pool, so a pool of which only
+            part is seen yet is still used. "ratios": the paper's literal rule, each cycle
+            keeps (1 - p_k) of the seen entries' chunk k, and the budget only caps the pools.
         power_law_exponent: a in f(x) = c * x**a; 1.0 is the paper's linear fit, 0.5 its concave one.
         max_chunk_prune_ratio: cap on any fitted ratio (the paper's 95%); capped chunks are
             fixed and the rest refitted so the average still holds.
@@ -65,6 +70,7 @@ class FiitedConfig:
     table_budgets: Dict[str, float] = field(default_factory=dict)
     ratio_mode: str = "manual"
     chunk_prune_ratios: Optional[List[float]] = None
+    ratio_target: str = "budget"
     power_law_exponent: float = 1.0
     max_chunk_prune_ratio: float = 0.95
     decay: float = 0.99
@@ -87,6 +93,7 @@ class FiitedConfig:
         for name, b in self.table_budgets.items():
             _check_budget(f"table_budgets[{name!r}]", b)
         _check_choice("ratio_mode", self.ratio_mode, RATIO_MODES)
+        _check_choice("ratio_target", self.ratio_target, RATIO_TARGETS)
         _check_choice("utility", self.utility, UTILITIES)
         _check_choice("schedule", self.schedule, SCHEDULES)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)

@@ -171,7 +171,9 @@ def _local_policy(policy: ThresholdPolicy, chunk_offset: int, k_local: int, enfo
     if k_local == policy.num_chunks:
         return policy
     if isinstance(policy, ManualRatioPolicy):
-        return ManualRatioPolicy(policy.ratios[chunk_offset : chunk_offset + k_local], enforce)
+        return ManualRatioPolicy(
+            policy.ratios[chunk_offset : chunk_offset + k_local], enforce, fixed=policy.fixed
+        )
     return DynamicThresholdPolicy(k_local, enforce)
 
 
@@ -196,4 +198,4 @@ def make_policy(config: FiitedConfig, pool_budget: float) -> ThresholdPolicy:
         config.num_chunks, 1.0 - pool_budget, config.power_law_exponent,
         config.max_chunk_prune_ratio,
     )
-    return ManualRatioPolicy(ratios, config.enforce_ratio)
+    return ManualRatioPolicy(ratios, config.enforce_ratio, fixed=config.ratio_target == "ratios")

@@ -86,14 +86,23 @@ class ManualRatioPolicy(ThresholdPolicy):
     Args:
         ratios: p_k for k in [0, K), fitted or given.
         enforce_ratio: see ``ThresholdPolicy``.
+        fixed: keep exactly (1 - p_k) of the seen entries' chunk k (the paper's rule) instead
+            of filling the pool in proportion to the shares; admission then takes free slots
+            for any chunk index.
     """
 
-    def __init__(self, ratios: Sequence[float], enforce_ratio: float) -> None:
+    def __init__(self, ratios: Sequence[float], enforce_ratio: float, fixed: bool = False) -> None:
         super().__init__(len(ratios), enforce_ratio)
         self.ratios = list(ratios)
         self.shares = chunk_shares(ratios)
+        self.fixed = fixed
 
     def keep_fractions(self, capacity: int, num_seen: int) -> torch.Tensor:
+        if self.fixed:
+            return 1.0 - torch.tensor(self.ratios, dtype=torch.float64)
+        return self._filled_pool_fractions(capacity, num_seen)
+
+    def _filled_pool_fractions(self, capacity: int, num_seen: int) -> torch.Tensor:
         # Water-filling: chunk k targets capacity * share_k live chunks, at most num_seen; slots
         # a saturated chunk index cannot use go to the others in proportion to their shares.
         K = self.num_chunks
@@ -117,6 +126,8 @@ class ManualRatioPolicy(ThresholdPolicy):
         ).to(torch.float32)
 
     def admission_quota(self, capacity: int) -> List[int]:
+        if self.fixed:
+            return [capacity] * self.num_chunks
         # Largest remainder, so the quotas add up to the whole pool rather than losing slots.
         exact = [capacity * float(s) for s in self.shares]
         quota = [math.floor(x) for x in exact]
