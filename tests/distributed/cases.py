@@ -314,3 +314,54 @@ def dcp_load(rank: int, world_size: int, kind: str, config: Dict[str, Any], path
     dcp.load(state, checkpoint_id=path)
     dmp.load_state_dict(state)
     return _eval_outputs(dmp, rank, world_size)
+
+
+# ---- export of a sharded model, bad input -----------------------------------------------------
+
+def export_sharded(rank: int, world_size: int, kind: str, config: Dict[str, Any]):
+    """Train sharded, gather to rank 0, export for inference: the sharded eval outputs and the
+    exported module's outputs on the same global batch."""
+    from torchrec_fiited import export_for_inference
+    from torchrec_fiited.distributed import gather_unsharded
+
+    dmp = _ebc_dmp(kind, world_size, config)
+    W = loss_weights()
+    b = GLOBAL_BATCH // world_size
+    for kjt in global_batches(5, GLOBAL_BATCH):
+        values = torch.cat(list(dmp(rank_slice(kjt, rank, world_size)).to_dict().values()), dim=1)
+        (values * W[rank * b : (rank + 1) * b, : values.shape[1]]).sum().backward()
+    sharded_out = _eval_outputs(dmp, rank, world_size)
+    unsharded = gather_unsharded(dmp.module)
+    if rank != 0:
+        return None
+    exported = export_for_inference(unsharded).eval()
+    kjt = global_batches(1, GLOBAL_BATCH, seed=11)[0]
+    with torch.no_grad():
+        out = exported(kjt)
+    return sharded_out, torch.cat([out[f] for f in FEATURES], dim=1)
+
+
+def bad_inputs(rank: int, world_size: int) -> List[str]:
+    """Errors the sharded collection raises for bad batches, before anything is routed."""
+    dmp = _ebc_dmp("row_wise", world_size, dict(num_chunks=4))
+    good = rank_slice(global_batches(1, GLOBAL_BATCH)[0], rank, world_size)
+    errors = []
+    bad_id = KeyedJaggedTensor.from_lengths_sync(
+        good.keys(), torch.cat([good.values()[:-1], torch.tensor([999])]), good.lengths()
+    )
+    negative = KeyedJaggedTensor.from_lengths_sync(
+        good.keys(), torch.cat([torch.tensor([-1]), good.values()[1:]]), good.lengths()
+    )
+    wrong_keys = KeyedJaggedTensor.from_lengths_sync(
+        ["f0", "f1", "f2", "nope"], good.values(), good.lengths()
+    )
+    for kjt in (bad_id, negative, wrong_keys):
+        try:
+            dmp(kjt)
+            errors.append("no error")
+        except ValueError as e:
+            errors.append(str(e))
+    # The state is untouched: a good batch still runs, at step 0.
+    dmp(good)
+    errors.append(f"steps_done={dmp.module.steps_done}")
+    return errors

@@ -89,3 +89,17 @@ def test_dcp_save_at_two_ranks_load_at_one_and_four(tmp_path):
     torch.testing.assert_close(at_one, saved, rtol=0, atol=0)
     # Row-wise pools sum partial bags across ranks: equal up to fp32 summation order.
     torch.testing.assert_close(at_four, saved, rtol=1e-6, atol=1e-7)
+
+
+def test_export_of_a_sharded_model_through_a_plan_independent_gather():
+    sharded_out, exported_out = run_ranks(cases.export_sharded, 2, "row_wise", BINDING)[0]
+    # Row-wise outputs are sums of per-rank partial bags: equal up to fp32 summation order.
+    torch.testing.assert_close(exported_out, sharded_out, rtol=1e-6, atol=1e-7)
+
+
+def test_bad_batches_fail_before_routing_and_leave_the_state():
+    errors = run_ranks(cases.bad_inputs, 2)[0]
+    assert "feature 'f3'" in errors[0] and "999" in errors[0], errors[0]
+    assert "feature 'f0'" in errors[1] and "-1" in errors[1], errors[1]
+    assert "do not match the collection's features" in errors[2] and "nope" in errors[2]
+    assert errors[3] == "steps_done=0"

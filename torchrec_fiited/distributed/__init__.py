@@ -5,7 +5,12 @@ from typing import List
 from torchrec.distributed.sharding_plan import get_default_sharders
 from torchrec.distributed.types import ModuleSharder
 
-from torchrec_fiited.distributed.gather import gather_state_dict, logical_tables
+from torchrec_fiited.distributed.gather import (
+    gather_state_dict,
+    gather_unsharded,
+    load_logical_tables,
+    logical_tables,
+)
 from torchrec_fiited.distributed.planner import (
     FiitedStorageEstimator,
     fiited_shard_bytes,
@@ -28,6 +33,8 @@ __all__ = [
     "fiited_shard_bytes",
     "fiited_sharders",
     "gather_state_dict",
+    "gather_unsharded",
+    "load_logical_tables",
     "logical_tables",
     "make_fiited_planner",
 ]

@@ -35,3 +35,39 @@ def gather_state_dict(state_dict, dst: int = 0) -> Optional[Dict[str, torch.Tens
         elif rank == dst:
             out[key] = value
     return out if rank == dst else None
+
+
+def load_logical_tables(module, state: Dict[str, torch.Tensor]) -> None:
+    """Load a logical state (``logical_tables`` / a gathered sharded ``state_dict``) into an
+    unsharded ``FiitedEmbeddingBagCollection``; all-or-nothing, ``ValueError`` naming the table."""
+    from torchrec_fiited.distributed.logical_state import _FIELD_KEYS
+    from torchrec_fiited.store.logical import import_tables, logical_shapes
+
+    tables = {}
+    for name in module.store.layouts:
+        fields = {}
+        for field in logical_shapes(module.store, name):
+            key = f"embedding_bags.{name}.{_FIELD_KEYS[field]}"
+            if key not in state:
+                raise ValueError(f"table {name!r}: the state lacks {key!r}")
+            fields[field] = state[key]
+        tables[name] = fields
+    import_tables(module.store, tables)
+    if "steps_done" in state:
+        module.steps_done.fill_(int(state["steps_done"]))
+
+
+def gather_unsharded(sharded, dst: int = 0):
+    """The whole collection as one unsharded ``FiitedEmbeddingBagCollection`` on rank ``dst``
+    (None elsewhere; every rank must call this). Plan-independent: the logical tables are
+    gathered and loaded into fresh pools, e.g. for ``export_for_inference``."""
+    from torchrec_fiited.modules.fiited_ebc import FiitedEmbeddingBagCollection
+
+    state = gather_state_dict(sharded.state_dict(), dst)
+    if state is None:
+        return None
+    module = FiitedEmbeddingBagCollection(
+        sharded._tables, sharded._config, is_weighted=sharded._is_weighted
+    )
+    load_logical_tables(module, state)
+    return module
