@@ -6,7 +6,7 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.stack-installed
 EXT_STAMP := $(VENV)/.ext-built
 
-.PHONY: venv train test sweep clean
+.PHONY: venv train train-dist test sweep clean
 
 # Native kernels (C++ CPU ops, CUDA compile check): targets `ext` and `nvcc-check`.
 include cuda/build.mk
@@ -33,6 +33,15 @@ train: venv ext
 	$(VPY) -m torchrec_fiited.train -m emb=full,fiited train.progress=false \
 	    hydra.sweep.dir=$(TRAIN_DIR) $(ARGS)
 	$(VPY) -m torchrec_fiited.report $(TRAIN_DIR)
+
+# The same app on 2 processes (gloo on CPU): torchrec's DMP shards the tables, rank 0 writes
+# $(TRAIN_DIST_DIR)/metrics.json. DIST_EMB=fiited once the FIITED sharder is in; ARGS adds overrides.
+TRAIN_DIST_DIR ?= outputs/make_train_dist
+DIST_EMB ?= full
+train-dist: venv ext
+	rm -rf $(TRAIN_DIST_DIR)
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=2 -m torchrec_fiited.train \
+	    emb=$(DIST_EMB) train.progress=false hydra.run.dir=$(TRAIN_DIST_DIR) $(ARGS)
 
 test: venv ext nvcc-check
 	$(VPY) -m pytest -q tests

@@ -6,6 +6,9 @@ Examples::
     python -m torchrec_fiited.train emb=full                 # the unpruned baseline
     python -m torchrec_fiited.train dataset=criteo_tsv dataset.path=/data/train.txt budget=0.1
     python -m torchrec_fiited.train -m +experiment=budget_sweep   # the paper's Fig. 8 sweep
+    torchrun --standalone --nproc_per_node=2 -m torchrec_fiited.train emb=full \
+        hydra.run.dir=outputs/dist train.checkpoint_every=50       # 2 processes, tables sharded
+    ... the same command with train.resume=true                  # continue from the checkpoint
 """
 
 import logging
@@ -25,7 +28,14 @@ def main(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     plain["emb_name"] = hc.runtime.choices.get("emb", plain["emb"]["method"])
     plain["dataset"] = _absolute_paths(plain["dataset"])
-    metrics = TrainRecipe(plain, hc.runtime.output_dir).run()
+    recipe = TrainRecipe(plain, hc.runtime.output_dir)
+    metrics = recipe.run()
+    if not recipe.is_main:
+        return
+    if "stopped_at_step" in metrics:
+        print(f"stopped after step {metrics['stopped_at_step']} (train.stop_after_steps); "
+              "continue with train.resume=true")
+        return
     if "infeasible" in metrics:
         print(f"emb={metrics['emb']} budget={metrics['budget']}: infeasible: {metrics['infeasible']}")
         return
@@ -34,7 +44,8 @@ def main(cfg: DictConfig) -> None:
         f"AUC={metrics['test_auc']:.4f} accuracy={metrics['test_accuracy']:.4f} "
         f"logloss={metrics['test_logloss']:.4f} NE={metrics['test_ne']:.4f} "
         f"embedding_bytes={metrics['embedding_bytes']:,} (full {metrics['embedding_bytes_full']:,}) "
-        f"steps={metrics['steps']} {metrics['examples_per_second']:,.0f} ex/s"
+        f"steps={metrics['steps']} world_size={metrics['world_size']} "
+        f"{metrics['examples_per_second']:,.0f} ex/s"
     )
     log.info(line)
     print(line)

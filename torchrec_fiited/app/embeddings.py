@@ -8,8 +8,10 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
+from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface
+from torchrec.optim.keyed import KeyedOptimizer
 
 from torchrec_fiited import FiitedConfig, FiitedEmbeddingBagCollection
 from torchrec_fiited.app.model import full_embeddings
@@ -83,15 +85,55 @@ def build_embeddings(
     )
 
 
+def fused_optimizer(module: torch.nn.Module) -> Optional[KeyedOptimizer]:
+    """The optimizer a module applies in backward, or None."""
+    optimizer = getattr(module, "fused_optimizer", None)
+    # torchrec 1.8's FusedEmbeddingBagCollection defines fused_optimizer as a method.
+    return optimizer() if callable(optimizer) else optimizer
+
+
 def embedding_bytes(module: torch.nn.Module) -> int:
     """Bytes the embedding module's tensors hold now (parameters, buffers and fused state)."""
     if isinstance(module, FiitedEmbeddingBagCollection):
         return module.stats()["bytes"]["total"]
     tensors = list(module.parameters()) + list(module.buffers())
-    optimizer = getattr(module, "fused_optimizer", None)
-    # torchrec 1.8's FusedEmbeddingBagCollection defines fused_optimizer as a method.
-    optimizer = optimizer() if callable(optimizer) else optimizer
+    optimizer = fused_optimizer(module)
     if optimizer is not None:
         for per_param in optimizer.state.values():
             tensors += [t for t in per_param.values() if isinstance(t, torch.Tensor)]
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def local_shard_bytes(module: torch.nn.Module) -> int:
+    """Bytes of this rank's shards of a sharded embedding module; summed over the ranks it is
+    the module's total.
+
+    A module with ``stats()`` (sharded FIITED) reports its own bytes, because its state dict is
+    the logical ``[E, D]`` layout rather than the pools it holds. Otherwise: its state dict and
+    its fused optimizer's state, each storage counted once (the state dict holds views of the
+    kernels' weights).
+    """
+    if callable(getattr(module, "stats", None)):
+        return _stats_bytes(module.stats())
+    optimizer = fused_optimizer(module)
+    values = list(module.state_dict().values())
+    if optimizer is not None:
+        values += [v for per_param in optimizer.state_dict()["state"].values()
+                   for v in per_param.values()]
+    seen, total = set(), 0
+    for value in values:
+        shards = ([s.tensor for s in value.local_shards()] if isinstance(value, ShardedTensor)
+                  else [value] if isinstance(value, torch.Tensor) else [])
+        for t in shards:
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
+            if key not in seen:
+                seen.add(key)
+                total += t.numel() * t.element_size()
+    return total
+
+
+def _stats_bytes(stats: Dict[str, Any]) -> int:
+    if "bytes" in stats:
+        return int(stats["bytes"]["total"])
+    # ShardedFiitedEmbeddingBagCollection.stats(): {sharding_type: FiitedEBC.stats()}.
+    return sum(int(per_type["bytes"]["total"]) for per_type in stats.values())

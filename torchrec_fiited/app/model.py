@@ -1,6 +1,6 @@
 """DLRM (torchrec.models.dlrm) over a chosen embedding module, sized by one budget knob."""
 
-from typing import List, Sequence
+from typing import Dict, List, Sequence
 
 import torch
 from torchrec.models.dlrm import DLRM
@@ -55,10 +55,18 @@ def build_dlrm(
     )
 
 
-def dense_parameters(model: torch.nn.Module) -> List[torch.nn.Parameter]:
-    """Parameters the dense optimizer owns: everything but fused embedding weights."""
+def dense_named_parameters(model: torch.nn.Module) -> Dict[str, torch.nn.Parameter]:
+    """Parameters the dense optimizer owns, by name: everything but the embedding weights that a
+    fused optimizer updates in backward (unsharded fused modules, or any parameter torchrec marks
+    with ``_in_backward_optimizers`` once sharded)."""
     fused = set()
     for module in model.modules():
         if isinstance(module, (FusedEmbeddingBagCollection, FiitedEmbeddingBagCollection)):
             fused |= {id(p) for p in module.parameters()}
-    return [p for p in model.parameters() if id(p) not in fused]
+    return {n: p for n, p in model.named_parameters()
+            if id(p) not in fused and not hasattr(p, "_in_backward_optimizers")}
+
+
+def dense_parameters(model: torch.nn.Module) -> List[torch.nn.Parameter]:
+    """Parameters the dense optimizer owns: everything but fused embedding weights."""
+    return list(dense_named_parameters(model).values())

@@ -1,70 +1,55 @@
-"""The training recipe: setup -> train -> evaluate -> write metrics.json.
+"""The training recipe: setup -> (load_checkpoint) -> train -> evaluate -> write metrics.json.
 
 Flat on purpose (torchtune's recipe shape): the library does the work, this wires it together.
+One code path for one process and for ``torchrun``: with W > 1 processes every rank trains on its
+slice of each global batch, the tables are sharded by torchrec's DMP, the test predictions are
+gathered so the metrics cover the whole test set, and rank 0 writes metrics.json.
 """
 
 import json
 import logging
 import os
-import time
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
+from torchrec.optim.keyed import KeyedOptimizerWrapper
 
-from torchrec_fiited import FiitedEmbeddingBagCollection
-from torchrec_fiited.app.embeddings import EmbeddingSpec, build_embeddings, embedding_bytes
-from torchrec_fiited.app.loop import TrainResult, evaluate, train
-from torchrec_fiited.app.model import build_dlrm, dense_parameters, make_tables
-from torchrec_fiited.data.registry import load_dataset
+from torchrec_fiited.app import parallel
+from torchrec_fiited.app.batches import TrainBatches, eval_batches
+from torchrec_fiited.app.checkpoint import (
+    Checkpointer, check_compatible, read_meta, rng_state, set_rng_state,
+)
+from torchrec_fiited.app.embeddings import (
+    EmbeddingSpec, build_embeddings, embedding_bytes, fused_optimizer, local_shard_bytes,
+)
+from torchrec_fiited.app.loop import TrainResult, predict, train
+from torchrec_fiited.app.metrics import compute_metrics
+from torchrec_fiited.app.model import build_dlrm, dense_named_parameters, make_tables
+from torchrec_fiited.app.sharding import shard_model
+from torchrec_fiited.app.specs import ModelSpec, TrainSpec
+from torchrec_fiited.data.registry import load_arrays
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """The ``model`` config group: DLRM sizes (dense_arch must end at embedding_dim)."""
-
-    embedding_dim: int = 16
-    dense_arch: List[int] = field(default_factory=lambda: [64, 16])
-    over_arch: List[int] = field(default_factory=lambda: [64, 32, 1])
+__all__ = ["ModelSpec", "TrainSpec", "TrainRecipe", "StopRequested"]
 
 
-@dataclass(frozen=True)
-class TrainSpec:
-    """The ``train`` config group.
+class StopRequested(Exception):
+    """``train.stop_after_steps`` steps are done (raised between steps, after any checkpoint)."""
 
-    Args:
-        batch_size: training batch size.
-        test_batch_size: evaluation batch size.
-        epochs: passes over the training data (ignored when ``steps`` is set).
-        steps: total training steps, or None for ``epochs``.
-        sparse_lr: learning rate of the fused embedding optimizer (rowwise Adagrad).
-        sparse_eps: its epsilon.
-        dense_lr: Adam learning rate of the dense layers.
-        shuffle: shuffle the training examples once (else time order, as the paper trains).
-        drop_last: drop a short final batch (needed for row-wise sharding on gloo).
-        progress: show a tqdm bar.
-    """
+    def __init__(self, step: int) -> None:
+        super().__init__(f"stopped after step {step} (train.stop_after_steps)")
+        self.step = step
 
-    batch_size: int = 2048
-    test_batch_size: int = 8192
-    epochs: int = 1
-    steps: Optional[int] = None
-    sparse_lr: float = 0.05
-    sparse_eps: float = 1e-8
-    dense_lr: float = 1e-3
-    shuffle: bool = False
-    drop_last: bool = False
-    progress: bool = True
 
-    def __post_init__(self) -> None:
-        for name in ("batch_size", "test_batch_size", "epochs"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        if self.steps is not None and self.steps < 1:
-            raise ValueError(f"train.steps must be >= 1 or null, got {self.steps}")
+@dataclass
+class DataPosition:
+    """Where the next training batch comes from: global batch ``batch_in_epoch`` of ``epoch``."""
+
+    epoch: int = 0
+    batch_in_epoch: int = 0
 
 
 class TrainRecipe:
@@ -80,28 +65,63 @@ class TrainRecipe:
         self.emb = EmbeddingSpec(**cfg["emb"])
         self.model_spec = ModelSpec(**cfg["model"])
         self.train_spec = TrainSpec(**cfg["train"])
+        self.env = parallel.DistEnv()
         self.allocation: List[Dict[str, Any]] = []
+        self.result = TrainResult()
+        self.position = DataPosition()
+        self.sharding_plan: Dict[str, Dict[str, Any]] = {}
+        self.resumed_from_step: Optional[int] = None
+
+    # ---- setup -------------------------------------------------------------------------------
 
     def setup(self) -> None:
+        self.env = parallel.init_distributed()
+        if self.env.is_distributed and self.emb.method == "mixed_dim":
+            raise ValueError(
+                "emb=mixed_dim does not run distributed (no sharder for its projected tables); "
+                "launch it as a single process"
+            )
+        # Hydra names the output dir per process (${now}); rank 0's is the run's.
+        self.output_dir = parallel.broadcast_from_main(self.env, self.output_dir)
+        self._setup_data()
+        self._setup_model()
         t = self.train_spec
+        root = t.checkpoint_dir or os.path.join(self.output_dir, "checkpoints")
+        self.checkpointer = Checkpointer(os.path.abspath(root), self.env)
+
+    def _setup_data(self) -> None:
+        t, env = self.train_spec, self.env
         data = dict(self.cfg["dataset"])
         self.dataset_name = data.pop("name")
-        self.train_batches, self.test_batches, self.spec = load_dataset(
-            self.dataset_name, batch_size=t.batch_size, test_batch_size=t.test_batch_size,
-            drop_last=t.drop_last, shuffle=t.shuffle, shuffle_seed=self.seed, **data,
+        train_arrays, self.test_arrays, self.spec = load_arrays(self.dataset_name, **data)
+        self.train_data = TrainBatches(
+            train_arrays, self.spec.sparse_names, t.batch_size, env.rank, env.world_size,
+            shuffle=t.shuffle, seed=self.seed, drop_last=t.drop_last, device=env.device,
         )
-        self.steps_per_epoch = len(self.train_batches)
+        self.steps_per_epoch = len(self.train_data)
+
+    def _setup_model(self) -> None:
+        t, m = self.train_spec, self.model_spec
         torch.manual_seed(self.seed)
-        m = self.model_spec
         tables = make_tables(self.spec.sparse_names, self.spec.num_embeddings, m.embedding_dim)
+        self.full_bytes = sum(tb.num_embeddings * tb.embedding_dim * 4 for tb in tables)
         self.embeddings = build_embeddings(
             self.emb, tables, self.budget, t.sparse_lr, t.sparse_eps, self.steps_per_epoch,
             self.seed, popularity=self._popularity(),
         )
-        full_tables = make_tables(self.spec.sparse_names, self.spec.num_embeddings, m.embedding_dim)
-        self.full_bytes = sum(tb.num_embeddings * tb.embedding_dim * 4 for tb in full_tables)
         self.model = build_dlrm(self.embeddings, self.spec.num_dense, m.dense_arch, m.over_arch)
-        self.dense_optimizer = torch.optim.Adam(dense_parameters(self.model), lr=t.dense_lr)
+        if self.env.is_distributed:
+            self.model, self.sharding_plan = shard_model(
+                self.model, self.embeddings, self.env, self.train_data.local_batch_size,
+                t.sharding_type,
+            )
+            self.embeddings = self.model.module.sparse_arch.embedding_bag_collection
+            self.fused_optimizer = self.model.fused_optimizer
+        else:
+            self.fused_optimizer = fused_optimizer(self.embeddings)
+        self.dense_optimizer = KeyedOptimizerWrapper(
+            dense_named_parameters(self.model), lambda ps: torch.optim.Adam(ps, lr=t.dense_lr)
+        )
 
     def _popularity(self) -> Optional[List[float]]:
         """Mixed-Dimension's per-feature popularity, from the training ids."""
@@ -109,66 +129,210 @@ class TrainRecipe:
             return None
         from torchrec_fiited.baselines.mixed_dim import feature_popularity
 
-        columns = [torch.cat([b.sparse_features[f].values() for b in self.train_batches])
-                   for f in self.spec.sparse_names]
-        return feature_popularity(torch.stack(columns, 1).numpy())
+        return feature_popularity(self.train_data.arrays.sparse)
+
+    # ---- training ----------------------------------------------------------------------------
 
     def train(self) -> TrainResult:
         t = self.train_spec
         total = t.steps or t.epochs * self.steps_per_epoch
-        result = TrainResult()
-        while result.steps < total:
-            before = result.steps
-            train(self.model, self.train_batches, self.dense_optimizer, max_steps=total,
-                  progress=t.progress, result=result, on_step=self._snapshot)
-            if result.steps == before:
+        reduce_loss = (lambda loss: parallel.mean_over_ranks(self.env, loss)) \
+            if self.env.is_distributed else None
+        while self.result.steps < total:
+            before = self.result.steps
+            batches = self.train_data.epoch(self.position.epoch, self.position.batch_in_epoch)
+            train(self.model, batches, self.dense_optimizer, max_steps=total,
+                  progress=t.progress and self.env.is_main, result=self.result,
+                  on_step=self._after_step, reduce_loss=reduce_loss)
+            if self.result.steps == before:
                 break
-        return result
+        return self.result
+
+    def _after_step(self, step: int) -> None:
+        """Advance the data position, snapshot, checkpoint if due, stop if asked."""
+        pos = self.position
+        pos.batch_in_epoch += 1
+        if pos.batch_in_epoch == self.steps_per_epoch:
+            pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
+        self._snapshot(step)
+        t = self.train_spec
+        if t.checkpoint_every and step % t.checkpoint_every == 0:
+            self.save_checkpoint()
+        if t.stop_after_steps is not None and step >= t.stop_after_steps:
+            raise StopRequested(step)
 
     def _snapshot(self, step: int) -> None:
-        """Record how FIITED allocated chunks, once per pruning interval."""
+        """Record how FIITED allocated chunks, once per pruning interval.
+
+        Unsharded modules only for now: a sharded one's stats are per rank and per sharding type.
+        """
         emb = self.embeddings
-        if isinstance(emb, FiitedEmbeddingBagCollection) and step % emb.config.prune_interval == 0:
+        if not (hasattr(emb, "stats") and hasattr(emb, "config")):
+            return
+        if step % emb.config.prune_interval == 0:
             tables = emb.stats()["tables"]
             self.allocation.append(
                 {"step": step, "tables": {n: s["rows_by_live_chunks"] for n, s in tables.items()}}
             )
 
-    def run(self) -> Dict[str, Any]:
-        from torchrec_fiited.baselines import BudgetUnreachable
+    # ---- checkpoints -------------------------------------------------------------------------
 
-        try:
-            self.setup()
-        except BudgetUnreachable as e:
-            # Recorded, not raised: one unreachable point must not abort a whole sweep.
-            out = {"emb": self.cfg.get("emb_name", self.emb.method), "budget": self.budget,
-                   "seed": self.seed, "dataset": self.cfg["dataset"]["name"], "infeasible": str(e)}
-            self.write(out)
-            return out
-        result = self.train()
-        metrics = evaluate(self.model, self.test_batches)
+    def _checkpoint_state(self) -> Dict[str, Any]:
+        """What a checkpoint holds, shaped for DCP's in-place load.
+
+        ``trainer`` is the same on every rank (DCP stores it once); ``rank_<r>`` is per rank.
+        The allocation log goes in as JSON text: DCP loads into the live structure, and a list
+        of dicts would need as many entries before the load as it had when saved.
+        """
+        state = {
+            "model": self.model.state_dict(),
+            "dense_optimizer": self.dense_optimizer.state_dict(),
+            "trainer": {"step": self.result.steps, "epoch": self.position.epoch,
+                        "batch_in_epoch": self.position.batch_in_epoch,
+                        "global_losses": list(self.result.global_losses)},
+            f"rank_{self.env.rank}": {"rng": rng_state(self.env.device),
+                                      "losses": list(self.result.losses),
+                                      "allocation": json.dumps(self.allocation)},
+        }
+        if self.fused_optimizer is not None:
+            state["fused_optimizer"] = self.fused_optimizer.state_dict()
+        return state
+
+    def _run_signature(self) -> Dict[str, Any]:
+        """What a checkpoint must share with this run to be resumed by it."""
+        return {"world_size": self.env.world_size, "batch_size": self.train_spec.batch_size,
+                "emb": self.cfg.get("emb_name", self.emb.method), "budget": self.budget,
+                "dataset": self.dataset_name, "seed": self.seed}
+
+    def save_checkpoint(self) -> str:
+        return self.checkpointer.save(self.result.steps, self._checkpoint_state(),
+                                      self._run_signature())
+
+    def load_checkpoint(self) -> None:
+        """Continue from the newest complete checkpoint, if there is one."""
+        path = self.checkpointer.latest()
+        if path is None:
+            log.warning("train.resume: no checkpoint under %s; starting fresh", self.checkpointer.root)
+            return
+        check_compatible(path, read_meta(path), self._run_signature())
+        self.dense_optimizer.init_state()  # Adam's state appears at its first step; DCP loads in place
+        state = self._checkpoint_state()
+        self.checkpointer.load(path, state)
+        self.model.load_state_dict(state["model"])
+        self.dense_optimizer.load_state_dict(state["dense_optimizer"])
+        if self.fused_optimizer is not None:
+            self.fused_optimizer.load_state_dict(state["fused_optimizer"])
+        self._restore_progress(state["trainer"], state[f"rank_{self.env.rank}"])
+        self.resumed_from_step = self.result.steps
+        log.info("resumed from %s (step %d)", path, self.result.steps)
+
+    def _restore_progress(self, trainer: Dict[str, Any], mine: Dict[str, Any]) -> None:
+        self.result = TrainResult(steps=int(trainer["step"]), losses=list(mine["losses"]),
+                                  global_losses=list(trainer["global_losses"]))
+        self.position = DataPosition(int(trainer["epoch"]), int(trainer["batch_in_epoch"]))
+        self.allocation = json.loads(mine["allocation"])
+        set_rng_state(mine["rng"], self.env.device)
+
+    def _refuse_stale_checkpoints(self) -> None:
+        """A fresh run must not mix its checkpoints with an earlier run's."""
+        latest = self.checkpointer.latest() if self.train_spec.checkpoint_every else None
+        if latest is not None:
+            raise ValueError(
+                f"{self.checkpointer.root} already holds checkpoints of an earlier run "
+                f"(latest {latest}); pass train.resume=true to continue it, "
+                "or use another hydra.run.dir or train.checkpoint_dir"
+            )
+
+    # ---- evaluation and report ---------------------------------------------------------------
+
+    def evaluate(self) -> Tuple[Dict[str, float], int]:
+        """Metrics over the whole test set (every rank's predictions gathered) and its size."""
+        env = self.env
+        batches = eval_batches(self.test_arrays, self.spec.sparse_names,
+                               self.train_spec.test_batch_size, env.rank, env.world_size, env.device)
+        rows = parallel.all_gather_rows(env, predict(self.model, batches))
+        real = rows[rows[:, 2] > 0]
+        return compute_metrics(real[:, 0], real[:, 1], from_logits=True), int(real.shape[0])
+
+    def _embedding_bytes(self) -> int:
+        if self.env.is_distributed:
+            return parallel.sum_over_ranks(self.env, local_shard_bytes(self.embeddings))
+        return embedding_bytes(self.embeddings)
+
+    def report(self, result: TrainResult) -> Dict[str, Any]:
+        metrics, test_examples = self.evaluate()
         out = {
             **{f"test_{k}": float(v) for k, v in metrics.items()},
-            "embedding_bytes": embedding_bytes(self.embeddings),
+            "test_examples": test_examples,
+            "embedding_bytes": self._embedding_bytes(),
             "embedding_bytes_full": self.full_bytes,
             "budget": self.budget,
             "emb": self.cfg.get("emb_name", self.emb.method),
             "dataset": self.dataset_name,
             "seed": self.seed,
+            "world_size": self.env.world_size,
+            "sharding_plan": self.sharding_plan,
             "steps": result.steps,
             "steps_per_epoch": self.steps_per_epoch,
+            "resumed_from_step": self.resumed_from_step,
             "train_seconds": result.seconds,
-            "examples_per_second": result.examples_per_second,
-            "final_train_loss": float(np.mean(result.losses[-20:])) if result.losses else None,
+            # Ranks step in lockstep, so the run's throughput is W times one rank's.
+            "examples_per_second": result.examples_per_second * self.env.world_size,
+            "final_train_loss": float(np.mean(result.global_losses[-20:])) if result.global_losses else None,
+            "train_losses": result.losses,
+            "train_losses_global": result.global_losses,
             "chunk_allocation": self.allocation,
         }
-        if isinstance(self.embeddings, FiitedEmbeddingBagCollection):
-            out["fiited_stats"] = self.embeddings.stats()
-        self.write(out)
+        if hasattr(self.embeddings, "stats"):
+            key = "fiited_stats_rank0" if self.env.is_distributed else "fiited_stats"
+            out[key] = self.embeddings.stats()
         return out
 
+    def run(self) -> Dict[str, Any]:
+        """Setup, resume if asked, train, evaluate; rank 0 writes metrics.json.
+
+        Returns:
+            The metrics (on every rank), ``{"stopped_at_step": n}`` after
+            ``train.stop_after_steps``, or ``{"infeasible": ...}`` for an unreachable budget.
+        """
+        from torchrec_fiited.baselines import BudgetUnreachable
+
+        try:
+            try:
+                self.setup()
+            except BudgetUnreachable as e:
+                # Recorded, not raised: one unreachable point must not abort a whole sweep.
+                out = {"emb": self.cfg.get("emb_name", self.emb.method), "budget": self.budget,
+                       "seed": self.seed, "dataset": self.cfg["dataset"]["name"], "infeasible": str(e)}
+                self.write(out)
+                return out
+            if self.train_spec.resume:
+                self.load_checkpoint()
+            else:
+                self._refuse_stale_checkpoints()
+            try:
+                result = self.train()
+            except StopRequested as stop:
+                log.info("%s", stop)
+                return {"stopped_at_step": stop.step}
+            out = self.report(result)
+            self.write(out)
+            return out
+        finally:
+            self.cleanup()
+
+    def cleanup(self) -> None:
+        parallel.close_distributed(self.env)
+
+    @property
+    def is_main(self) -> bool:
+        return self.env.is_main
+
     def write(self, metrics: Dict[str, Any]) -> None:
-        """Write metrics.json atomically, so an interrupted run never leaves half a file."""
+        """Write metrics.json atomically (rank 0 only), so an interrupted run never leaves half a
+        file."""
+        if not self.env.is_main:
+            return
         os.makedirs(self.output_dir, exist_ok=True)
         path = os.path.join(self.output_dir, "metrics.json")
         tmp = path + ".tmp"

@@ -161,13 +161,9 @@ class ShardedFiitedEmbeddingBagCollection(
             # Only the meta tensor's shape and strides are read (shard metadata).
             proxy = torch.empty(t.num_embeddings, t.embedding_dim, device="meta")
             infos.setdefault(ps.sharding_type, []).append(
-                EmbeddingShardingInfo(config, ps, proxy, dict(self._config_fused_params()))
+                EmbeddingShardingInfo(config, ps, proxy, {})
             )
         return infos
-
-    @staticmethod
-    def _config_fused_params() -> Dict[str, Any]:
-        return {}
 
     def _local_lookup(self, sharding, coordinator) -> Tuple[FiitedEmbeddingBagCollection, List[str]]:
         """This rank's lookup for one sharding, and its feature names in local KJT order."""
@@ -271,6 +267,8 @@ class ShardedFiitedEmbeddingBagCollection(
     def _resolve(lookup, keys, kjt: KeyedJaggedTensor):
         if not keys:
             return [], kjt.stride()
+        if len(kjt.keys()) != len(keys):
+            raise RuntimeError(f"[torchrec_fiited] local KJT keys {kjt.keys()} do not match {keys}")
         # Column shards of one table on one rank arrive as repeated keys; rename them to the
         # lookup's per-shard features (same order: both follow the grouped configs).
         local = KeyedJaggedTensor(
