@@ -141,7 +141,11 @@ def single_process(config: Dict[str, Any], num_steps: int, mean_t1: bool, world_
 
 DLRM_TABLES = lambda: [  # noqa: E731 - one line per table reads best
     EmbeddingBagConfig(name="t0", num_embeddings=64, embedding_dim=8, feature_names=["f0"]),
-    EmbeddingBagConfig(name="t1", num_embeddings=48, embedding_dim=8, feature_names=["f1", "f2"]),
+    # MEAN: under row-wise plans its bags are split over ranks and averaged after the dist.
+    EmbeddingBagConfig(
+        name="t1", num_embeddings=48, embedding_dim=8, feature_names=["f1", "f2"],
+        pooling=PoolingType.MEAN,
+    ),
     EmbeddingBagConfig(name="t2", num_embeddings=40, embedding_dim=8, feature_names=["f3"]),
 ]
 

@@ -7,6 +7,7 @@ Admission, lookups, the fused update and pruning cycles all run in compute/backw
 input_dist, so ``TrainPipelineSparseDist`` can run the next batch's input dist early.
 """
 
+from functools import partial
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -73,10 +74,12 @@ class ShardedFiitedEmbeddingBagCollection(
     thresholds to their own pools. ``state_dict`` is the logical form (see
     ``store/logical.py``) as ShardedTensors, so ``torch.distributed.checkpoint`` reshards it.
 
+    MEAN-pooled tables planned row-wise pool SUM on each rank (a rank sees only part of a
+    bag); the output is divided by the whole bag's length, taken from the input before routing.
+
     Raises:
-        ValueError: for a MEAN-pooled table planned row-wise (a rank sees only part of a bag),
-            a sharding type other than table/row/column-wise, or a column shard that does not
-            hold whole chunks.
+        ValueError: for a sharding type other than table/row/column-wise, or a column shard that
+            does not hold whole chunks.
     """
 
     def __init__(
@@ -99,6 +102,12 @@ class ShardedFiitedEmbeddingBagCollection(
         self._parameter_sharding = dict(table_name_to_parameter_sharding)
         self._feature_table = {f: t for t in self._tables for f in t.feature_names}
         infos = self._sharding_infos()
+        # Features whose bags are split over ranks but must be averaged: pooled as SUM locally,
+        # divided after the reduce-scatter.
+        self._split_mean_features = [
+            f for t in self._tables for f in t.feature_names
+            if t.pooling == PoolingType.MEAN and self._row_wise(t.name)
+        ]
         self._sharding_types = list(infos)
         self._embedding_shardings: List[EmbeddingSharding] = [
             _SHARDINGS[st](infos[st], env, self._device, qcomm_codecs_registry) for st in infos
@@ -140,11 +149,6 @@ class ShardedFiitedEmbeddingBagCollection(
                     f"table {t.name!r}: sharding type {ps.sharding_type!r} is not supported; "
                     f"use one of {sorted(_SHARDINGS)}"
                 )
-            if ps.sharding_type == ShardingType.ROW_WISE.value and t.pooling == PoolingType.MEAN:
-                raise ValueError(
-                    f"table {t.name!r}: MEAN pooling cannot be sharded row-wise (a rank sees only "
-                    f"part of each bag); plan it table_wise or column_wise, or use SUM"
-                )
             config = EmbeddingTableConfig(
                 num_embeddings=t.num_embeddings,
                 embedding_dim=t.embedding_dim,
@@ -165,6 +169,9 @@ class ShardedFiitedEmbeddingBagCollection(
             )
         return infos
 
+    def _row_wise(self, table: str) -> bool:
+        return self._parameter_sharding[table].sharding_type == ShardingType.ROW_WISE.value
+
     def _local_lookup(self, sharding, coordinator) -> Tuple[FiitedEmbeddingBagCollection, List[str]]:
         """This rank's lookup for one sharding, and its feature names in local KJT order."""
         local_tables, shards, keys = [], {}, []
@@ -175,10 +182,11 @@ class ShardedFiitedEmbeddingBagCollection(
                 column_shard = st.local_cols != g.embedding_dim
                 name = f"{st.name}@c{col_off}" if column_shard else st.name
                 feats = [f"{f}@c{col_off}" if column_shard else f for f in st.feature_names]
+                split_bags = g.pooling == PoolingType.MEAN and self._row_wise(g.name)
                 local_tables.append(
                     EmbeddingBagConfig(
                         num_embeddings=st.local_rows, embedding_dim=st.local_cols, name=name,
-                        feature_names=feats, pooling=g.pooling,
+                        feature_names=feats, pooling=PoolingType.SUM if split_bags else g.pooling,
                         weight_init_min=g.get_weight_init_min(), weight_init_max=g.get_weight_init_max(),
                     )
                 )
@@ -212,6 +220,8 @@ class ShardedFiitedEmbeddingBagCollection(
             self._create_input_dist(features.keys())
             self._has_uninitialized_input_dist = False
         with torch.no_grad():
+            if self._split_mean_features:
+                ctx.divisor = _bag_lengths(features, self._split_mean_features)
             if self._features_order:
                 features = features.permute(self._features_order)
             awaitables = []
@@ -283,11 +293,16 @@ class ShardedFiitedEmbeddingBagCollection(
             odist(embs, sctx)
             for odist, sctx, embs in zip(self._output_dists, ctx.sharding_contexts, output)
         ]
-        return EmbeddingBagCollectionAwaitable(
+        awaitable = EmbeddingBagCollectionAwaitable(
             awaitables=awaitables,
             embedding_dims=self._embedding_dims,
             embedding_names=self._embedding_names,
         )
+        if self._split_mean_features:
+            awaitable.callbacks.append(
+                partial(_divide_by_bag_length, features=self._split_mean_features, lengths=ctx.divisor)
+            )
+        return awaitable
 
     def compute_and_output_dist(
         self, ctx: EmbeddingBagCollectionContext, input: KJTList
@@ -326,6 +341,24 @@ class ShardedFiitedEmbeddingBagCollection(
     @property
     def unsharded_module_type(self):
         return FiitedEmbeddingBagCollection
+
+
+def _bag_lengths(features: KeyedJaggedTensor, names: List[str]) -> torch.Tensor:
+    """Bag lengths fp32 [B, len(names)] of ``names``, at least 1 (an empty bag stays zero)."""
+    per_key = features.to_dict()
+    return torch.stack([per_key[n].lengths() for n in names], dim=1).clamp(min=1).to(torch.float32)
+
+
+def _divide_by_bag_length(kt: KeyedTensor, features: List[str], lengths: torch.Tensor) -> KeyedTensor:
+    """Turn the summed bags of ``features`` into means (differentiable: the gradient is scaled
+    the same way, as the MEAN backward would)."""
+    scale = torch.ones_like(kt.values())
+    offsets = dict(zip(kt.keys(), kt.offset_per_key()[:-1]))
+    dims = dict(zip(kt.keys(), kt.length_per_key()))
+    for j, name in enumerate(features):
+        start = offsets[name]
+        scale[:, start : start + dims[name]] = lengths[:, j : j + 1]
+    return KeyedTensor(kt.keys(), kt.length_per_key(), kt.values() / scale, key_dim=kt.key_dim())
 
 
 def _pooled(lookup, batch, stride: int) -> torch.Tensor:
