@@ -81,14 +81,17 @@ def test_dcp_save_at_two_ranks_load_at_one_and_four(tmp_path):
     at_one = run_ranks(cases.dcp_load, 1, "table_wise", BINDING, path)[0]
     # Row-wise at 4 ranks gives rank 0 the hot low ids with a quarter of the slots: it needs a
     # larger budget, and says so rather than dropping chunks.
-    with pytest.raises(RuntimeError, match=r"pool 'own_t0' \(tables \['t0'\]\) has 32 slots"):
+    with pytest.raises(RuntimeError, match=r"rank 0: pool 'own_t0' \(tables \['t0'\]\) has 32 slots"):
         run_ranks(cases.dcp_load, 4, "row_wise", BINDING, path)
     roomier = dict(BINDING, table_budgets={"t0": 1.0, "t1": 1.0, "t2": 1.0})
     at_four = run_ranks(cases.dcp_load, 4, "row_wise", roomier, path)[0]
+    # Column-wise at 4 ranks: t0 (dim 8) and t2 (dim 16) shards hold different chunk counts.
+    cw_four = run_ranks(cases.dcp_load, 4, "column_wise", roomier, path)[0]
     assert saved.abs().sum() > 0
     torch.testing.assert_close(at_one, saved, rtol=0, atol=0)
     # Row-wise pools sum partial bags across ranks: equal up to fp32 summation order.
     torch.testing.assert_close(at_four, saved, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(cw_four, saved, rtol=0, atol=0)
 
 
 def test_export_of_a_sharded_model_through_a_plan_independent_gather():

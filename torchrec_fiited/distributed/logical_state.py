@@ -18,6 +18,7 @@ from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 from torch.distributed._shard.metadata import ShardMetadata
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
 from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
@@ -47,6 +48,9 @@ class LogicalStateMixin:
         elif self._config.optimizer == "rowwise_adagrad":
             shapes["momentum"] = (E, K)
         return shapes
+
+    def _errors_of_all_ranks(self, errors: List[str]) -> List[str]:
+        return _rank_errors(self._coordinator.group, errors)
 
     def _per_chunk(self, field: str) -> bool:
         """Whether ``field`` has a column per chunk (else per embedding column)."""
@@ -119,6 +123,8 @@ class LogicalStateMixin:
                         fields[field] = piece
         for lookup in self._lookups:
             errors += import_errors(lookup.store, per_lookup.get(id(lookup), {}))
+        # All ranks load or none does: a rank whose shard does not fit fails every rank.
+        errors = self._errors_of_all_ranks(errors)
         if errors:
             raise ValueError("cannot load the FIITED checkpoint: " + "; ".join(errors))
         steps = state_dict.get("steps_done")
@@ -127,6 +133,14 @@ class LogicalStateMixin:
             if steps is not None:
                 lookup.steps_done.fill_(int(steps))
         return _IncompatibleKeys(missing, unexpected)
+
+
+def _rank_errors(group, errors: List[str]) -> List[str]:
+    if not dist.is_initialized():
+        return errors
+    every: List[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(every, errors, group=group)
+    return [f"rank {r}: {e}" for r, errs in enumerate(every) for e in errs]
 
 
 def _scaled(m: ShardMetadata, scale: int) -> ShardMetadata:

@@ -7,6 +7,7 @@ Admission, lookups, the fused update and pruning cycles all run in compute/backw
 input_dist, so ``TrainPipelineSparseDist`` can run the next batch's input dist early.
 """
 
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
@@ -116,11 +117,18 @@ class ShardedFiitedEmbeddingBagCollection(
         # the embedding all-to-alls or DDP's all-reduces on the default group.
         group = dist.new_group(backend="gloo") if dist.is_initialized() else None
         coordinator = ProcessGroupCoordinator(group)
-        lookups, self._local_keys = [], []
+        # One lookup per (sharding, chunks per shard): a store holds one K, and column shards
+        # of tables with different dims can hold different numbers of chunks.
+        lookups: List[FiitedEmbeddingBagCollection] = []
+        self._parts: List[List[_Part]] = []
+        self._column_order: List[Optional[torch.Tensor]] = []
         for sharding in self._embedding_shardings:
-            lookup, keys = self._local_lookup(sharding, coordinator)
-            lookups.append(lookup)
-            self._local_keys.append(keys)
+            parts = []
+            for lookup, part in self._local_lookups(sharding, coordinator, len(lookups)):
+                lookups.append(lookup)
+                parts.append(part)
+            self._parts.append(parts)
+            self._column_order.append(_column_order(parts))
         self._lookups = nn.ModuleList(lookups)
         self._output_dists = nn.ModuleList(
             [s.create_output_dist(device=self._device) for s in self._embedding_shardings]
@@ -172,9 +180,11 @@ class ShardedFiitedEmbeddingBagCollection(
     def _row_wise(self, table: str) -> bool:
         return self._parameter_sharding[table].sharding_type == ShardingType.ROW_WISE.value
 
-    def _local_lookup(self, sharding, coordinator) -> Tuple[FiitedEmbeddingBagCollection, List[str]]:
-        """This rank's lookup for one sharding, and its feature names in local KJT order."""
-        local_tables, shards, keys = [], {}, []
+    def _local_lookups(self, sharding, coordinator, first_index: int):
+        """This rank's lookups for one sharding (one per chunk count of its shards; one empty
+        lookup when it holds no shard), each with the positions of its features in the local KJT."""
+        by_chunks: Dict[int, Tuple[list, dict, List[str], List[int], List[int]]] = {}
+        position = 0
         for group in sharding._grouped_embedding_configs:
             for st in group.embedding_tables:
                 g = self._table_by_name[st.name]
@@ -183,6 +193,10 @@ class ShardedFiitedEmbeddingBagCollection(
                 name = f"{st.name}@c{col_off}" if column_shard else st.name
                 feats = [f"{f}@c{col_off}" if column_shard else f for f in st.feature_names]
                 split_bags = g.pooling == PoolingType.MEAN and self._row_wise(g.name)
+                num_chunks = st.local_cols * self._config.num_chunks // g.embedding_dim
+                local_tables, shards, keys, positions, dims = by_chunks.setdefault(
+                    num_chunks, ([], {}, [], [], [])
+                )
                 local_tables.append(
                     EmbeddingBagConfig(
                         num_embeddings=st.local_rows, embedding_dim=st.local_cols, name=name,
@@ -192,11 +206,19 @@ class ShardedFiitedEmbeddingBagCollection(
                 )
                 shards[name] = TableShard(st.name, int(row_off), int(col_off))
                 keys += feats
-        lookup = FiitedEmbeddingBagCollection(
-            local_tables, self._config, self._device, self._is_weighted, shards, self._tables,
-            coordinator,
-        )
-        return lookup, keys
+                positions += range(position, position + len(feats))
+                dims += [st.local_cols] * len(feats)
+                position += len(feats)
+        if not by_chunks:
+            by_chunks[self._config.num_chunks] = ([], {}, [], [], [])
+        out = []
+        for local_tables, shards, keys, positions, dims in by_chunks.values():
+            lookup = FiitedEmbeddingBagCollection(
+                local_tables, self._config, self._device, self._is_weighted, shards, self._tables,
+                coordinator,
+            )
+            out.append((lookup, _Part(first_index + len(out), keys, positions, dims, position)))
+        return out
 
     def _create_input_dist(self, input_feature_names: List[str]) -> None:
         names: List[str] = []
@@ -261,28 +283,40 @@ class ShardedFiitedEmbeddingBagCollection(
         return features
 
     def compute(self, ctx: EmbeddingBagCollectionContext, dist_input: KJTList) -> List[torch.Tensor]:
-        batches = [
-            self._resolve(lookup, keys, kjt)
-            for lookup, keys, kjt in zip(self._lookups, self._local_keys, dist_input)
-        ]
+        batches: List[Any] = [None] * len(self._lookups)
+        for parts, kjt in zip(self._parts, dist_input):
+            for part in parts:
+                batches[part.index] = self._resolve(self._lookups[part.index], part, kjt)
         if self.training and torch.is_grad_enabled():
             for lookup, (batch, _) in zip(self._lookups, batches):
                 if batch:
                     lookup._admit(batch)
             anchor = torch.zeros((), requires_grad=True)  # makes autograd call our backward
-            return list(_ShardedFusedLookup.apply(self, batches, anchor))
-        return [_pooled(lookup, batch, stride) for lookup, (batch, stride) in zip(self._lookups, batches)]
+            flat = list(_ShardedFusedLookup.apply(self, batches, anchor))
+        else:
+            flat = [_pooled(lookup, b, stride) for lookup, (b, stride) in zip(self._lookups, batches)]
+        outs = []
+        for parts, order in zip(self._parts, self._column_order):
+            if order is None:
+                outs.append(flat[parts[0].index])
+            else:
+                outs.append(torch.cat([flat[p.index] for p in parts], dim=1)[:, order])
+        return outs
 
     @staticmethod
-    def _resolve(lookup, keys, kjt: KeyedJaggedTensor):
-        if not keys:
+    def _resolve(lookup, part: "_Part", kjt: KeyedJaggedTensor):
+        if not part.keys:
             return [], kjt.stride()
-        if len(kjt.keys()) != len(keys):
-            raise RuntimeError(f"[torchrec_fiited] local KJT keys {kjt.keys()} do not match {keys}")
+        if len(kjt.keys()) != part.num_keys:
+            raise RuntimeError(
+                f"[torchrec_fiited] local KJT keys {kjt.keys()} do not match {part.num_keys} features"
+            )
+        if len(part.positions) != part.num_keys:
+            kjt = kjt.permute(part.positions)
         # Column shards of one table on one rank arrive as repeated keys; rename them to the
         # lookup's per-shard features (same order: both follow the grouped configs).
         local = KeyedJaggedTensor(
-            keys, kjt.values(), kjt.weights_or_none(), lengths=kjt.lengths(), stride=kjt.stride()
+            part.keys, kjt.values(), kjt.weights_or_none(), lengths=kjt.lengths(), stride=kjt.stride()
         )
         return lookup._resolve(local), kjt.stride()
 
@@ -336,11 +370,46 @@ class ShardedFiitedEmbeddingBagCollection(
 
     def stats(self) -> Dict[str, Any]:
         """This rank's ``FiitedEmbeddingBagCollection.stats()`` per sharding type."""
-        return {st: lookup.stats() for st, lookup in zip(self._sharding_types, self._lookups)}
+        return {
+            (st if len(parts) == 1 else f"{st}/{j}"): self._lookups[p.index].stats()
+            for st, parts in zip(self._sharding_types, self._parts)
+            for j, p in enumerate(parts)
+        }
 
     @property
     def unsharded_module_type(self):
         return FiitedEmbeddingBagCollection
+
+
+@dataclass(frozen=True)
+class _Part:
+    """One lookup's share of a sharding's local KJT.
+
+    Args:
+        index: the lookup's index in ``_lookups``.
+        keys: its (renamed) features, in order.
+        positions: where those features sit among the local KJT's keys.
+        dims: the output columns of each feature.
+        num_keys: features in the local KJT.
+    """
+
+    index: int
+    keys: List[str]
+    positions: List[int]
+    dims: List[int]
+    num_keys: int
+
+
+def _column_order(parts: List[_Part]) -> Optional[torch.Tensor]:
+    """Columns of the parts' concatenated outputs in local-KJT feature order (None: one part)."""
+    if len(parts) == 1:
+        return None
+    start, at = {}, 0
+    for part in parts:
+        for pos, dim in zip(part.positions, part.dims):
+            start[pos] = (at, dim)
+            at += dim
+    return torch.cat([torch.arange(a, a + d) for a, d in (start[p] for p in sorted(start))])
 
 
 def _bag_lengths(features: KeyedJaggedTensor, names: List[str]) -> torch.Tensor:
