@@ -154,3 +154,20 @@ def test_runs_as_module(run_dir, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "skipping" in proc.stderr and (out / "report.md").is_file()
+
+
+def test_largest_reduction_within_tolerance_and_active_dims(tmp_path):
+    dims = {"tables": {"a": {"active_dim": 8}, "b": {"active_dim": 10}}}
+    runs = [_metrics("full", 1.0, 0, 0.800), _metrics("fiited", 0.5, 0, 0.799, bytes_=500),
+            _metrics("fiited", 0.1, 0, 0.797, bytes_=200),  # 0.003 below full: too far
+            _metrics("fiited_2d", 0.1, 0, 0.7985, bytes_=150, fiited_stats=dims)]
+    for i, m in enumerate(runs):
+        _write(tmp_path, i, m)
+    groups = report.summarize(report.load_runs(report.find_metrics([tmp_path])))
+    best = report.best_within(groups, 0.002)
+    assert [(g.emb, g.budget) for g in best] == [("fiited", 0.5), ("fiited_2d", 0.1)]
+    lines = report.best_lines(groups, 0.002)
+    assert "- criteo fiited_2d: budget 0.1, ΔAUC -0.0015, reduction 6.67 ± 0.00x, D_active 9.0" in lines
+    rows = {r["emb"] + r["budget"]: r for r in _table_rows(report.markdown_table(groups))}
+    assert rows["fiited_2d0.1"]["D_active"] == "9.0" and rows["full1"]["D_active"] == "n/a"
+    assert report.METHOD_LABELS["fiited_2d"] == "FIITED-2D"

@@ -11,7 +11,9 @@ directory):
 
 * ``report.md``: one row per group, mean ± sample std (ddof=1; 0 for one seed) of test AUC,
   accuracy, log loss, NE, measured reduction ``embedding_bytes_full / embedding_bytes`` and
-  examples/s, plus the AUC delta against the mean of the ``full`` runs of the same dataset;
+  examples/s, plus the AUC delta against the mean of the ``full`` runs of the same dataset and
+  the mean ``D_active`` of FIITED runs (below D once FIITED-2D pruned dimensions); then, per
+  method, its largest reduction within ``--tolerance`` AUC of ``full``;
 * ``auc_vs_reduction.png`` and ``accuracy_vs_reduction.png`` (the FIITED paper's Fig. 8
   analogue), suffixed ``_<dataset>`` when there are several datasets;
 * ``chunk_allocation_<emb>_b<budget>.png`` per run group that recorded ``chunk_allocation``
@@ -49,6 +51,13 @@ NUMERIC_KEYS = (
 FULL = "full"
 #: Axis labels of the plotted statistics.
 LABELS = {"auc": "AUC", "accuracy": "accuracy"}
+#: Legend names of the ``emb=`` methods (others show as they are).
+METHOD_LABELS = {
+    "full": "full", "fiited": "FIITED", "fiited_2d": "FIITED-2D", "fiited_dynamic": "FIITED (dynamic)",
+    "adaembed": "AdaEmbed", "itep": "ITEP", "mixed_dim": "Mixed-Dim",
+}
+#: Default AUC tolerance against ``full`` of the "largest reduction" summary.
+TOLERANCE = 0.002
 #: Chunk-allocation figures show at most this many tables, the largest by rows.
 MAX_TABLES = 8
 #: Summary statistics (see :meth:`Run.value`) and the decimals they are shown with.
@@ -77,6 +86,12 @@ class Run:
             return m["embedding_bytes"] / 2**20
         return float(m[stat] if stat == "examples_per_second" else m[f"test_{stat}"])
 
+    def active_dim(self) -> Optional[float]:
+        """Mean D_active over the tables of a FIITED run's final ``stats()``, else None."""
+        tables = (self.metrics.get("fiited_stats") or {}).get("tables") or {}
+        dims = [t["active_dim"] for t in tables.values() if isinstance(t, dict) and "active_dim" in t]
+        return statistics.fmean(dims) if dims else None
+
 
 @dataclass
 class Group:
@@ -89,6 +104,7 @@ class Group:
     mean: Dict[str, float]
     std: Dict[str, float]
     auc_delta: Optional[float] = None
+    active_dim: Optional[float] = None
 
 
 def find_metrics(dirs: Sequence[Path]) -> List[Path]:
@@ -167,7 +183,9 @@ def summarize(runs: Sequence[Run]) -> List[Group]:
             values = [r.value(stat) for r in members]
             mean[stat] = statistics.fmean(values)
             std[stat] = statistics.stdev(values) if len(values) > 1 else 0.0
-        groups.append(Group(dataset, emb, budget, members, mean, std))
+        dims = [d for d in (r.active_dim() for r in members) if d is not None]
+        groups.append(Group(dataset, emb, budget, members, mean, std,
+                            active_dim=statistics.fmean(dims) if dims else None))
     for g in groups:
         full = [r.value("auc") for r in runs if r.key[0] == g.dataset and r.key[1] == FULL]
         g.auc_delta = g.mean["auc"] - statistics.fmean(full) if full else None
@@ -186,7 +204,7 @@ def _fmt(value: float, decimals: int) -> str:
 def markdown_table(groups: Sequence[Group]) -> str:
     """The summary as a Markdown table, one line per group (see module docstring)."""
     header = ["dataset", "emb", "budget", "seeds", "AUC", "ΔAUC vs full", "accuracy",
-              "logloss", "NE", "embedding MiB", "reduction (x)", "examples/s"]
+              "logloss", "NE", "embedding MiB", "reduction (x)", "D_active", "examples/s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for g in groups:
         cells = {s: f"{_fmt(g.mean[s], d)} ± {_fmt(g.std[s], d)}" for s, d in STATS}
@@ -194,9 +212,33 @@ def markdown_table(groups: Sequence[Group]) -> str:
         budget = _budget_label(g.budget)
         row = [g.dataset, g.emb, budget, str(len(g.runs)), cells["auc"], delta,
                cells["accuracy"], cells["logloss"], cells["ne"], cells["mib"], cells["reduction"],
-               cells["examples_per_second"]]
+               "n/a" if g.active_dim is None else f"{g.active_dim:.1f}", cells["examples_per_second"]]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
+
+
+def best_within(groups: Sequence[Group], tolerance: float) -> List[Group]:
+    """Per (dataset, method other than ``full``), the group with the largest mean reduction whose
+    mean AUC is at most ``tolerance`` below ``full``'s; methods with none are left out."""
+    best: Dict[Tuple[str, str], Group] = {}
+    for g in groups:
+        if g.emb == FULL or g.auc_delta is None or g.auc_delta < -tolerance:
+            continue
+        key = (g.dataset, g.emb)
+        if key not in best or g.mean["reduction"] > best[key].mean["reduction"]:
+            best[key] = g
+    return [best[k] for k in sorted(best)]
+
+
+def best_lines(groups: Sequence[Group], tolerance: float) -> str:
+    """:func:`best_within` as a Markdown list, one line per method."""
+    lines = []
+    for g in best_within(groups, tolerance):
+        dims = "" if g.active_dim is None else f", D_active {g.active_dim:.1f}"
+        lines.append(f"- {g.dataset} {g.emb}: budget {_budget_label(g.budget)}, ΔAUC "
+                     f"{g.auc_delta:+.4f}, reduction {_fmt(g.mean['reduction'], 2)} ± "
+                     f"{_fmt(g.std['reduction'], 2)}x{dims}")
+    return "\n".join(lines or ["- none"]) + "\n"
 
 
 def _safe(name: str) -> str:
@@ -243,7 +285,8 @@ def plot_metric_vs_reduction(groups: Sequence[Group], stat: str, out_dir: Path) 
                            linestyle="--", label=FULL)
                 continue
             ax.errorbar([g.mean["reduction"] for g in points], [g.mean[stat] for g in points],
-                        yerr=[g.std[stat] for g in points], marker="o", capsize=3, label=emb)
+                        yerr=[g.std[stat] for g in points], marker="o", capsize=3,
+                        label=METHOD_LABELS.get(emb, emb))
         _format_reduction_axis(ax, [g.mean["reduction"] for g in mine])
         label = LABELS.get(stat, stat)
         ax.set_xlabel("embedding-size reduction (full bytes / bytes, log scale)")
@@ -367,7 +410,8 @@ def plot_allocations(groups: Sequence[Group], out_dir: Path) -> List[Path]:
     return written
 
 
-def write_report(runs: Sequence[Run], out_dir: Path, sources: Sequence[Path]) -> List[Path]:
+def write_report(runs: Sequence[Run], out_dir: Path, sources: Sequence[Path],
+                 tolerance: float = TOLERANCE) -> List[Path]:
     """Write ``report.md`` and every plot into ``out_dir`` (created if needed).
 
     Returns:
@@ -384,6 +428,8 @@ def write_report(runs: Sequence[Run], out_dir: Path, sources: Sequence[Path]) ->
         "seeds; reduction = embedding_bytes_full / embedding_bytes; ΔAUC = mean AUC minus the "
         f"mean AUC of the `{FULL}` runs of the same dataset.\n",
         markdown_table(groups),
+        f"Largest mean reduction per method with mean AUC at most {tolerance:g} below `{FULL}`:\n",
+        best_lines(groups, tolerance),
         *[f"![{p.stem}]({p.name})\n" for p in plots],
     ]
     report = out_dir / "report.md"
@@ -397,6 +443,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                                      description=__doc__.splitlines()[0])
     parser.add_argument("dirs", nargs="+", type=Path, help="directories searched for metrics.json")
     parser.add_argument("--out", type=Path, default=None, help="output directory (default: first DIR)")
+    parser.add_argument("--tolerance", type=float, default=TOLERANCE,
+                        help=f"AUC below full still counted as no loss (default {TOLERANCE})")
     args = parser.parse_args(argv)
     paths = find_metrics(args.dirs)
     if not paths:
@@ -405,7 +453,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if not runs:
         parser.error(f"none of the {len(paths)} metrics.json files found is valid (see warnings)")
     print(markdown_table(summarize(runs)))
-    for path in write_report(runs, args.out or args.dirs[0], args.dirs):
+    print(best_lines(summarize(runs), args.tolerance))
+    for path in write_report(runs, args.out or args.dirs[0], args.dirs, args.tolerance):
         print(f"wrote {path}")
 
 

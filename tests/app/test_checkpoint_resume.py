@@ -18,10 +18,13 @@ TINY = [
     "train.epochs=2", "train.shuffle=true",
 ]
 FIITED_CYCLES = ["emb.prune_interval=4"]  # cycles before and after the checkpoint
+# FIITED-2D shrinks its pools at step 6, so the checkpoint at 10 holds the narrower ones.
+DIM_PRUNING = ["emb.prune_interval=4", "+emb.fiited.dim_pruning.cold_start_steps=6"]
 
 
 def _run(emb, out_dir, *extra):
-    overrides = [f"emb={emb}", *TINY, *(FIITED_CYCLES if emb == "fiited" else []), *extra]
+    extra_for = {"fiited": FIITED_CYCLES, "fiited_2d": DIM_PRUNING}
+    overrides = [f"emb={emb}", *TINY, *extra_for.get(emb, []), *extra]
     with initialize_config_dir(config_dir=os.path.abspath(CONF), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     plain = OmegaConf.to_container(cfg, resolve=True)
@@ -29,7 +32,7 @@ def _run(emb, out_dir, *extra):
     return TrainRecipe(plain, str(out_dir)).run()
 
 
-@pytest.mark.parametrize("emb", ["full", "fiited"])
+@pytest.mark.parametrize("emb", ["full", "fiited", "fiited_2d"])
 def test_killed_and_resumed_run_repeats_the_uninterrupted_one(emb, tmp_path):
     whole = _run(emb, tmp_path / "whole")
     # 12 steps an epoch: the checkpoint at 10 is in epoch 0, step 11 is lost, epoch 1 follows.

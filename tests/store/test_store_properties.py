@@ -16,8 +16,9 @@ def _check_invariants(m: FiitedEmbeddingBagCollection) -> None:
     for name, pool in m.store.pools.items():
         full = sum(l.num_entries * l.dim * 4 for l in m.store.layouts.values() if l.pool == name)
         budget = m.config.budget
-        # The pool's tensor is the budget, in bytes actually allocated, at every step.
-        assert pool.weights.numel() * pool.weights.element_size() <= budget * full
+        # The pool's tensor is the budget, in bytes actually allocated, at every step (up to the
+        # float noise plan_pools forgives, e.g. budget 0.9999999999999999 still gets every slot).
+        assert pool.weights.numel() * pool.weights.element_size() <= budget * full * (1 + 1e-9)
         assert s["pools"][name]["free_slots"] + sum(pool.live_per_chunk.tolist()) == pool.capacity
     for name, et in m.store.tables.items():
         assert torch.equal(live_from_mask(et.live_mask, m.config.num_chunks), et.chunk_slots >= 0)

@@ -91,6 +91,10 @@ class Checkpointer:
         barrier(self.env)
         return final
 
+    def metadata(self, path: str) -> Dict[str, Any]:
+        """DCP's per-key metadata of a checkpoint (sizes of the saved tensors)."""
+        return dict(dcp.FileSystemReader(path).read_metadata().state_dict_metadata)
+
     def load(self, path: str, state: Dict[str, Any]) -> None:
         """Fill ``state`` in place from the checkpoint at ``path``."""
         with _single_process_is_intended():

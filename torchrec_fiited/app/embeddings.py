@@ -33,6 +33,8 @@ class EmbeddingSpec:
         prune_interval_fraction: T as a fraction of the steps per epoch.
         warmup_fraction: no cycle before this fraction of the first epoch.
         temperature: Mixed-Dimension power-law temperature.
+        dim_cold_start_fraction: FIITED-2D (``fiited.dim_pruning``): full width for this fraction
+            of the first epoch, unless ``fiited.dim_pruning.cold_start_steps`` is given.
     """
 
     method: str = "fiited"
@@ -41,6 +43,7 @@ class EmbeddingSpec:
     prune_interval_fraction: float = 0.1
     warmup_fraction: float = 0.0
     temperature: float = 0.3
+    dim_cold_start_fraction: float = 0.2
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -57,6 +60,10 @@ def fiited_config(spec: EmbeddingSpec, budget: float, lr: float, eps: float, ste
     interval = spec.prune_interval or max(1, round(spec.prune_interval_fraction * steps_per_epoch))
     fields = dict(spec.fiited or {})
     fields.setdefault("warmup_steps", int(spec.warmup_fraction * steps_per_epoch))
+    dims = fields.get("dim_pruning")
+    if isinstance(dims, dict) and "cold_start_steps" not in dims:
+        cold = max(1, round(spec.dim_cold_start_fraction * steps_per_epoch))
+        fields["dim_pruning"] = {**dims, "cold_start_steps": cold}
     return FiitedConfig(**{**fields, "budget": budget, "learning_rate": lr, "eps": eps,
                            "prune_interval": interval, "seed": seed})
 

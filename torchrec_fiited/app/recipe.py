@@ -216,6 +216,7 @@ class TrainRecipe:
             return
         check_compatible(path, read_meta(path), self._run_signature())
         self.dense_optimizer.init_state()  # Adam's state appears at its first step; DCP loads in place
+        self._shape_embeddings_like(path)
         state = self._checkpoint_state()
         self.checkpointer.load(path, state)
         self.model.load_state_dict(state["model"])
@@ -225,6 +226,18 @@ class TrainRecipe:
         self._restore_progress(state["trainer"], state[f"rank_{self.env.rank}"])
         self.resumed_from_step = self.result.steps
         log.info("resumed from %s (step %d)", path, self.result.steps)
+
+    def _shape_embeddings_like(self, path: str) -> None:
+        """DCP loads into the module's own tensors, so FIITED-2D pools that had shrunk when the
+        checkpoint was written must take its widths before the state is templated."""
+        if not hasattr(self.embeddings, "shape_like"):
+            return
+        name = next(n for n, m in self.model.named_modules() if m is self.embeddings)
+        prefix = f"model.{name}."
+        saved = self.checkpointer.metadata(path)
+        self.embeddings.shape_like(
+            {k[len(prefix):]: m.size for k, m in saved.items() if k.startswith(prefix) and hasattr(m, "size")}
+        )
 
     def _restore_progress(self, trainer: Dict[str, Any], mine: Dict[str, Any]) -> None:
         self.result = TrainResult(steps=int(trainer["step"]), losses=list(mine["losses"]),

@@ -1,5 +1,5 @@
 """Frozen configuration dataclasses (usable as Hydra structured configs)."""
 
-from torchrec_fiited.config.fiited_config import FiitedConfig
+from torchrec_fiited.config.fiited_config import DimPruningConfig, FiitedConfig
 
-__all__ = ["FiitedConfig"]
+__all__ = ["DimPruningConfig", "FiitedConfig"]

@@ -8,7 +8,7 @@ rule). OmegaConf runs ``__post_init__`` only in ``OmegaConf.to_object``, so entr
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Mapping, Optional
 
 RATIO_MODES = ("manual", "dynamic")
 RATIO_TARGETS = ("budget", "ratios")
@@ -16,6 +16,77 @@ UTILITIES = ("grad_access", "access")
 OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")
 SCHEDULES = ("interval", "itep")
 MAX_NUM_CHUNKS = 8  # the K-bit live mask is one uint8 per entry
+DIM_SCOPES = ("table", "global")
+
+
+@dataclass(frozen=True)
+class DimPruningConfig:
+    """FIITED-2D: prune whole embedding dimensions on top of chunk pruning (paper III-B).
+
+    Each table keeps a per-dimension utility, the decayed sum over steps of the squared
+    pooled-output gradient ``sum_b grad[b, d] ** 2``. After ``cold_start_steps`` at full width,
+    every chunk of a table keeps its best ``cs'`` of ``chunk_size`` columns (the set may differ
+    per chunk), and its pool stores only those: its weights shrink from [C, chunk_size] to
+    [C, cs'] right then, so ``D_active = K * cs'``. Pruned dimensions read as zeros.
+
+    Tables sharing a pool share its width ``cs'`` (slots must stay interchangeable), but each
+    keeps its own columns unless ``shared_columns``.
+
+    Args:
+        target_ratio: fraction of the stored columns to prune, in [0, 1); 0 turns dimension
+            pruning off. ``cs' = max(1, ceil((1 - target_ratio) * chunk_size))``: never more
+            than the target is pruned.
+        scope: "table": every pool prunes ``target_ratio`` of its columns. "global": the pools'
+            widths are chosen together so that their column bytes shrink by at most
+            ``target_ratio`` overall; the column ranks with the least utility per stored byte go
+            first, and every pool keeps at least one column per chunk. With a single pool the
+            two agree.
+        shared_columns: every table of a pool keeps the same columns, chosen by the tables'
+            summed utilities, instead of each its own. A dot-product interaction (DLRM) between
+            two tables sees only the columns both keep, so sharing keeps all of them aligned.
+        cold_start_steps: training steps at full width before the first decision, >= 1.
+        revisit_interval: steps between later decisions, which may bring a dimension back
+            (re-initialised); 0 decides once.
+        decay: gamma in u = gamma * u + sum_b g ** 2, applied every step, in (0, 1]; 1 is
+            the paper's plain sum.
+
+    Example::
+
+        cfg = FiitedConfig(num_chunks=2, budget=0.25,
+                           dim_pruning=DimPruningConfig(target_ratio=0.5, cold_start_steps=100))
+        ebc = FiitedEmbeddingBagCollection(tables, cfg)  # a table "t1" with D=16: 2 chunks of 8
+        ...  # 100 training steps
+        ebc.stats()["tables"]["t1"]["active_dim"]  # 8: each chunk stores 4 of its 8 columns
+        ebc.store.pools["shared_cs8"].weights.shape  # (capacity, 4), was (capacity, 8)
+    """
+
+    target_ratio: float = 0.0
+    scope: str = "table"
+    shared_columns: bool = False
+    cold_start_steps: int = 100
+    revisit_interval: int = 0
+    decay: float = 1.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_ratio, bool) or not (
+            isinstance(self.target_ratio, (int, float)) and 0.0 <= self.target_ratio < 1.0
+        ):
+            raise ValueError(
+                f"dim_pruning.target_ratio must be in [0, 1) (0 = off), got {self.target_ratio!r}"
+            )
+        _check_choice("dim_pruning.scope", self.scope, DIM_SCOPES)
+        if not isinstance(self.shared_columns, bool):
+            raise ValueError(f"dim_pruning.shared_columns must be a bool, got {self.shared_columns!r}")
+        _check_int("dim_pruning.cold_start_steps", self.cold_start_steps, 1, None)
+        _check_int("dim_pruning.revisit_interval", self.revisit_interval, 0, None)
+        if isinstance(self.decay, bool) or not (
+            isinstance(self.decay, (int, float)) and 0.0 < self.decay <= 1.0
+        ):
+            raise ValueError(f"dim_pruning.decay must be in (0, 1], got {self.decay!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.target_ratio > 0.0
 
 
 @dataclass(frozen=True)
@@ -63,6 +134,8 @@ class FiitedConfig:
             requiring ``0 <= id < num_embeddings``.
         seed: key of the counter-based generator behind sampling and chunk (re-)initialisation:
             values depend on (seed, table, row, chunk, step) only, not on the plan or process.
+        dim_pruning: FIITED-2D dimension pruning (off by default); a plain mapping, as Hydra
+            passes it, is converted.
     """
 
     num_chunks: int = 2
@@ -86,8 +159,16 @@ class FiitedConfig:
     weight_decay: float = 0.0
     hash_ids: bool = False
     seed: int = 0
+    dim_pruning: DimPruningConfig = field(default_factory=DimPruningConfig)
 
     def __post_init__(self) -> None:
+        if isinstance(self.dim_pruning, Mapping):
+            object.__setattr__(self, "dim_pruning", _dim_pruning_from(self.dim_pruning))
+        elif not isinstance(self.dim_pruning, DimPruningConfig):
+            raise ValueError(
+                f"dim_pruning must be a DimPruningConfig or a mapping of its fields, got "
+                f"{type(self.dim_pruning).__name__}"
+            )
         _check_int("num_chunks", self.num_chunks, 1, MAX_NUM_CHUNKS)
         _check_budget("budget", self.budget)
         for name, b in self.table_budgets.items():
@@ -135,6 +216,14 @@ class FiitedConfig:
     def to_dict(self) -> Dict[str, object]:
         """Plain-Python form, stored in checkpoints to detect a mismatched configuration."""
         return dataclasses.asdict(self)
+
+
+def _dim_pruning_from(fields: Mapping) -> DimPruningConfig:
+    known = {f.name for f in dataclasses.fields(DimPruningConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"dim_pruning has unknown fields {unknown}; known are {sorted(known)}")
+    return DimPruningConfig(**dict(fields))
 
 
 def _check_budget(name: str, value: float) -> None:

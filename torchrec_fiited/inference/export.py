@@ -62,6 +62,8 @@ class InferenceTable:
         feature_names: features looked up in it, in output order.
         pooling: "SUM" or "MEAN" (a ``PoolingType`` name; anything but MEAN sums, as in training).
         pool: name of the compacted pool holding its live chunks.
+        kept_columns: FIITED-2D tables only: the columns in [0, D / K) chunk k stores, K tuples of
+            the pool's chunk_size each, ascending; the other columns read zeros. None: all.
     """
 
     name: str
@@ -70,9 +72,12 @@ class InferenceTable:
     feature_names: Tuple[str, ...]
     pooling: str
     pool: str
+    kept_columns: Optional[Tuple[Tuple[int, ...], ...]] = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "feature_names", tuple(self.feature_names))
+        if self.kept_columns is not None:
+            object.__setattr__(self, "kept_columns", tuple(tuple(int(c) for c in k) for k in self.kept_columns))
         if self.pooling not in PoolingType.__members__:
             raise ValueError(
                 f"table {self.name!r}: pooling must be one of {list(PoolingType.__members__)}, "
@@ -117,7 +122,9 @@ class InferenceSpec:
                 raise ValueError(
                     f"table {t.name!r}: pool {t.pool!r} is not one of {sorted(chunk_size)}"
                 )
-            if t.embedding_dim != self.num_chunks * chunk_size[t.pool]:
+            if t.kept_columns is not None:
+                _check_kept_columns(t, self.num_chunks, chunk_size[t.pool])
+            elif t.embedding_dim != self.num_chunks * chunk_size[t.pool]:
                 raise ValueError(
                     f"table {t.name!r}: embedding_dim {t.embedding_dim} vs num_chunks {self.num_chunks}"
                     f" x chunk_size {chunk_size[t.pool]} of pool {t.pool!r}"
@@ -125,6 +132,15 @@ class InferenceSpec:
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def stored_columns(self, table: InferenceTable) -> Optional[torch.Tensor]:
+        """Row column in [0, D) of each stored column of ``table``, int64 [D_active]; None: all."""
+        if table.kept_columns is None:
+            return None
+        cs = table.embedding_dim // self.num_chunks
+        return torch.tensor(
+            [k * cs + c for k, cols in enumerate(table.kept_columns) for c in cols], dtype=torch.int64
+        )
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "InferenceSpec":
@@ -147,6 +163,19 @@ class InferenceSpec:
             )
             for t in self.tables
         ]
+
+
+def _check_kept_columns(t: InferenceTable, num_chunks: int, width: int) -> None:
+    cs, rest = divmod(t.embedding_dim, num_chunks)
+    ok = rest == 0 and len(t.kept_columns) == num_chunks and all(
+        len(cols) == width and list(cols) == sorted(set(cols)) and all(0 <= c < cs for c in cols)
+        for cols in t.kept_columns
+    )
+    if not ok:
+        raise ValueError(
+            f"table {t.name!r}: kept_columns must be {num_chunks} ascending tuples of {width} columns "
+            f"in [0, {t.embedding_dim} / {num_chunks}), got {t.kept_columns}"
+        )
 
 
 # ---- the serving module -----------------------------------------------------------------------
@@ -181,6 +210,8 @@ class FiitedInferenceEBC(EmbeddingBagCollectionInterface):
 
     Holds per table ``tables[t].chunk_slots`` int32 [E, K] and per pool ``pools[p].weights``
     ([n_live, chunk_size] fp32/fp16, or uint8 [n_live, chunk_size + 8] for int8), nothing else.
+    A FIITED-2D pool stores only its kept columns (``InferenceTable.kept_columns``): its rows are
+    [n_live, cs'], and the lookup scatters them into the D columns, the pruned ones reading zero.
 
     Args:
         spec: the structure (tables, pools, K, dtype, hashing, weighting).
@@ -212,6 +243,8 @@ class FiitedInferenceEBC(EmbeddingBagCollectionInterface):
             {t.name: _TableSlots(t.num_embeddings, spec.num_chunks, device) for t in spec.tables}
         )
         self.pools = nn.ModuleDict({p.name: _StoredPool(p, spec.dtype, device) for p in spec.pools})
+        # FIITED-2D tables: where their stored columns go in the D columns of a row.
+        self._stored_columns = {t.name: spec.stored_columns(t) for t in spec.tables}
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         lookups = _resolve(features, self._features, self._spec.hash_ids, self._spec.is_weighted)
@@ -254,10 +287,10 @@ class FiitedInferenceEBC(EmbeddingBagCollectionInterface):
             new_slots, rows = _compact_pool(store, name)
             slots.update(new_slots)
             stored[name] = quantize_rows(rows, dtype, f"pool {name!r}")
-            pools.append(InferencePool(name, int(rows.shape[0]), pool.chunk_size))
+            pools.append(InferencePool(name, int(rows.shape[0]), pool.stored_width))
         tables = tuple(
             InferenceTable(t.name, t.num_embeddings, t.embedding_dim, tuple(t.feature_names),
-                           t.pooling.name, store.layouts[t.name].pool)
+                           t.pooling.name, store.layouts[t.name].pool, _kept_columns(store, t.name))
             for t in module.embedding_bag_configs()
         )
         spec = InferenceSpec(tables, tuple(pools), store.num_chunks, dtype,
@@ -284,8 +317,14 @@ class FiitedInferenceEBC(EmbeddingBagCollectionInterface):
             return torch.zeros(offsets.numel() - 1, table.embedding_dim, device=stored.device)
         if self._spec.dtype == "fp32":
             # The training op itself, so the output is bitwise the training module's.
-            return lookup_forward(stored, chunk_slots, entries, offsets, weights, mean)
-        return quantized_lookup(stored, self._spec.dtype, chunk_slots, entries, offsets, weights, mean)
+            pooled = lookup_forward(stored, chunk_slots, entries, offsets, weights, mean)
+        else:
+            pooled = quantized_lookup(stored, self._spec.dtype, chunk_slots, entries, offsets, weights, mean)
+        cols = self._stored_columns[table.name]
+        if cols is None:
+            return pooled
+        out = pooled.new_zeros(pooled.shape[0], table.embedding_dim)  # pruned dimensions read zero
+        return out.index_copy_(1, cols.to(pooled.device), pooled)
 
 
 @torch.fx.wrap
@@ -313,6 +352,13 @@ def _resolve(
         weights = jt.weights().to(torch.float32) if is_weighted else None
         out.append((table, entries, jt.offsets().to(torch.int64), weights))
     return out
+
+
+def _kept_columns(store: VHPIStore, table: str) -> Optional[Tuple[Tuple[int, ...], ...]]:
+    """The table's FIITED-2D column map when its pool stores part of each chunk, else None."""
+    if store.stored_columns(table) is None:
+        return None
+    return tuple(tuple(row) for row in store.dim_maps[table].kept.tolist())
 
 
 def _compact_pool(store: VHPIStore, pool: str) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:

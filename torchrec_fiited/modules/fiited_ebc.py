@@ -11,12 +11,20 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_fiited.config import FiitedConfig
 from torchrec_fiited.modules import checkpoint, stats
+from torchrec_fiited.modules.dim_pruning import run_dim_pruning
 from torchrec_fiited.modules.layout_plan import TableShard, plan_pools
 from torchrec_fiited.modules.pruning import run_cycle
 from torchrec_fiited.modules.validation import check_ids, check_kjt
 from torchrec_fiited.ops import FusedParams, fused_backward, lookup_forward_out
 from torchrec_fiited.optim import FiitedFusedOptimizer
-from torchrec_fiited.policy import LocalCoordinator, PruneCoordinator, UtilityRule, cycle_due
+from torchrec_fiited.policy import (
+    LocalCoordinator,
+    PruneCoordinator,
+    UtilityRule,
+    cycle_due,
+    decision_due,
+    record_dim_utilities,
+)
 from torchrec_fiited.store import NEVER_SEEN, VHPIStore, hash_ids
 
 
@@ -43,6 +51,11 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
     applies the fused sparse optimizer to live chunks, adds a * ||g|| to every touched chunk's
     utility (pruned ones too) and runs a pruning cycle every ``prune_interval`` steps. In eval
     mode the module only reads.
+
+    With ``config.dim_pruning`` on (FIITED-2D), backward also adds each column's squared
+    output gradient to its table's dimension utility; after the cold start (and at each revisit)
+    ``prune_dims`` keeps the best columns of every chunk, the pools shrink to them, and the
+    pruned dimensions read as zeros. Not supported with ``shards`` yet.
 
     Args:
         tables: table configs; every ``embedding_dim`` must be divisible by ``num_chunks``.
@@ -103,7 +116,8 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
         self._logical = plan.logical  # capacities and policies the thresholds are computed for
         self._logical_of = plan.logical_of
         self.store = VHPIStore(
-            plan.layouts, plan.capacities, plan.num_chunks, config.optimizer, device, config.seed
+            plan.layouts, plan.capacities, plan.num_chunks, config.optimizer, device, config.seed,
+            dim_pruning=config.dim_pruning.enabled,
         )
         self._rule = UtilityRule(config.utility, config.decay)
         self._coordinator = coordinator or LocalCoordinator()
@@ -149,6 +163,17 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
         """Run one pruning cycle on every pool now; returns what it decided per logical pool."""
         return run_cycle([self], self._coordinator)
 
+    def prune_dims(self) -> Dict[str, Dict[str, Any]]:
+        """Run one FIITED-2D decision now: every pool keeps its tables' best columns and shrinks
+        to them. Returns per table the step, D_active, kept columns and regrown chunks.
+
+        Raises:
+            ValueError: if ``config.dim_pruning`` is off.
+        """
+        if not self._config.dim_pruning.enabled:
+            raise ValueError("prune_dims needs dim_pruning.target_ratio > 0 in the FiitedConfig")
+        return run_dim_pruning(self)
+
     def stats(self) -> Dict[str, Any]:
         """Per table and in total: entries seen, live chunks per chunk index, thresholds and
         ratios, last cycle's evictions/allocations, and bytes by component (pools, optimizer,
@@ -170,6 +195,19 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
         return {name: self.store.dense_weights(name) for name in self.store.tables}
 
     # ---- checkpoint state -------------------------------------------------------------------
+
+    def shape_like(self, shapes: Mapping[str, Any]) -> None:
+        """Give the FIITED-2D pools the widths of a checkpoint before an in-place load.
+
+        ``load_state_dict`` re-shapes the pools itself; a loader that fills the module's own
+        tensors in place (``torch.distributed.checkpoint``) needs them shaped first. ``shapes``
+        maps state-dict keys relative to this module to shapes (e.g. DCP metadata sizes); only
+        the ``store.dim_maps.<table>.kept`` entries are read.
+
+        Raises:
+            ValueError: a width outside [1, chunk_size] or differing within a pool.
+        """
+        checkpoint.reshape_to(self, shapes)
 
     def get_extra_state(self) -> Dict[str, Any]:
         return checkpoint.extra_state(self)
@@ -225,11 +263,16 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
         col_of = self._col_of
         for fl in batch:
             D = self.store.layouts[fl.table].dim
+            block = out[:, col_of[fl.feature] : col_of[fl.feature] + D]
+            stored = self.store.stored_columns(fl.table)  # None: whole chunks, write in place
+            target = block if stored is None else out.new_empty(B, stored.numel())
             lookup_forward_out(
                 self.store.pool_of(fl.table).weights, self.store.tables[fl.table].chunk_slots,
-                fl.entries, fl.offsets, fl.weights, fl.mean,
-                out[:, col_of[fl.feature] : col_of[fl.feature] + D],
+                fl.entries, fl.offsets, fl.weights, fl.mean, target,
             )
+            if stored is not None:  # FIITED-2D: [B, D_active] into D columns, pruned ones zero
+                block.zero_()
+                block.index_copy_(1, stored, target)
         return out
 
     def _fused_backward(self, batch: List[_FeatureLookup], grad: torch.Tensor) -> None:
@@ -239,6 +282,9 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
     def _end_step(self) -> None:
         self.steps_done += 1
         cfg = self._config
+        # Dimensions first, so a cycle at the same step already allocates narrow chunks.
+        if decision_due(int(self.steps_done), cfg.dim_pruning):
+            self.prune_dims()
         if cycle_due(int(self.steps_done), cfg.schedule, cfg.prune_interval, cfg.warmup_steps):
             self.prune()
 
@@ -256,6 +302,10 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
             # Stack the table's features' output gradients [F_t * B, D]; id i of feature j
             # reads row j * B + bag(i).
             grad_rows = torch.cat([grad[:, col_of[fl.feature] : col_of[fl.feature] + D] for fl in lookups])
+            if table in self.store.dim_maps:  # FIITED-2D: every column scores, stored ones update
+                dims = self.store.dim_maps[table]
+                record_dim_utilities(dims.utilities, grad_rows, self._config.dim_pruning.decay)
+                grad_rows = self.store.narrow(table, grad_rows)
             rows, scales = [], []
             for j, fl in enumerate(lookups):
                 r, s = _bag_rows_and_scales(fl)

@@ -72,10 +72,15 @@ def plan_pools(
     or the slots its chunk range is due under the fitted ratios (column-wise).
 
     Raises:
-        ValueError: naming the table, for a dim not divisible by K, an unsupported pooling or
+        ValueError: for ``shards`` with dim pruning on; naming the table, for a dim not divisible by K, an unsupported pooling or
             dtype, an override for an unknown table, a budget too small for a single slot, or a
             column shard that does not hold whole chunks.
     """
+    if shards is not None and config.dim_pruning.enabled:
+        raise ValueError(
+            "dim_pruning (FIITED-2D) is not supported by the sharded collection yet: set "
+            "dim_pruning.target_ratio=0, or train unsharded"
+        )
     global_tables = list(global_tables if global_tables is not None else tables)
     shards = dict(shards or {t.name: TableShard(t.name) for t in tables})
     check_table_names([t.name for t in global_tables])

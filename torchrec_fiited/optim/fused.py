@@ -32,11 +32,7 @@ class FiitedFusedOptimizer(FusedOptimizer):
         eps: float,
         weight_decay: float,
     ) -> None:
-        params: Dict[str, torch.Tensor] = {f"pools.{n}.weights": p.weights for n, p in pools.items()}
-        state: Dict[Any, Any] = {
-            p.weights: ({f"{n}.momentum": p.momentum} if p.momentum.numel() else {})
-            for n, p in pools.items()
-        }
+        params, state = _params_and_state(pools)
         group = {
             "params": list(params.values()),
             "lr": lr,
@@ -46,6 +42,16 @@ class FiitedFusedOptimizer(FusedOptimizer):
         }
         super().__init__(params, state, [group])
 
+    def refresh(self, pools: Mapping[str, ChunkPool]) -> None:
+        """Point at the pools' current tensors, after FIITED-2D replaced them with narrower ones.
+
+        In place, so LR schedulers and a ``CombinedOptimizer`` holding this object keep working.
+        """
+        params, state = _params_and_state(pools)
+        self.params = params
+        self.state = state
+        self.param_groups[0]["params"] = list(params.values())
+
     def step(self, closure: Any = None) -> None:
         """No-op: the update already happened in backward with the current ``param_groups``."""
         return None
@@ -53,3 +59,12 @@ class FiitedFusedOptimizer(FusedOptimizer):
     def zero_grad(self, set_to_none: bool = False) -> None:
         """No-op: fused updates leave no gradients behind."""
         return None
+
+
+def _params_and_state(pools: Mapping[str, ChunkPool]):
+    params: Dict[str, torch.Tensor] = {f"pools.{n}.weights": p.weights for n, p in pools.items()}
+    state: Dict[Any, Any] = {
+        p.weights: ({f"{n}.momentum": p.momentum} if p.momentum.numel() else {})
+        for n, p in pools.items()
+    }
+    return params, state

@@ -1,4 +1,5 @@
-"""Pruning policy: chunk utilities, per-chunk ratios, thresholds and the pruning cycle."""
+"""Pruning policy: chunk utilities, per-chunk ratios, thresholds, the pruning cycle, and the
+FIITED-2D dimension decisions."""
 
 from torchrec_fiited.policy.coordinator import (
     LocalCoordinator,
@@ -12,6 +13,14 @@ from torchrec_fiited.policy.cycle import (
     count_seen,
     merge_samples,
     sample_pool,
+)
+from torchrec_fiited.policy.dims import (
+    PoolColumns,
+    decision_due,
+    global_widths,
+    kept_width,
+    record_dim_utilities,
+    top_columns,
 )
 from torchrec_fiited.policy.ratios import chunk_shares, fit_chunk_prune_ratios
 from torchrec_fiited.policy.schedule import cycle_due
@@ -30,6 +39,7 @@ __all__ = [
     "ProcessGroupCoordinator",
     "PruneCoordinator",
     "ManualRatioPolicy",
+    "PoolColumns",
     "PoolSample",
     "PruneDecision",
     "ThresholdPolicy",
@@ -38,6 +48,11 @@ __all__ = [
     "chunk_shares",
     "count_seen",
     "cycle_due",
+    "decision_due",
+    "global_widths",
+    "kept_width",
+    "record_dim_utilities",
+    "top_columns",
     "merge_samples",
     "fit_chunk_prune_ratios",
     "sample_pool",

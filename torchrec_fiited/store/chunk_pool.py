@@ -18,9 +18,13 @@ class ChunkPool(nn.Module):
     paper's chunk address manager); ``live_per_chunk`` counts live chunks by chunk_id for the
     admission quotas and the stats.
 
+    Under dimension pruning (FIITED-2D, ``store.dim_map``) the pool stores only ``stored_width``
+    of each chunk's ``chunk_size`` columns: ``weights`` is [capacity, stored_width] and is
+    replaced, not resized in place, when that width changes (``replace_storage``).
+
     Args:
         capacity: number of slots.
-        chunk_size: floats per chunk.
+        chunk_size: floats per (logical) chunk.
         num_chunks: K, for the per-chunk_id live counts.
         optimizer: "sgd", "adagrad" or "rowwise_adagrad"; fixes the shape of ``momentum``.
         device: where the tensors live.
@@ -37,6 +41,7 @@ class ChunkPool(nn.Module):
         super().__init__()
         self.capacity = capacity
         self.chunk_size = chunk_size
+        self.optimizer = optimizer
         self.register_buffer("weights", torch.zeros(capacity, chunk_size, device=device))
         momentum_shape = OPTIMIZER_STATE_SHAPES[optimizer](capacity, chunk_size)
         self.register_buffer("momentum", torch.zeros(momentum_shape, device=device))
@@ -47,6 +52,23 @@ class ChunkPool(nn.Module):
         self.register_buffer(
             "live_per_chunk", torch.zeros(num_chunks, dtype=torch.int64, device=device)
         )
+
+    @property
+    def stored_width(self) -> int:
+        """Columns each slot stores: ``chunk_size`` unless dimensions were pruned."""
+        return self.weights.shape[1]
+
+    def replace_storage(self, weights: torch.Tensor, momentum: torch.Tensor) -> None:
+        """Swap in ``weights`` fp32 [capacity, w] and matching optimizer state (new tensors, so the
+        old ones are freed; whoever holds them, e.g. the fused optimizer, must re-read them)."""
+        want = OPTIMIZER_STATE_SHAPES[self.optimizer](self.capacity, weights.shape[1])
+        if weights.shape[0] != self.capacity or tuple(momentum.shape) != tuple(want):
+            raise ValueError(
+                f"pool storage must be weights ({self.capacity}, w) with optimizer state {want}, "
+                f"got {tuple(weights.shape)} and {tuple(momentum.shape)}"
+            )
+        self.weights = weights
+        self.momentum = momentum
 
     def free_count(self) -> int:
         return int(self.num_free)
@@ -68,8 +90,8 @@ class ChunkPool(nn.Module):
         self.num_free += n
 
     def reset_slots(self, slots: torch.Tensor, weights: torch.Tensor) -> None:
-        """Re-initialise freshly allocated ``slots`` (int64 [n]) to ``weights`` fp32 [n, chunk_size]
-        with zero optimizer state."""
+        """Re-initialise freshly allocated ``slots`` (int64 [n]) to ``weights`` fp32
+        [n, stored_width] with zero optimizer state."""
         self.weights[slots] = weights.to(self.weights)
         if self.momentum.numel():
             self.momentum[slots] = 0.0

@@ -22,6 +22,16 @@ Physically indexed (one pool per group of tables sharing a budget; see ``ChunkPo
 
 A pruned chunk reads as zeros. Its utility keeps growing from the gradient at its zero-padded
 slice, so it can win a slot back at a later pruning cycle.
+
+Dimension pruning (FIITED-2D, optional; see ``DimMap``), per table:
+
+    kept              int64 [K, cs']  columns in [0, chunk_size) chunk k stores, ascending
+    stored_width      cs', the same for every table of a pool; weights is [capacity, cs']
+    D_max             D, the width of a row as the model sees it
+    D_active          K * cs', the columns of a row that can be non-zero
+    dim utilities     fp32 [K, chunk_size]  u_d = gamma * u_d + sum_b grad[b, d] ** 2
+
+A pruned dimension reads as zeros in every row; it still earns utility, so it can come back.
 """
 
 import zlib

@@ -3,7 +3,7 @@
 Per table, indexed by (global) row like a dense embedding table, so any row or column range of
 it can be saved from one plan and loaded into another:
 
-    weight     fp32  [E, D]  pruned chunks as zeros (what a dense EBC would hold)
+    weight     fp32  [E, D]  pruned chunks and dimensions as zeros (what a dense EBC would hold)
     live       uint8 [E, K]  1 where the chunk holds a slot
     utilities  fp32  [E, K]  as of last_step
     last_step  int32 [E, K]  the entry's last_step, repeated per chunk (NEVER_SEEN = -1), so a
@@ -11,7 +11,8 @@ it can be saved from one plan and loaded into another:
     momentum   fp32  [E, K] (rowwise_adagrad) or [E, D] (adagrad); absent for sgd
 
 Slots are not part of it: loading allocates fresh slots, so a checkpoint loads into any pool
-that has room for its live chunks.
+that has room for its live chunks. Nor are FIITED-2D column maps: loading keeps the store's own
+and reads only the columns it stores.
 """
 
 from typing import Dict, List, Mapping
@@ -53,7 +54,8 @@ def export_table(store: VHPIStore, table: str) -> Dict[str, torch.Tensor]:
     }
     if "momentum" in logical_shapes(store, table):
         m = pool.momentum[safe] * (live.unsqueeze(-1) if pool.momentum.dim() == 2 else live)
-        out["momentum"] = m.reshape(E, -1)
+        m = m.reshape(E, -1)
+        out["momentum"] = store.widen(table, m) if pool.momentum.dim() == 2 else m
     return out
 
 
@@ -135,9 +137,12 @@ def _import_table(store: VHPIStore, table: str, t: Mapping[str, torch.Tensor]) -
     rows, ks = (t["live"].to(device) == 1).nonzero(as_tuple=True)
     store.allocate(table, rows, ks, 0)
     slots = et.chunk_slots[rows, ks].to(torch.int64)
-    cs = store.layouts[table].chunk_size
-    weight = t["weight"].to(device).reshape(et.num_entries, -1, cs)
+    w = pool.stored_width
+    weight = store.narrow(table, t["weight"].to(device)).reshape(et.num_entries, -1, w)
     pool.weights[slots] = weight[rows, ks]
     if "momentum" in t:
         m = t["momentum"].to(device)
-        pool.momentum[slots] = m.reshape(et.num_entries, -1, cs)[rows, ks] if pool.momentum.dim() == 2 else m[rows, ks]
+        if pool.momentum.dim() == 2:
+            pool.momentum[slots] = store.narrow(table, m).reshape(et.num_entries, -1, w)[rows, ks]
+        else:
+            pool.momentum[slots] = m[rows, ks]

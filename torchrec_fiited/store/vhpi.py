@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from torchrec_fiited.store.chunk_pool import ChunkPool
+from torchrec_fiited.store.dim_map import DimMap, kept_errors, restrict_columns
 from torchrec_fiited.store.entry_table import EntryTable
 from torchrec_fiited.store.layout import (
     NEVER_SEEN,
@@ -64,6 +65,8 @@ class VHPIStore(nn.Module):
         optimizer: fixes the per-slot optimizer state shape.
         device: where the tensors live.
         seed: keys the initial values of allocated chunks (see ``init_values``).
+        dim_pruning: give every table a ``DimMap`` (FIITED-2D), so its pool can later store
+            only some columns of each chunk (``restrict_columns``).
     """
 
     def __init__(
@@ -74,6 +77,7 @@ class VHPIStore(nn.Module):
         optimizer: str,
         device: torch.device,
         seed: int = 0,
+        dim_pruning: bool = False,
     ) -> None:
         super().__init__()
         self.num_chunks = num_chunks
@@ -89,6 +93,10 @@ class VHPIStore(nn.Module):
                 for name, cap in pool_capacities.items()
             }
         )
+        # Empty without dimension pruning, so such a store's state_dict keys stay as they were.
+        self.dim_maps = nn.ModuleDict(
+            {t.name: DimMap(num_chunks, t.chunk_size, device) for t in layouts} if dim_pruning else {}
+        )
 
     def tables_of_pool(self, pool: str) -> List[str]:
         return [t.name for t in self.layouts.values() if t.pool == pool]
@@ -96,20 +104,46 @@ class VHPIStore(nn.Module):
     def pool_of(self, table: str) -> ChunkPool:
         return self.pools[self.layouts[table].pool]
 
+    def stored_columns(self, table: str) -> Optional[torch.Tensor]:
+        """Row column in [0, D) of each column ``table``'s pool stores, int64 [D_active] in
+        storage order; None when whole chunks are stored."""
+        dm = self.dim_maps[table] if table in self.dim_maps else None
+        return None if dm is None else dm.flat_columns()
+
+    def active_dim(self, table: str) -> int:
+        """D_active: the columns of a row that can be non-zero."""
+        return self.num_chunks * self.pool_of(table).stored_width
+
+    def restrict_columns(
+        self, pool: str, kept_by_table: Mapping[str, torch.Tensor], step: int
+    ) -> Dict[str, int]:
+        """Make ``pool`` store columns ``kept_by_table[t]`` (int64 [K, w]) of its tables' chunks;
+        see ``store.dim_map.restrict_columns``. The pool's tensors are replaced."""
+        return restrict_columns(self, pool, kept_by_table, step)
+
     def init_values(
-        self, table: str, entries: torch.Tensor, chunk_ids: torch.Tensor, step: int
+        self,
+        table: str,
+        entries: torch.Tensor,
+        chunk_ids: torch.Tensor,
+        step: int,
+        kept: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """Initial weights fp32 [n, chunk_size] of chunks allocated at ``step``.
+        """Initial weights fp32 [n, stored_width] of chunks allocated at ``step``.
 
         Uniform in the table's init range, keyed by (seed, logical table, global row, global
         column, step): a regrown chunk gets new values, and a chunk gets the same values
-        whichever rank or plan holds it.
+        whichever rank or plan holds it. Only the stored columns are drawn: ``kept`` (int64
+        [K, w]), by default the table's current column map.
         """
         layout = self.layouts[table]
         cs = layout.chunk_size
         rows = (entries.to(torch.int64) + layout.row_offset).unsqueeze(1)
         first_col = (chunk_ids.to(torch.int64) + layout.chunk_offset) * cs
-        cols = first_col.unsqueeze(1) + torch.arange(cs, device=entries.device)
+        if kept is None and table in self.dim_maps:
+            kept = self.dim_maps[table].kept
+        in_chunk = torch.arange(cs, device=entries.device) if kept is None else kept[chunk_ids]
+        cols = first_col.unsqueeze(1) + in_chunk
         u = counter_uniform([self.seed, table_key(layout.logical_name), rows, cols, step])
         return layout.init_low + (layout.init_high - layout.init_low) * u
 
@@ -174,13 +208,26 @@ class VHPIStore(nn.Module):
             self.allocate(table, take, torch.full_like(take, k), step)
 
     def dense_weights(self, table: str) -> torch.Tensor:
-        """The logical table: fp32 [E, D], pruned chunks as zeros."""
+        """The logical table: fp32 [E, D], pruned chunks and pruned dimensions as zeros."""
         et = self.tables[table]
         pool = self.pool_of(table)
         slots = et.chunk_slots.to(torch.int64)
         live = slots >= 0
-        chunks = pool.weights[slots.clamp(min=0)] * live.unsqueeze(-1)
-        return chunks.reshape(et.num_entries, -1)
+        stored = pool.weights[slots.clamp(min=0)] * live.unsqueeze(-1)  # [E, K, stored_width]
+        return self.widen(table, stored.reshape(et.num_entries, -1))
+
+    def widen(self, table: str, stored: torch.Tensor) -> torch.Tensor:
+        """[n, D_active] in storage order -> [n, D] with pruned dimensions as zeros."""
+        cols = self.stored_columns(table)
+        if cols is None:
+            return stored
+        out = stored.new_zeros(stored.shape[0], self.layouts[table].dim)
+        return out.index_copy_(1, cols, stored)
+
+    def narrow(self, table: str, full: torch.Tensor) -> torch.Tensor:
+        """[n, D] -> [n, D_active]: the stored columns, in storage order."""
+        cols = self.stored_columns(table)
+        return full if cols is None else full.index_select(1, cols)
 
     def load_dense_weights(self, table: str, weights: torch.Tensor) -> None:
         """Make every entry of ``table`` seen with all chunks live, holding ``weights`` [E, D].
@@ -210,7 +257,8 @@ class VHPIStore(nn.Module):
         chunk_ids = torch.arange(K, device=rows.device).repeat(E)
         self.allocate(table, rows, chunk_ids, 0)
         slots = et.chunk_slots.to(torch.int64).reshape(-1)
-        pool.weights[slots] = weights.detach().to(pool.weights).reshape(E * K, layout.chunk_size)
+        stored = self.narrow(table, weights.detach().to(pool.weights))
+        pool.weights[slots] = stored.reshape(E * K, pool.stored_width)
 
     def invariant_errors(self, state: Optional[Mapping[str, torch.Tensor]] = None) -> List[str]:
         """Consistency problems in ``state`` (this store's own state_dict by default).
@@ -222,6 +270,22 @@ class VHPIStore(nn.Module):
         errors: List[str] = []
         for pool_name, pool in self.pools.items():
             errors += self._pool_errors(pool_name, pool.capacity, state)
+            errors += self._dim_errors(pool_name, state)
+        return errors
+
+    def _dim_errors(self, pool_name: str, state) -> List[str]:
+        """Column maps valid and of the width the pool's weights store."""
+        errors: List[str] = []
+        width = state[f"pools.{pool_name}.weights"].shape[1]
+        for table in self.tables_of_pool(pool_name):
+            if table not in self.dim_maps:
+                continue
+            kept = state[f"dim_maps.{table}.kept"]
+            problem = kept_errors(kept, self.num_chunks, self.layouts[table].chunk_size)
+            if problem is None and kept.shape[1] != width:
+                problem = f"width {kept.shape[1]} vs {width} stored by pool {pool_name!r}"
+            if problem is not None:
+                errors.append(f"table {table!r}: dim_maps kept {problem}")
         return errors
 
     def _pool_errors(self, pool_name: str, capacity: int, state) -> List[str]:
