@@ -295,16 +295,20 @@ def _ebc_dmp(kind: str, world_size: int, config: Dict[str, Any]):
     )
 
 
+def _train_steps(dmp, rank: int, world_size: int, num_steps: int) -> None:
+    W = loss_weights()
+    b = GLOBAL_BATCH // world_size
+    for kjt in global_batches(num_steps, GLOBAL_BATCH):
+        values = torch.cat(list(dmp(rank_slice(kjt, rank, world_size)).to_dict().values()), dim=1)
+        (values * W[rank * b : (rank + 1) * b, : values.shape[1]]).sum().backward()
+
+
 def dcp_save(rank: int, world_size: int, kind: str, config: Dict[str, Any], path: str) -> torch.Tensor:
     """Train a few steps, save with DCP, return the eval outputs on a fixed global batch."""
     import torch.distributed.checkpoint as dcp
 
     dmp = _ebc_dmp(kind, world_size, config)
-    W = loss_weights()
-    b = GLOBAL_BATCH // world_size
-    for kjt in global_batches(5, GLOBAL_BATCH):
-        values = torch.cat(list(dmp(rank_slice(kjt, rank, world_size)).to_dict().values()), dim=1)
-        (values * W[rank * b : (rank + 1) * b, : values.shape[1]]).sum().backward()
+    _train_steps(dmp, rank, world_size, 5)
     dcp.save(dmp.state_dict(), checkpoint_id=path)
     return _eval_outputs(dmp, rank, world_size)
 
@@ -329,11 +333,7 @@ def export_sharded(rank: int, world_size: int, kind: str, config: Dict[str, Any]
     from torchrec_fiited.distributed import gather_unsharded
 
     dmp = _ebc_dmp(kind, world_size, config)
-    W = loss_weights()
-    b = GLOBAL_BATCH // world_size
-    for kjt in global_batches(5, GLOBAL_BATCH):
-        values = torch.cat(list(dmp(rank_slice(kjt, rank, world_size)).to_dict().values()), dim=1)
-        (values * W[rank * b : (rank + 1) * b, : values.shape[1]]).sum().backward()
+    _train_steps(dmp, rank, world_size, 5)
     sharded_out = _eval_outputs(dmp, rank, world_size)
     unsharded = gather_unsharded(dmp.module)
     if rank != 0:
