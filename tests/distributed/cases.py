@@ -22,13 +22,11 @@ from torchrec_fiited.distributed.gather import gather_state_dict, logical_tables
 FEATURES = ["f0", "f1", "f2", "f3"]
 
 
-def tables(mean_t1: bool = False) -> List[EmbeddingBagConfig]:
+def tables() -> List[EmbeddingBagConfig]:
+    """Tables of two dims, one with two features: column shards then hold 1 or 2 chunks."""
     return [
         EmbeddingBagConfig(name="t0", num_embeddings=64, embedding_dim=8, feature_names=["f0"]),
-        EmbeddingBagConfig(
-            name="t1", num_embeddings=48, embedding_dim=8, feature_names=["f1", "f2"],
-            pooling=PoolingType.MEAN if mean_t1 else PoolingType.SUM,
-        ),
+        EmbeddingBagConfig(name="t1", num_embeddings=48, embedding_dim=8, feature_names=["f1", "f2"]),
         EmbeddingBagConfig(name="t2", num_embeddings=40, embedding_dim=16, feature_names=["f3"]),
     ]
 
@@ -89,52 +87,6 @@ def loss_weights(seed: int = 1) -> torch.Tensor:
 
 
 GLOBAL_BATCH = 16
-
-
-def ebc_steps(
-    rank: int, world_size: int, kind: str, config: Dict[str, Any], num_steps: int, mean_t1: bool
-) -> Dict[str, Any]:
-    """Train a sharded FIITED EBC on this rank's slices of the global batches: the outputs of
-    every step (this rank's rows), the thresholds of the last cycle, and on rank 0 the whole
-    logical state after the last step."""
-    module = FiitedEmbeddingBagCollection(tables(mean_t1), FiitedConfig(**config))
-    dmp = DistributedModelParallel(
-        module, env=ShardingEnv.from_process_group(dist.group.WORLD), device=torch.device("cpu"),
-        plan=plan_for(kind, world_size, module), sharders=[FiitedEmbeddingBagCollectionSharder()],
-    )
-    W = loss_weights()
-    b = GLOBAL_BATCH // world_size
-    outputs = []
-    for kjt in global_batches(num_steps, GLOBAL_BATCH):
-        out = dmp(rank_slice(kjt, rank, world_size))
-        values = torch.cat([out[f] for f in FEATURES], dim=1)
-        (values * W[rank * b : (rank + 1) * b, : values.shape[1]]).sum().backward()
-        outputs.append(values.detach().clone())
-    sharded = dmp.module
-    return {
-        "outputs": outputs,
-        "last_cycle": sharded._lookups[0]._last_cycle,
-        "state": gather_state_dict(dmp.state_dict()),
-        "pool_bytes": sum(p.weights.numel() * 4 for l in sharded._lookups for p in l.store.pools.values()),
-        "capacity_ok": all(
-            p.capacity - p.free_count() <= p.capacity for l in sharded._lookups for p in l.store.pools.values()
-        ),
-    }
-
-
-def single_process(config: Dict[str, Any], num_steps: int, mean_t1: bool, world_size: int) -> Dict[str, Any]:
-    """The same global batches and loss through one unsharded module. TorchRec divides the
-    embedding gradients by the world size in the output dist's backward (to match DDP's
-    averaging), so the equivalent single-process loss is the sum of the ranks' losses / W."""
-    module = FiitedEmbeddingBagCollection(tables(mean_t1), FiitedConfig(**config))
-    W = loss_weights()
-    outputs = []
-    for kjt in global_batches(num_steps, GLOBAL_BATCH):
-        out = module(kjt)
-        values = torch.cat([out[f] for f in FEATURES], dim=1)
-        ((values * W[: values.shape[0], : values.shape[1]]).sum() / world_size).backward()
-        outputs.append(values.detach().clone())
-    return {"outputs": outputs, "last_cycle": module._last_cycle, "state": logical_tables(module)}
 
 
 # ---- DLRM on DMP with the planner ----------------------------------------------------------
