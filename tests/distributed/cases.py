@@ -321,3 +321,25 @@ def bad_inputs(rank: int, world_size: int) -> List[str]:
     dmp(good)
     errors.append(f"steps_done={dmp.module.steps_done}")
     return errors
+
+
+def fused_optimizer_drives_lookups(rank: int, world_size: int) -> Dict[str, Any]:
+    """DMP collects the sharded module's fused optimizer; an LR set there reaches every shard."""
+    dmp = _ebc_dmp("row_wise", world_size, dict(num_chunks=4, learning_rate=0.1))
+    kjt = rank_slice(global_batches(1, GLOBAL_BATCH)[0], rank, world_size)
+
+    def step_and_weights():
+        dmp(kjt).values().sum().backward()
+        return gather_state_dict({k: v for k, v in dmp.state_dict().items() if k.endswith(".weight")})
+
+    first = step_and_weights()
+    second = step_and_weights()
+    for group in dmp.fused_optimizer.param_groups:
+        group["lr"] = 0.0
+    third = step_and_weights()
+    return {
+        "keys": sorted(dmp.fused_optimizer.params),
+        "state": dmp.fused_optimizer.state_dict(),
+        "moved": None if first is None else any(not torch.equal(first[k], second[k]) for k in first),
+        "frozen": None if first is None else all(torch.equal(second[k], third[k]) for k in first),
+    }

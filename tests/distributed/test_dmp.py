@@ -106,3 +106,12 @@ def test_bad_batches_fail_before_routing_and_leave_the_state():
     assert "feature 'f0'" in errors[1] and "-1" in errors[1], errors[1]
     assert "do not match the collection's features" in errors[2] and "nope" in errors[2]
     assert errors[3] == "steps_done=0"
+
+
+def test_dmp_collects_the_fused_optimizer_and_its_lr_reaches_every_shard():
+    got = run_ranks(cases.fused_optimizer_drives_lookups, 2)
+    # Same keys and state on every rank, so DCP can store the optimizer once; the per-chunk
+    # optimizer state is sharded with the rows in the module's state_dict instead.
+    assert got[0]["keys"] == got[1]["keys"] and got[0]["state"] == got[1]["state"] == {"state": {}}
+    assert {k.split(".")[-2] for k in got[0]["keys"]} == {"t0", "t1", "t2"}
+    assert got[0]["moved"] is True and got[0]["frozen"] is True
