@@ -343,3 +343,24 @@ def fused_optimizer_drives_lookups(rank: int, world_size: int) -> Dict[str, Any]
         "moved": None if first is None else any(not torch.equal(first[k], second[k]) for k in first),
         "frozen": None if first is None else all(torch.equal(second[k], third[k]) for k in first),
     }
+
+
+def load_single_process_state(
+    rank: int, world_size: int, kind: str, config: Dict[str, Any], load_config: Dict[str, Any]
+):
+    """A single-process module's logical state (plain tensors) loads into a sharded one."""
+    from torchrec_fiited.distributed.gather import logical_tables
+
+    torch.manual_seed(0)
+    single = FiitedEmbeddingBagCollection(tables(), FiitedConfig(**config))
+    W = loss_weights()
+    for kjt in global_batches(5, GLOBAL_BATCH):
+        values = torch.cat(list(single(kjt).to_dict().values()), dim=1)
+        (values * W[: values.shape[0], : values.shape[1]]).sum().backward()
+    single.eval()
+    with torch.no_grad():
+        out = single(global_batches(1, GLOBAL_BATCH, seed=11)[0])
+    want = torch.cat([out[f] for f in FEATURES], dim=1)
+    dmp = _ebc_dmp(kind, world_size, load_config)
+    dmp.load_state_dict(logical_tables(single))
+    return want, _eval_outputs(dmp, rank, world_size)

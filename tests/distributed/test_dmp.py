@@ -115,3 +115,16 @@ def test_dmp_collects_the_fused_optimizer_and_its_lr_reaches_every_shard():
     assert got[0]["keys"] == got[1]["keys"] and got[0]["state"] == got[1]["state"] == {"state": {}}
     assert {k.split(".")[-2] for k in got[0]["keys"]} == {"t0", "t1", "t2"}
     assert got[0]["moved"] is True and got[0]["frozen"] is True
+
+
+def test_single_process_state_loads_into_a_sharded_collection():
+    # From one process (pools full, chunks pruned) to 2 ranks: the logical tables are plain
+    # tensors and each rank takes its rows or columns. The shards' own pools need the room for
+    # their live chunks (a full pool's chunk mix does not follow a per-rank split), hence the
+    # larger budget; table-wise keeps whole pools and loads at the same budget.
+    roomier = dict(BINDING, table_budgets={"t0": 1.0, "t1": 1.0, "t2": 1.0})
+    for kind, load_config in (("table_wise", BINDING), ("column_wise", roomier), ("row_wise", roomier)):
+        want, got = run_ranks(cases.load_single_process_state, 2, kind, BINDING, load_config)[0]
+        # Row-wise bags are summed per rank: equal up to fp32 summation order.
+        tol = dict(rtol=1e-6, atol=1e-7) if kind == "row_wise" else dict(rtol=0, atol=0)
+        torch.testing.assert_close(got, want, **tol)
