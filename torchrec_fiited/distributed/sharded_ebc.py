@@ -7,9 +7,8 @@ Admission, lookups, the fused update and pruning cycles all run in compute/backw
 input_dist, so ``TrainPipelineSparseDist`` can run the next batch's input dist early.
 """
 
-from dataclasses import dataclass
 from functools import partial
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -40,10 +39,11 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingTabl
 from torchrec.optim.fused import FusedOptimizerModule
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from torchrec_fiited.distributed.local_lookups import Part, build_local_lookups, column_order, resolve
 from torchrec_fiited.distributed.logical_state import LogicalStateMixin
+from torchrec_fiited.distributed.mean_pooling import bag_lengths, divide_by_bag_length
 from torchrec_fiited.distributed.optimizer import ShardedFiitedOptimizer
 from torchrec_fiited.modules.fiited_ebc import FiitedEmbeddingBagCollection
-from torchrec_fiited.modules.layout_plan import TableShard
 from torchrec_fiited.modules.pruning import run_cycle
 from torchrec_fiited.modules.validation import check_ids
 from torchrec_fiited.policy import ProcessGroupCoordinator, cycle_due
@@ -119,16 +119,21 @@ class ShardedFiitedEmbeddingBagCollection(
         coordinator = ProcessGroupCoordinator(group)
         # One lookup per (sharding, chunks per shard): a store holds one K, and column shards
         # of tables with different dims can hold different numbers of chunks.
+        split_mean = {self._feature_table[f].name for f in self._split_mean_features}
         lookups: List[FiitedEmbeddingBagCollection] = []
-        self._parts: List[List[_Part]] = []
+        self._parts: List[List[Part]] = []
         self._column_order: List[Optional[torch.Tensor]] = []
         for sharding in self._embedding_shardings:
             parts = []
-            for lookup, part in self._local_lookups(sharding, coordinator, len(lookups)):
+            for lookup, part in build_local_lookups(
+                sharding, self._tables, self._config, self._device, self._is_weighted, split_mean,
+                coordinator, len(lookups),
+            ):
                 lookups.append(lookup)
                 parts.append(part)
             self._parts.append(parts)
-            self._column_order.append(_column_order(parts))
+            order = column_order(parts)
+            self._column_order.append(None if order is None else order.to(self._device))
         self._lookups = nn.ModuleList(lookups)
         self._output_dists = nn.ModuleList(
             [s.create_output_dist(device=self._device) for s in self._embedding_shardings]
@@ -180,46 +185,6 @@ class ShardedFiitedEmbeddingBagCollection(
     def _row_wise(self, table: str) -> bool:
         return self._parameter_sharding[table].sharding_type == ShardingType.ROW_WISE.value
 
-    def _local_lookups(self, sharding, coordinator, first_index: int):
-        """This rank's lookups for one sharding (one per chunk count of its shards; one empty
-        lookup when it holds no shard), each with the positions of its features in the local KJT."""
-        by_chunks: Dict[int, Tuple[list, dict, List[str], List[int], List[int]]] = {}
-        position = 0
-        for group in sharding._grouped_embedding_configs:
-            for st in group.embedding_tables:
-                g = self._table_by_name[st.name]
-                row_off, col_off = (st.local_metadata.shard_offsets if st.local_metadata else (0, 0))
-                column_shard = st.local_cols != g.embedding_dim
-                name = f"{st.name}@c{col_off}" if column_shard else st.name
-                feats = [f"{f}@c{col_off}" if column_shard else f for f in st.feature_names]
-                split_bags = g.pooling == PoolingType.MEAN and self._row_wise(g.name)
-                num_chunks = st.local_cols * self._config.num_chunks // g.embedding_dim
-                local_tables, shards, keys, positions, dims = by_chunks.setdefault(
-                    num_chunks, ([], {}, [], [], [])
-                )
-                local_tables.append(
-                    EmbeddingBagConfig(
-                        num_embeddings=st.local_rows, embedding_dim=st.local_cols, name=name,
-                        feature_names=feats, pooling=PoolingType.SUM if split_bags else g.pooling,
-                        weight_init_min=g.get_weight_init_min(), weight_init_max=g.get_weight_init_max(),
-                    )
-                )
-                shards[name] = TableShard(st.name, int(row_off), int(col_off))
-                keys += feats
-                positions += range(position, position + len(feats))
-                dims += [st.local_cols] * len(feats)
-                position += len(feats)
-        if not by_chunks:
-            by_chunks[self._config.num_chunks] = ([], {}, [], [], [])
-        out = []
-        for local_tables, shards, keys, positions, dims in by_chunks.values():
-            lookup = FiitedEmbeddingBagCollection(
-                local_tables, self._config, self._device, self._is_weighted, shards, self._tables,
-                coordinator,
-            )
-            out.append((lookup, _Part(first_index + len(out), keys, positions, dims, position)))
-        return out
-
     def _create_input_dist(self, input_feature_names: List[str]) -> None:
         names: List[str] = []
         for sharding in self._embedding_shardings:
@@ -243,7 +208,7 @@ class ShardedFiitedEmbeddingBagCollection(
             self._has_uninitialized_input_dist = False
         with torch.no_grad():
             if self._split_mean_features:
-                ctx.divisor = _bag_lengths(features, self._split_mean_features)
+                ctx.divisor = bag_lengths(features, self._split_mean_features)
             if self._features_order:
                 features = features.permute(self._features_order)
             awaitables = []
@@ -286,7 +251,7 @@ class ShardedFiitedEmbeddingBagCollection(
         batches: List[Any] = [None] * len(self._lookups)
         for parts, kjt in zip(self._parts, dist_input):
             for part in parts:
-                batches[part.index] = self._resolve(self._lookups[part.index], part, kjt)
+                batches[part.index] = resolve(self._lookups[part.index], part, kjt)
         if self.training and torch.is_grad_enabled():
             for lookup, (batch, _) in zip(self._lookups, batches):
                 if batch:
@@ -303,23 +268,6 @@ class ShardedFiitedEmbeddingBagCollection(
                 outs.append(torch.cat([flat[p.index] for p in parts], dim=1)[:, order])
         return outs
 
-    @staticmethod
-    def _resolve(lookup, part: "_Part", kjt: KeyedJaggedTensor):
-        if not part.keys:
-            return [], kjt.stride()
-        if len(kjt.keys()) != part.num_keys:
-            raise RuntimeError(
-                f"[torchrec_fiited] local KJT keys {kjt.keys()} do not match {part.num_keys} features"
-            )
-        if len(part.positions) != part.num_keys:
-            kjt = kjt.permute(part.positions)
-        # Column shards of one table on one rank arrive as repeated keys; rename them to the
-        # lookup's per-shard features (same order: both follow the grouped configs).
-        local = KeyedJaggedTensor(
-            part.keys, kjt.values(), kjt.weights_or_none(), lengths=kjt.lengths(), stride=kjt.stride()
-        )
-        return lookup._resolve(local), kjt.stride()
-
     def output_dist(
         self, ctx: EmbeddingBagCollectionContext, output: List[torch.Tensor]
     ) -> LazyAwaitable[KeyedTensor]:
@@ -334,7 +282,7 @@ class ShardedFiitedEmbeddingBagCollection(
         )
         if self._split_mean_features:
             awaitable.callbacks.append(
-                partial(_divide_by_bag_length, features=self._split_mean_features, lengths=ctx.divisor)
+                partial(divide_by_bag_length, features=self._split_mean_features, lengths=ctx.divisor)
             )
         return awaitable
 
@@ -379,55 +327,6 @@ class ShardedFiitedEmbeddingBagCollection(
     @property
     def unsharded_module_type(self):
         return FiitedEmbeddingBagCollection
-
-
-@dataclass(frozen=True)
-class _Part:
-    """One lookup's share of a sharding's local KJT.
-
-    Args:
-        index: the lookup's index in ``_lookups``.
-        keys: its (renamed) features, in order.
-        positions: where those features sit among the local KJT's keys.
-        dims: the output columns of each feature.
-        num_keys: features in the local KJT.
-    """
-
-    index: int
-    keys: List[str]
-    positions: List[int]
-    dims: List[int]
-    num_keys: int
-
-
-def _column_order(parts: List[_Part]) -> Optional[torch.Tensor]:
-    """Columns of the parts' concatenated outputs in local-KJT feature order (None: one part)."""
-    if len(parts) == 1:
-        return None
-    start, at = {}, 0
-    for part in parts:
-        for pos, dim in zip(part.positions, part.dims):
-            start[pos] = (at, dim)
-            at += dim
-    return torch.cat([torch.arange(a, a + d) for a, d in (start[p] for p in sorted(start))])
-
-
-def _bag_lengths(features: KeyedJaggedTensor, names: List[str]) -> torch.Tensor:
-    """Bag lengths fp32 [B, len(names)] of ``names``, at least 1 (an empty bag stays zero)."""
-    per_key = features.to_dict()
-    return torch.stack([per_key[n].lengths() for n in names], dim=1).clamp(min=1).to(torch.float32)
-
-
-def _divide_by_bag_length(kt: KeyedTensor, features: List[str], lengths: torch.Tensor) -> KeyedTensor:
-    """Turn the summed bags of ``features`` into means (differentiable: the gradient is scaled
-    the same way, as the MEAN backward would)."""
-    scale = torch.ones_like(kt.values())
-    offsets = dict(zip(kt.keys(), kt.offset_per_key()[:-1]))
-    dims = dict(zip(kt.keys(), kt.length_per_key()))
-    for j, name in enumerate(features):
-        start = offsets[name]
-        scale[:, start : start + dims[name]] = lengths[:, j : j + 1]
-    return KeyedTensor(kt.keys(), kt.length_per_key(), kt.values() / scale, key_dim=kt.key_dim())
 
 
 def _pooled(lookup, batch, stride: int) -> torch.Tensor:
