@@ -91,12 +91,14 @@ def plan_pools(
     by_name = {t.name: t for t in global_tables}
     logical_pool: Dict[str, str] = {}
     full_floats: Dict[str, int] = {}
+    full_rows: Dict[str, int] = {}
     budgets: Dict[str, float] = {}
     for t in global_tables:
         _check_table(t, K)
         pool = f"own_{t.name}" if t.name in config.table_budgets else f"shared_cs{t.embedding_dim // K}"
         logical_pool[t.name] = pool
         full_floats[pool] = full_floats.get(pool, 0) + t.num_embeddings * t.embedding_dim
+        full_rows[pool] = full_rows.get(pool, 0) + t.num_embeddings
         budgets[pool] = config.budget_for(t.name)
     chunk_size_of = {logical_pool[t.name]: t.embedding_dim // K for t in global_tables}
     logical = {
@@ -128,8 +130,10 @@ def plan_pools(
         num_chunks_local.add(k_local)
         key = logical_pool[g.name]
         pool = key if k_local == K else f"{key}@c{chunk_offset}"
-        policy = logical[key][1]
-        budget = budgets[key] * _chunk_range_share(policy, chunk_offset, k_local)
+        capacity, policy = logical[key]
+        budget = budgets[key] if k_local == K else _chunk_range_fraction(
+            policy, budgets[key], capacity, full_rows[key], chunk_offset, k_local
+        )
         layouts.append(
             TableLayout(
                 t.name, t.num_embeddings, t.embedding_dim, cs, pool,
@@ -163,13 +167,18 @@ def _capacity(floats: float, chunk_size: int, tables: List[str], budget: float) 
     return cap
 
 
-def _chunk_range_share(policy: ThresholdPolicy, chunk_offset: int, k_local: int) -> float:
-    """Budget multiplier of a shard holding chunks [offset, offset + k_local): what its chunks
-    are due under the policy's per-chunk shares, relative to an even split."""
-    K = policy.num_chunks
-    if k_local == K or not isinstance(policy, ManualRatioPolicy):
-        return 1.0
-    return float(policy.shares[chunk_offset : chunk_offset + k_local].sum()) * K / k_local
+def _chunk_range_fraction(
+    policy: ThresholdPolicy, budget: float, capacity: int, num_rows: int, chunk_offset: int,
+    k_local: int,
+) -> float:
+    """Fraction of its chunks a column shard holding chunks [offset, offset + k_local) gets
+    slots for. Where the budget is the target (manual ratios filling the pool): what the logical
+    pool keeps of those chunk indices once every row is seen, water-filled so no chunk index is
+    due more slots than rows. Where it is only a cap (fixed ratios, dynamic): the budget."""
+    if not isinstance(policy, ManualRatioPolicy) or policy.fixed:
+        return budget
+    keep = policy.keep_fractions(capacity, num_rows)
+    return float(keep[chunk_offset : chunk_offset + k_local].mean())
 
 
 def _local_policy(policy: ThresholdPolicy, chunk_offset: int, k_local: int, enforce: float) -> ThresholdPolicy:
