@@ -5,18 +5,16 @@ from typing import Dict, Optional
 import torch
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
-from torchrec_fiited.store.logical import export_table
+from torchrec_fiited.store.logical import export_table, import_tables, logical_shapes, state_key
 
 
 def logical_tables(module) -> Dict[str, torch.Tensor]:
     """An unsharded ``FiitedEmbeddingBagCollection``'s logical state, keyed like a sharded
     collection's ``state_dict`` (``embedding_bags.<t>.weight``, ``...fiited_live``, ...)."""
-    from torchrec_fiited.distributed.logical_state import _FIELD_KEYS
-
     out = {}
     for name in module.store.layouts:
         for field, tensor in export_table(module.store, name).items():
-            out[f"embedding_bags.{name}.{_FIELD_KEYS[field]}"] = tensor
+            out[state_key(name, field)] = tensor
     out["steps_done"] = module.steps_done.clone()
     return out
 
@@ -40,14 +38,11 @@ def gather_state_dict(state_dict, dst: int = 0) -> Optional[Dict[str, torch.Tens
 def load_logical_tables(module, state: Dict[str, torch.Tensor]) -> None:
     """Load a logical state (``logical_tables`` / a gathered sharded ``state_dict``) into an
     unsharded ``FiitedEmbeddingBagCollection``; all-or-nothing, ``ValueError`` naming the table."""
-    from torchrec_fiited.distributed.logical_state import _FIELD_KEYS
-    from torchrec_fiited.store.logical import import_tables, logical_shapes
-
     tables = {}
     for name in module.store.layouts:
         fields = {}
         for field in logical_shapes(module.store, name):
-            key = f"embedding_bags.{name}.{_FIELD_KEYS[field]}"
+            key = state_key(name, field)
             if key not in state:
                 raise ValueError(f"table {name!r}: the state lacks {key!r}")
             fields[field] = state[key]

@@ -24,15 +24,15 @@ from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
 from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
 from torch.nn.modules.module import _IncompatibleKeys
 
-from torchrec_fiited.store.logical import export_table, import_errors, import_tables
+from torchrec_fiited.store.logical import (
+    export_table,
+    field_shapes,
+    import_errors,
+    import_tables,
+    per_chunk,
+    state_key,
+)
 
-_FIELD_KEYS = {
-    "weight": "weight",
-    "live": "fiited_live",
-    "utilities": "fiited_utilities",
-    "last_step": "fiited_last_step",
-    "momentum": "fiited_momentum",
-}
 _DTYPES = {"live": torch.uint8, "last_step": torch.int32}
 
 
@@ -41,22 +41,10 @@ class LogicalStateMixin:
     ``_config``, ``_parameter_sharding`` and ``_env``."""
 
     def _field_shapes(self, t) -> Dict[str, Tuple[int, int]]:
-        E, D, K = t.num_embeddings, t.embedding_dim, self._config.num_chunks
-        shapes = {"weight": (E, D), "live": (E, K), "utilities": (E, K), "last_step": (E, K)}
-        if self._config.optimizer == "adagrad":
-            shapes["momentum"] = (E, D)
-        elif self._config.optimizer == "rowwise_adagrad":
-            shapes["momentum"] = (E, K)
-        return shapes
+        return field_shapes(t.num_embeddings, t.embedding_dim, self._config.num_chunks, self._config.optimizer)
 
     def _errors_of_all_ranks(self, errors: List[str]) -> List[str]:
         return _rank_errors(self._coordinator.group, errors)
-
-    def _per_chunk(self, field: str) -> bool:
-        """Whether ``field`` has a column per chunk (else per embedding column)."""
-        if field == "momentum":
-            return self._config.optimizer == "rowwise_adagrad"
-        return field != "weight"
 
     def _local_shards(self, table: str):
         """(lookup, local table name, layout) of each shard of ``table`` on this rank."""
@@ -77,14 +65,14 @@ class LogicalStateMixin:
             cs = t.embedding_dim // self._config.num_chunks
             plan_shards = self._parameter_sharding[t.name].sharding_spec.shards
             for field, shape in self._field_shapes(t).items():
-                scale = cs if self._per_chunk(field) else 1
+                scale = cs if per_chunk(field, self._config.optimizer) else 1
                 metas = [_scaled(m, scale) for m in plan_shards]
                 shards = [
                     Shard(tensors[field], _find(metas, layout.row_offset, layout.chunk_offset * cs // scale))
                     for layout, tensors in local
                 ]
                 dtype = _DTYPES.get(field, torch.float32)
-                destination[f"{prefix}embedding_bags.{t.name}.{_FIELD_KEYS[field]}"] = _sharded(
+                destination[prefix + state_key(t.name, field)] = _sharded(
                     shards, metas, shape, dtype, self._env.process_group
                 )
         destination[prefix + "steps_done"] = torch.tensor(self.steps_done, dtype=torch.int64)
@@ -92,7 +80,7 @@ class LogicalStateMixin:
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         expected = {
-            f"embedding_bags.{t.name}.{_FIELD_KEYS[f]}" for t in self._tables for f in self._field_shapes(t)
+            state_key(t.name, f) for t in self._tables for f in self._field_shapes(t)
         } | {"steps_done"}
         missing = sorted(expected - set(state_dict))
         unexpected = sorted(set(state_dict) - expected)
@@ -108,10 +96,10 @@ class LogicalStateMixin:
             for lookup, name, layout in self._local_shards(t.name):
                 fields = per_lookup.setdefault(id(lookup), {}).setdefault(name, {})
                 for field, shape in self._field_shapes(t).items():
-                    value = state_dict.get(f"embedding_bags.{t.name}.{_FIELD_KEYS[field]}")
+                    value = state_dict.get(state_key(t.name, field))
                     if value is None:
                         continue
-                    scale = cs if self._per_chunk(field) else 1
+                    scale = cs if per_chunk(field, self._config.optimizer) else 1
                     rows = (layout.row_offset, layout.num_entries)
                     cols = (layout.chunk_offset * cs // scale, layout.dim // scale)
                     piece = _piece(value, rows, cols)

@@ -15,7 +15,7 @@ that has room for its live chunks. Nor are FIITED-2D column maps: loading keeps 
 and reads only the columns it stores.
 """
 
-from typing import Dict, List, Mapping
+from typing import Dict, List, Mapping, Tuple
 
 import torch
 
@@ -23,19 +23,45 @@ from torchrec_fiited.store.layout import NEVER_SEEN
 from torchrec_fiited.store.vhpi import VHPIStore
 
 FIELDS = ("weight", "live", "utilities", "last_step")
+# State-dict key suffix of each field, ``embedding_bags.<table>.<suffix>``: the weight under the
+# key a dense EBC uses, so a dense table loads as "every chunk live".
+_KEY_SUFFIX = {
+    "weight": "weight",
+    "live": "fiited_live",
+    "utilities": "fiited_utilities",
+    "last_step": "fiited_last_step",
+    "momentum": "fiited_momentum",
+}
+# Optimizer state per chunk slot (one column per chunk) or per float (one per embedding column).
+_MOMENTUM_PER_CHUNK = {"sgd": None, "rowwise_adagrad": True, "adagrad": False}
+
+
+def state_key(table: str, field: str) -> str:
+    """The state-dict key of ``table``'s logical ``field``."""
+    return f"embedding_bags.{table}.{_KEY_SUFFIX[field]}"
+
+
+def field_shapes(num_entries: int, dim: int, num_chunks: int, optimizer: str) -> Dict[str, Tuple[int, int]]:
+    """Shapes of a table's logical tensors; no momentum for sgd."""
+    E, D, K = num_entries, dim, num_chunks
+    shapes = {"weight": (E, D), "live": (E, K), "utilities": (E, K), "last_step": (E, K)}
+    per_chunk = _MOMENTUM_PER_CHUNK[optimizer]
+    if per_chunk is not None:
+        shapes["momentum"] = (E, K) if per_chunk else (E, D)
+    return shapes
+
+
+def per_chunk(field: str, optimizer: str) -> bool:
+    """Whether ``field`` has one column per chunk (else one per embedding column)."""
+    if field == "momentum":
+        return bool(_MOMENTUM_PER_CHUNK[optimizer])
+    return field != "weight"
 
 
 def logical_shapes(store: VHPIStore, table: str) -> Dict[str, tuple]:
     """Shapes of ``table``'s logical tensors (local rows and columns)."""
     layout = store.layouts[table]
-    E, D, K = layout.num_entries, layout.dim, store.num_chunks
-    shapes = {"weight": (E, D), "live": (E, K), "utilities": (E, K), "last_step": (E, K)}
-    momentum = store.pool_of(table).momentum
-    if momentum.dim() == 2:
-        shapes["momentum"] = (E, D)
-    elif momentum.numel():
-        shapes["momentum"] = (E, K)
-    return shapes
+    return field_shapes(layout.num_entries, layout.dim, store.num_chunks, store.optimizer)
 
 
 def export_table(store: VHPIStore, table: str) -> Dict[str, torch.Tensor]:

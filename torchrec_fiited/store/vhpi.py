@@ -81,6 +81,7 @@ class VHPIStore(nn.Module):
     ) -> None:
         super().__init__()
         self.num_chunks = num_chunks
+        self.optimizer = optimizer
         self.seed = seed
         self.layouts: Dict[str, TableLayout] = {t.name: t for t in layouts}
         self.tables = nn.ModuleDict(
