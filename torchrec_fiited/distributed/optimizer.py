@@ -5,14 +5,17 @@ optimizer state_dict checkpoints with DCP like any replicated object; the per-ch
 state itself lives in the module's logical state_dict, where it is sharded with the rows.
 """
 
-from typing import Any, Dict, List
+from typing import Dict, List
 
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.optim.fused import FusedOptimizer
 
+from torchrec_fiited.optim import InBackwardOptimizer
+from torchrec_fiited.store.logical import state_key
 
-class ShardedFiitedOptimizer(FusedOptimizer):
+
+class ShardedFiitedOptimizer(InBackwardOptimizer):
     """Hyper-parameters (lr, eps, weight_decay, optimizer) for every local lookup of a rank.
 
     The lookups read ``param_groups[0]`` in backward, so LR schedulers on DMP's
@@ -25,16 +28,8 @@ class ShardedFiitedOptimizer(FusedOptimizer):
 
     def __init__(self, tables: List[EmbeddingBagConfig], unsharded: FusedOptimizer) -> None:
         params: Dict[str, torch.Tensor] = {
-            f"embedding_bags.{t.name}.weight": torch.empty(0) for t in tables
+            state_key(t.name, "weight"): torch.empty(0) for t in tables
         }
         group = {k: v for k, v in unsharded.param_groups[0].items() if k != "params"}
         group["params"] = list(params.values())
         super().__init__(params, {}, [group])
-
-    def step(self, closure: Any = None) -> None:
-        """No-op: the update already happened in backward with the current ``param_groups``."""
-        return None
-
-    def zero_grad(self, set_to_none: bool = False) -> None:
-        """No-op: fused updates leave no gradients behind."""
-        return None

@@ -1,5 +1,5 @@
 """Fused sparse optimizer exposure (the update kernels live in ``ops``)."""
 
-from torchrec_fiited.optim.fused import FiitedFusedOptimizer
+from torchrec_fiited.optim.fused import FiitedFusedOptimizer, InBackwardOptimizer
 
-__all__ = ["FiitedFusedOptimizer"]
+__all__ = ["FiitedFusedOptimizer", "InBackwardOptimizer"]

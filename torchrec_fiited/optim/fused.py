@@ -13,7 +13,19 @@ from torchrec.optim.fused import FusedOptimizer
 from torchrec_fiited.store.chunk_pool import ChunkPool
 
 
-class FiitedFusedOptimizer(FusedOptimizer):
+class InBackwardOptimizer(FusedOptimizer):
+    """A handle whose updates already ran in backward: ``step`` and ``zero_grad`` do nothing."""
+
+    def step(self, closure: Any = None) -> None:
+        """No-op: the update already happened in backward with the current ``param_groups``."""
+        return None
+
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        """No-op: fused updates leave no gradients behind."""
+        return None
+
+
+class FiitedFusedOptimizer(InBackwardOptimizer):
     """Keys: ``pools.<pool>.weights`` -> state ``{"<pool>.momentum": tensor}`` (none for SGD).
 
     Args:
@@ -51,14 +63,6 @@ class FiitedFusedOptimizer(FusedOptimizer):
         self.params = params
         self.state = state
         self.param_groups[0]["params"] = list(params.values())
-
-    def step(self, closure: Any = None) -> None:
-        """No-op: the update already happened in backward with the current ``param_groups``."""
-        return None
-
-    def zero_grad(self, set_to_none: bool = False) -> None:
-        """No-op: fused updates leave no gradients behind."""
-        return None
 
 
 def _params_and_state(pools: Mapping[str, ChunkPool]):
