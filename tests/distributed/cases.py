@@ -364,3 +364,46 @@ def load_single_process_state(
     dmp = _ebc_dmp(kind, world_size, load_config)
     dmp.load_state_dict(logical_tables(single))
     return want, _eval_outputs(dmp, rank, world_size)
+
+
+# ---- planner estimate against the bytes a sharded module allocates -----------------------------
+
+def planner_tables() -> List[EmbeddingBagConfig]:
+    """Two tables sharing a pool (cs=4) and one with a pool of its own chunk size (cs=8), K=4."""
+    return [
+        EmbeddingBagConfig(name="t0", num_embeddings=1000, embedding_dim=16, feature_names=["f0"]),
+        EmbeddingBagConfig(name="t1", num_embeddings=600, embedding_dim=16, feature_names=["f1"]),
+        EmbeddingBagConfig(name="t2", num_embeddings=800, embedding_dim=32, feature_names=["f2"]),
+    ]
+
+
+def sharded_bytes(
+    rank: int, world_size: int, config: Dict[str, Any], plans: Dict[str, ShardingPlan]
+) -> Dict[str, Dict[str, int]]:
+    """Per plan, after a training step on this rank: the bytes of the sharded module's tensors,
+    of its FIITED lookups' tensors, the sum of their ``stats()`` totals, and their number."""
+    out = {}
+    g = torch.Generator().manual_seed(rank)
+    for name, plan in plans.items():
+        module = FiitedEmbeddingBagCollection(planner_tables(), FiitedConfig(**config))
+        sharded = FiitedEmbeddingBagCollectionSharder().shard(
+            module, plan.plan[""], ShardingEnv.from_process_group(dist.group.WORLD), torch.device("cpu")
+        )
+        keys = [t.feature_names[0] for t in planner_tables()]
+        rows = [t.num_embeddings for t in planner_tables()]
+        lengths = torch.randint(0, 4, (len(keys), 8), generator=g)
+        ids = [torch.randint(0, r, (int(n),), generator=g) for r, n in zip(rows, lengths.sum(1))]
+        kjt = KeyedJaggedTensor.from_lengths_sync(keys, torch.cat(ids), lengths.reshape(-1))
+        sharded(kjt).values().sum().backward()
+        out[name] = {
+            "tensor_bytes": _tensor_bytes(sharded),
+            "lookup_bytes": sum(_tensor_bytes(lookup) for lookup in sharded._lookups),
+            "stats_total": sum(s["bytes"]["total"] for s in sharded.stats().values()),
+            "lookups": len(sharded._lookups),
+        }
+    return out
+
+
+def _tensor_bytes(module: torch.nn.Module) -> int:
+    tensors = list(module.buffers()) + list(module.parameters())
+    return sum(t.numel() * t.element_size() for t in tensors)

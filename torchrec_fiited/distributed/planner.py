@@ -6,33 +6,66 @@ after the stock estimate, and ``make_fiited_planner`` wires it into an ``Embeddi
 """
 
 import dataclasses
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
+import torch
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
 from torchrec.distributed.planner.shard_estimators import (
     EmbeddingPerfEstimator,
     EmbeddingStorageEstimator,
 )
-from torchrec.distributed.planner.types import ParameterConstraints, ShardingOption, Storage
+from torchrec.distributed.planner.types import ParameterConstraints, ShardingOption
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
+from torchrec_fiited.config import FiitedConfig
 from torchrec_fiited.modules.fiited_ebc import FiitedEmbeddingBagCollection
+from torchrec_fiited.modules.layout_plan import (
+    LogicalPools,
+    logical_pools,
+    pool_slots,
+    shard_pool_fraction,
+)
+from torchrec_fiited.store import ChunkPool, EntryTable
 
-_FP32 = 4
+
+def _buffer_bytes(module: torch.nn.Module) -> int:
+    return sum(b.numel() * b.element_size() for b in module.buffers())
 
 
-def fiited_shard_bytes(rows: int, cols: int, dim: int, num_chunks: int, budget: float, optimizer: str) -> int:
-    """Bytes a FIITED shard of ``rows x cols`` (of a table with ``dim`` columns) holds.
+def fiited_shard_bytes(
+    tables: List[EmbeddingBagConfig],
+    config: FiitedConfig,
+    table: str,
+    size: Sequence[int],
+    offset: Sequence[int],
+    logical: Optional[LogicalPools] = None,
+) -> int:
+    """Bytes a FIITED shard holds: rows ``size[0]`` and columns ``size[1]`` of ``table`` (one of
+    the collection's ``tables``), starting at ``offset`` = (row, column).
 
-    Pools budget x rows x cols fp32; per slot a 4 B free-stack entry and the optimizer state
-    (4 B rowwise, chunk_size x 4 B adagrad); per row 8K + 5 B of VHPI metadata, where K counts
-    the shard's chunks.
+    The pool slots come from ``layout_plan.shard_pool_fraction``, the rule the sharded module
+    sizes its pools by, so a column shard is charged the water-filled share of its chunk range;
+    the bytes are those of the store's own tensors for that shard (a meta ``EntryTable`` and
+    ``ChunkPool``): per row 8K + 5 B of VHPI metadata (K = the shard's chunks), per slot the
+    chunk's floats, a 4 B free-stack entry and the optimizer state, plus a few counters. A rank's
+    shards that share a local pool share its counters and its rounding to whole slots, so their
+    sum can differ from the pool by under a slot plus the counters per shard.
+
+    Args:
+        logical: ``logical_pools(tables, config)``, when the caller already has it.
     """
-    chunk_size = dim // num_chunks
-    k_local = cols // chunk_size
-    slots = int(budget * rows * k_local)
-    per_slot = {"sgd": 0, "rowwise_adagrad": _FP32, "adagrad": chunk_size * _FP32}[optimizer]
-    return slots * (chunk_size * _FP32 + _FP32 + per_slot) + rows * (8 * k_local + 5)
+    logical = logical or logical_pools(tables, config)
+    dim = {t.name: t.embedding_dim for t in tables}[table]
+    rows, cols = int(size[0]), int(size[1])
+    chunk_size = dim // config.num_chunks
+    k_local, chunk_offset = cols // chunk_size, int(offset[1]) // chunk_size
+    fraction = shard_pool_fraction(logical, table, chunk_offset, k_local)
+    slots = pool_slots(fraction * rows * cols, chunk_size)
+    meta = torch.device("meta")
+    return _buffer_bytes(EntryTable(rows, k_local, meta)) + _buffer_bytes(
+        ChunkPool(slots, chunk_size, k_local, config.optimizer, meta)
+    )
 
 
 class FiitedStorageEstimator(EmbeddingStorageEstimator):
@@ -41,17 +74,19 @@ class FiitedStorageEstimator(EmbeddingStorageEstimator):
 
     def estimate(self, sharding_options: List[ShardingOption], sharder_data_map=None) -> None:
         super().estimate(sharding_options, sharder_data_map)
+        logical: Dict[int, LogicalPools] = {}
         for so in sharding_options:
             module = so.module[1]
             if not isinstance(module, FiitedEmbeddingBagCollection):
                 continue
-            cfg = module.config
-            dim = so.tensor.shape[1]
+            tables = module.embedding_bag_configs()
+            if id(module) not in logical:
+                logical[id(module)] = logical_pools(tables, module.config)
             for shard in so.shards:
                 rows, cols = shard.size
                 dense = rows * cols * so.tensor.element_size()
                 fiited = fiited_shard_bytes(
-                    rows, cols, dim, cfg.num_chunks, cfg.budget_for(so.name), cfg.optimizer
+                    tables, module.config, so.name, shard.size, shard.offset, logical[id(module)]
                 )
                 s = shard.storage
                 if s is None:

@@ -58,6 +58,93 @@ class PoolPlan:
     logical_of: Dict[str, str]
 
 
+@dataclass(frozen=True)
+class LogicalPools:
+    """How a collection's global tables group into logical pools, and what each pool holds.
+
+    Args:
+        pool_of: the logical pool of each global table.
+        budgets: each pool's budget (its tables share it).
+        num_rows: rows of each pool's tables, summed.
+        pools: per pool, (capacity, policy over all K chunks): what thresholds are computed for.
+    """
+
+    pool_of: Dict[str, str]
+    budgets: Dict[str, float]
+    num_rows: Dict[str, int]
+    pools: Dict[str, Tuple[int, ThresholdPolicy]]
+
+
+def logical_pools(global_tables: List[EmbeddingBagConfig], config: FiitedConfig) -> LogicalPools:
+    """Group ``global_tables`` into logical pools and size each to its budget.
+
+    Tables with the global budget share one pool per chunk size, so they compete for slots by
+    utility (the paper's global pools); a table with a ``table_budgets`` override gets its own.
+
+    Raises:
+        ValueError: naming the table, for a dim not divisible by K, an unsupported pooling or
+            dtype, an override for an unknown table, or a budget too small for a single slot.
+    """
+    check_table_names([t.name for t in global_tables])
+    unknown = sorted(set(config.table_budgets) - {t.name for t in global_tables})
+    if unknown:
+        raise ValueError(f"table_budgets names unknown tables {unknown}")
+    K = config.num_chunks
+    pool_of: Dict[str, str] = {}
+    full_floats: Dict[str, int] = {}
+    num_rows: Dict[str, int] = {}
+    budgets: Dict[str, float] = {}
+    for t in global_tables:
+        _check_table(t, K)
+        pool = f"own_{t.name}" if t.name in config.table_budgets else f"shared_cs{t.embedding_dim // K}"
+        pool_of[t.name] = pool
+        full_floats[pool] = full_floats.get(pool, 0) + t.num_embeddings * t.embedding_dim
+        num_rows[pool] = num_rows.get(pool, 0) + t.num_embeddings
+        budgets[pool] = config.budget_for(t.name)
+    chunk_size_of = {pool_of[t.name]: t.embedding_dim // K for t in global_tables}
+    pools = {
+        p: (
+            _capacity(
+                budgets[p] * n, chunk_size_of[p], [t for t, q in pool_of.items() if q == p],
+                budgets[p],
+            ),
+            make_policy(config, budgets[p]),
+        )
+        for p, n in full_floats.items()
+    }
+    return LogicalPools(pool_of, budgets, num_rows, pools)
+
+
+def shard_pool_fraction(
+    logical: LogicalPools, global_table: str, chunk_offset: int, k_local: int
+) -> float:
+    """Fraction of a shard's ``rows x k_local * chunk_size`` floats its local pool holds.
+
+    The one sizing rule for what a shard allocates: ``plan_pools`` sizes the pools with it, and
+    the planner's storage estimator (``distributed/planner.py``) charges shards by it. A shard
+    holding every chunk of its rows (unsharded, table-wise, row-wise) gets its pool's budget. A
+    column shard holding chunks [chunk_offset, chunk_offset + k_local): where the budget is the
+    target (manual ratios filling the pool), what the logical pool keeps of those chunk indices
+    once every row is seen, water-filled so no chunk index is due more slots than rows; where it
+    is only a cap (fixed ratios, dynamic), the budget.
+    """
+    key = logical.pool_of[global_table]
+    budget = logical.budgets[key]
+    capacity, policy = logical.pools[key]
+    if k_local == policy.num_chunks or not isinstance(policy, ManualRatioPolicy) or policy.fixed:
+        return min(1.0, budget)
+    keep = policy.keep_fractions(capacity, logical.num_rows[key])
+    return min(1.0, float(keep[chunk_offset : chunk_offset + k_local].mean()))
+
+
+def pool_slots(floats: float, chunk_size: int) -> int:
+    """Slots of ``chunk_size`` floats that fit in ``floats``.
+
+    The epsilon keeps a product like 0.3 * 1000 from flooring to 299 through float noise.
+    """
+    return int(floats / chunk_size + 1e-6)
+
+
 def plan_pools(
     tables: List[EmbeddingBagConfig],
     config: FiitedConfig,
@@ -66,10 +153,10 @@ def plan_pools(
 ) -> PoolPlan:
     """Group tables into pools and size each pool to its budget.
 
-    Tables with the global budget share one pool per chunk size, so they compete for slots by
-    utility (the paper's global pools); a table with a ``table_budgets`` override gets its own.
-    A shard's pool holds its share of its logical pool's budget: budget x its rows (row-wise),
-    or the slots its chunk range is due under the fitted ratios (column-wise).
+    Logical pools follow ``logical_pools``; a shard's local pool holds ``shard_pool_fraction``
+    of its floats: budget x its rows (row-wise), or the slots its chunk range is due under the
+    fitted ratios (column-wise). Shards of a rank with the same logical pool and chunk range
+    share one local pool.
 
     Raises:
         ValueError: for ``shards`` with dim pruning on; naming the table, for a dim not divisible by K, an unsupported pooling or
@@ -83,34 +170,9 @@ def plan_pools(
         )
     global_tables = list(global_tables if global_tables is not None else tables)
     shards = dict(shards or {t.name: TableShard(t.name) for t in tables})
-    check_table_names([t.name for t in global_tables])
-    unknown = sorted(set(config.table_budgets) - {t.name for t in global_tables})
-    if unknown:
-        raise ValueError(f"table_budgets names unknown tables {unknown}")
     K = config.num_chunks
     by_name = {t.name: t for t in global_tables}
-    logical_pool: Dict[str, str] = {}
-    full_floats: Dict[str, int] = {}
-    full_rows: Dict[str, int] = {}
-    budgets: Dict[str, float] = {}
-    for t in global_tables:
-        _check_table(t, K)
-        pool = f"own_{t.name}" if t.name in config.table_budgets else f"shared_cs{t.embedding_dim // K}"
-        logical_pool[t.name] = pool
-        full_floats[pool] = full_floats.get(pool, 0) + t.num_embeddings * t.embedding_dim
-        full_rows[pool] = full_rows.get(pool, 0) + t.num_embeddings
-        budgets[pool] = config.budget_for(t.name)
-    chunk_size_of = {logical_pool[t.name]: t.embedding_dim // K for t in global_tables}
-    logical = {
-        p: (
-            _capacity(
-                budgets[p] * n, chunk_size_of[p], [t for t, q in logical_pool.items() if q == p],
-                budgets[p],
-            ),
-            make_policy(config, budgets[p]),
-        )
-        for p, n in full_floats.items()
-    }
+    logical = logical_pools(global_tables, config)
 
     layouts: List[TableLayout] = []
     local_floats: Dict[str, float] = {}
@@ -128,12 +190,8 @@ def plan_pools(
             )
         k_local, chunk_offset = t.embedding_dim // cs, shard.col_offset // cs
         num_chunks_local.add(k_local)
-        key = logical_pool[g.name]
+        key = logical.pool_of[g.name]
         pool = key if k_local == K else f"{key}@c{chunk_offset}"
-        capacity, policy = logical[key]
-        budget = budgets[key] if k_local == K else _chunk_range_fraction(
-            policy, budgets[key], capacity, full_rows[key], chunk_offset, k_local
-        )
         layouts.append(
             TableLayout(
                 t.name, t.num_embeddings, t.embedding_dim, cs, pool,
@@ -141,8 +199,9 @@ def plan_pools(
                 g.name, shard.row_offset, chunk_offset,
             )
         )
-        local_floats[pool] = local_floats.get(pool, 0.0) + min(1.0, budget) * t.num_embeddings * t.embedding_dim
-        local_policy[pool] = _local_policy(policy, chunk_offset, k_local, config.enforce_ratio)
+        fraction = shard_pool_fraction(logical, g.name, chunk_offset, k_local)
+        local_floats[pool] = local_floats.get(pool, 0.0) + fraction * t.num_embeddings * t.embedding_dim
+        local_policy[pool] = _local_policy(logical.pools[key][1], chunk_offset, k_local, config.enforce_ratio)
         logical_of[pool] = key
     if len(num_chunks_local) > 1:
         raise ValueError(
@@ -150,35 +209,22 @@ def plan_pools(
         )
     chunk_size = {l.pool: l.chunk_size for l in layouts}
     capacities = {
-        p: _capacity(n, chunk_size[p], [l.name for l in layouts if l.pool == p], budgets[logical_of[p]])
+        p: _capacity(
+            n, chunk_size[p], [l.name for l in layouts if l.pool == p], logical.budgets[logical_of[p]]
+        )
         for p, n in local_floats.items()
     }
     return PoolPlan(
         layouts, num_chunks_local.pop() if num_chunks_local else K, capacities, local_policy,
-        logical, logical_of,
+        logical.pools, logical_of,
     )
 
 
 def _capacity(floats: float, chunk_size: int, tables: List[str], budget: float) -> int:
-    # The epsilon keeps a product like 0.3 * 1000 from flooring to 299 through float noise.
-    cap = int(floats / chunk_size + 1e-6)
+    cap = pool_slots(floats, chunk_size)
     if cap < 1:
         raise ValueError(f"budget {budget} leaves no chunk slot for tables {tables}")
     return cap
-
-
-def _chunk_range_fraction(
-    policy: ThresholdPolicy, budget: float, capacity: int, num_rows: int, chunk_offset: int,
-    k_local: int,
-) -> float:
-    """Fraction of its chunks a column shard holding chunks [offset, offset + k_local) gets
-    slots for. Where the budget is the target (manual ratios filling the pool): what the logical
-    pool keeps of those chunk indices once every row is seen, water-filled so no chunk index is
-    due more slots than rows. Where it is only a cap (fixed ratios, dynamic): the budget."""
-    if not isinstance(policy, ManualRatioPolicy) or policy.fixed:
-        return budget
-    keep = policy.keep_fractions(capacity, num_rows)
-    return float(keep[chunk_offset : chunk_offset + k_local].mean())
 
 
 def _local_policy(policy: ThresholdPolicy, chunk_offset: int, k_local: int, enforce: float) -> ThresholdPolicy:
