@@ -5,8 +5,9 @@ given in steps, so the same preset works on a 200-step synthetic epoch and a 20k
 """
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
+import numpy as np
 import torch
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
@@ -17,7 +18,9 @@ from torchrec_fiited import FiitedConfig, FiitedEmbeddingBagCollection
 from torchrec_fiited.app.model import full_embeddings
 
 FIITED_METHODS = ("fiited", "fiited_dynamic", "adaembed", "itep")
-METHODS = ("full", "mixed_dim") + FIITED_METHODS
+#: Baselines with no sharder: the app runs them as a single process only.
+SINGLE_PROCESS_METHODS = ("mixed_dim", "hash", "freq_oracle")
+METHODS = ("full",) + SINGLE_PROCESS_METHODS + FIITED_METHODS
 
 
 @dataclass(frozen=True)
@@ -77,10 +80,25 @@ def build_embeddings(
     steps_per_epoch: int,
     seed: int,
     popularity: Optional[Sequence[float]] = None,
+    counts: Optional[Mapping[str, np.ndarray]] = None,
 ) -> EmbeddingBagCollectionInterface:
-    """The embedding module of ``spec.method`` over ``tables`` at ``budget``."""
+    """The embedding module of ``spec.method`` over ``tables`` at ``budget``.
+
+    ``popularity`` (Mixed-Dimension) and ``counts`` (frequency oracle: feature name -> training
+    count per id) come from the training data; other methods ignore them.
+    """
     if spec.method == "full":
         return full_embeddings(tables, lr, eps)
+    if spec.method == "hash":
+        from torchrec_fiited.baselines import HashedEmbeddingBagCollection
+
+        return HashedEmbeddingBagCollection(tables, budget=budget, lr=lr, eps=eps)
+    if spec.method == "freq_oracle":
+        from torchrec_fiited.baselines import FreqOracleEmbeddingBagCollection
+
+        if counts is None:
+            raise ValueError("emb=freq_oracle needs the training counts per id (counts=...)")
+        return FreqOracleEmbeddingBagCollection(tables, budget=budget, counts=counts, lr=lr, eps=eps)
     if spec.method == "mixed_dim":
         from torchrec_fiited.baselines.mixed_dim import MixedDimEmbeddingBagCollection
 
@@ -100,7 +118,8 @@ def fused_optimizer(module: torch.nn.Module) -> Optional[KeyedOptimizer]:
 
 
 def embedding_bytes(module: torch.nn.Module) -> int:
-    """Bytes the embedding module's tensors hold now (parameters, buffers and fused state)."""
+    """Bytes the embedding module's tensors hold now (parameters, buffers and fused state), each
+    tensor counted once (FBGEMM's tables and their state are views of shared storages)."""
     if isinstance(module, FiitedEmbeddingBagCollection):
         return module.stats()["bytes"]["total"]
     tensors = list(module.parameters()) + list(module.buffers())
@@ -108,7 +127,18 @@ def embedding_bytes(module: torch.nn.Module) -> int:
     if optimizer is not None:
         for per_param in optimizer.state.values():
             tensors += [t for t in per_param.values() if isinstance(t, torch.Tensor)]
-    return sum(t.numel() * t.element_size() for t in tensors)
+    return _distinct_bytes(tensors)
+
+
+def _distinct_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the tensors, a view seen twice (same storage, offset and size) counted once."""
+    seen, total = set(), 0
+    for t in tensors:
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
 
 
 def local_shard_bytes(module: torch.nn.Module) -> int:
@@ -127,16 +157,11 @@ def local_shard_bytes(module: torch.nn.Module) -> int:
     if optimizer is not None:
         values += [v for per_param in optimizer.state_dict()["state"].values()
                    for v in per_param.values()]
-    seen, total = set(), 0
-    for value in values:
-        shards = ([s.tensor for s in value.local_shards()] if isinstance(value, ShardedTensor)
+    return _distinct_bytes(
+        t for value in values
+        for t in ([s.tensor for s in value.local_shards()] if isinstance(value, ShardedTensor)
                   else [value] if isinstance(value, torch.Tensor) else [])
-        for t in shards:
-            key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
-            if key not in seen:
-                seen.add(key)
-                total += t.numel() * t.element_size()
-    return total
+    )
 
 
 def _stats_bytes(stats: Dict[str, Any]) -> int:

@@ -22,7 +22,8 @@ from torchrec_fiited.app.checkpoint import (
     Checkpointer, check_compatible, read_meta, rng_state, set_rng_state,
 )
 from torchrec_fiited.app.embeddings import (
-    EmbeddingSpec, build_embeddings, embedding_bytes, fused_optimizer, local_shard_bytes,
+    SINGLE_PROCESS_METHODS, EmbeddingSpec, build_embeddings, embedding_bytes, fused_optimizer,
+    local_shard_bytes,
 )
 from torchrec_fiited.app.loop import TrainResult, predict, train
 from torchrec_fiited.app.metrics import compute_metrics
@@ -76,10 +77,10 @@ class TrainRecipe:
 
     def setup(self) -> None:
         self.env = parallel.init_distributed()
-        if self.env.is_distributed and self.emb.method == "mixed_dim":
+        if self.env.is_distributed and self.emb.method in SINGLE_PROCESS_METHODS:
             raise ValueError(
-                "emb=mixed_dim does not run distributed (no sharder for its projected tables); "
-                "launch it as a single process"
+                f"emb={self.emb.method} does not run distributed (no sharder for its re-indexed "
+                "or projected tables); launch it as a single process"
             )
         # Hydra names the output dir per process (${now}); rank 0's is the run's.
         self.output_dir = parallel.broadcast_from_main(self.env, self.output_dir)
@@ -107,7 +108,7 @@ class TrainRecipe:
         self.full_bytes = sum(tb.num_embeddings * tb.embedding_dim * 4 for tb in tables)
         self.embeddings = build_embeddings(
             self.emb, tables, self.budget, t.sparse_lr, t.sparse_eps, self.steps_per_epoch,
-            self.seed, popularity=self._popularity(),
+            self.seed, popularity=self._popularity(), counts=self._train_counts(),
         )
         self.model = build_dlrm(self.embeddings, self.spec.num_dense, m.dense_arch, m.over_arch)
         if self.env.is_distributed:
@@ -130,6 +131,14 @@ class TrainRecipe:
         from torchrec_fiited.baselines.mixed_dim import feature_popularity
 
         return feature_popularity(self.train_data.arrays.sparse)
+
+    def _train_counts(self) -> Optional[Dict[str, np.ndarray]]:
+        """The frequency oracle's training count per id, per feature."""
+        if self.emb.method != "freq_oracle":
+            return None
+        from torchrec_fiited.baselines.freq_oracle import feature_counts
+
+        return feature_counts(self.train_data.arrays.sparse, self.spec.sparse_names)
 
     # ---- training ----------------------------------------------------------------------------
 
