@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 def main(cfg: DictConfig) -> None:
     plain = OmegaConf.to_container(cfg, resolve=True)
     hc = HydraConfig.get()
-    plain["emb_name"] = hc.runtime.choices.get("emb", plain["emb"]["method"])
+    plain["emb_name"] = plain.get("label") or hc.runtime.choices.get("emb", plain["emb"]["method"])
     plain["dataset"] = _absolute_paths(plain["dataset"])
     recipe = TrainRecipe(plain, hc.runtime.output_dir)
     metrics = recipe.run()

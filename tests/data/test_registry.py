@@ -12,9 +12,9 @@ SYNTH = dict(num_train=1000, num_test=300, cardinality_scale=0.01)
 
 def test_unknown_name_lists_supported() -> None:
     with pytest.raises(ValueError, match="unknown dataset 'imagenet'; supported datasets: "
-                                         "synthetic, criteo, avazu, movielens"):
+                                         "synthetic, synthetic_easy, criteo, avazu, movielens"):
         load_dataset("imagenet")
-    assert SUPPORTED_DATASETS == ("synthetic", "criteo", "avazu", "movielens")
+    assert SUPPORTED_DATASETS == ("synthetic", "synthetic_easy", "criteo", "avazu", "movielens")
 
 
 def test_unknown_option_lists_accepted() -> None:

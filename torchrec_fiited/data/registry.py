@@ -6,8 +6,9 @@ The Hydra app passes its ``dataset`` config group as keyword arguments::
 
 Batching options (``batch_size``, ``test_batch_size``, ``drop_last``, ``shuffle``,
 ``shuffle_seed``) are handled here; every other option goes to the dataset's
-loader: :class:`~torchrec_fiited.data.synthetic.SyntheticConfig` fields for
-``synthetic``, the keyword arguments of
+loader: :class:`~torchrec_fiited.data.clicklog.ClickLogConfig` fields for ``synthetic``
+(the hard click log), :class:`~torchrec_fiited.data.synthetic.SyntheticConfig` fields for
+``synthetic_easy`` (the first planted model), the keyword arguments of
 :func:`~torchrec_fiited.data.criteo.load_criteo`,
 :func:`~torchrec_fiited.data.avazu.load_avazu` and
 :func:`~torchrec_fiited.data.movielens.load_movielens` for the others. Relative
@@ -27,26 +28,37 @@ from torchrec_fiited.data.avazu import load_avazu
 from torchrec_fiited.data.common import CTRArrays, DatasetSpec, make_batches
 from torchrec_fiited.data.criteo import load_criteo
 from torchrec_fiited.data.movielens import load_movielens
+from torchrec_fiited.data.clicklog import ClickLogConfig, make_clicklog
 from torchrec_fiited.data.synthetic import SyntheticConfig, make_synthetic
 
 Loaded = tuple[CTRArrays, CTRArrays, DatasetSpec]
 
 
 def _load_synthetic(**options: Any) -> Loaded:
-    """Builds a SyntheticConfig from the options and generates the data."""
-    return make_synthetic(SyntheticConfig(**options))
+    """The hard click log: builds a ClickLogConfig from the options and generates the data."""
+    if "zipf_range" in options:  # Hydra passes a ListConfig
+        options["zipf_range"] = tuple(float(x) for x in options["zipf_range"])
+    return make_clicklog(ClickLogConfig(**options))
+
+
+def _load_synthetic_easy(**options: Any) -> Loaded:
+    """The first planted model: builds a SyntheticConfig and generates the data."""
+    train, test, spec = make_synthetic(SyntheticConfig(**options))
+    return train, test, dataclasses.replace(spec, name="synthetic_easy")
 
 
 _LOADERS: dict[str, Callable[..., Loaded]] = {
     "synthetic": _load_synthetic,
+    "synthetic_easy": _load_synthetic_easy,
     "criteo": load_criteo,
     "avazu": load_avazu,
     "movielens": load_movielens,
 }
 _OPTIONS: dict[str, tuple[str, ...]] = {
-    "synthetic": tuple(f.name for f in dataclasses.fields(SyntheticConfig)),
+    "synthetic": tuple(f.name for f in dataclasses.fields(ClickLogConfig)),
+    "synthetic_easy": tuple(f.name for f in dataclasses.fields(SyntheticConfig)),
     **{name: tuple(p for p in inspect.signature(fn).parameters if p != "name")
-       for name, fn in _LOADERS.items() if name != "synthetic"},
+       for name, fn in _LOADERS.items() if not name.startswith("synthetic")},
 }
 #: Names accepted by :func:`load_dataset`.
 SUPPORTED_DATASETS: tuple[str, ...] = tuple(_LOADERS)

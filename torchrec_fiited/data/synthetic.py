@@ -237,9 +237,22 @@ def _drifted(table: np.ndarray, ids: np.ndarray, cos: np.ndarray,
     return cos.reshape(shape) * table[0][ids] + sin.reshape(shape) * table[1][ids]
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
+def sigmoid(x: np.ndarray) -> np.ndarray:
     """Elementwise logistic function, float64."""
     return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+def calibrate_bias(signal: np.ndarray, base_ctr: float) -> float:
+    """The intercept ``b`` with ``mean(sigmoid(b + signal)) = base_ctr``, by bisection (the mean
+    CTR is increasing in ``b``)."""
+    lo, hi = -30.0, 30.0
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if sigmoid(mid + signal).mean() < base_ctr:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
 
 
 class PlantedModel:
@@ -323,7 +336,7 @@ class PlantedModel:
         """One example per time in ``t`` (float64 ``[n]`` in [0, 1]), with labels and logits."""
         dense, ids = self.sample_inputs(t.shape[0], rng)
         logits = self.logits(dense, ids, t)
-        labels = (rng.random(t.shape[0]) < _sigmoid(logits)).astype(np.float32)
+        labels = (rng.random(t.shape[0]) < sigmoid(logits)).astype(np.float32)
         return CTRArrays(dense=dense, sparse=ids, labels=labels, logits=logits.astype(np.float32))
 
     def _calibrate(self) -> None:
@@ -340,15 +353,7 @@ class PlantedModel:
         # A component with no variance (e.g. no informative feature) contributes nothing.
         self._part_scales = np.where(stds > 0, np.sqrt(shares) * self.cfg.logit_std
                                      / np.maximum(stds, 1e-12), 0.0)
-        signal = self._part_scales @ parts
-        lo, hi = -30.0, 30.0
-        for _ in range(60):  # mean CTR is increasing in the bias: bisect
-            mid = 0.5 * (lo + hi)
-            if _sigmoid(mid + signal).mean() < self.cfg.base_ctr:
-                lo = mid
-            else:
-                hi = mid
-        self.bias = 0.5 * (lo + hi)
+        self.bias = calibrate_bias(self._part_scales @ parts, self.cfg.base_ctr)
 
 
 def synthetic_spec(cfg: SyntheticConfig) -> DatasetSpec:
