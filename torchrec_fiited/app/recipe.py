@@ -105,7 +105,9 @@ class TrainRecipe:
         t, m = self.train_spec, self.model_spec
         torch.manual_seed(self.seed)
         tables = make_tables(self.spec.sparse_names, self.spec.num_embeddings, m.embedding_dim)
-        self.full_bytes = sum(tb.num_embeddings * tb.embedding_dim * 4 for tb in tables)
+        # The unpruned collection's bytes: fp32 weights plus the full method's optimizer state
+        # (rowwise Adagrad, one float per row), so emb=full measures a 1.0x reduction.
+        self.full_bytes = sum(tb.num_embeddings * (tb.embedding_dim + 1) * 4 for tb in tables)
         self.embeddings = build_embeddings(
             self.emb, tables, self.budget, t.sparse_lr, t.sparse_eps, self.steps_per_epoch,
             self.seed, popularity=self._popularity(), counts=self._train_counts(),
