@@ -15,6 +15,7 @@ from torchrec_fiited.app.model import build_dlrm, dense_parameters
 from torchrec_fiited.baselines import (
     FreqOracleEmbeddingBagCollection,
     HashedEmbeddingBagCollection,
+    QREmbeddingBagCollection,
     RemappedEmbeddingBagCollection,
 )
 
@@ -28,6 +29,7 @@ BUILDERS = {
     "hash": lambda tables, budget, **kw: HashedEmbeddingBagCollection(tables, budget, **kw),
     "freq_oracle": lambda tables, budget, **kw: FreqOracleEmbeddingBagCollection(
         tables, budget, counts=_uniform_counts(tables), **kw),
+    "qr": lambda tables, budget, **kw: QREmbeddingBagCollection(tables, budget, **kw),
 }
 
 
@@ -38,7 +40,7 @@ def build(request):
 
 def test_public_classes_have_docstrings():
     for cls in (RemappedEmbeddingBagCollection, HashedEmbeddingBagCollection,
-                FreqOracleEmbeddingBagCollection):
+                FreqOracleEmbeddingBagCollection, QREmbeddingBagCollection):
         assert cls.__doc__ and cls.forward.__doc__
 
 
@@ -66,14 +68,22 @@ def test_ids_outside_the_table_name_the_feature(build):
             module(kjt)
 
 
-def test_bytes_are_the_kept_rows_with_their_adagrad_state(build):
+def test_bytes_are_the_stored_rows_with_their_adagrad_state(build):
+    tables = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=16, num_embeddings=n,
+                                 feature_names=[f"f{i}"]) for i, n in enumerate([1000, 333])]
+    module = build(tables, 0.1)
+    # Each stored row: D floats plus row-wise Adagrad's 1 float.
+    rows = sum(t.num_embeddings for t in module.stored_configs())
+    assert embedding_bytes(module) == rows * 17 * 4
+    assert 0.97 * 0.1 * 1333 <= rows <= 0.1 * 1333
+
+
+@pytest.mark.parametrize("name", ["hash", "freq_oracle"])
+def test_row_methods_keep_floor_budget_rows_at_least_one(name):
     tables = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=16, num_embeddings=n,
                                  feature_names=[f"f{i}"]) for i, n in enumerate([1000, 333, 7])]
-    module = build(tables, 0.1)
-    # floor(0.1 * E) rows, at least 1; each row D floats plus row-wise Adagrad's 1 float.
+    module = BUILDERS[name](tables, 0.1)
     assert embedding_bytes(module) == (100 + 33 + 1) * 17 * 4
-    budget_bytes = sum(0.1 * t.num_embeddings * 17 * 4 for t in tables)
-    assert abs(embedding_bytes(module) - budget_bytes) <= len(tables) * 17 * 4
 
 
 def _ctr_batch(tables, gen, batch_size=64, num_dense=4):

@@ -19,7 +19,7 @@ from torchrec_fiited.app.model import full_embeddings
 
 FIITED_METHODS = ("fiited", "fiited_dynamic", "adaembed", "itep")
 #: Baselines with no sharder: the app runs them as a single process only.
-SINGLE_PROCESS_METHODS = ("mixed_dim", "hash", "freq_oracle")
+SINGLE_PROCESS_METHODS = ("mixed_dim", "hash", "qr", "freq_oracle")
 METHODS = ("full",) + SINGLE_PROCESS_METHODS + FIITED_METHODS
 
 
@@ -93,6 +93,10 @@ def build_embeddings(
         from torchrec_fiited.baselines import HashedEmbeddingBagCollection
 
         return HashedEmbeddingBagCollection(tables, budget=budget, lr=lr, eps=eps)
+    if spec.method == "qr":
+        from torchrec_fiited.baselines import QREmbeddingBagCollection
+
+        return QREmbeddingBagCollection(tables, budget=budget, lr=lr, eps=eps)
     if spec.method == "freq_oracle":
         from torchrec_fiited.baselines import FreqOracleEmbeddingBagCollection
 

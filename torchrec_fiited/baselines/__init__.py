@@ -3,6 +3,8 @@
 * :class:`MixedDimEmbeddingBagCollection`: Mixed-Dimension embeddings (Ginart et al.), one
   reduced dim per table chosen from popularity before training, projected back to ``D``.
 * :class:`HashedEmbeddingBagCollection`: the hashing trick, ``budget * E`` full-dim rows per table.
+* :class:`QREmbeddingBagCollection`: quotient-remainder compositional embeddings (Shi et al.),
+  ``q[i // m] * r[i % m]`` with ``m`` solved from the budget.
 * :class:`FreqOracleEmbeddingBagCollection`: a calibration tool, not a method: keeps the
   ``budget * E`` most frequent training ids of each table and drops the others.
 
@@ -22,10 +24,12 @@ from torchrec_fiited.baselines.mixed_dim import (
     feature_popularity,
     solve_dims,
 )
+from torchrec_fiited.baselines.qr import QREmbeddingBagCollection, solve_remainders
 from torchrec_fiited.baselines.remapped import RemappedEmbeddingBagCollection
 
 __all__ = [
     "BudgetUnreachable", "FreqOracleEmbeddingBagCollection", "HashedEmbeddingBagCollection",
-    "MixedDimEmbeddingBagCollection", "RemappedEmbeddingBagCollection", "feature_counts",
-    "feature_popularity", "hash_ids", "mix64", "solve_dims", "top_rows",
+    "MixedDimEmbeddingBagCollection", "QREmbeddingBagCollection", "RemappedEmbeddingBagCollection",
+    "feature_counts", "feature_popularity", "hash_ids", "mix64", "solve_dims", "solve_remainders",
+    "top_rows",
 ]
