@@ -6,15 +6,16 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.stack-installed
 EXT_STAMP := $(VENV)/.ext-built
 
-.PHONY: venv train train-dist test sweep clean
+.PHONY: venv train train-dist test install-check sweep clean
 
 # Native kernels (C++ CPU ops, CUDA compile check): targets `ext` and `nvcc-check`.
 include cuda/build.mk
 
 venv: $(STAMP)
 
-# torch first and exact, so pip takes the local CPU wheel instead of pulling CUDA wheels;
-# torchrec with --no-deps because it names the CUDA package fbgemm-gpu.
+# The third-party stack. torch first and exact, so pip takes the local CPU wheel instead of
+# pulling CUDA wheels; torchrec with --no-deps because it names the CUDA package fbgemm-gpu.
+# The package itself is installed by `ext` (cuda/build.mk): `pip install -e .` builds the native ops.
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
@@ -23,7 +24,6 @@ $(STAMP): pyproject.toml
 	$(VPY) -m pip install -q --no-deps torchrec==1.8.0
 	$(VPY) -m pip install -q tensordict torchmetrics==1.0.3 tqdm pyre-extensions numpy \
 	    torchx hydra-core pytest hypothesis matplotlib iopath
-	$(VPY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 # The main job: full vs FIITED at the default budget on the synthetic data, then their table.
@@ -46,6 +46,11 @@ train-dist: venv ext
 test: venv ext nvcc-check
 	$(VPY) -m pytest -q tests
 
+# Only the user-install check: a fresh venv, `pip install --no-build-isolation .` from a copy of
+# the sources, the native ops loaded, `python -m torchrec_fiited.train train.steps=5`, pip check.
+install-check: venv
+	$(VPY) -m pytest -q tests/packaging
+
 # The budget sweep (issue 3's preset): 5 methods x 6 budgets x 3 seeds, plus full x 3 seeds.
 SWEEP_DIR ?= multirun/budget_sweep
 sweep: venv ext
@@ -56,4 +61,4 @@ sweep: venv ext
 	$(VPY) -m torchrec_fiited.report $(SWEEP_DIR)
 
 clean:
-	rm -rf $(VENV) build *.egg-info torchrec_fiited/_C*.so
+	rm -rf $(VENV) build dist *.egg-info torchrec_fiited/_C*.so

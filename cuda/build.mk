@@ -1,12 +1,15 @@
 # Native FIITED ops (sources in cuda/, included by the top-level Makefile).
-#   ext         builds torchrec_fiited/_C*.so in place: the CPU kernels, plus the CUDA ones when the
-#               installed torch is a CUDA build and a CUDA toolkit is found (cuda/setup_ext.py).
-#               About 30-60 s on 2 cores, and only when a source changed.
+#   ext         installs the package in editable mode with `pip install --no-build-isolation -e .`:
+#               setup.py (the same build as a user's `pip install .`) compiles torchrec_fiited/_C*.so
+#               in place, the CPU kernels plus the CUDA ones when the installed torch is a CUDA
+#               build and a CUDA toolkit is found. About 40-60 s on 2 cores, and only when a
+#               source changed or the library is missing.
+#   wheel       builds dist/torchrec_fiited-*.whl (native ops and configs inside) with the same setup.py.
 #   nvcc-check  compiles the CUDA kernels (cuda/fiited_cuda.cu, torch-free) to an object file with
 #               nvcc alone, so they cannot rot on CPU-only machines; skipped when nvcc is absent.
-.PHONY: ext nvcc-check FORCE
+.PHONY: ext wheel nvcc-check FORCE
 
-EXT_SOURCES := $(wildcard cuda/*.cpp cuda/*.h cuda/*.cu) cuda/setup_ext.py
+EXT_SOURCES := $(wildcard cuda/*.cpp cuda/*.h cuda/*.cu) setup.py
 EXT_LIBRARY := $(wildcard torchrec_fiited/_C*.so)
 NVCC ?= nvcc
 NVCC_ARCH ?= sm_80
@@ -16,8 +19,13 @@ ext: $(EXT_STAMP)
 
 # Rebuilt when a source changes, when the stack is reinstalled, or when the library is missing.
 $(EXT_STAMP): $(STAMP) $(EXT_SOURCES) $(if $(EXT_LIBRARY),,FORCE)
-	$(VPY) cuda/setup_ext.py
+	$(VPY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
+
+# A portable wheel (FIITED_EXT_MARCH= drops -march=native); `python -m build --wheel --no-isolation`
+# builds the same one where the `build` package is installed.
+wheel: venv
+	FIITED_EXT_MARCH= $(VPY) -m pip wheel -q --no-deps --no-build-isolation -w dist .
 
 nvcc-check: $(NVCC_OBJECT)
 

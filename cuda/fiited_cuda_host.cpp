@@ -1,5 +1,5 @@
 // CUDA registration of the FIITED ops: checks, dedupe sort and launch on the current stream.
-// Built only against a CUDA torch (see cuda/setup_ext.py); the kernels are in fiited_cuda.cu,
+// Built only against a CUDA torch (see setup.py); the kernels are in fiited_cuda.cu,
 // behind the C ABI of fiited_cuda.h.
 //
 // Temporaries (the sort's outputs) come from torch's CUDA caching allocator, which reuses

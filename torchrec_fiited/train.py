@@ -1,4 +1,7 @@
-"""``python -m torchrec_fiited.train``: the Hydra training app (configs under ``conf/``).
+"""``python -m torchrec_fiited.train``: the Hydra training app.
+
+Its configs are the repository's ``conf/``; an installed package ships a copy of them as
+``torchrec_fiited/conf`` (see ``setup.py``), which is used when present.
 
 Examples::
 
@@ -12,6 +15,7 @@ Examples::
 """
 
 import logging
+import os
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -22,7 +26,14 @@ from torchrec_fiited.app.recipe import TrainRecipe
 log = logging.getLogger(__name__)
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def config_dir() -> str:
+    """The installed package's ``torchrec_fiited/conf``, else the checkout's top-level ``conf/``."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    installed = os.path.join(package, "conf")
+    return installed if os.path.isdir(installed) else os.path.join(os.path.dirname(package), "conf")
+
+
+@hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     plain = OmegaConf.to_container(cfg, resolve=True)
     hc = HydraConfig.get()

@@ -1,9 +1,12 @@
 """The native FIITED ops (``torch.ops.fiited.*``): loads the built library and registers fakes.
 
-The schemas are in ``cuda/fiited_ops.cpp``; CPU and CUDA kernels are in ``cuda/``. ``make ext``
-builds ``torchrec_fiited/_C*.so``; without it, ``AVAILABLE`` is False and ``ops/dispatch.py``
-uses the reference. The fake (meta) impls below give shapes and dtypes for torch.compile and
-fake tensors, with the same argument checks that do not need data.
+The schemas are in ``cuda/fiited_ops.cpp``; CPU and CUDA kernels are in ``cuda/``. Installing the
+package (``pip install --no-build-isolation .``, or ``make ext`` in a checkout) builds
+``torchrec_fiited/_C*.so``; importing this module loads it and so registers ``torch.ops.fiited.*``
+(a program exported with ``torch.export`` needs that import, and nothing else, before
+``torch.export.load``). Without the library, ``AVAILABLE`` is False, ``ops/dispatch.py`` uses the
+PyTorch reference and a ``RuntimeWarning`` says so once. The fake (meta) impls below give shapes
+and dtypes for torch.compile and fake tensors, with the same argument checks that do not need data.
 
 Example::
 
@@ -15,30 +18,46 @@ Example::
 """
 
 import glob
-import logging
 import os
+import warnings
 from typing import FrozenSet, Optional
 
 import torch
 
-logger = logging.getLogger(__name__)
-
 _LIBRARY_GLOB = os.path.join(os.path.dirname(os.path.dirname(__file__)), "_C*.so")
 OPS = ("lookup_forward", "lookup_forward_out", "fused_backward")
+# bench_lookup on 2 CPU cores: the native ops run at 1.04-1.75x FBGEMM TBE, the reference at 0.24-0.37x.
+_SLOW_PATH = (
+    "FiitedEmbeddingBagCollection falls back to the PyTorch reference ops (ops/reference.py), "
+    "about 3-7x slower than the native ops (benchmarks/bench_lookup.py). Build them with `pip install --no-build-isolation .` "
+    "(or `make ext` in a checkout; a C++ compiler is needed)"
+)
 
 
 def _load() -> bool:
-    """Load the built library once; False (with a log line) when it is missing or broken."""
+    """Load the built library once; False (with one RuntimeWarning) when it is missing or broken.
+
+    No warning when ``TORCHREC_FIITED_NATIVE=0`` asks for the reference on purpose.
+    """
     if hasattr(torch.ops.fiited, "lookup_forward"):
         return True
+    quiet = os.environ.get("TORCHREC_FIITED_NATIVE", "1") == "0"
     paths = sorted(glob.glob(_LIBRARY_GLOB))
     if not paths:
-        logger.info("torchrec_fiited: native ops not built (run `make ext`); using the reference")
+        if not quiet:
+            warnings.warn(
+                f"torchrec_fiited: native ops not built (no {_LIBRARY_GLOB}). {_SLOW_PATH}.",
+                RuntimeWarning, stacklevel=2,
+            )
         return False
     try:
         torch.ops.load_library(paths[-1])
     except (OSError, RuntimeError) as e:
-        logger.warning("torchrec_fiited: cannot load %s (%s); using the reference", paths[-1], e)
+        if not quiet:
+            warnings.warn(
+                f"torchrec_fiited: cannot load {paths[-1]} ({e}), e.g. built against another "
+                f"torch. {_SLOW_PATH}.", RuntimeWarning, stacklevel=2,
+            )
         return False
     return True
 
