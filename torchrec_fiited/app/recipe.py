@@ -294,6 +294,7 @@ class TrainRecipe:
             "emb": self.cfg.get("emb_name", self.emb.method),
             "dataset": self.dataset_name,
             "seed": self.seed,
+            "dataset_seed": self.cfg["dataset"].get("seed"),
             "world_size": self.env.world_size,
             "sharding_plan": self.sharding_plan,
             "steps": result.steps,
