@@ -15,6 +15,7 @@ from torchrec_fiited.modules.dim_pruning import run_dim_pruning
 from torchrec_fiited.modules.layout_plan import TableShard, plan_pools
 from torchrec_fiited.modules.pruning import run_cycle
 from torchrec_fiited.modules.validation import check_ids, check_kjt
+from torchrec_fiited.modules.vbe import expand_bags
 from torchrec_fiited.ops import FusedParams, fused_backward, lookup_forward_out
 from torchrec_fiited.optim import FiitedFusedOptimizer
 from torchrec_fiited.policy import (
@@ -218,8 +219,11 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
     # ---- internals --------------------------------------------------------------------------
 
     def _resolve(self, features: KeyedJaggedTensor) -> List[_FeatureLookup]:
+        """Each feature's entries and bags; keys of other modules are ignored, and a VBE batch is
+        expanded to its padded equivalent (``modules/vbe.py``)."""
         check_kjt(features, self._keys, self._is_weighted)
         per_feature = features.to_dict()
+        inverse = _inverse_rows(features)
         batch = []
         for feature, table in self._features:
             jt = per_feature[feature]
@@ -232,6 +236,8 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
             weights = jt.weights().to(torch.float32) if self._is_weighted else None
             mean = table.pooling == PoolingType.MEAN
             offsets = jt.offsets().to(torch.int64)
+            if inverse is not None:
+                entries, offsets, weights = expand_bags(entries, offsets, weights, inverse[feature])
             batch.append(_FeatureLookup(feature, table.name, entries, offsets, weights, mean))
         return batch
 
@@ -320,6 +326,14 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
                 grad_rows, torch.cat(rows), id_scale, torch.cat([fl.entries for fl in lookups]),
                 et.chunk_slots, et.utilities, et.last_step, pool.weights, pool.momentum, params,
             )
+
+
+def _inverse_rows(features: KeyedJaggedTensor) -> Optional[Dict[str, torch.Tensor]]:
+    """A VBE KJT's inverse indices by feature (int [B] each), or None for a fixed batch."""
+    if not features.variable_stride_per_key():
+        return None
+    keys, inverse = features.inverse_indices()
+    return dict(zip(keys, inverse.unbind(0)))
 
 
 def _column_offsets(features) -> Dict[str, int]:
