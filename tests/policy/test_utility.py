@@ -1,0 +1,148 @@
+"""The utility rule u = gamma * u + a * ||g||, against values worked out by hand, and its lazy decay
+against an eager one that decays every entry at every step."""
+
+import os
+from unittest import mock
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from torchrec_fiited import FiitedConfig, FiitedEmbeddingBagCollection
+from torchrec_fiited.ops import FusedParams, fused_backward, native
+from torchrec_fiited.ops.dispatch import NATIVE_ENV
+from torchrec_fiited.policy import UtilityRule, sample_pool
+from torchrec_fiited.store import NEVER_SEEN
+
+# Values of TORCHREC_FIITED_NATIVE: the native CPU kernels (when built) and the reference.
+IMPLS = [
+    pytest.param("1", id="native", marks=pytest.mark.skipif(
+        "cpu" not in native.DEVICES, reason="native CPU ops not built")),
+    pytest.param("0", id="reference"),
+]
+BUILT_IMPLS = ["0"] + (["1"] if "cpu" in native.DEVICES else [])
+
+# Three steps of one table (4 rows, D=4, K=2: chunk 0 = columns 0-1, chunk 1 = columns 2-3),
+# batch of 2 bags, loss = sum(C * pooled): bag b's pooled-output gradient is C[b].
+#   step 0: bags [0, 1], [1]     C = [[3, 0, 0, 1], [0, 4, 0, 2]]
+#   step 1: bags [2],    [0, 0]  C = [[1, 0, 0, 0], [0, 3, 4, 0]]
+#   step 2: bags [1],    []      C = [[0, 0, 3, 4], [9, 9, 9, 9]]
+STEPS = [
+    ([0, 1, 1], [2, 1], [[3.0, 0, 0, 1], [0, 4, 0, 2]]),
+    ([2, 0, 0], [1, 2], [[1.0, 0, 0, 0], [0, 3, 4, 0]]),
+    ([1], [1, 0], [[0.0, 0, 3, 4], [9, 9, 9, 9]]),
+]
+GAMMA = 0.5
+
+
+def _train(utility: str) -> FiitedEmbeddingBagCollection:
+    table = EmbeddingBagConfig(name="t", num_embeddings=4, embedding_dim=4, feature_names=["f"])
+    # Budget 0.5: 4 slots; quotas [3, 1] (ratios [0.25, 0.75]), so on first touch row 0 gets
+    # both chunks, rows 1 and 2 only chunk 0. Pruned chunks must score like live ones.
+    cfg = FiitedConfig(num_chunks=2, budget=0.5, decay=GAMMA, utility=utility, prune_interval=0,
+                       optimizer="sgd", learning_rate=0.1)
+    m = FiitedEmbeddingBagCollection([table], cfg)
+    for ids, lengths, C in STEPS:
+        kjt = KeyedJaggedTensor.from_lengths_sync(["f"], torch.tensor(ids), torch.tensor(lengths))
+        (m(kjt).values() * torch.tensor(C)).sum().backward()
+    return m
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_grad_access_utilities_by_hand(impl):
+    """By hand, with a = accesses of the row in the step and g = norm of the row's summed chunk
+    gradient (gamma = 0.5):
+      row 0: step 0 a=1, g=([3,0], [0,1]) -> (3, 1)
+             step 1 a=2, g=2*([0,3], [4,0]) = ([0,6], [8,0]) -> 0.5 * (3, 1) + 2 * (6, 8) = (13.5, 16.5)
+      row 1: step 0 a=2, g=([3,0] + [0,4], [0,1] + [0,2]) -> 2 * (5, 3) = (10, 6)
+             (the norm of the summed gradient: summing the two ids' norms would give 2 * (7, 3))
+             step 2 a=1, g=([0,0], [3,4]) -> 0.25 * (10, 6) + (0, 5) = (2.5, 6.5)
+      row 2: step 1 a=1, g=([1,0], [0,0]) -> (1, 0)
+      row 3: never seen.
+    Scored at step 3 (the cycle after these steps), each row is decayed by gamma**(3 - last_step):
+      row 0: 0.25 * (13.5, 16.5); row 1: 0.5 * (2.5, 6.5); row 2: 0.25 * (1, 0).
+    """
+    with mock.patch.dict(os.environ, {NATIVE_ENV: impl}):
+        m = _train("grad_access")
+        et = m.store.tables["t"]
+        assert et.chunk_slots[1, 1] < 0 and et.chunk_slots[2, 1] < 0  # pruned, yet scored
+        torch.testing.assert_close(
+            et.utilities, torch.tensor([[13.5, 16.5], [2.5, 6.5], [1.0, 0.0], [0.0, 0.0]]),
+            rtol=0, atol=1e-6,
+        )
+        assert et.last_step.tolist() == [1, 2, 1, NEVER_SEEN]
+        # The scoring path of a cycle: every seen row sampled (m >= seen), brought to step 3.
+        sample = sample_pool(m.store, m._rule, "shared_cs2", 100, int(m.steps_done), 3)
+        assert int(m.steps_done) == 3
+        torch.testing.assert_close(
+            sample.utilities,
+            torch.tensor([[3.375, 4.125], [1.25, 3.25], [0.25, 0.0]]), rtol=0, atol=1e-6,
+        )
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_access_utilities_by_hand(impl):
+    """utility="access": u = gamma * u + a. Row 0: 1, then 0.5 * 1 + 2 = 2.5 (step 1); row 1: 2,
+    then 0.25 * 2 + 1 = 1.5 (step 2); row 2: 1 (step 1)."""
+    with mock.patch.dict(os.environ, {NATIVE_ENV: impl}):
+        et = _train("access").store.tables["t"]
+        torch.testing.assert_close(
+            et.utilities, torch.tensor([[2.5, 2.5], [1.5, 1.5], [1.0, 1.0], [0.0, 0.0]]),
+            rtol=0, atol=1e-6,
+        )
+
+
+E, K, CS = 12, 2, 3
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    gamma=st.floats(0.5, 1.0),
+    steps=st.lists(
+        st.tuples(st.integers(1, 4), st.lists(st.integers(0, E - 1), max_size=8), st.booleans()),
+        min_size=1, max_size=12,
+    ),
+    seed=st.integers(0, 2**16),
+    impl=st.sampled_from(BUILT_IMPLS),
+)
+def test_lazy_decay_equals_eager_decay(gamma, steps, seed, impl):
+    """The store keeps u as of last_step and decays by gamma**(t - last_step) when an entry is
+    next touched (fused_backward) or scored (UtilityRule.decayed); an eager reference decays every
+    entry at every step. Each drawn step: a gap of 1-4 steps (untouched steps still decay), the
+    ids touched (repeats count as accesses), and whether the state is scored afterwards."""
+    gen = torch.Generator().manual_seed(seed)
+    utilities = torch.zeros(E, K)
+    last_step = torch.full((E,), NEVER_SEEN, dtype=torch.int32)
+    # Half the chunks live in a tiny pool; lr 0 so only the utilities move.
+    chunk_slots = torch.full((E, K), -1, dtype=torch.int32)
+    chunk_slots[: E // 2, 0] = torch.arange(E // 2, dtype=torch.int32)
+    weights, momentum = torch.zeros(E // 2, CS), torch.zeros(0)
+    rule = UtilityRule("grad_access", gamma)
+    eager = torch.zeros(E, K, dtype=torch.float64)
+    t = -1
+    with mock.patch.dict(os.environ, {NATIVE_ENV: impl}):
+        for gap, ids, score in steps:
+            for _ in range(gap):  # eager: every entry decays at every step
+                t += 1
+                eager *= gamma
+            grads = torch.randn(len(ids), K * CS, generator=gen)
+            for chunk in range(K):  # eager: a * ||sum of the row's chunk gradients||
+                for e in set(ids):
+                    rows = [i for i, x in enumerate(ids) if x == e]
+                    g = grads[rows, chunk * CS : (chunk + 1) * CS].double().sum(0)
+                    eager[e, chunk] += len(rows) * float(g.norm())
+            params = FusedParams("sgd", 0.0, 1e-8, 0.0, "grad_access", gamma, t)
+            fused_backward(
+                grads, torch.arange(len(ids)), None, torch.tensor(ids, dtype=torch.int64),
+                chunk_slots, utilities, last_step, weights, momentum, params,
+            )
+            if score:
+                torch.testing.assert_close(
+                    rule.decayed(utilities, last_step, t).double(), eager, rtol=2e-5, atol=1e-5
+                )
+        later = t + 3  # scored after idle steps: everything decays by gamma**3 more
+        torch.testing.assert_close(
+            rule.decayed(utilities, last_step, later).double(), eager * gamma**3, rtol=2e-5, atol=1e-5
+        )
