@@ -33,8 +33,30 @@ def config_dir() -> str:
     return installed if os.path.isdir(installed) else os.path.join(os.path.dirname(package), "conf")
 
 
+class _DropThirdPartyInfo(logging.Filter):
+    """Drops records below WARNING logged through the root logger from ``fbgemm_gpu``'s files.
+
+    FBGEMM's TBE logs every constructor argument with ``logging.info`` (the root logger, so no
+    named logger can be lowered): about 10 long lines per table group and run.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or f"{os.sep}fbgemm_gpu{os.sep}" not in record.pathname
+
+
+def quiet_third_party_logs() -> None:
+    """Keep the app's output to its own lines: no FBGEMM INFO dump, no per-KJT torch.fx notice."""
+    root = logging.getLogger()
+    if not any(isinstance(f, _DropThirdPartyInfo) for f in root.filters):
+        root.addFilter(_DropThirdPartyInfo())
+    # torch warns once per process that is_fx_tracing() covers export too, from torchrec's KJT
+    # constructor (torch.fx's ProxyableClassMeta): nothing the app or a user can act on.
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+
+
 @hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    quiet_third_party_logs()
     plain = OmegaConf.to_container(cfg, resolve=True)
     hc = HydraConfig.get()
     plain["emb_name"] = plain.get("label") or hc.runtime.choices.get("emb", plain["emb"]["method"])
@@ -58,8 +80,16 @@ def main(cfg: DictConfig) -> None:
         f"steps={metrics['steps']} world_size={metrics['world_size']} "
         f"{metrics['examples_per_second']:,.0f} ex/s"
     )
-    log.info(line)
+    _to_log_files(line)
     print(line)
+
+
+def _to_log_files(line: str) -> None:
+    """The run's log file (Hydra's train.log) keeps ``line``; the console gets it once, by print."""
+    record = log.makeRecord(log.name, logging.INFO, __file__, 0, line, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def _absolute_paths(dataset: dict) -> dict:

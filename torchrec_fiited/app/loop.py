@@ -52,7 +52,9 @@ def train(
     the loss of the global batch (default: this batch's)."""
     result = result or TrainResult()
     model.train()
-    bar = tqdm(batches, disable=not progress, desc="train", leave=False)
+    # total and initial: the bar counts the run's steps, across epochs and a resume.
+    bar = tqdm(batches, disable=not progress, desc="train", leave=False, total=max_steps,
+               initial=result.steps, unit="step")
     for batch in bar:
         if max_steps is not None and result.steps >= max_steps:
             break
