@@ -31,11 +31,29 @@ def test_shared_table_ranks_by_summed_counts():
     tables = make_tables(rows=10)  # t0 fed by f0 and f1
     counts = {"f0": np.array([0, 0, 0, 0, 0, 0, 0, 0, 0, 9]), "f1": np.array([5, 0, 0, 6]),
               "f2": np.zeros(5, dtype=np.int64), "f3": np.arange(10)}
-    module = FreqOracleEmbeddingBagCollection(tables, budget=0.3, counts=counts)
+    module = FreqOracleEmbeddingBagCollection(tables, budget=0.3, counts=counts, scope="table")
     kept = module.kept_ids()
     assert kept["t0"].tolist() == [9, 3, 0]  # 9 (9), 3 (6), 0 (5)
     assert kept["t1"].tolist() == [0]        # 5 rows x 0.3 -> 1 row; all zero -> smallest id
     assert kept["t2"].tolist() == [9, 8, 7]
+
+
+def test_collection_scope_ranks_every_table_together():
+    tables = make_tables(rows=10)  # t0 (10 rows, f0 + f1), t1 (5 rows, f2), t2 (10 rows, f3)
+    counts = {"f0": np.array([0, 0, 0, 0, 0, 0, 0, 0, 0, 9]), "f1": np.array([5, 0, 0, 6]),
+              "f2": np.array([0, 50, 40, 30, 20]), "f3": np.arange(10)}
+    # floor(0.3 * 25) = 7 pairs: t1's 50, 40, 30, 20, then 9 (t0 id 9, before t2 id 9 by table
+    # order), 9 (t2 id 9), 8 (t2 id 8).
+    kept = FreqOracleEmbeddingBagCollection(tables, budget=0.3, counts=counts).kept_ids()
+    assert kept["t1"].tolist() == [1, 2, 3, 4]
+    assert kept["t0"].tolist() == [9]
+    assert kept["t2"].tolist() == [9, 8]
+    # A table none of whose ids make the cut still keeps its most frequent one.
+    counts["f3"] = np.zeros(10, dtype=np.int64)
+    kept = FreqOracleEmbeddingBagCollection(tables, budget=0.2, counts=counts).kept_ids()
+    assert kept["t2"].tolist() == [0] and kept["t1"].tolist() == [1, 2, 3, 4]
+    with pytest.raises(ValueError, match="scope must be"):
+        FreqOracleEmbeddingBagCollection(tables, budget=0.2, counts=counts, scope="rows")
 
 
 def _one_table(pooling=PoolingType.SUM):

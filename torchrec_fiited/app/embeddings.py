@@ -36,6 +36,7 @@ class EmbeddingSpec:
         prune_interval_fraction: T as a fraction of the steps per epoch.
         warmup_fraction: no cycle before this fraction of the first epoch.
         temperature: Mixed-Dimension power-law temperature.
+        oracle_scope: ``freq_oracle``: rank ids over the whole ``collection`` or per ``table``.
         dim_cold_start_fraction: FIITED-2D (``fiited.dim_pruning``): full width for this fraction
             of the first epoch, unless ``fiited.dim_pruning.cold_start_steps`` is given.
     """
@@ -47,6 +48,7 @@ class EmbeddingSpec:
     warmup_fraction: float = 0.0
     temperature: float = 0.3
     dim_cold_start_fraction: float = 0.2
+    oracle_scope: str = "collection"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -102,7 +104,8 @@ def build_embeddings(
 
         if counts is None:
             raise ValueError("emb=freq_oracle needs the training counts per id (counts=...)")
-        return FreqOracleEmbeddingBagCollection(tables, budget=budget, counts=counts, lr=lr, eps=eps)
+        return FreqOracleEmbeddingBagCollection(tables, budget=budget, counts=counts, lr=lr, eps=eps,
+                                                scope=spec.oracle_scope)
     if spec.method == "mixed_dim":
         from torchrec_fiited.baselines.mixed_dim import MixedDimEmbeddingBagCollection
 

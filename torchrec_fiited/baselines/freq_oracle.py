@@ -67,8 +67,35 @@ def _table_counts(table: EmbeddingBagConfig, counts: Mapping[str, np.ndarray]) -
     return total
 
 
+def _kept_per_table(tables: List[EmbeddingBagConfig], totals: List[np.ndarray], budget: float,
+                    scope: str) -> List[np.ndarray]:
+    """Ids kept per table, most frequent first.
+
+    ``table``: each table's ``max(1, floor(budget * E))`` most frequent ids. ``collection``: the
+    ``floor(budget * sum E)`` most frequent (table, id) pairs of all tables together (every
+    example has one id per feature, so counts compare across tables); a small table whose ids
+    are all frequent stays whole, and every table keeps at least its most frequent id.
+    """
+    if scope == "table":
+        return [top_rows(c, min(t.num_embeddings, max(1, math.floor(budget * t.num_embeddings))))
+                for t, c in zip(tables, totals)]
+    if scope != "collection":
+        raise ValueError(f"scope must be 'collection' or 'table', got {scope!r}")
+    counts = np.concatenate(totals)
+    table_of = np.repeat(np.arange(len(totals)), [len(c) for c in totals])
+    k = min(counts.size, max(len(totals), math.floor(budget * counts.size)))
+    # Highest count first; ties by table order, then by id (the position within the table).
+    order = np.lexsort((np.arange(counts.size), table_of, -counts))[:k]
+    starts = np.cumsum([0] + [len(c) for c in totals[:-1]])
+    kept = []
+    for i, c in enumerate(totals):
+        mine = order[table_of[order] == i] - starts[i]
+        kept.append(mine if mine.size else top_rows(c, 1))
+    return kept
+
+
 class FreqOracleEmbeddingBagCollection(RemappedEmbeddingBagCollection):
-    """Keeps each table's ``max(1, floor(budget * E))`` most frequent training ids; drops the rest.
+    """Keeps the most frequent training ids (of the collection, or of each table); drops the rest.
 
     A dropped id is removed from the KJT (its bag's length shrinks), so it contributes nothing:
     a bag of dropped ids only pools to zeros (SUM and MEAN alike), and no row is updated for it.
@@ -76,7 +103,9 @@ class FreqOracleEmbeddingBagCollection(RemappedEmbeddingBagCollection):
 
     Args:
         tables: original table configs.
-        budget: fraction of each table's rows kept (``>= 1`` keeps all).
+        budget: fraction of the rows kept (``>= 1`` keeps all).
+        scope: ``collection`` (default) ranks all tables' ids together, ``table`` keeps
+            ``max(1, floor(budget * E))`` ids of each table (see :func:`_kept_per_table`).
         counts: feature name -> training count per id (:func:`feature_counts`); a table fed by
             several features ranks ids by the sum of their counts.
         lr: fused row-wise Adagrad learning rate.
@@ -102,13 +131,12 @@ class FreqOracleEmbeddingBagCollection(RemappedEmbeddingBagCollection):
 
     def __init__(self, tables: List[EmbeddingBagConfig], budget: float,
                  counts: Mapping[str, np.ndarray], lr: float = 0.01, eps: float = 1e-8,
-                 device: Optional[torch.device] = None) -> None:
+                 device: Optional[torch.device] = None, scope: str = "collection") -> None:
         if not (math.isfinite(budget) and budget > 0):
             raise ValueError(f"budget must be a finite fraction > 0 of the full rows, got {budget}")
-        kept = {}
-        for t in tables:
-            k = min(t.num_embeddings, max(1, math.floor(budget * t.num_embeddings)))
-            kept[t.name] = top_rows(_table_counts(t, counts), k)
+        totals = [_table_counts(t, counts) for t in tables]
+        kept = {t.name: ids.astype(np.int64) for t, ids in
+                zip(tables, _kept_per_table(tables, totals, budget, scope))}
         stored = [resized(t, t.name, len(kept[t.name]), t.feature_names) for t in tables]
         super().__init__(tables, stored, lr, eps, device)
         self._kept = {name: torch.from_numpy(ids) for name, ids in kept.items()}
