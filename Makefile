@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	$(VPY) -m pip install -q torch==2.13.0
 	$(VPY) -m pip install -q fbgemm-gpu-cpu==1.8.0
 	$(VPY) -m pip install -q --no-deps torchrec==1.8.0
-	$(VPY) -m pip install -q tensordict torchmetrics==1.0.3 tqdm pyre-extensions numpy \
+	$(VPY) -m pip install -q tensordict torchmetrics==1.0.3 tqdm pyre-extensions numpy pyarrow \
 	    torchx hydra-core pytest hypothesis matplotlib iopath
 	touch $(STAMP)
 

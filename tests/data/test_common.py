@@ -6,18 +6,23 @@ import numpy as np
 import pytest
 import torch
 
+from tests.data import reference
 from torchrec_fiited.data.common import (
     MISSING_HASH,
     MISSING_ID,
     CTRArrays,
     DatasetSpec,
     MalformedLines,
+    RawRows,
+    SparseColumn,
+    build_splits,
+    check_hash_sizes,
+    column_ids,
+    hash_size,
     hash_sizes_from_cardinalities,
     hash_token,
-    ids_from_hashes,
     log_transform_dense,
     make_batches,
-    resolve_hash_sizes,
     split_tail,
 )
 
@@ -47,27 +52,70 @@ def test_hash_token_is_crc32_of_utf8() -> None:
     assert hash_token("é") == zlib.crc32("é".encode("utf-8"))
 
 
+def _ids(hashes: list[int], size: int) -> list[int]:
+    ids, got = column_ids([SparseColumn.from_hashes(np.array(hashes, dtype=np.int64))], [size], 0)
+    assert got == size
+    return ids[0].tolist()
+
+
 def test_ids_exact_vocabulary_when_it_fits() -> None:
-    hashes = np.array([[7], [MISSING_HASH], [3], [7], [11]], dtype=np.int64)
-    ids = ids_from_hashes(hashes, [4])  # 3 distinct values + missing fit exactly
-    assert ids[:, 0].tolist() == [2, MISSING_ID, 1, 2, 3]
+    # 3 distinct values + missing fit exactly
+    assert _ids([7, MISSING_HASH, 3, 7, 11], 4) == [2, MISSING_ID, 1, 2, 3]
 
 
 def test_ids_modulo_when_table_is_too_small() -> None:
-    hashes = np.array([[7], [MISSING_HASH], [3], [10], [11]], dtype=np.int64)
-    ids = ids_from_hashes(hashes, [3])  # 4 distinct values, 2 present slots
-    assert ids[:, 0].tolist() == [1 + 7 % 2, MISSING_ID, 1 + 3 % 2, 1 + 10 % 2, 1 + 11 % 2]
+    # 4 distinct values, 2 present slots
+    assert _ids([7, MISSING_HASH, 3, 10, 11], 3) == [1 + 7 % 2, MISSING_ID, 1 + 3 % 2,
+                                                     1 + 10 % 2, 1 + 11 % 2]
 
 
-def test_resolve_hash_sizes_int_is_cap_list_is_exact() -> None:
-    hashes = np.array([[1, 5], [2, 5], [3, MISSING_HASH]], dtype=np.int64)
-    assert resolve_hash_sizes(None, hashes, ["a", "b"]) == (4, 2)
-    assert resolve_hash_sizes(3, hashes, ["a", "b"]) == (3, 2)
-    assert resolve_hash_sizes([10, 20], hashes, ["a", "b"]) == (10, 20)
+def test_ids_single_slot_and_all_missing() -> None:
+    assert _ids([7, 3, MISSING_HASH], 1) == [0, 0, 0]
+    assert _ids([MISSING_HASH, MISSING_HASH], 5) == [0, 0]
+
+
+def test_column_ids_shares_one_id_space_over_parts_with_repeated_entries() -> None:
+    # Two parts whose dictionaries repeat values (one dictionary per block in a file).
+    train = SparseColumn(codes=np.array([0, 1, 2, 1], np.int32),
+                         dictionary=np.array([50, 2**32 - 1, 50], np.int64))
+    test = SparseColumn(codes=np.array([1, 0], np.int32),
+                        dictionary=np.array([MISSING_HASH, 7], np.int64))
+    ids, size = column_ids([train, test], None, 0)
+    assert size == 4  # 50, 2**32 - 1, 7 and the missing slot
+    assert ids[0].tolist() == [2, 3, 2, 3] and ids[1].tolist() == [1, MISSING_ID]
+
+
+def test_build_splits_matches_the_np_unique_reference() -> None:
+    rng = np.random.default_rng(0)
+    hashes = rng.integers(0, 2**32, size=(500, 3))
+    hashes[:, 1] %= 7
+    hashes[rng.random((500, 3)) < 0.1] = MISSING_HASH
+    rows = RawRows(labels=np.zeros(500, np.float32), dense=np.zeros((500, 1), np.float32),
+                   sparse=[SparseColumn.from_hashes(c) for c in hashes.T])
+    for option in (None, 5, 100, [1, 400, 3]):
+        train, test, sizes = build_splits(rows, None, 0.2, option, ["a", "b", "c"])
+        want, want_sizes = reference.ids_from_hashes(hashes, option)
+        assert sizes == want_sizes
+        np.testing.assert_array_equal(np.concatenate([train.sparse, test.sparse]), want)
+
+
+def test_sparse_column_head_drops_unused_entries() -> None:
+    col = SparseColumn.from_hashes(np.array([9, 4, 9, 6, 4], np.int64))
+    head = col.head(3)
+    assert head.dictionary.tolist() == [4, 9] and head.hashes().tolist() == [9, 4, 9]
+
+
+def test_hash_size_int_is_cap_list_is_exact() -> None:
+    assert hash_size(None, 0, 3) == 4
+    assert hash_size(3, 0, 3) == 3
+    assert hash_size([10, 20], 1, 3) == 20
+    check_hash_sizes([10, 20], ["a", "b"])
     with pytest.raises(ValueError, match="hash_sizes has 1 entries but there are 2"):
-        resolve_hash_sizes([10], hashes, ["a", "b"])
+        check_hash_sizes([10], ["a", "b"])
     with pytest.raises(ValueError, match="feature 'b' is 0"):
-        resolve_hash_sizes([10, 0], hashes, ["a", "b"])
+        check_hash_sizes([10, 0], ["a", "b"])
+    with pytest.raises(ValueError, match="cap must be >= 1, got 0"):
+        check_hash_sizes(0, ["a", "b"])
 
 
 def test_log_transform_dense_missing_and_negative_to_zero() -> None:
@@ -119,3 +167,17 @@ def test_dataset_spec_validates_lengths() -> None:
 def test_malformed_lines_rejects_unknown_mode() -> None:
     with pytest.raises(ValueError, match="on_malformed must be 'skip' or 'fail', got 'ignore'"):
         MalformedLines("f.txt", "ignore")
+
+
+def test_malformed_lines_replay_warns_or_fails_as_the_parse_did() -> None:
+    parsed = MalformedLines("f.txt", "skip")
+    for n in range(12):
+        parsed.report(3 + n, f"bad {n}")
+    replayed = MalformedLines("f.txt", "skip")
+    replayed.replay(parsed.summary())
+    assert replayed.summary() == parsed.summary()
+    with pytest.warns(UserWarning, match=r"f\.txt: skipped 12 malformed line\(s\) \(first 10 "
+                                         r"shown\): line 3: bad 0;"):
+        replayed.finish()
+    with pytest.raises(ValueError, match=r"f\.txt, line 3: malformed line: bad 0"):
+        MalformedLines("f.txt", "fail").replay(parsed.summary())

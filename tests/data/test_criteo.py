@@ -9,6 +9,8 @@ from typing import Optional
 import numpy as np
 import pytest
 
+from tests.data import reference
+from tests.data.reference import spy_slow_path
 from torchrec_fiited.data.common import MISSING_ID
 from torchrec_fiited.data.criteo import CRITEO_SPARSE_NAMES, load_criteo
 
@@ -165,3 +167,97 @@ def test_bad_on_malformed_value(tmp_path: Path) -> None:
     path = _write(tmp_path / "train.txt", [], n_random=10)
     with pytest.raises(ValueError, match="on_malformed must be 'skip' or 'fail', got 'drop'"):
         _load(path, on_malformed="drop")
+
+
+# ---- the vectorized reader against the line-by-line reference (tests/data/reference.py) ----
+
+
+def _edge_case_file(path: Path, gz: bool = False) -> Path:
+    """A Criteo file with every case the vectorized and the line-by-line readers must agree on."""
+    rng = random.Random(11)
+    good = [_line(rng) for _ in range(60)]
+
+    def edit(line: str, **fields: str) -> str:
+        parts = line.split("\t")
+        for index, value in fields.items():
+            parts[int(index[1:])] = value
+        return "\t".join(parts)
+
+    lines = [
+        KAGGLE_LINE, *good[:20],
+        edit(good[20], f1="-7", f2="", f3="+5", f4="99999999999999999999", f5=" 3", f6="-0"),
+        "1" + "\t" * 39,                                             # everything missing
+        edit(good[21], f14="é", f15="abc", f16="x\udcff", f17="0123456789abcdef0"),  # odd tokens
+        "\t".join(good[22].split("\t")[:-2]),                        # 38 fields
+        good[23].split("\t", 1)[1],                                  # 39 fields: unlabelled
+        "2" + good[24][1:], "01" + good[25][1:], good[26][1:],       # labels 2, 01, empty
+        edit(good[27], f5="12.5"), edit(good[28], f6="0x10"), edit(good[29], f7="1e3"),
+        "", " ", *good[30:45], "", *good[45:],
+    ]
+    endings = ["\r\n" if i % 7 == 3 else "\r" if i == 40 else "\n" for i in range(len(lines))]
+    text = "".join(line + end for line, end in zip(lines, endings))[:-1]  # no final newline
+    data = text.encode("utf-8", "surrogateescape")
+    path.write_bytes(gzip.compress(data) if gz else data)
+    return path
+
+
+def _malformed_warnings(fn, *args, **kwargs):
+    """Calls fn and returns its result and the malformed-line warnings it gave."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = fn(*args, **kwargs)
+    return result, [str(w.message) for w in caught if "malformed" in str(w.message)]
+
+
+@pytest.mark.parametrize("gz", [False, True])
+@pytest.mark.parametrize("block_size", [1, 97, 4096])
+def test_vectorized_equals_line_reference_on_edge_cases(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gz: bool, block_size: int
+) -> None:
+    path = _edge_case_file(tmp_path / ("day_0.gz" if gz else "train.txt"), gz)
+    want, want_warn = _malformed_warnings(reference.load_criteo, path, test_fraction=0.25)
+    assert len(want_warn) == 1 and "skipped 9 malformed line(s)" in want_warn[0]
+    slow_rows = spy_slow_path(monkeypatch)
+    for cache in (True, False):
+        slow_rows.clear()
+        got, got_warn = _malformed_warnings(_load, path, test_fraction=0.25, cache=cache,
+                                            cache_dir=tmp_path / "cache", block_size=block_size)
+        reference.assert_same(got, want)
+        assert got_warn == want_warn
+        # Some rows took the vectorized path: the test compares two readers, not one with itself.
+        assert sum(slow_rows) < len(got[0]) + len(got[1])
+    for hash_sizes in (5, None, list(range(1, 27))):
+        got = _load(path, hash_sizes=hash_sizes, cache_dir=tmp_path / "cache",
+                    block_size=block_size, on_malformed="skip")
+        reference.assert_same(got, reference.load_criteo(path, hash_sizes=hash_sizes))
+
+
+def test_fail_mode_names_the_same_line_as_the_reference(tmp_path: Path) -> None:
+    path = _edge_case_file(tmp_path / "train.txt")
+    with pytest.raises(ValueError) as want:
+        reference.load_criteo(path, on_malformed="fail")
+    for block_size in (1, 300, 1 << 20):
+        with pytest.raises(ValueError) as got:
+            _load(path, on_malformed="fail", block_size=block_size)
+        assert str(got.value) == str(want.value)
+    assert "train.txt, line 25: malformed line: expected 40" in str(want.value)
+
+
+@pytest.mark.parametrize("max_rows", [3, 24, 25, 40])
+def test_max_rows_reports_only_lines_before_the_last_row(tmp_path: Path, max_rows: int) -> None:
+    path = _edge_case_file(tmp_path / "train.txt")
+    want, want_warn = _malformed_warnings(reference.load_criteo, path, max_rows=max_rows,
+                                          test_fraction=0.3)
+    got, got_warn = _malformed_warnings(_load, path, max_rows=max_rows, test_fraction=0.3,
+                                        block_size=200)
+    reference.assert_same(got, want)
+    assert got_warn == want_warn
+
+
+def test_separate_test_file_equals_reference(tmp_path: Path) -> None:
+    train = _edge_case_file(tmp_path / "day_0")
+    test = _write(tmp_path / "day_1", [KAGGLE_LINE], seed=4, n_random=80)
+    got = _load(train, test_path=test, max_rows=50, block_size=512)
+    reference.assert_same(got, reference.load_criteo(train, test_path=test, max_rows=50))

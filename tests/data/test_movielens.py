@@ -1,10 +1,13 @@
 """Tests of the MovieLens reader on small files written to tmp_path."""
 
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.data import reference
+from tests.data.reference import spy_slow_path
 from torchrec_fiited.data.movielens import load_movielens
 
 # (user, movie, rating, timestamp), deliberately not in time order.
@@ -130,3 +133,67 @@ def test_separate_test_file(tmp_path: Path) -> None:
     assert (len(train), len(test)) == (6, 4)
     # scaled by the train time range 1000..1009 (train holds 1009)
     assert train.dense.min() == 0.0 and train.dense.max() == 1.0
+
+
+# ---- the vectorized reader against the line-by-line reference (tests/data/reference.py) ----
+
+ODD_CSV = ("6,10,five,1010", "6,10,4.0", "6,10,4.0,noon", "6,10,9.0,1011", "6,10,nan,1012",
+           ",10,4.0,1013", "6,,4.0,1014", "6,10,4.0,0x10", "6,10, 4.5 ,1015", "6,10,4.5,+1016",
+           "6,10,4_5,1017", "6,10,1e0,1018", "u7,40,3.5,1004", "", "7,20,4.0,1012")
+ODD_DAT = ("6::10::4::1020", "6::10::4", "6:::10::4::1021", "6::10::4::1022::", "6::x:10::4::1023",
+           "7::20::5::1001", "7::20::4.5::1001", "::20::4::1024")
+
+
+def _ml_files(tmp_path: Path, kind: str) -> dict:
+    rows = RATINGS * 3 + [(9, 10 * (i % 5), (i % 10) / 2, 900 + i % 7) for i in range(40)]
+    if kind == "csv":
+        ratings = _ratings_csv(tmp_path / "ratings.csv", rows=rows, extra=ODD_CSV)
+        movies = tmp_path / "movies.csv"
+        movies.write_text('movieId,title,genres\n10,"American President, The (1995)",Comedy|Drama\n'
+                          '20,"Say ""Hi"" (1990)",Action\r\n30,Nothing (2000),(no genres listed)\n'
+                          ",No id,Drama\n40,Short\n")
+        users = tmp_path / "users.csv"
+        users.write_text("userId,gender,age,occupation,zip\n1,F,1,10,48067\n2,M,56,16,70072\n"
+                         "9,M,25,15,55117\n6,F,18,3\n")
+    else:
+        ratings = tmp_path / "ratings.dat"
+        ratings.write_text("".join(f"{u}::{m}::{int(r)}::{t}\n" for u, m, r, t in rows)
+                           + "\n".join(ODD_DAT) + "\n")
+        movies = tmp_path / "movies.dat"
+        movies.write_text("10::Toy Story (1995)::Animation|Children's\n20::Heat: The Movie::Action\n"
+                          "30::Sabrina (1995)::Comedy|Romance\n")
+        users = tmp_path / "users.dat"
+        users.write_text("1::F::1::10::48067\n2::M::56::16::70072\n9::M::25::15::55117\n7::M::1\n")
+    return dict(path=ratings, movies_path=movies, users_path=users)
+
+
+@pytest.mark.filterwarnings("ignore:.*malformed")
+@pytest.mark.parametrize("kind", ["csv", "dat"])
+@pytest.mark.parametrize("block_size", [1, 64, 4096])
+def test_vectorized_equals_line_reference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          kind: str, block_size: int) -> None:
+    files = _ml_files(tmp_path, kind)
+    want = reference.load_movielens(**files, test_fraction=0.2)
+    slow_rows = spy_slow_path(monkeypatch)
+    for cache in (True, False):
+        slow_rows.clear()
+        got = _load(**files, test_fraction=0.2, cache=cache, cache_dir=tmp_path / "c",
+                    block_size=block_size)
+        reference.assert_same(got, want)
+        if block_size < 4096:  # (a 4096-byte block holds the whole file, bad lines included)
+            assert sum(slow_rows) < len(got[0]) + len(got[1])  # some ratings took the fast path
+    for options in (dict(max_rows=20, hash_sizes=3), dict(movies_path=None, users_path=None)):
+        args = {**files, **options}
+        reference.assert_same(_load(**args, block_size=block_size), reference.load_movielens(**args))
+    with pytest.raises(ValueError) as err:
+        reference.load_movielens(**files, on_malformed="fail")
+    with pytest.raises(ValueError, match=re.escape(str(err.value))):
+        _load(**files, on_malformed="fail", block_size=block_size)
+
+
+@pytest.mark.filterwarnings("ignore:.*malformed")
+def test_separate_test_file_equals_reference(tmp_path: Path) -> None:
+    train = _ratings_csv(tmp_path / "train.csv", rows=RATINGS[:6], extra=ODD_CSV[:3])
+    test = _ratings_csv(tmp_path / "test.csv", rows=RATINGS[6:])
+    got = _load(train, test_path=test, block_size=50)
+    reference.assert_same(got, reference.load_movielens(train, test_path=test))

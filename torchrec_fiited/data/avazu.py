@@ -18,6 +18,10 @@ Only labelled files are supported: Avazu's ``test.csv`` has no ``click`` column 
 is rejected. Without a test file, the last ``test_fraction`` of the rows (the file
 is in time order) is the test split. Fields are split on plain commas: Avazu has
 no quoted fields.
+
+Reading is vectorized, streaming and cached as for Criteo (see
+:mod:`torchrec_fiited.data.criteo`); the derived hour features are computed once per
+distinct ``hour`` value of a block.
 """
 
 import datetime
@@ -25,10 +29,20 @@ import functools
 import os
 import zlib
 from collections.abc import Sequence
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
+import pyarrow as pa
 
+from torchrec_fiited.data.blocks import (
+    DEFAULT_BLOCK_SIZE,
+    BlockFormat,
+    BlockRows,
+    ByteBlocks,
+    dictionary_column,
+    labels_01,
+)
+from torchrec_fiited.data.cache import CacheSettings, cached_splits, read_file
 from torchrec_fiited.data.common import (
     DEFAULT_MAX_HASH_SIZE,
     MISSING_HASH,
@@ -38,11 +52,7 @@ from torchrec_fiited.data.common import (
     MalformedLineError,
     ParsedRow,
     RawRows,
-    RowBuffer,
-    build_splits,
-    open_text,
     parse_label,
-    read_rows,
 )
 
 LABEL_COLUMN = "click"
@@ -74,8 +84,21 @@ def _hour_tokens(hour: str) -> tuple[int, int]:
     return zlib.crc32(str(hh).encode()), zlib.crc32(str(day.weekday()).encode())
 
 
-class _AvazuLineParser:
-    """Parses Avazu data lines for a given header layout."""
+def _derived_hashes(hours: pa.Array, which: int) -> np.ndarray:
+    """int64 hashes of hour-of-day (which=0) or weekday (which=1) for each ``YYMMDDHH`` value.
+
+    Raises:
+        MalformedLineError: If a value is not a valid date-hour.
+    """
+    return np.array([_hour_tokens(h.decode("utf-8", "surrogateescape"))[which]
+                     for h in hours.to_pylist()], dtype=np.int64)
+
+
+class AvazuFormat(BlockFormat):
+    """Avazu lines of a given header layout, for the block reader and the line parser."""
+
+    delimiter = ","
+    n_dense = len(AVAZU_DENSE_NAMES)
 
     def __init__(self, header: Sequence[str], path: str) -> None:
         """Locates the label, id and hour columns.
@@ -100,8 +123,29 @@ class _AvazuLineParser:
         skip = {LABEL_COLUMN, ID_COLUMN}
         self.cat_indices = [i for i, c in enumerate(header) if c not in skip]
         self.sparse_names = tuple(header[i] for i in self.cat_indices) + DERIVED_NAMES
+        self.n_sparse = len(self.sparse_names)
+        # Positional names: pyarrow needs distinct ones, a header may repeat a name.
+        self.column_names = tuple(f"f{i}" for i in range(self.num_fields))
+        self.column_types = {f"f{self.label_index}": pa.binary(),
+                             **{f"f{i}": pa.dictionary(pa.int32(), pa.binary())
+                                for i in self.cat_indices}}
 
-    def __call__(self, line: str) -> ParsedRow:
+    def convert(self, table: pa.Table) -> Optional[BlockRows]:
+        """Rows of a block; None if a click is not ``0``/``1`` or an hour is not YYMMDDHH."""
+        labels = labels_01(table.column(f"f{self.label_index}"))
+        if labels is None:
+            return None
+        hours = table.column(f"f{self.hour_index}")
+        try:
+            derived = tuple(dictionary_column(hours, functools.partial(_derived_hashes, which=k))
+                            for k in (0, 1))
+        except MalformedLineError:
+            return None
+        sparse = tuple(dictionary_column(table.column(f"f{i}")) for i in self.cat_indices)
+        dense = np.zeros((table.num_rows, self.n_dense), dtype=np.float32)
+        return BlockRows(labels=labels, dense=dense, sparse=sparse + derived)
+
+    def parse_line(self, line: str) -> ParsedRow:
         """Returns ``(label, (0.0,), hashes)`` for one line.
 
         Raises:
@@ -124,18 +168,24 @@ def read_avazu_file(
     max_rows: Optional[int] = None,
     on_malformed: str = "skip",
     progress: bool = True,
+    cache: bool = True,
+    cache_dir: Optional[Union[str, os.PathLike]] = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> tuple[RawRows, tuple[str, ...]]:
-    """Reads a labelled Avazu CSV file into raw rows.
+    """Reads a labelled Avazu CSV file into raw rows (from the cache when it holds them).
 
     Args:
         path: Avazu ``train.csv`` (optionally ``.gz``) or a file of that layout.
         max_rows: Read at most this many valid rows.
         on_malformed: ``"skip"`` or ``"fail"``.
-        progress: Show a tqdm progress bar.
+        progress: Show a tqdm progress bar (bytes of the file).
+        cache: Cache the parsed rows on disk and memory-map them.
+        cache_dir: Cache directory (default: ``.fiited_cache`` next to the file).
+        block_size: Bytes of text parsed per block.
 
     Returns:
         ``(rows, sparse_names)``: labels float32 ``[N]``, dense float32 ``[N, 1]``
-        (zeros), hashes int64 ``[N, F]``, and the F sparse feature names.
+        (zeros), F sparse columns, and the F sparse feature names.
 
     Raises:
         FileNotFoundError: If the file does not exist.
@@ -143,15 +193,14 @@ def read_avazu_file(
             valid, or (fail mode) a line is malformed.
     """
     path = os.fspath(path)
-    with open_text(path) as handle:
-        header = handle.readline().rstrip("\r\n").split(",")
-        parser = _AvazuLineParser(header, path)
-        buffer = RowBuffer(len(AVAZU_DENSE_NAMES), len(parser.sparse_names))
-        read_rows(handle, path, parser, buffer, max_rows, on_malformed, progress,
-                  start_lineno=2)
-    labels, dense, hashes = buffer.arrays()
-    rows = RawRows(labels=labels, dense=dense.astype(np.float32), hashes=hashes)
-    return rows, parser.sparse_names
+
+    def make_format(blocks: ByteBlocks) -> tuple[AvazuFormat, dict[str, Any]]:
+        fmt = AvazuFormat(blocks.header().split(","), path)
+        return fmt, {"sparse_names": list(fmt.sparse_names)}
+
+    rows, extras = read_file(path, "avazu", make_format, max_rows, on_malformed, progress,
+                             CacheSettings(cache, cache_dir), block_size)
+    return rows, tuple(extras["sparse_names"])
 
 
 def load_avazu(
@@ -164,8 +213,11 @@ def load_avazu(
     on_malformed: str = "skip",
     progress: bool = True,
     name: str = "avazu",
+    cache: bool = True,
+    cache_dir: Optional[Union[str, os.PathLike]] = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> tuple[CTRArrays, CTRArrays, DatasetSpec]:
-    """Loads the Avazu dataset into memory.
+    """Loads the Avazu dataset.
 
     Args:
         path: Labelled training CSV.
@@ -179,6 +231,10 @@ def load_avazu(
         on_malformed: ``"skip"`` or ``"fail"``.
         progress: Show tqdm progress bars.
         name: Name recorded in the returned spec.
+        cache: Cache parsed rows and ids on disk and return them memory-mapped
+            (copy-on-write); False reads into memory and writes nothing.
+        cache_dir: Cache directory (default: ``.fiited_cache`` next to each file).
+        block_size: Bytes of text parsed per block (memory per in-flight block).
 
     Returns:
         ``(train, test, spec)``: dense float32 ``[N, 1]`` (constant 0), sparse int64
@@ -189,17 +245,19 @@ def load_avazu(
         ValueError: On an empty file, a bad header, headers that differ between the
             files, no valid rows, or a malformed line in fail mode.
     """
-    train_raw, names = read_avazu_file(path, max_rows, on_malformed, progress)
+    train_raw, names = read_avazu_file(path, max_rows, on_malformed, progress, cache, cache_dir,
+                                       block_size)
     test_raw = None
     if test_path is not None:
         test_max = max_rows if max_test_rows is None else max_test_rows
-        test_raw, test_names = read_avazu_file(test_path, test_max, on_malformed, progress)
+        test_raw, test_names = read_avazu_file(test_path, test_max, on_malformed, progress,
+                                               cache, cache_dir, block_size)
         if test_names != names:
             raise ValueError(
                 f"{os.fspath(test_path)}: sparse columns {test_names} differ from "
                 f"those of {os.fspath(path)}: {names}"
             )
-    train, test, sizes = build_splits(train_raw, test_raw, test_fraction, hash_sizes, names)
+    train, test, sizes = cached_splits(train_raw, test_raw, test_fraction, hash_sizes, names)
     spec = DatasetSpec(
         name=name,
         dense_names=AVAZU_DENSE_NAMES,

@@ -8,19 +8,23 @@ Every dataset reader produces the same in-memory form, :class:`CTRArrays`:
 * ``labels``: float32 ``[N]`` with values in {0, 1};
 * ``logits``: optional float32 ``[N]``, the planted true logit (synthetic data only).
 
+The file readers may return these arrays memory-mapped from their cache
+(:mod:`torchrec_fiited.data.cache`): copy-on-write, so they read and write like
+ordinary arrays, and ``sparse`` is then a transposed view of an ``[F, N]`` array.
 :func:`make_batches` cuts such arrays into torchrec
 :class:`~torchrec.datasets.utils.Batch` objects.
 
 Categorical encoding (shared by the Criteo, Avazu and MovieLens readers):
 
-1. While reading, each raw token string is hashed with a stable 32-bit hash
-   (:func:`hash_token`, ``zlib.crc32`` of its UTF-8 bytes; Python's ``hash()``
-   is salted per process and would change the ids from run to run). A missing
-   (empty) value is stored as :data:`MISSING_HASH`.
+1. While reading, each raw token is hashed with a stable 32-bit hash
+   (:func:`hash_token`, ``zlib.crc32`` of its bytes; Python's ``hash()`` is salted
+   per process and would change the ids from run to run). A missing (empty) value
+   is stored as :data:`MISSING_HASH`. The readers keep each sparse feature as a
+   :class:`SparseColumn`: a dictionary of hashes and one int32 code per row.
 2. After reading (train and test files together, so both use one id space), the
-   hash size of each feature is resolved (:func:`resolve_hash_sizes`): by default
+   hash size of each feature is resolved (:func:`hash_size`): by default
    ``min(observed cardinality + 1, cap)`` (:func:`hash_sizes_from_cardinalities`).
-3. :func:`ids_from_hashes` maps hashes to ids. Id :data:`MISSING_ID` (0) is reserved
+3. :func:`column_ids` maps hashes to ids. Id :data:`MISSING_ID` (0) is reserved
    for missing values. When the hash size holds every observed value
    (``size >= cardinality + 1``), present values get collision-free ids
    ``1..cardinality`` in order of their hash; otherwise they get
@@ -29,17 +33,18 @@ Categorical encoding (shared by the Criteo, Avazu and MovieLens readers):
    values of every feature, small ones (weekday, gender) included.
 """
 
-import gzip
 import logging
 import os
 import warnings
 import zlib
 from array import array
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Optional, TextIO, Union
+from typing import Any, Optional, Union
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -277,37 +282,17 @@ def hash_sizes_from_cardinalities(cardinalities: Sequence[int], cap: int) -> tup
     return tuple(min(int(card) + 1, int(cap)) for card in cardinalities)
 
 
-def observed_cardinalities(hashes: np.ndarray) -> tuple[int, ...]:
-    """Distinct present values per column of int64 hashes ``[N, F]`` (MISSING_HASH excluded)."""
-    out = []
-    for col in hashes.T:
-        present = col[col != MISSING_HASH]
-        out.append(int(np.unique(present).size))
-    return tuple(out)
-
-
-def resolve_hash_sizes(
-    hash_sizes: Optional[HashSizes], hashes: np.ndarray, names: Sequence[str]
-) -> tuple[int, ...]:
-    """Turns the user's ``hash_sizes`` option into one size per feature.
-
-    Args:
-        hash_sizes: An int is a cap applied to every feature's observed cardinality
-            + 1; a sequence gives the exact size per feature; None means the
-            default cap :data:`DEFAULT_MAX_HASH_SIZE`.
-        hashes: int64 ``[N, F]`` raw hashes (train and test together).
-        names: Feature names, for error messages; ``len(names) == F``.
-
-    Returns:
-        One hash size per feature.
+def check_hash_sizes(hash_sizes: Optional[HashSizes], names: Sequence[str]) -> None:
+    """Validates the user's ``hash_sizes`` option (see :func:`hash_size`) against the features.
 
     Raises:
-        ValueError: If a list has the wrong length or a size is < 1.
+        ValueError: If a cap is < 1, a list has the wrong length or a size is < 1.
     """
     if hash_sizes is None:
-        hash_sizes = DEFAULT_MAX_HASH_SIZE
+        return
     if isinstance(hash_sizes, (int, np.integer)):
-        return hash_sizes_from_cardinalities(observed_cardinalities(hashes), int(hash_sizes))
+        hash_sizes_from_cardinalities([], int(hash_sizes))
+        return
     sizes = tuple(int(s) for s in hash_sizes)
     if len(sizes) != len(names):
         raise ValueError(
@@ -317,49 +302,211 @@ def resolve_hash_sizes(
     for name, size in zip(names, sizes):
         if size < 1:
             raise ValueError(f"hash size of feature {name!r} is {size}, expected >= 1")
-    return sizes
 
 
-def ids_from_hashes(hashes: np.ndarray, sizes: Sequence[int]) -> np.ndarray:
-    """Maps raw hashes to embedding ids (see the module docstring).
+def hash_size(hash_sizes: Optional[HashSizes], feature: int, cardinality: int) -> int:
+    """Hash size of one feature from the user's ``hash_sizes`` option.
 
     Args:
-        hashes: int64 ``[N, F]``, values in ``[0, 2**32)`` or MISSING_HASH.
-        sizes: Hash size per feature, ``len(sizes) == F``.
+        hash_sizes: An int is a cap applied to every feature's observed cardinality
+            + 1; a sequence gives the exact size per feature; None means the
+            default cap :data:`DEFAULT_MAX_HASH_SIZE`. Validated by
+            :func:`check_hash_sizes`.
+        feature: Index of the feature.
+        cardinality: Distinct present values of the feature (train and test together).
 
     Returns:
-        int64 ``[N, F]`` ids with ``0 <= ids[:, f] < sizes[f]``; missing -> MISSING_ID.
+        The feature's hash size.
     """
-    ids = np.zeros(hashes.shape, dtype=np.int64)
-    for f, size in enumerate(sizes):
-        col = hashes[:, f]
-        present = col != MISSING_HASH
-        if size <= 1:
-            continue  # a single slot: every value shares it
-        values = col[present]
-        uniq, inverse = np.unique(values, return_inverse=True)
-        if uniq.size + 1 <= size:
-            ids[present, f] = inverse.reshape(-1) + 1  # exact vocabulary, no collision
+    if hash_sizes is None:
+        hash_sizes = DEFAULT_MAX_HASH_SIZE
+    if isinstance(hash_sizes, (int, np.integer)):
+        return hash_sizes_from_cardinalities([cardinality], int(hash_sizes))[0]
+    return int(hash_sizes[feature])
+
+
+@dataclass(frozen=True)
+class SparseColumn:
+    """One sparse feature of N rows, dictionary-encoded: row i has hash ``dictionary[codes[i]]``.
+
+    Every dictionary entry is used by some row; entries may repeat (each block of a
+    file has its own dictionary).
+
+    Attributes:
+        codes: int32 ``[N]`` indices into ``dictionary``.
+        dictionary: int64 ``[S]`` token hashes, MISSING_HASH for a missing value.
+    """
+
+    codes: np.ndarray
+    dictionary: np.ndarray
+
+    @staticmethod
+    def from_hashes(hashes: np.ndarray) -> "SparseColumn":
+        """Encodes int64 hashes ``[N]`` (one dictionary entry per distinct hash)."""
+        dictionary, codes = np.unique(hashes, return_inverse=True)
+        return SparseColumn(codes=codes.reshape(-1).astype(np.int32), dictionary=dictionary)
+
+    def hashes(self) -> np.ndarray:
+        """int64 ``[N]`` hash of every row."""
+        return self.dictionary[self.codes]
+
+    def head(self, n: int) -> "SparseColumn":
+        """The first ``n`` rows, with the dictionary cut down to the entries they use."""
+        used, codes = np.unique(self.codes[:n], return_inverse=True)
+        return SparseColumn(codes=codes.reshape(-1).astype(np.int32), dictionary=self.dictionary[used])
+
+
+@dataclass(frozen=True)
+class RawRows:
+    """Parsed rows of one file before categorical ids are assigned.
+
+    Attributes:
+        labels: float32 ``[N]`` labels in {0, 1}.
+        dense: ``[N, n_dense]`` dense features (float32 transformed, or the reader's raw form).
+        sparse: One :class:`SparseColumn` per sparse feature, F in all. A cached file
+            opens each column's memory maps when it is indexed, so a column's pages
+            are released once it is no longer referenced.
+        origin: ``(cache slot path, key digest)`` of a cached parse, None for rows held
+            only in memory; it keys the cache of ids derived from these rows.
+    """
+
+    labels: np.ndarray
+    dense: np.ndarray
+    sparse: Sequence[SparseColumn]
+    origin: Optional[tuple[str, str]] = None
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def hashes(self) -> np.ndarray:
+        """int64 ``[N, F]`` hashes of every row and feature (materialized in memory)."""
+        n_sparse = len(self.sparse)
+        out = np.empty((len(self), n_sparse), dtype=np.int64)
+        for f in range(n_sparse):
+            out[:, f] = self.sparse[f].hashes()
+        return out
+
+
+def column_ids(
+    parts: Sequence[SparseColumn], hash_sizes: Optional[HashSizes], feature: int
+) -> tuple[list[np.ndarray], int]:
+    """Ids of one feature over several parts (files) that share one id space.
+
+    Args:
+        parts: The feature's column in each part.
+        hash_sizes: See :func:`hash_size`.
+        feature: Index of the feature.
+
+    Returns:
+        ``(ids, size)``: int64 ids per part (``[n_p]``, ``0 <= id < size``, missing ->
+        MISSING_ID) and the feature's hash size. See the module docstring.
+    """
+    dictionary = np.concatenate([p.dictionary for p in parts])
+    present = dictionary != MISSING_HASH
+    values = dictionary[present].astype(np.uint32)  # hashes are 32-bit: cheaper to sort
+    sorted_values = np.sort(values)  # sorting beats hashing here (SIMD sort, no cache misses)
+    cardinality = int(np.count_nonzero(sorted_values[1:] != sorted_values[:-1])) + int(values.size > 0)
+    del sorted_values
+    size = hash_size(hash_sizes, feature, cardinality)
+    entry_ids = np.zeros(dictionary.size, dtype=np.int64)
+    if size > 1:  # a single slot: every value shares id 0
+        if cardinality + 1 <= size:  # exact vocabulary: ids 1..cardinality in hash order
+            order = np.argsort(values)
+            in_order = values[order]
+            new_value = np.ones(values.size, dtype=np.int64)
+            np.not_equal(in_order[1:], in_order[:-1], out=new_value[1:], casting="unsafe")
+            ranks = np.empty(values.size, dtype=np.int64)
+            ranks[order] = np.cumsum(new_value)
+            entry_ids[present] = ranks
         else:
-            ids[present, f] = values % (size - 1) + 1
-    return ids
+            entry_ids[present] = values.astype(np.int64) % (size - 1) + 1
+    ids, start = [], 0
+    for part in parts:
+        ids.append(entry_ids[start:start + part.dictionary.size][part.codes])
+        start += part.dictionary.size
+    return ids, size
 
 
-def encode_categoricals(
-    hashes: np.ndarray, hash_sizes: Optional[HashSizes], names: Sequence[str]
-) -> tuple[np.ndarray, tuple[int, ...]]:
-    """Resolves hash sizes and maps raw hashes to ids.
+def encode_sparse(
+    parts: Sequence[RawRows],
+    hash_sizes: Optional[HashSizes],
+    sparse_names: Sequence[str],
+    store: Callable[[int, list[np.ndarray]], None],
+) -> tuple[int, ...]:
+    """Assigns ids feature by feature over all parts; only one feature's ids are held at a time.
 
     Args:
-        hashes: int64 ``[N, F]`` raw hashes, MISSING_HASH for missing.
-        hash_sizes: See :func:`resolve_hash_sizes`.
-        names: Feature names, ``len(names) == F``.
+        parts: Rows of the files that share the id space (train, then test).
+        hash_sizes: See :func:`hash_size`.
+        sparse_names: Names of the F sparse features.
+        store: Called as ``store(f, ids)`` with feature f's int64 ids per part.
 
     Returns:
-        ``(ids, sizes)``: int64 ``[N, F]`` ids and the hash size per feature.
+        The hash size of every feature.
+
+    Raises:
+        ValueError: If ``hash_sizes`` is invalid for these features.
     """
-    sizes = resolve_hash_sizes(hash_sizes, hashes, names)
-    return ids_from_hashes(hashes, sizes), sizes
+    check_hash_sizes(hash_sizes, sparse_names)
+    sizes = []
+    for f in range(len(sparse_names)):
+        ids, size = column_ids([p.sparse[f] for p in parts], hash_sizes, f)
+        store(f, ids)
+        sizes.append(size)
+    return tuple(sizes)
+
+
+def assemble_splits(
+    train: RawRows, test: Optional[RawRows], ids: np.ndarray, test_fraction: float
+) -> tuple[CTRArrays, CTRArrays]:
+    """The train and test arrays from parsed rows and their ids.
+
+    Args:
+        train: Rows of the training file, in file (time) order.
+        test: Rows of a separate test file, or None to hold out the tail of ``train``.
+        ids: int64 ``[F, N_train + N_test]`` ids, train rows first.
+        test_fraction: Fraction of ``train`` held out when ``test`` is None.
+
+    Returns:
+        ``(train, test)``; ``sparse`` is a view of ``ids.T``, nothing is copied.
+    """
+    sparse = ids.T
+    if test is None:
+        return split_tail(CTRArrays(dense=train.dense, sparse=sparse, labels=train.labels),
+                          test_fraction)
+    n = len(train)
+    return (CTRArrays(dense=train.dense, sparse=sparse[:n], labels=train.labels),
+            CTRArrays(dense=test.dense, sparse=sparse[n:], labels=test.labels))
+
+
+def build_splits(
+    train: RawRows,
+    test: Optional[RawRows],
+    test_fraction: float,
+    hash_sizes: Optional[HashSizes],
+    sparse_names: Sequence[str],
+) -> tuple[CTRArrays, CTRArrays, tuple[int, ...]]:
+    """Assigns ids over train and test together in memory, then returns the two splits.
+
+    Args:
+        train: Rows of the training file, in file (time) order.
+        test: Rows of a separate test file, or None to hold out the tail of ``train``.
+        test_fraction: Fraction of ``train`` held out when ``test`` is None.
+        hash_sizes: See :func:`hash_size`.
+        sparse_names: Names of the F sparse features.
+
+    Returns:
+        ``(train, test, sizes)`` arrays and the hash size per sparse feature.
+    """
+    parts = [train] if test is None else [train, test]
+    ids = np.empty((len(sparse_names), sum(len(p) for p in parts)), dtype=np.int64)
+
+    def store(f: int, part_ids: list[np.ndarray]) -> None:
+        np.concatenate(part_ids, out=ids[f])
+
+    sizes = encode_sparse(parts, hash_sizes, sparse_names, store)
+    train_arr, test_arr = assemble_splits(train, test, ids, test_fraction)
+    return train_arr, test_arr, sizes
 
 
 def log_transform_dense(raw: np.ndarray) -> np.ndarray:
@@ -425,42 +572,35 @@ class MalformedLines:
         logger.warning(msg)
         warnings.warn(msg, stacklevel=3)
 
+    def summary(self) -> dict[str, Any]:
+        """The count and the quoted lines, as JSON-able data for a cache."""
+        return {"count": self.count, "examples": [list(e) for e in self.examples]}
 
-def open_text(path: Union[str, os.PathLike]) -> TextIO:
-    """Opens a data file (gzip if it ends in ``.gz``) after checking it exists and is non-empty.
+    def replay(self, summary: dict[str, Any]) -> None:
+        """Records the malformed lines of a :meth:`summary` as if they had just been read.
+
+        Raises:
+            ValueError: In fail mode, naming the first malformed line.
+        """
+        if summary["count"] and self.on_malformed == "fail":
+            lineno, reason = summary["examples"][0]
+            self.report(lineno, reason)
+        self.count += int(summary["count"])
+        self.examples.extend((int(n), str(r)) for n, r in summary["examples"])
+        del self.examples[MAX_QUOTED_LINES:]
+
+
+def check_data_file(path: str) -> None:
+    """Checks that a data file exists and is not empty.
 
     Raises:
         FileNotFoundError: If the path does not exist or is not a file.
         ValueError: If the file is empty.
     """
-    path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file not found: {path}")
     if os.path.getsize(path) == 0:
         raise ValueError(f"data file is empty: {path}")
-    # surrogateescape: odd bytes survive decoding and still hash deterministically.
-    if path.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8", errors="surrogateescape", newline="")
-    return open(path, encoding="utf-8", errors="surrogateescape", newline="")
-
-
-def iter_lines(
-    handle: TextIO, path: str, progress: bool, start_lineno: int = 1
-) -> Iterator[tuple[int, str]]:
-    """Yields ``(line number, line without its line ending)``, skipping blank lines.
-
-    Args:
-        handle: Open text file, positioned at line ``start_lineno``.
-        path: File name for the progress bar.
-        progress: Show a tqdm progress bar.
-        start_lineno: Line number of the first line yielded.
-    """
-    bar = tqdm(handle, desc=f"reading {os.path.basename(path)}", unit=" lines",
-               disable=not progress, mininterval=1.0)
-    for lineno, line in enumerate(bar, start=start_lineno):
-        line = line.rstrip("\r\n")
-        if line:
-            yield lineno, line
 
 
 def require_rows(n_rows: int, path: str, malformed: MalformedLines) -> None:
@@ -479,24 +619,6 @@ def check_max_rows(max_rows: Optional[int]) -> None:
 
 class MalformedLineError(ValueError):
     """Raised by a line parser to say why a line is malformed (caught by the reader)."""
-
-
-@dataclass(frozen=True)
-class RawRows:
-    """Parsed rows of one file before categorical ids are assigned.
-
-    Attributes:
-        labels: float32 ``[N]`` labels in {0, 1}.
-        dense: float32 ``[N, n_dense]`` transformed dense features.
-        hashes: int64 ``[N, F]`` raw token hashes, MISSING_HASH where missing.
-    """
-
-    labels: np.ndarray
-    dense: np.ndarray
-    hashes: np.ndarray
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
 
 
 class RowBuffer:
@@ -528,88 +650,7 @@ class RowBuffer:
         return labels, dense, hashes
 
 
-def build_splits(
-    train: RawRows,
-    test: Optional[RawRows],
-    test_fraction: float,
-    hash_sizes: Optional[HashSizes],
-    sparse_names: Sequence[str],
-) -> tuple[CTRArrays, CTRArrays, tuple[int, ...]]:
-    """Assigns ids over train and test together, then returns the two splits.
-
-    Args:
-        train: Rows of the training file, in file (time) order.
-        test: Rows of a separate test file, or None to hold out the tail of ``train``.
-        test_fraction: Fraction of ``train`` held out when ``test`` is None.
-        hash_sizes: See :func:`resolve_hash_sizes`.
-        sparse_names: Names of the F sparse features.
-
-    Returns:
-        ``(train, test, sizes)`` arrays and the hash size per sparse feature.
-    """
-    parts = [train] if test is None else [train, test]
-    hashes = np.concatenate([p.hashes for p in parts])
-    ids, sizes = encode_categoricals(hashes, hash_sizes, sparse_names)
-    n_train = len(train)
-    everything = CTRArrays(
-        dense=np.concatenate([p.dense for p in parts]),
-        sparse=ids,
-        labels=np.concatenate([p.labels for p in parts]),
-    )
-    if test is None:
-        train_arr, test_arr = split_tail(everything, test_fraction)
-    else:
-        train_arr = everything.take(slice(0, n_train))
-        test_arr = everything.take(slice(n_train, len(everything)))
-    return train_arr, test_arr, sizes
-
-
 ParsedRow = tuple[float, Sequence[float], Sequence[int]]
-
-
-def read_rows(
-    handle: TextIO,
-    path: str,
-    parse_line: Callable[[str], ParsedRow],
-    buffer: RowBuffer,
-    max_rows: Optional[int],
-    on_malformed: str,
-    progress: bool,
-    start_lineno: int = 1,
-) -> RowBuffer:
-    """Parses the remaining lines of ``handle`` into ``buffer``.
-
-    Args:
-        handle: Open text file, positioned at line ``start_lineno``.
-        path: File name for messages.
-        parse_line: Turns a line into ``(label, raw dense values, hashes)`` or
-            raises :class:`MalformedLineError` saying why it cannot.
-        buffer: Receives the valid rows.
-        max_rows: Stop after this many valid rows (None: read everything).
-        on_malformed: ``"skip"`` or ``"fail"``, see :class:`MalformedLines`.
-        progress: Show a tqdm progress bar.
-        start_lineno: 1-based number of the first line left in ``handle``.
-
-    Returns:
-        ``buffer``.
-
-    Raises:
-        ValueError: On a malformed line in fail mode, or if no valid row was read.
-    """
-    check_max_rows(max_rows)
-    malformed = MalformedLines(path, on_malformed)
-    for lineno, line in iter_lines(handle, path, progress, start_lineno):
-        try:
-            label, dense, hashes = parse_line(line)
-        except MalformedLineError as err:
-            malformed.report(lineno, str(err))
-            continue
-        buffer.append(label, dense, hashes)
-        if max_rows is not None and len(buffer) >= max_rows:
-            break
-    malformed.finish()
-    require_rows(len(buffer), path, malformed)
-    return buffer
 
 
 def parse_label(token: str, column: str) -> float:

@@ -21,6 +21,14 @@ to [0, 1] over the training split's time range (test values may exceed 1).
 
 Rows are sorted by timestamp (stable). Without a test file, the last
 ``test_fraction`` of the rows in time order is the test split.
+
+Ratings files are read vectorized and streaming, and cached, as Criteo is (see
+:mod:`torchrec_fiited.data.criteo`; a ``.dat`` file is split on single colons and
+every other field must be empty). The movie and user side files (at most 62k lines in
+MovieLens 25M) keep the Python line parser, whose CSV quoting is the reference, and
+are cached the same way. Side features are joined per dictionary entry, not per row.
+The sorted rows and their ids are held in memory (the time sort needs the whole file):
+about 8 * (2 + side features) + 12 bytes per rating.
 """
 
 import csv
@@ -28,10 +36,21 @@ import math
 import os
 import zlib
 from collections.abc import Callable
-from typing import Optional, Union
+from dataclasses import dataclass
+from typing import Any, Optional, Union
 
 import numpy as np
+import pyarrow as pa
 
+from torchrec_fiited.data.blocks import (
+    DEFAULT_BLOCK_SIZE,
+    BlockFormat,
+    BlockRows,
+    ByteBlocks,
+    all_empty,
+    dictionary_column,
+)
+from torchrec_fiited.data.cache import CacheSettings, read_file
 from torchrec_fiited.data.common import (
     DEFAULT_MAX_HASH_SIZE,
     MISSING_HASH,
@@ -41,10 +60,8 @@ from torchrec_fiited.data.common import (
     MalformedLineError,
     ParsedRow,
     RawRows,
-    RowBuffer,
+    SparseColumn,
     build_splits,
-    open_text,
-    read_rows,
     tail_split_point,
 )
 
@@ -142,60 +159,133 @@ def _parse_user(sep: str) -> Callable[[str], ParsedRow]:
     return parse
 
 
+class RatingsFormat(BlockFormat):
+    """Rating lines for the block reader: ``user,movie,rating,timestamp`` or ``u::m::r::t``.
+
+    A ``.dat`` line is split on single colons into 7 fields, of which the 2nd, 4th
+    and 6th must be empty (``::``); anything else fails the block over to the line parser.
+    """
+
+    n_dense = 1
+    n_sparse = len(RATING_NAMES)
+    dense_dtype = np.dtype(np.float64)
+    int_columns = True
+
+    def __init__(self, sep: str) -> None:
+        """Sets the columns for separator ``","`` (csv) or ``"::"`` (dat)."""
+        self.sep = sep
+        self._parse = _parse_rating(sep)
+        fields = ["user", "movie", "rating", "timestamp"]
+        self.gaps = () if sep == "," else ("gap0", "gap1", "gap2")
+        if self.gaps:  # u : gap0 : m : gap1 : r : gap2 : t
+            fields = [x for pair in zip(fields, self.gaps + ("",)) for x in pair][:-1]
+        self.delimiter = sep[0]
+        self.column_names = tuple(fields)
+        self.column_types = {"user": pa.dictionary(pa.int32(), pa.binary()),
+                             "movie": pa.dictionary(pa.int32(), pa.binary()),
+                             "rating": pa.float64(), "timestamp": pa.int64(),
+                             **{g: pa.binary() for g in self.gaps}}
+
+    def convert(self, table: pa.Table) -> Optional[BlockRows]:
+        """Rows of a block; None on an empty id, a rating outside [0, 5] or a missing value."""
+        if any(not all_empty(table.column(g)) for g in self.gaps):
+            return None
+        rating, stamp = table.column("rating"), table.column("timestamp")
+        if rating.null_count or stamp.null_count:
+            return None
+        values = rating.to_numpy()
+        if not (np.isfinite(values) & (values >= 0.0) & (values <= 5.0)).all():
+            return None
+        sparse = (dictionary_column(table.column("user")), dictionary_column(table.column("movie")))
+        if any((col.dictionary == MISSING_HASH).any() for col in sparse):
+            return None
+        return BlockRows(labels=(values >= POSITIVE_RATING).astype(np.float32),
+                         dense=stamp.to_numpy().astype(np.float64)[:, None], sparse=sparse)
+
+    def parse_line(self, line: str) -> ParsedRow:
+        return self._parse(line)
+
+
+class SideFormat(BlockFormat):
+    """A movies or users side file: read only by its line parser (exact CSV quoting)."""
+
+    n_dense = 0
+    vectorized = False
+
+    def __init__(self, parse: Callable[[str], ParsedRow], n_sparse: int) -> None:
+        """Wraps a line parser giving ``n_sparse`` hashes per line."""
+        self._parse = parse
+        self.n_sparse = n_sparse
+
+    def convert(self, table: pa.Table) -> Optional[BlockRows]:
+        return None
+
+    def parse_line(self, line: str) -> ParsedRow:
+        return self._parse(line)
+
+
+@dataclass(frozen=True)
+class _ReadOptions:
+    """Options shared by every file of one load."""
+
+    on_malformed: str
+    progress: bool
+    cache: CacheSettings
+    block_size: int
+
+
 def _read(
     path: Union[str, os.PathLike],
-    make_parser: Callable[[str], Callable[[str], ParsedRow]],
-    n_dense: int,
-    n_sparse: int,
+    reader: str,
+    make_format: Callable[[str], BlockFormat],
     max_rows: Optional[int],
-    on_malformed: str,
-    progress: bool,
+    options: _ReadOptions,
     header: Optional[list[str]] = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Reads one MovieLens file with the parser for its layout.
+) -> RawRows:
+    """Reads one MovieLens file with the format for its layout.
 
     Args:
         path: The file (``.csv`` or ``.dat``, optionally ``.gz``).
-        make_parser: Builds the line parser for a separator.
-        n_dense: Raw dense values per row.
-        n_sparse: Hashes per row.
+        reader: Reader name for the cache.
+        make_format: Builds the file's format for a separator.
         max_rows: Read at most this many valid rows.
-        on_malformed: ``"skip"`` or ``"fail"``.
-        progress: Show a tqdm progress bar.
+        options: Malformed-line mode, progress bar, cache and block size.
         header: Exact expected CSV header, or None to skip the header unchecked.
 
     Returns:
-        float32 labels ``[N]``, float64 raw dense ``[N, n_dense]``, int64 hashes ``[N, n_sparse]``.
+        The file's rows.
 
     Raises:
         FileNotFoundError: If the file does not exist.
-        ValueError: On an empty file, a wrong header, no valid row, or a bad line in fail mode.
+        ValueError: On an unknown file type, an empty file, a wrong header, no valid
+            row, or a bad line in fail mode.
     """
     path = os.fspath(path)
     sep, has_header = _layout(path)
-    with open_text(path) as handle:
-        start = 1
+
+    def make(blocks: ByteBlocks) -> tuple[BlockFormat, dict[str, Any]]:
         if has_header:
-            found = handle.readline().rstrip("\r\n").split(",")
+            found = blocks.header().split(",")
             if header is not None and found != header:
                 raise ValueError(
                     f"{path}, line 1: header {found} differs from the expected {header}"
                 )
-            start = 2
-        buffer = read_rows(handle, path, make_parser(sep), RowBuffer(n_dense, n_sparse),
-                           max_rows, on_malformed, progress, start_lineno=start)
-    return buffer.arrays()
+        return make_format(sep), {}
+
+    rows, _ = read_file(path, reader, make, max_rows, options.on_malformed, options.progress,
+                        options.cache, options.block_size)
+    return rows
 
 
 def _lookup(keys: np.ndarray, side: np.ndarray) -> np.ndarray:
-    """Joins side features onto rows by key hash.
+    """Joins side features onto keys by hash.
 
     Args:
-        keys: int64 ``[N]`` key hashes of the rows (user or movie).
+        keys: int64 ``[K]`` key hashes (user or movie).
         side: int64 ``[M, 1 + S]``: key hash, then S feature hashes; first row per key wins.
 
     Returns:
-        int64 ``[N, S]`` feature hashes, MISSING_HASH where the key is absent from ``side``.
+        int64 ``[K, S]`` feature hashes, MISSING_HASH where the key is absent from ``side``.
     """
     uniq, first = np.unique(side[:, 0], return_index=True)
     values = side[first, 1:]
@@ -204,26 +294,13 @@ def _lookup(keys: np.ndarray, side: np.ndarray) -> np.ndarray:
     return np.where(found[:, None], values[pos], MISSING_HASH)
 
 
-def _with_side(hashes: np.ndarray, movies: Optional[np.ndarray],
-               users: Optional[np.ndarray]) -> np.ndarray:
-    """Appends movie and user side-feature hashes to int64 ``[N, 2]`` (user, movie) hashes."""
-    cols = [hashes]
-    if movies is not None:
-        cols.append(_lookup(hashes[:, 1], movies))
-    if users is not None:
-        cols.append(_lookup(hashes[:, 0], users))
-    return np.concatenate(cols, axis=1)
-
-
-def _time_sorted(labels: np.ndarray, stamps: np.ndarray, hashes: np.ndarray):
-    """Sorts rows by timestamp (stable) and returns ``(labels, stamps [N], hashes)``."""
-    order = np.argsort(stamps[:, 0], kind="stable")
-    return labels[order], stamps[order, 0], hashes[order]
-
-
-def _scaled(stamps: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """float32 ``[N, 1]`` timestamps scaled so that ``[lo, hi]`` maps to ``[0, 1]``."""
-    return ((stamps - lo) / max(hi - lo, 1.0)).astype(np.float32)[:, None]
+def _side_columns(key: SparseColumn, side: Optional[np.ndarray]) -> tuple[SparseColumn, ...]:
+    """Side-feature columns of rows with key column ``key``, looked up per dictionary entry."""
+    if side is None:
+        return ()
+    looked = _lookup(np.asarray(key.dictionary), side)
+    return tuple(SparseColumn(codes=key.codes, dictionary=looked[:, s])
+                 for s in range(looked.shape[1]))
 
 
 def _read_ratings(
@@ -231,18 +308,27 @@ def _read_ratings(
     max_rows: Optional[int],
     movies: Optional[np.ndarray],
     users: Optional[np.ndarray],
-    on_malformed: str,
-    progress: bool,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Reads a ratings file, sorts it by time and joins the side features.
+    options: _ReadOptions,
+) -> tuple[np.ndarray, np.ndarray, tuple[SparseColumn, ...]]:
+    """Reads a ratings file, sorts it by time (stable) and joins the side features.
 
     Returns:
-        float32 labels ``[N]``, float64 timestamps ``[N]``, int64 hashes ``[N, F]``.
+        float32 labels ``[N]``, float64 timestamps ``[N]``, and the sparse columns
+        (user, movie, then the movie and the user side features).
     """
-    labels, stamps, hashes = _read(path, _parse_rating, 1, len(RATING_NAMES), max_rows,
-                                   on_malformed, progress, header=RATINGS_CSV_HEADER)
-    labels, stamps, hashes = _time_sorted(labels, stamps, hashes)
-    return labels, stamps, _with_side(hashes, movies, users)
+    rows = _read(path, "movielens-ratings", RatingsFormat, max_rows, options,
+                 header=RATINGS_CSV_HEADER)
+    stamps = np.asarray(rows.dense[:, 0])
+    order = np.argsort(stamps, kind="stable")
+    user, movie = (SparseColumn(codes=np.asarray(col.codes)[order],
+                                dictionary=np.asarray(col.dictionary)) for col in rows.sparse)
+    columns = (user, movie) + _side_columns(movie, movies) + _side_columns(user, users)
+    return np.asarray(rows.labels)[order], stamps[order], columns
+
+
+def _scaled(stamps: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """float32 ``[N, 1]`` timestamps scaled so that ``[lo, hi]`` maps to ``[0, 1]``."""
+    return ((stamps - lo) / max(hi - lo, 1.0)).astype(np.float32)[:, None]
 
 
 def load_movielens(
@@ -257,6 +343,9 @@ def load_movielens(
     on_malformed: str = "skip",
     progress: bool = True,
     name: str = "movielens",
+    cache: bool = True,
+    cache_dir: Optional[Union[str, os.PathLike]] = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> tuple[CTRArrays, CTRArrays, DatasetSpec]:
     """Loads MovieLens ratings as a binary (rating >= 4) task.
 
@@ -274,6 +363,9 @@ def load_movielens(
         on_malformed: ``"skip"`` or ``"fail"``, for every file read.
         progress: Show tqdm progress bars.
         name: Name recorded in the returned spec.
+        cache: Cache the parsed files on disk (the sorted rows and ids stay in memory).
+        cache_dir: Cache directory (default: ``.fiited_cache`` next to each file).
+        block_size: Bytes of text parsed per block.
 
     Returns:
         ``(train, test, spec)``: dense float32 ``[N, 1]`` (scaled timestamp), sparse
@@ -284,16 +376,19 @@ def load_movielens(
         ValueError: On an empty file, an unknown file type, a wrong CSV header, no
             valid rows, or a malformed line in fail mode.
     """
+    options = _ReadOptions(on_malformed, progress, CacheSettings(cache, cache_dir), block_size)
     names, movies, users = RATING_NAMES, None, None
     if movies_path is not None:
-        movies = _read(movies_path, _parse_movie, 0, 3, None, on_malformed, progress,
-                       header=["movieId", "title", "genres"])[2]
+        movies = _read(movies_path, "movielens-movies",
+                       lambda sep: SideFormat(_parse_movie(sep), 1 + len(MOVIE_NAMES)), None,
+                       options, header=["movieId", "title", "genres"]).hashes()
         names += MOVIE_NAMES
     if users_path is not None:
-        users = _read(users_path, _parse_user, 0, 1 + len(USER_NAMES), None, on_malformed,
-                      progress)[2]
+        users = _read(users_path, "movielens-users",
+                      lambda sep: SideFormat(_parse_user(sep), 1 + len(USER_NAMES)), None,
+                      options).hashes()
         names += USER_NAMES
-    labels, stamps, hashes = _read_ratings(path, max_rows, movies, users, on_malformed, progress)
+    labels, stamps, columns = _read_ratings(path, max_rows, movies, users, options)
     if test_path is None:
         train_end = tail_split_point(len(labels), test_fraction)
         lo, hi = stamps[0], stamps[train_end - 1]
@@ -301,10 +396,9 @@ def load_movielens(
     else:
         lo, hi = stamps[0], stamps[-1]
         test_max = max_rows if max_test_rows is None else max_test_rows
-        t_labels, t_stamps, t_hashes = _read_ratings(test_path, test_max, movies, users,
-                                                     on_malformed, progress)
-        test_raw = RawRows(labels=t_labels, dense=_scaled(t_stamps, lo, hi), hashes=t_hashes)
-    train_raw = RawRows(labels=labels, dense=_scaled(stamps, lo, hi), hashes=hashes)
+        t_labels, t_stamps, t_columns = _read_ratings(test_path, test_max, movies, users, options)
+        test_raw = RawRows(labels=t_labels, dense=_scaled(t_stamps, lo, hi), sparse=t_columns)
+    train_raw = RawRows(labels=labels, dense=_scaled(stamps, lo, hi), sparse=columns)
     train, test, sizes = build_splits(train_raw, test_raw, test_fraction, hash_sizes, names)
     spec = DatasetSpec(name=name, dense_names=MOVIELENS_DENSE_NAMES, sparse_names=names,
                        num_embeddings=sizes, num_train_examples=len(train))
