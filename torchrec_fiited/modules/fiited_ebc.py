@@ -135,13 +135,7 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
     # ---- EmbeddingBagCollectionInterface -------------------------------------------------
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        batch = self._resolve(features)  # every check runs before the store is touched
-        if self.training and torch.is_grad_enabled():
-            self._admit(batch)
-            anchor = torch.zeros((), requires_grad=True)  # makes autograd call our backward
-            values = _FusedLookup.apply(self, batch, anchor)
-        else:
-            values = self._pooled(batch)
+        values = _store_lookup(self, features)
         return KeyedTensor(keys=self._keys, length_per_key=self._dims, values=values)
 
     def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
@@ -326,6 +320,26 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
                 grad_rows, torch.cat(rows), id_scale, torch.cat([fl.entries for fl in lookups]),
                 et.chunk_slots, et.utilities, et.last_step, pool.weights, pool.momentum, params,
             )
+
+
+@torch.fx.wrap
+@torch.compiler.disable
+def _store_lookup(module: FiitedEmbeddingBagCollection, features: KeyedJaggedTensor) -> torch.Tensor:
+    """Pooled values fp32 [B, sum D] of ``features``; in training also admits new entries and
+    hooks the fused update (and pruning cycles) into backward.
+
+    Runs eagerly under torch.compile, as one opaque region: admission (a unique over the
+    never-seen ids), the in-backward update and the cycles change the store by data-dependent
+    amounts, so dynamo would break the graph at each of them (31 breaks in a DLRM) and recompile
+    per table; eagerly, the store stays bitwise what eager training gives. The model around it
+    compiles. An FX leaf for the same reason.
+    """
+    batch = module._resolve(features)  # every check runs before the store is touched
+    if module.training and torch.is_grad_enabled():
+        module._admit(batch)
+        anchor = torch.zeros((), requires_grad=True)  # makes autograd call our backward
+        return _FusedLookup.apply(module, batch, anchor)
+    return module._pooled(batch)
 
 
 def _inverse_rows(features: KeyedJaggedTensor) -> Optional[Dict[str, torch.Tensor]]:

@@ -82,7 +82,28 @@ def table_key(name: str) -> int:
 
 def row_keys(table: str, rows: torch.Tensor) -> torch.Tensor:
     """Plan-independent keys (int64 [n]) of global ``rows`` of ``table``: crc32 << 31 | row."""
-    return (table_key(table) << 31) | rows.to(torch.int64)
+    return as_int64(table_key(table) << 31) | rows.to(torch.int64)
+
+
+_LOW31 = (1 << 31) - 1
+
+
+def as_int64(key: Union[int, torch.Tensor]) -> torch.Tensor:
+    """``key`` as an int64 tensor (0-d for an int; a tensor key is cast), exact in int64's range.
+
+    ``torch.as_tensor(k, dtype=torch.int64)`` keeps only the low 32 bits of an int ``k`` that
+    torch.compile has made dynamic (a SymInt; torch 2.13 with inductor: crc32 table keys >= 2^31,
+    e.g. of "t2" and "user", came out negative). Built from 31-bit pieces, each exact as an
+    int32, the value is right in eager and compiled code alike.
+    """
+    if isinstance(key, torch.Tensor):
+        return key.to(torch.int64)
+    lo, mid, hi = key & _LOW31, (key >> 31) & _LOW31, key >> 62  # hi in [-2, 1]
+    return (
+        (torch.as_tensor(hi, dtype=torch.int64) << 62)
+        | (torch.as_tensor(mid, dtype=torch.int64) << 31)
+        | torch.as_tensor(lo, dtype=torch.int64)
+    )
 
 
 _GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
@@ -97,6 +118,6 @@ def counter_uniform(keys: Sequence[Union[int, torch.Tensor]]) -> torch.Tensor:
     """
     x = torch.tensor(0, dtype=torch.int64)
     for key in keys:
-        x = _mix64((x ^ torch.as_tensor(key, dtype=torch.int64)) + _GOLDEN)
+        x = _mix64((x ^ as_int64(key)) + _GOLDEN)
     # The top 24 bits give every fp32 in [0, 1) on a 2^-24 grid, never 1.0.
     return _logical_shift_right(x, 40).to(torch.float32) * (1.0 / (1 << 24))
