@@ -82,7 +82,9 @@ def test_bytes_are_the_stored_rows_with_their_adagrad_state(build):
 def test_row_methods_keep_floor_budget_rows_at_least_one(name):
     tables = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=16, num_embeddings=n,
                                  feature_names=[f"f{i}"]) for i, n in enumerate([1000, 333, 7])]
-    module = BUILDERS[name](tables, 0.1)
+    # freq_oracle's default ranks the whole collection; scope="table" is the per-table rule.
+    module = BUILDERS[name](tables, 0.1, **({"scope": "table"} if name == "freq_oracle" else {}))
+    assert [t.num_embeddings for t in module.stored_configs()] == [100, 33, 1]
     assert embedding_bytes(module) == (100 + 33 + 1) * 17 * 4
 
 
