@@ -41,7 +41,9 @@ def test_every_method_trains_and_reports(emb, tmp_path):
     with open(tmp_path / "metrics.json") as f:
         assert json.load(f)["test_auc"] == m["test_auc"]
     if emb != "full":
-        assert m["embedding_bytes"] < m["embedding_bytes_full"] * 1.2
+        # A method that ignored its budget would hold at least the full tables (plus its own
+        # metadata); at these budgets every method holds 0.45-0.6 of them.
+        assert m["embedding_bytes"] < m["embedding_bytes_full"]
 
 
 def test_fiited_records_allocation_and_respects_budget(tmp_path):
@@ -49,7 +51,14 @@ def test_fiited_records_allocation_and_respects_budget(tmp_path):
     assert [s["step"] for s in m["chunk_allocation"]] == [6, 12, 18, 24]
     snapshot = m["chunk_allocation"][-1]["tables"]
     assert all(len(rows) == 3 for rows in snapshot.values())  # K=2: rows with 0, 1, 2 live chunks
-    assert m["fiited_stats"]["bytes"]["pools"] <= 0.25 * m["embedding_bytes_full"]
+    stats = m["fiited_stats"]
+    assert stats["bytes"]["total"] == m["embedding_bytes"]
+    # The pools are the largest whole numbers of chunk slots within 0.25 of the tables' floats.
+    full_floats = sum(t["num_embeddings"] * t["dim"] for t in stats["tables"].values())
+    pool_floats = sum(p["capacity"] * p["chunk_size"] for p in stats["pools"].values())
+    largest_chunk = max(p["chunk_size"] for p in stats["pools"].values())
+    assert stats["bytes"]["pools"] == 4 * pool_floats
+    assert 0.25 * full_floats - len(stats["pools"]) * largest_chunk < pool_floats <= 0.25 * full_floats
 
 
 def test_bad_budget_is_rejected(tmp_path):

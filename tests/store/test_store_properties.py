@@ -13,13 +13,23 @@ OPS = st.lists(st.sampled_from(["train", "train", "train", "prune", "eval"]), mi
 def _check_invariants(m: FiitedEmbeddingBagCollection) -> None:
     assert m.store.invariant_errors() == []
     s = m.stats()
+    assert s["bytes"]["total"] == sum(
+        t.numel() * t.element_size() for t in list(m.buffers()) + list(m.parameters())
+    )
     for name, pool in m.store.pools.items():
-        full = sum(l.num_entries * l.dim * 4 for l in m.store.layouts.values() if l.pool == name)
-        budget = m.config.budget
-        # The pool's tensor is the budget, in bytes actually allocated, at every step (up to the
-        # float noise plan_pools forgives, e.g. budget 0.9999999999999999 still gets every slot).
-        assert pool.weights.numel() * pool.weights.element_size() <= budget * full * (1 + 1e-9)
-        assert s["pools"][name]["free_slots"] + sum(pool.live_per_chunk.tolist()) == pool.capacity
+        layouts = [l for l in m.store.layouts.values() if l.pool == name]
+        slots_in_budget = m.config.budget * sum(l.num_entries * l.dim for l in layouts) / pool.chunk_size
+        # The allocated tensor is the largest whole number of slots within the budget (up to the
+        # float noise plan_pools forgives: budget 0.9999999999999999 still gets every slot).
+        assert pool.weights.shape == (pool.capacity, pool.chunk_size)
+        assert pool.capacity <= slots_in_budget * (1 + 1e-9) and pool.capacity + 1 > slots_in_budget
+        # Live chunks, counted from the entry tables, hold distinct slots, never more than the
+        # pool has, and are exactly the slots not on the free stack.
+        live_slots = torch.cat([m.store.tables[l.name].chunk_slots.reshape(-1) for l in layouts])
+        live_slots = live_slots[live_slots >= 0]
+        assert torch.unique(live_slots).numel() == live_slots.numel() <= pool.capacity
+        assert live_slots.numel() == pool.capacity - s["pools"][name]["free_slots"]
+        assert live_slots.numel() == sum(pool.live_per_chunk.tolist())
     for name, et in m.store.tables.items():
         assert torch.equal(live_from_mask(et.live_mask, m.config.num_chunks), et.chunk_slots >= 0)
 
