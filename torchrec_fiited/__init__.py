@@ -1,18 +1,37 @@
 """torchrec_fiited: FIITED in-training embedding chunk pruning for TorchRec.
 
 Public surface: ``FiitedConfig`` (with ``DimPruningConfig`` for FIITED-2D), ``FiitedEmbeddingBagCollection``, and for serving
-``export_for_inference`` / ``save_inference`` / ``load_inference``.
+``export_for_inference`` / ``save_inference`` / ``load_inference`` / ``export_program``.
+
+The names are imported on first use, so ``import torchrec_fiited.ops.native`` (which registers
+``torch.ops.fiited.*``) loads neither torchrec nor the training code: that import is all a server
+needs before ``torch.export.load`` of an exported FIITED model (plus ``import torchrec`` for the
+KJT input).
 """
 
-from torchrec_fiited.config import DimPruningConfig, FiitedConfig
-from torchrec_fiited.modules.fiited_ebc import FiitedEmbeddingBagCollection
-from torchrec_fiited.inference import export_for_inference, load_inference, save_inference  # noqa: E402 (needs modules)
+import importlib
+from typing import Any
 
-__all__ = [
-    "DimPruningConfig",
-    "FiitedConfig",
-    "FiitedEmbeddingBagCollection",
-    "export_for_inference",
-    "load_inference",
-    "save_inference",
-]
+_EXPORTS = {
+    "DimPruningConfig": "torchrec_fiited.config",
+    "FiitedConfig": "torchrec_fiited.config",
+    "FiitedEmbeddingBagCollection": "torchrec_fiited.modules.fiited_ebc",
+    "export_for_inference": "torchrec_fiited.inference",
+    "export_program": "torchrec_fiited.inference",
+    "load_inference": "torchrec_fiited.inference",
+    "save_inference": "torchrec_fiited.inference",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'torchrec_fiited' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

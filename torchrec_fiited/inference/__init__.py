@@ -2,7 +2,10 @@
 
 ``export_for_inference(model, dtype)`` turns every ``FiitedEmbeddingBagCollection`` in ``model``
 into a compacted, read-only ``FiitedInferenceEBC``; ``save_inference`` / ``load_inference`` write
-and read it (or a DLRM over it) without any training state.
+and read it (or a DLRM over it) without any training state. The served modules script
+(``torch.jit.script``), FX-trace (``torchrec.fx.symbolic_trace``) and export: ``export_program``
+gives a ``torch.export`` program with dynamic batch and id counts that a server loads with only
+``import torchrec, torchrec_fiited.ops.native``.
 """
 
 from torchrec_fiited.inference.export import (
@@ -11,6 +14,8 @@ from torchrec_fiited.inference.export import (
     InferenceSpec,
     InferenceTable,
     export_for_inference,
+    export_program,
+    kjt_dynamic_shapes,
     load_inference,
     save_inference,
 )
@@ -23,6 +28,8 @@ __all__ = [
     "InferenceSpec",
     "InferenceTable",
     "export_for_inference",
+    "export_program",
+    "kjt_dynamic_shapes",
     "load_inference",
     "save_inference",
 ]

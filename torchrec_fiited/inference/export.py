@@ -38,7 +38,8 @@ from torchrec_fiited.inference.quantize import (
     storage_layout,
 )
 from torchrec_fiited.modules.fiited_ebc import FiitedEmbeddingBagCollection
-from torchrec_fiited.modules.validation import check_ids, check_kjt
+from torchrec_fiited.modules.validation import check_ids, check_kjt, is_tracing
+from torchrec_fiited.modules.vbe import expand_bags
 from torchrec_fiited.ops import lookup_forward
 from torchrec_fiited.store import PRUNED, VHPIStore, hash_ids
 
@@ -233,26 +234,67 @@ class FiitedInferenceEBC(EmbeddingBagCollectionInterface):
         served.pools["shared_cs4"].weights.shape   # (live chunks, 4 + 8), torch.uint8
     """
 
+    # Python-only accessors TorchScript must not compile (an InferenceSpec has no TorchScript type).
+    __jit_unused_properties__ = ["spec", "dtype"]
+    # Types of what forward reads, for TorchScript (it cannot infer an empty dict's).
+    _stored_columns: Dict[str, torch.Tensor]
+
     def __init__(self, spec: InferenceSpec, device: Optional[torch.device] = None) -> None:
         super().__init__()
         device = torch.device(device or "cpu")
         self._spec = spec
         self._configs = spec.embedding_bag_configs()
-        self._features = [(f, t) for t in spec.tables for f in t.feature_names]
         self.tables = nn.ModuleDict(
             {t.name: _TableSlots(t.num_embeddings, spec.num_chunks, device) for t in spec.tables}
         )
         self.pools = nn.ModuleDict({p.name: _StoredPool(p, spec.dtype, device) for p in spec.pools})
+        # forward reads only these plain lists (one entry per feature, in output order), so the
+        # module scripts, exports and FX-traces; the spec stays the Python-side description.
+        features = [(f, t) for t in spec.tables for f in t.feature_names]
+        self._feature_names: List[str] = [f for f, _ in features]
+        self._feature_tables: List[str] = [t.name for _, t in features]
+        self._feature_pools: List[str] = [t.pool for _, t in features]
+        self._feature_rows: List[int] = [t.num_embeddings for _, t in features]
+        self._feature_dims: List[int] = [t.embedding_dim for _, t in features]
+        self._feature_mean: List[bool] = [t.pooling == "MEAN" for _, t in features]
+        self._hash_ids: bool = spec.hash_ids
+        self._weighted: bool = spec.is_weighted
+        self._dtype: str = spec.dtype
         # FIITED-2D tables: where their stored columns go in the D columns of a row.
-        self._stored_columns = {t.name: spec.stored_columns(t) for t in spec.tables}
+        # Plain CPU attributes (not buffers: they are the spec's, not state); moved on use.
+        self._stored_columns = {
+            t.name: cols for t in spec.tables if (cols := spec.stored_columns(t)) is not None
+        }
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        lookups = _resolve(features, self._features, self._spec.hash_ids, self._spec.is_weighted)
-        values = torch.cat([self._lookup(t, e, o, w) for t, e, o, w in lookups], dim=1)
+        if not torch.jit.is_scripting():
+            # Eager (and in an FX graph, where it is a leaf): the training module's checks, keys
+            # of other modules dropped, a VBE batch expanded. Graph capture keeps the shape checks.
+            features = _checked(features, self._feature_names, self._weighted)
+        slots: Dict[str, torch.Tensor] = {}
+        for name, slot_module in self.tables.items():
+            slots[name] = slot_module.chunk_slots
+        stored: Dict[str, torch.Tensor] = {}
+        for name, pool in self.pools.items():
+            stored[name] = pool.weights
+        per_feature = features.to_dict()
+        pooled: List[torch.Tensor] = []
+        for i in range(len(self._feature_names)):
+            jt = per_feature[self._feature_names[i]]
+            table = self._feature_tables[i]
+            entries = _entries(jt.values(), self._feature_names[i], table, self._feature_rows[i], self._hash_ids)
+            weights: Optional[torch.Tensor] = None
+            if self._weighted:
+                weights = jt.weights().to(torch.float32)
+            cols: Optional[torch.Tensor] = None
+            if table in self._stored_columns:
+                cols = self._stored_columns[table]
+            pooled.append(_pool(
+                stored[self._feature_pools[i]], self._dtype, slots[table], entries,
+                jt.offsets().to(torch.int64), weights, self._feature_mean[i], self._feature_dims[i], cols,
+            ))
         return KeyedTensor(
-            keys=[f for f, _ in self._features],
-            length_per_key=[t.embedding_dim for _, t in self._features],
-            values=values,
+            keys=self._feature_names, length_per_key=self._feature_dims, values=torch.cat(pooled, dim=1)
         )
 
     def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
@@ -302,56 +344,91 @@ class FiitedInferenceEBC(EmbeddingBagCollectionInterface):
             out.pools[name].weights.copy_(w)
         return out.eval()
 
-    def _lookup(
-        self,
-        table: InferenceTable,
-        entries: torch.Tensor,
-        offsets: torch.Tensor,
-        weights: Optional[torch.Tensor],
-    ) -> torch.Tensor:
-        """Pooled fp32 [B, D] of one feature: entries int64 [n], offsets int64 [B + 1]."""
-        stored = self.pools[table.pool].weights
-        chunk_slots = self.tables[table.name].chunk_slots
-        mean = table.pooling == "MEAN"
-        if stored.shape[0] == 0:  # no live chunk at all: every chunk reads zero
-            return torch.zeros(offsets.numel() - 1, table.embedding_dim, device=stored.device)
-        if self._spec.dtype == "fp32":
-            # The training op itself, so the output is bitwise the training module's.
-            pooled = lookup_forward(stored, chunk_slots, entries, offsets, weights, mean)
-        else:
-            pooled = quantized_lookup(stored, self._spec.dtype, chunk_slots, entries, offsets, weights, mean)
-        cols = self._stored_columns[table.name]
-        if cols is None:
-            return pooled
-        out = pooled.new_zeros(pooled.shape[0], table.embedding_dim)  # pruned dimensions read zero
-        return out.index_copy_(1, cols.to(pooled.device), pooled)
+
+@torch.fx.wrap
+def _checked(features: KeyedJaggedTensor, feature_names: List[str], is_weighted: bool) -> KeyedJaggedTensor:
+    """The KJT of the module's features, checked as in training: keys of other modules are
+    dropped and a VBE batch is written out to its padded equivalent (``modules/vbe.py``)."""
+    check_kjt(features, feature_names, is_weighted)
+    if list(features.keys()) == feature_names and not features.variable_stride_per_key():
+        return features
+    per_feature = features.to_dict()
+    inverse = None
+    if features.variable_stride_per_key():
+        keys, rows = features.inverse_indices()
+        inverse = dict(zip(keys, rows.unbind(0)))
+    values, lengths, weights = [], [], []
+    for name in feature_names:
+        jt = per_feature[name]
+        v, o, w = jt.values(), jt.offsets().to(torch.int64), jt.weights_or_none()
+        if inverse is not None:
+            v, o, w = expand_bags(v, o, w, inverse[name])
+        values.append(v)
+        lengths.append(o[1:] - o[:-1])
+        if w is not None:
+            weights.append(w)
+    return KeyedJaggedTensor(
+        keys=feature_names, values=torch.cat(values), lengths=torch.cat(lengths),
+        weights=torch.cat(weights) if is_weighted else None,
+    )
 
 
 @torch.fx.wrap
-def _resolve(
-    features: KeyedJaggedTensor,
-    feature_tables: List[Tuple[str, InferenceTable]],
-    hashed: bool,
-    is_weighted: bool,
-) -> List[Tuple[InferenceTable, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
-    """Validate the KJT as training does and map each feature's ids to entries.
+def _entries(ids: torch.Tensor, feature: str, table: str, num_entries: int, hashed: bool) -> torch.Tensor:
+    """Entries int64 [n] of a feature's ids: hashed into [0, E), or checked to lie there (the
+    check needs the data, so graph capture leaves it to the op's own bounds checks)."""
+    ids = ids.to(torch.int64)
+    if hashed:
+        return hash_ids(ids, num_entries)
+    if not torch.jit.is_scripting():
+        if not is_tracing():
+            check_ids(feature, table, ids, num_entries)
+    return ids
 
-    Returns per feature (table, entries int64 [n], offsets int64 [B + 1], weights fp32 [n] or None).
+
+@torch.jit.unused
+def _eager_lookup(
+    stored: torch.Tensor,
+    chunk_slots: torch.Tensor,
+    entries: torch.Tensor,
+    offsets: torch.Tensor,
+    weights: Optional[torch.Tensor],
+    mean: bool,
+) -> torch.Tensor:
+    return lookup_forward(stored, chunk_slots, entries, offsets, weights, mean)
+
+
+@torch.fx.wrap
+def _pool(
+    stored: torch.Tensor,
+    dtype: str,
+    chunk_slots: torch.Tensor,
+    entries: torch.Tensor,
+    offsets: torch.Tensor,
+    weights: Optional[torch.Tensor],
+    mean: bool,
+    dim: int,
+    stored_columns: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """Pooled fp32 [B, D] of one feature: entries int64 [n], offsets int64 [B + 1].
+
+    fp32 runs the training op itself (``torch.ops.fiited.lookup_forward``), so the output is
+    bitwise the training module's; fp16/int8 dequantize (``inference.quantize``). A FIITED-2D
+    table's stored columns are scattered into its D columns, the pruned ones reading zero.
     """
-    check_kjt(features, [f for f, _ in feature_tables], is_weighted)
-    per_feature = features.to_dict()
-    out = []
-    for feature, table in feature_tables:
-        jt = per_feature[feature]
-        ids = jt.values().to(torch.int64)
-        if hashed:
-            entries = hash_ids(ids, table.num_embeddings)
+    if stored.shape[0] == 0:  # no live chunk at all: every chunk reads zero
+        return torch.zeros(offsets.numel() - 1, dim, device=stored.device)
+    if dtype == "fp32":
+        if torch.jit.is_scripting():
+            pooled = torch.ops.fiited.lookup_forward(stored, chunk_slots, entries, offsets, weights, mean)
         else:
-            check_ids(feature, table.name, ids, table.num_embeddings)
-            entries = ids
-        weights = jt.weights().to(torch.float32) if is_weighted else None
-        out.append((table, entries, jt.offsets().to(torch.int64), weights))
-    return out
+            pooled = _eager_lookup(stored, chunk_slots, entries, offsets, weights, mean)
+    else:
+        pooled = quantized_lookup(stored, dtype, chunk_slots, entries, offsets, weights, mean)
+    if stored_columns is None:
+        return pooled
+    out = pooled.new_zeros(pooled.shape[0], dim)  # pruned dimensions read zero
+    return out.index_copy_(1, stored_columns.to(pooled.device), pooled)
 
 
 def _kept_columns(store: VHPIStore, table: str) -> Optional[Tuple[Tuple[int, ...], ...]]:
@@ -420,6 +497,51 @@ def export_for_inference(model: nn.Module, dtype: str = "fp32") -> nn.Module:
     # its export, so the training state is never copied.
     memo: Dict[int, Any] = {id(m): FiitedInferenceEBC.from_training(m, dtype) for m in found}
     return copy.deepcopy(model, memo).eval()
+
+
+def kjt_dynamic_shapes(kjt: KeyedJaggedTensor, batch: Any, ids: Any) -> List[Optional[Dict[int, Any]]]:
+    """``torch.export`` dynamic shapes of a fixed-batch KJT's pytree leaves (values, weights,
+    lengths, offsets, stride_per_key_per_rank, inverse_indices): ``ids`` ids, ``batch`` bags per key."""
+    F = len(kjt.keys())
+    return [
+        {0: ids},
+        None if kjt.weights_or_none() is None else {0: ids},
+        {0: F * batch},
+        None if kjt.offsets_or_none() is None else {0: F * batch + 1},
+        None,
+        None,
+    ]
+
+
+def export_program(module: nn.Module, args: Tuple[Any, ...]) -> "torch.export.ExportedProgram":
+    """``torch.export`` a served module with a dynamic batch size and dynamic id counts.
+
+    Args:
+        module: from ``export_for_inference`` (a FiitedInferenceEBC, or e.g. a DLRM over one).
+        args: example inputs; every KJT gets dynamic ids and B, every tensor a dynamic dim 0 = B.
+
+    Returns:
+        The program; ``torch.export.save`` writes it. To serve it elsewhere::
+
+            import torchrec                       # KJT / KeyedTensor pytree types
+            import torchrec_fiited.ops.native     # registers torch.ops.fiited.* (no training code)
+            program = torch.export.load(path)
+            out = program.module()(kjt)           # any B >= 1, any number of ids
+
+    Export is non-strict (torchrec's KJT splits by data-dependent lengths) and size-oblivious
+    (``backed_size_oblivious``), so the program also serves B = 1, the size export would
+    otherwise specialise away. The KJT checks that need the data are not part of the program;
+    the shape checks and the op's own checks are.
+    """
+    batch = torch.export.Dim("batch", min=1, max=1 << 30)
+    ids = torch.export.Dim("ids", min=0, max=1 << 40)
+    shapes = [
+        kjt_dynamic_shapes(a, batch, ids) if isinstance(a, KeyedJaggedTensor)
+        else ({0: batch} if isinstance(a, torch.Tensor) else None)
+        for a in args
+    ]
+    with torch.fx.experimental._config.patch(backed_size_oblivious=True):
+        return torch.export.export(module.eval(), tuple(args), dynamic_shapes=tuple(shapes), strict=False)
 
 
 # ---- save / load ------------------------------------------------------------------------------

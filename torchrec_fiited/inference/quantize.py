@@ -143,8 +143,10 @@ def quantized_lookup(
     if per_sample_weights is not None:
         w = w * per_sample_weights.unsqueeze(1)
     slots = slots.clamp(min=0)  # int32: both gathers take it, saving an int64 copy
-    pool = _int8_pooled if dtype == "int8" else _fp16_pooled
-    pooled = pool(stored, slots, w, offsets)
+    if dtype == "int8":  # an if, not a function variable: TorchScript compiles this
+        pooled = _int8_pooled(stored, slots, w, offsets)
+    else:
+        pooled = _fp16_pooled(stored, slots, w, offsets)
     if mean:
         lengths = (offsets[1:] - offsets[:-1]).clamp(min=1).to(pooled.dtype)
         pooled = pooled / lengths.unsqueeze(1)

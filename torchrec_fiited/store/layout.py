@@ -65,8 +65,10 @@ def _logical_shift_right(x: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def _mix64(x: torch.Tensor) -> torch.Tensor:
-    x = (x ^ _logical_shift_right(x, 30)) * _MIX1
-    x = (x ^ _logical_shift_right(x, 27)) * _MIX2
+    # Literals, not _MIX1/_MIX2: TorchScript (a scripted serving module hashes ids) cannot read
+    # int globals. They are _MIX1 and _MIX2 as signed int64.
+    x = (x ^ _logical_shift_right(x, 30)) * -4658895280553007687
+    x = (x ^ _logical_shift_right(x, 27)) * -7723592293110705685
     return x ^ _logical_shift_right(x, 31)
 
 
