@@ -18,8 +18,9 @@ NVCC_OBJECT := build/nvcc-check/fiited_cuda.o
 ext: $(EXT_STAMP)
 
 # Rebuilt when a source changes, when the stack is reinstalled, or when the library is missing.
+# PYTHONWARNINGS mutes setuptools' 10-line notice that an editable install is editable.
 $(EXT_STAMP): $(STAMP) $(EXT_SOURCES) $(if $(EXT_LIBRARY),,FORCE)
-	$(VPY) -m pip install -q --no-deps --no-build-isolation -e .
+	PYTHONWARNINGS="ignore:Editable installation" $(VPY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
 # A portable wheel (FIITED_EXT_MARCH= drops -march=native); `python -m build --wheel --no-isolation`
