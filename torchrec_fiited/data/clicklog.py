@@ -30,7 +30,9 @@ from typing import Optional
 import numpy as np
 
 from torchrec_fiited.data.common import CTRArrays, DatasetSpec
-from torchrec_fiited.data.synthetic import calibrate_bias, sigmoid
+from torchrec_fiited.data.synthetic import (
+    calibrate_bias, criteo_shaped_spec, sample_dense, sample_zipf_ids, share_scales, sigmoid,
+)
 
 #: Criteo Kaggle's cardinalities, clipped to [10, 10^6].
 CRITEO_CARDINALITIES: tuple[int, ...] = (
@@ -196,15 +198,8 @@ class ClickLogModel:
 
     def sample_inputs(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """Dense float32 ``[n, num_dense]`` (log1p counts) and ids int64 ``[n, num_sparse]``."""
-        normal = rng.standard_normal((n, self.cfg.num_dense), dtype=np.float32)
-        counts = np.floor(np.exp(self._dense_mu.astype(np.float32)
-                                 + self._dense_sigma.astype(np.float32) * normal)) - 1.0
-        dense = np.log1p(np.maximum(counts, 0.0, out=counts), out=counts)
-        ids = np.empty((self.cfg.num_sparse, n), dtype=np.int64)  # row per feature: fast fills
-        for f, feature in enumerate(self.features):
-            ranks = np.searchsorted(feature.cdf, rng.random(n), side="right")
-            ids[f] = feature.perm[np.minimum(ranks, feature.cdf.size - 1)]
-        return dense, np.ascontiguousarray(ids.T)
+        dense = sample_dense(self._dense_mu, self._dense_sigma, n, rng)
+        return dense, sample_zipf_ids([(f.cdf, f.perm) for f in self.features], n, rng)
 
     def logit_parts(self, dense: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """float64 ``[3, n]`` unscaled parts: dense, first-order, interaction."""
@@ -241,24 +236,16 @@ class ClickLogModel:
         self._dense_mean = dense.mean(axis=0, dtype=np.float64)
         self._dense_std = np.maximum(dense.std(axis=0, dtype=np.float64), 1e-6)
         parts = self.logit_parts(dense, ids)
-        shares = np.array([self.cfg.dense_share, self.cfg.first_order_share,
-                           self.cfg.interaction_share])
-        shares = shares / shares.sum() if shares.sum() > 0 else shares
-        stds = parts.std(axis=1)
-        self._scales = np.where(stds > 0, np.sqrt(shares) * self.cfg.logit_std
-                                / np.maximum(stds, 1e-12), 0.0)
+        self._scales = share_scales(
+            parts, (self.cfg.dense_share, self.cfg.first_order_share, self.cfg.interaction_share),
+            self.cfg.logit_std)
         self.bias = calibrate_bias(self._scales @ parts, self.cfg.base_ctr)
 
 
 def clicklog_spec(cfg: ClickLogConfig) -> DatasetSpec:
     """The DatasetSpec of :func:`make_clicklog`'s data for ``cfg`` (no data drawn)."""
-    return DatasetSpec(
-        name="synthetic",
-        dense_names=tuple(f"int_{j}" for j in range(cfg.num_dense)),
-        sparse_names=tuple(f"cat_{f}" for f in range(cfg.num_sparse)),
-        num_embeddings=clicklog_cardinalities(cfg),
-        num_train_examples=cfg.num_train,
-    )
+    return criteo_shaped_spec("synthetic", cfg.num_dense, clicklog_cardinalities(cfg),
+                              cfg.num_train)
 
 
 def make_clicklog(cfg: ClickLogConfig) -> tuple[CTRArrays, CTRArrays, DatasetSpec]:

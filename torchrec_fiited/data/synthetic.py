@@ -59,7 +59,7 @@ about 0.25, and 600k examples take about 2 s to generate.
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -255,6 +255,47 @@ def calibrate_bias(signal: np.ndarray, base_ctr: float) -> float:
     return 0.5 * (lo + hi)
 
 
+def share_scales(parts: np.ndarray, shares: Sequence[float], logit_std: float) -> np.ndarray:
+    """float64 ``[P]``: scales that give each row of ``parts`` ``[P, n]`` its share of
+    ``logit_std ** 2`` (shares normalised to sum 1); a part with no variance (e.g. no informative
+    feature) gets 0 and contributes nothing."""
+    shares = np.asarray(shares, dtype=np.float64)
+    shares = shares / shares.sum() if shares.sum() > 0 else shares
+    stds = parts.std(axis=1)
+    return np.where(stds > 0, np.sqrt(shares) * logit_std / np.maximum(stds, 1e-12), 0.0)
+
+
+def sample_dense(mu: np.ndarray, sigma: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """float32 ``[n, len(mu)]`` DLRM-transformed counts ``log1p(max(floor(exp(N(mu, sigma))) - 1,
+    0))``."""
+    normal = rng.standard_normal((n, mu.size), dtype=np.float32)
+    counts = np.floor(np.exp(mu.astype(np.float32) + sigma.astype(np.float32) * normal)) - 1.0
+    return np.log1p(np.maximum(counts, 0.0, out=counts), out=counts)
+
+
+def sample_zipf_ids(laws: Sequence[tuple[np.ndarray, np.ndarray]], n: int,
+                    rng: np.random.Generator) -> np.ndarray:
+    """int64 ``[n, F]``: for each feature's ``(cdf over popularity ranks, id of each rank)``, ``n``
+    ids drawn by inverting the CDF."""
+    ids = np.empty((len(laws), n), dtype=np.int64)  # filled row by row: fast
+    for f, (cdf, perm) in enumerate(laws):
+        ranks = np.searchsorted(cdf, rng.random(n), side="right")
+        ids[f] = perm[np.minimum(ranks, cdf.size - 1)]
+    return np.ascontiguousarray(ids.T)
+
+
+def criteo_shaped_spec(name: str, num_dense: int, cardinalities: Sequence[int],
+                       num_train: int) -> DatasetSpec:
+    """DatasetSpec of generated data: dense ``int_<j>``, sparse ``cat_<f>`` as Criteo in torchrec."""
+    return DatasetSpec(
+        name=name,
+        dense_names=tuple(f"int_{j}" for j in range(num_dense)),
+        sparse_names=tuple(f"cat_{f}" for f in range(len(cardinalities))),
+        num_embeddings=tuple(cardinalities),
+        num_train_examples=num_train,
+    )
+
+
 class PlantedModel:
     """The hidden label model of the synthetic data (see the module docstring).
 
@@ -290,15 +331,8 @@ class PlantedModel:
             ``(dense, ids)``: float32 ``[n, num_dense]`` log1p counts and int64
             ``[n, num_sparse]`` ids, ``ids[:, f] < features[f].cardinality``.
         """
-        normal = rng.standard_normal((n, self.cfg.num_dense), dtype=np.float32)
-        counts = np.floor(np.exp(self._dense_mu.astype(np.float32)
-                                 + self._dense_sigma.astype(np.float32) * normal)) - 1.0
-        dense = np.log1p(np.maximum(counts, 0.0, out=counts), out=counts)
-        ids = np.empty((self.cfg.num_sparse, n), dtype=np.int64)  # filled row by row: fast
-        for f, tables in enumerate(self.tables):
-            ranks = np.searchsorted(tables.cdf, rng.random(n), side="right")
-            ids[f] = tables.perm[np.minimum(ranks, tables.cdf.size - 1)]
-        return dense, np.ascontiguousarray(ids.T)
+        dense = sample_dense(self._dense_mu, self._dense_sigma, n, rng)
+        return dense, sample_zipf_ids([(t.cdf, t.perm) for t in self.tables], n, rng)
 
     def logit_parts(self, dense: np.ndarray, ids: np.ndarray, t: np.ndarray) -> np.ndarray:
         """Unscaled logit components of examples.
@@ -346,25 +380,16 @@ class PlantedModel:
         self._dense_mean = dense.mean(axis=0, dtype=np.float64)
         self._dense_std = np.maximum(dense.std(axis=0, dtype=np.float64), 1e-6)
         parts = self.logit_parts(dense, ids, rng.random(_CALIBRATION_ROWS))
-        shares = np.array([self.cfg.dense_share, self.cfg.additive_share,
-                           self.cfg.interaction_share])
-        shares = shares / shares.sum() if shares.sum() > 0 else shares
-        stds = parts.std(axis=1)
-        # A component with no variance (e.g. no informative feature) contributes nothing.
-        self._part_scales = np.where(stds > 0, np.sqrt(shares) * self.cfg.logit_std
-                                     / np.maximum(stds, 1e-12), 0.0)
+        self._part_scales = share_scales(
+            parts, (self.cfg.dense_share, self.cfg.additive_share, self.cfg.interaction_share),
+            self.cfg.logit_std)
         self.bias = calibrate_bias(self._part_scales @ parts, self.cfg.base_ctr)
 
 
 def synthetic_spec(cfg: SyntheticConfig) -> DatasetSpec:
     """The DatasetSpec of the data :func:`make_synthetic` makes for ``cfg`` (no data drawn)."""
-    return DatasetSpec(
-        name="synthetic",
-        dense_names=tuple(f"int_{j}" for j in range(cfg.num_dense)),
-        sparse_names=tuple(f"cat_{f}" for f in range(cfg.num_sparse)),
-        num_embeddings=synthetic_cardinalities(cfg),
-        num_train_examples=cfg.num_train,
-    )
+    return criteo_shaped_spec("synthetic", cfg.num_dense, synthetic_cardinalities(cfg),
+                              cfg.num_train)
 
 
 def make_synthetic(cfg: SyntheticConfig) -> tuple[CTRArrays, CTRArrays, DatasetSpec]:
