@@ -13,6 +13,7 @@ import pytest
 from torchrec_fiited.data.blocks import (
     MAX_TABLE_TOKEN,
     ByteBlocks,
+    binary_column,
     count_lines,
     crc32_binary,
     parse_block,
@@ -109,3 +110,18 @@ def test_block_reports_bad_lines_with_rows_before_them() -> None:
     assert block.num_lines == 5 and len(block.rows) == 3  # the last line ends in an empty field
     assert [(b.lineno, b.rows_before) for b in block.bad] == [(2, 1)]
     assert block.rows.sparse[25].hashes()[-1] == MISSING_HASH
+
+
+@pytest.mark.parametrize("tokens", [
+    [b"68fd1e64", b"", b"68fd1e64", b"0000000a"],        # 8 bytes: packed keys, encoded
+    [b"%08x" % i for i in range(3000)],                   # all distinct: one entry per row
+    [b"1005", b"", b"1002", b"1005"],                     # 4 bytes: padded keys
+    [b"\0" * 8, b"", b"abcdefgh"],                        # all-zero bytes: not packable
+    [b"15706", b"-1", b"", b"79", b"15706"],              # mixed widths: string encoding
+    [b"", b""],                                           # all missing
+])
+def test_binary_column_hashes_every_value(tokens: list[bytes]) -> None:
+    col = binary_column(pa.chunked_array([pa.array(tokens[:2], pa.binary()),
+                                          pa.array(tokens[2:], pa.binary())]))
+    assert col.hashes().tolist() == [zlib.crc32(t) if t else MISSING_HASH for t in tokens]
+    assert np.unique(col.codes).size == col.dictionary.size  # every entry used

@@ -193,7 +193,7 @@ def test_cache_off_writes_nothing_and_cache_dir_moves_it(tmp_path: Path) -> None
 def test_unusable_cache_dir_falls_back_to_memory(tmp_path: Path) -> None:
     path = _criteo_file(tmp_path / "train.txt")
     (tmp_path / "a_file").write_text("")
-    with pytest.warns(UserWarning, match=r"cannot create the cache directory .*a_file.*reading "
+    with pytest.warns(UserWarning, match=r"cannot use the cache directory .*a_file.*reading "
                                          r".*train\.txt into memory"):
         got = _load(path, cache_dir=tmp_path / "a_file" / "cache")
     _same(got, _load(path, cache=False))

@@ -17,12 +17,13 @@ from torchrec_fiited.data.common import (
     SparseColumn,
     build_splits,
     check_hash_sizes,
-    column_ids,
+    dictionary_ids,
     hash_size,
     hash_sizes_from_cardinalities,
     hash_token,
     log_transform_dense,
     make_batches,
+    run_bounded,
     split_tail,
 )
 
@@ -53,9 +54,9 @@ def test_hash_token_is_crc32_of_utf8() -> None:
 
 
 def _ids(hashes: list[int], size: int) -> list[int]:
-    ids, got = column_ids([SparseColumn.from_hashes(np.array(hashes, dtype=np.int64))], [size], 0)
+    ids, got = dictionary_ids([np.array(hashes, dtype=np.int64)], [size], 0)
     assert got == size
-    return ids[0].tolist()
+    return ids.tolist()
 
 
 def test_ids_exact_vocabulary_when_it_fits() -> None:
@@ -74,15 +75,13 @@ def test_ids_single_slot_and_all_missing() -> None:
     assert _ids([MISSING_HASH, MISSING_HASH], 5) == [0, 0]
 
 
-def test_column_ids_shares_one_id_space_over_parts_with_repeated_entries() -> None:
+def test_dictionary_ids_share_one_id_space_over_parts_with_repeated_entries() -> None:
     # Two parts whose dictionaries repeat values (one dictionary per block in a file).
-    train = SparseColumn(codes=np.array([0, 1, 2, 1], np.int32),
-                         dictionary=np.array([50, 2**32 - 1, 50], np.int64))
-    test = SparseColumn(codes=np.array([1, 0], np.int32),
-                        dictionary=np.array([MISSING_HASH, 7], np.int64))
-    ids, size = column_ids([train, test], None, 0)
+    train = np.array([50, 2**32 - 1, 50], np.int64)
+    test = np.array([MISSING_HASH, 7], np.int64)
+    ids, size = dictionary_ids([train, test], None, 0)
     assert size == 4  # 50, 2**32 - 1, 7 and the missing slot
-    assert ids[0].tolist() == [2, 3, 2, 3] and ids[1].tolist() == [1, MISSING_ID]
+    assert ids.tolist() == [2, 3, 2, MISSING_ID, 1]
 
 
 def test_build_splits_matches_the_np_unique_reference() -> None:
@@ -181,3 +180,30 @@ def test_malformed_lines_replay_warns_or_fails_as_the_parse_did() -> None:
         replayed.finish()
     with pytest.raises(ValueError, match=r"f\.txt, line 3: malformed line: bad 0"):
         MalformedLines("f.txt", "fail").replay(parsed.summary())
+
+
+def test_run_bounded_keeps_order_budget_and_errors() -> None:
+    import threading
+    import time
+
+    lock, running, peak = threading.Lock(), [0], [0]
+    costs = [40, 40, 100, 10, 10, 10]
+
+    def task(i: int) -> int:
+        with lock:
+            running[0] += costs[i]
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.01)
+        with lock:
+            running[0] -= costs[i]
+        return i * i
+
+    assert run_bounded(task, costs, workers=3, budget=90) == [i * i for i in range(6)]
+    assert peak[0] <= 100  # the 100-cost task runs alone; the others share 90
+    assert run_bounded(task, costs, workers=1, budget=0) == [i * i for i in range(6)]
+
+    def fail(i: int) -> int:
+        raise ValueError(f"task {i}")
+
+    with pytest.raises(ValueError, match="task 0"):
+        run_bounded(fail, [1, 1], workers=2, budget=10)

@@ -12,7 +12,8 @@ import pytest
 from tests.data import reference
 from tests.data.reference import spy_slow_path
 from torchrec_fiited.data.common import MISSING_ID
-from torchrec_fiited.data.criteo import CRITEO_SPARSE_NAMES, load_criteo
+from torchrec_fiited.data.common import log_transform_dense
+from torchrec_fiited.data.criteo import CRITEO_SPARSE_NAMES, load_criteo, log1p_counts
 
 # The first line of Criteo Kaggle train.txt: int_11 and cat_21 are missing.
 KAGGLE_LINE = (
@@ -186,6 +187,7 @@ def _edge_case_file(path: Path, gz: bool = False) -> Path:
     lines = [
         KAGGLE_LINE, *good[:20],
         edit(good[20], f1="-7", f2="", f3="+5", f4="99999999999999999999", f5=" 3", f6="-0"),
+        edit(good[46], f1="123456", f2="65535", f3="65536", f13="9007199254740993"),  # > table
         "1" + "\t" * 39,                                             # everything missing
         edit(good[21], f14="é", f15="abc", f16="x\udcff", f17="0123456789abcdef0"),  # odd tokens
         "\t".join(good[22].split("\t")[:-2]),                        # 38 fields
@@ -211,6 +213,7 @@ def _malformed_warnings(fn, *args, **kwargs):
     return result, [str(w.message) for w in caught if "malformed" in str(w.message)]
 
 
+@pytest.mark.filterwarnings("ignore:.*malformed")
 @pytest.mark.parametrize("gz", [False, True])
 @pytest.mark.parametrize("block_size", [1, 97, 4096])
 def test_vectorized_equals_line_reference_on_edge_cases(
@@ -242,7 +245,7 @@ def test_fail_mode_names_the_same_line_as_the_reference(tmp_path: Path) -> None:
         with pytest.raises(ValueError) as got:
             _load(path, on_malformed="fail", block_size=block_size)
         assert str(got.value) == str(want.value)
-    assert "train.txt, line 25: malformed line: expected 40" in str(want.value)
+    assert "train.txt, line 26: malformed line: expected 40" in str(want.value)
 
 
 @pytest.mark.parametrize("max_rows", [3, 24, 25, 40])
@@ -256,8 +259,15 @@ def test_max_rows_reports_only_lines_before_the_last_row(tmp_path: Path, max_row
     assert got_warn == want_warn
 
 
+@pytest.mark.filterwarnings("ignore:.*malformed")
 def test_separate_test_file_equals_reference(tmp_path: Path) -> None:
     train = _edge_case_file(tmp_path / "day_0")
     test = _write(tmp_path / "day_1", [KAGGLE_LINE], seed=4, n_random=80)
     got = _load(train, test_path=test, max_rows=50, block_size=512)
     reference.assert_same(got, reference.load_criteo(train, test_path=test, max_rows=50))
+
+
+def test_log1p_counts_equals_log_transform_dense() -> None:
+    counts = np.array([-5, 0, 1, 2, 65535, 65536, 10**12, 2**62, -2**63], dtype=np.int64)
+    want = log_transform_dense(counts.astype(np.float64)[:, None])[:, 0]
+    np.testing.assert_array_equal(log1p_counts(counts), want)

@@ -33,12 +33,14 @@ from typing import Any, Optional, Union
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from torchrec_fiited.data.blocks import (
     DEFAULT_BLOCK_SIZE,
     BlockFormat,
     BlockRows,
     ByteBlocks,
+    binary_column,
     dictionary_column,
     labels_01,
 )
@@ -126,22 +128,21 @@ class AvazuFormat(BlockFormat):
         self.n_sparse = len(self.sparse_names)
         # Positional names: pyarrow needs distinct ones, a header may repeat a name.
         self.column_names = tuple(f"f{i}" for i in range(self.num_fields))
-        self.column_types = {f"f{self.label_index}": pa.binary(),
-                             **{f"f{i}": pa.dictionary(pa.int32(), pa.binary())
-                                for i in self.cat_indices}}
+        self.column_types = {f"f{i}": pa.binary() for i in [self.label_index] + self.cat_indices}
 
     def convert(self, table: pa.Table) -> Optional[BlockRows]:
         """Rows of a block; None if a click is not ``0``/``1`` or an hour is not YYMMDDHH."""
         labels = labels_01(table.column(f"f{self.label_index}"))
         if labels is None:
             return None
-        hours = table.column(f"f{self.hour_index}")
+        hours = pc.dictionary_encode(table.column(f"f{self.hour_index}"))
         try:
             derived = tuple(dictionary_column(hours, functools.partial(_derived_hashes, which=k))
                             for k in (0, 1))
         except MalformedLineError:
             return None
-        sparse = tuple(dictionary_column(table.column(f"f{i}")) for i in self.cat_indices)
+        sparse = tuple(dictionary_column(hours) if i == self.hour_index
+                       else binary_column(table.column(f"f{i}")) for i in self.cat_indices)
         dense = np.zeros((table.num_rows, self.n_dense), dtype=np.float32)
         return BlockRows(labels=labels, dense=dense, sparse=sparse + derived)
 

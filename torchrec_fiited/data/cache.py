@@ -54,6 +54,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import uuid
 import warnings
 from collections.abc import Callable, Sequence
@@ -73,6 +74,7 @@ from torchrec_fiited.data.blocks import (
 from torchrec_fiited.data.common import (
     CTRArrays,
     HashSizes,
+    READ_WORKERS,
     MalformedLines,
     RawRows,
     SparseColumn,
@@ -142,23 +144,29 @@ class CacheSlot:
     path: str
     key: dict[str, Any]
 
-    def load(self, expected_files: Callable[[dict[str, Any]], dict[str, int]]) -> Optional[dict]:
+    def load(self, expected_files: Callable[[dict[str, Any]], dict[str, int]],
+             quiet_fields: tuple[str, ...] = ()) -> Optional[dict]:
         """Reads and checks meta.json; warns and returns None for a slot that must be rebuilt.
 
         Args:
             expected_files: File name -> byte size implied by a meta.json.
+            quiet_fields: Key fields whose change is expected (e.g. ids of rows that were
+                just parsed again): the rebuild is logged, not warned about.
 
         Returns:
             The meta data, or None if the slot is absent, corrupt or built from other inputs.
         """
         if not os.path.isdir(self.path):
             return None
-        problem = None
+        problem, quiet = None, False
         try:
             with open(os.path.join(self.path, _META)) as fh:
                 meta = json.load(fh)
-            if meta.get("key") != self.key:
-                problem = f"was built from other inputs ({_key_difference(meta.get('key'), self.key)})"
+            found = meta.get("key")
+            if found != self.key:
+                problem = f"was built from other inputs ({_key_difference(found, self.key)})"
+                quiet = isinstance(found, dict) and all(
+                    found.get(k) == v or k in quiet_fields for k, v in self.key.items())
             else:
                 problem = _size_problem(self.path, expected_files(meta))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
@@ -166,8 +174,11 @@ class CacheSlot:
         if problem is None:
             return meta
         msg = f"cache {self.path} {problem}; rebuilding it"
-        logger.warning(msg)
-        warnings.warn(msg, stacklevel=4)
+        if quiet:
+            logger.info(msg)
+        else:
+            logger.warning(msg)
+            warnings.warn(msg, stacklevel=4)
         return None
 
 
@@ -195,6 +206,8 @@ class SlotWriter:
         self.tmp = f"{slot.path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         os.makedirs(self.tmp)
         self._files: dict[str, BinaryIO] = {}
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
 
     def __enter__(self) -> "SlotWriter":
         return self
@@ -211,10 +224,25 @@ class SlotWriter:
             fh = self._files[name] = open(os.path.join(self.tmp, name), "wb")
         fh.write(np.ascontiguousarray(array).data)
 
+    def write_at(self, name: str, offset: int, array: np.ndarray) -> None:
+        """Writes an array's bytes at ``offset`` of the file ``name`` (thread-safe: pwrite)."""
+        with self._lock:
+            fd = self._fds.get(name)
+            if fd is None:
+                fd = self._fds[name] = os.open(os.path.join(self.tmp, name),
+                                               os.O_WRONLY | os.O_CREAT, 0o644)
+        data = memoryview(np.ascontiguousarray(array)).cast("B")
+        while data:
+            written = os.pwrite(fd, data, offset)
+            data, offset = data[written:], offset + written
+
     def _close(self) -> None:
         for fh in self._files.values():
             fh.close()
         self._files.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
     def commit(self, meta: dict[str, Any]) -> None:
         """Writes meta.json (with the slot's key) and renames the directory into place."""
@@ -259,6 +287,8 @@ def open_array(path: str, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray
 def _rows_files(meta: dict[str, Any]) -> dict[str, int]:
     """File sizes of a parsed-file slot, from its meta.json."""
     n, dim = int(meta["rows"]), int(meta["dense_dim"])
+    if not isinstance(meta["extras"]["malformed"]["count"], int):
+        raise TypeError(f"extras.malformed.count is {meta['extras']['malformed']['count']!r}")
     files = {"labels.bin": 4 * n, "dense.bin": n * dim * np.dtype(meta["dense_dtype"]).itemsize}
     for f, size in enumerate(meta["dictionary_sizes"]):
         files[f"codes_{f:02d}.bin"] = 4 * n
@@ -342,8 +372,10 @@ def _writable(settings: CacheSettings, path: str) -> Optional[str]:
     root = settings.root_for(path)
     try:
         os.makedirs(root, exist_ok=True)
+        if not os.access(root, os.W_OK | os.X_OK):
+            raise PermissionError(f"no write permission on {root}")
     except OSError as err:
-        msg = (f"cannot create the cache directory {root} ({err}); reading {path} into memory "
+        msg = (f"cannot use the cache directory {root} ({err}); reading {path} into memory "
                "(pass cache_dir=... to cache elsewhere, or cache=False)")
         logger.warning(msg)
         warnings.warn(msg, stacklevel=4)
@@ -490,14 +522,13 @@ def cached_splits(
     name = digest([[p.origin[0] for p in parts], key["hash_sizes"]])
     slot = CacheSlot(f"{train.origin[0]}.ids-{name}", key)
     n = sum(len(p) for p in parts)
-    meta = slot.load(_ids_files)
+    meta = slot.load(_ids_files, quiet_fields=("parts",))  # a changed file warned already
     if meta is None:
         with SlotWriter(slot) as writer:
-            def store(f: int, part_ids: list[np.ndarray]) -> None:
-                for ids in part_ids:
-                    writer.append("ids.bin", ids)
+            def store(f: int, row: int, ids: np.ndarray) -> None:
+                writer.write_at("ids.bin", (f * n + row) * ids.itemsize, ids)
 
-            sizes = encode_sparse(parts, hash_sizes, sparse_names, store)
+            sizes = encode_sparse(parts, hash_sizes, sparse_names, store, READ_WORKERS)
             meta = {"rows": n, "num_embeddings": list(sizes)}
             writer.commit(meta)
     ids = open_array(os.path.join(slot.path, "ids.bin"), np.dtype(np.int64), (len(sparse_names), n))

@@ -24,7 +24,7 @@ Categorical encoding (shared by the Criteo, Avazu and MovieLens readers):
 2. After reading (train and test files together, so both use one id space), the
    hash size of each feature is resolved (:func:`hash_size`): by default
    ``min(observed cardinality + 1, cap)`` (:func:`hash_sizes_from_cardinalities`).
-3. :func:`column_ids` maps hashes to ids. Id :data:`MISSING_ID` (0) is reserved
+3. :func:`dictionary_ids` maps hashes to ids. Id :data:`MISSING_ID` (0) is reserved
    for missing values. When the hash size holds every observed value
    (``size >= cardinality + 1``), present values get collision-free ids
    ``1..cardinality`` in order of their hash; otherwise they get
@@ -35,20 +35,19 @@ Categorical encoding (shared by the Criteo, Avazu and MovieLens readers):
 
 import logging
 import os
+import sys
 import warnings
 import zlib
 from array import array
 from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +59,8 @@ MISSING_HASH = -1
 DEFAULT_MAX_HASH_SIZE = 2**20
 #: Number of offending line numbers quoted in a skip-mode warning.
 MAX_QUOTED_LINES = 10
+#: Threads that parse blocks and assign ids, one per core up to 4 (2 blocks in flight per thread).
+READ_WORKERS = max(1, min(4, len(os.sched_getaffinity(0))))
 
 HashSizes = Union[int, Sequence[int]]
 
@@ -387,59 +388,131 @@ class RawRows:
         return out
 
 
-def column_ids(
-    parts: Sequence[SparseColumn], hash_sizes: Optional[HashSizes], feature: int
-) -> tuple[list[np.ndarray], int]:
-    """Ids of one feature over several parts (files) that share one id space.
+def dictionary_ids(
+    dictionaries: Sequence[np.ndarray], hash_sizes: Optional[HashSizes], feature: int
+) -> tuple[np.ndarray, int]:
+    """Ids of the dictionary entries of one feature, over parts that share one id space.
 
     Args:
-        parts: The feature's column in each part.
+        dictionaries: The feature's int64 dictionary (hashes in ``[0, 2**32)`` or
+            MISSING_HASH) in each part, ``[S_p]``.
         hash_sizes: See :func:`hash_size`.
         feature: Index of the feature.
 
     Returns:
-        ``(ids, size)``: int64 ids per part (``[n_p]``, ``0 <= id < size``, missing ->
-        MISSING_ID) and the feature's hash size. See the module docstring.
+        ``(ids, size)``: int32 ``[sum S_p]`` id of every entry, the parts' entries one
+        after the other (``0 <= id < size``, missing -> MISSING_ID; see the module
+        docstring), and the feature's hash size.
     """
-    dictionary = np.concatenate([p.dictionary for p in parts])
-    present = dictionary != MISSING_HASH
-    values = dictionary[present].astype(np.uint32)  # hashes are 32-bit: cheaper to sort
-    sorted_values = np.sort(values)  # sorting beats hashing here (SIMD sort, no cache misses)
-    cardinality = int(np.count_nonzero(sorted_values[1:] != sorted_values[:-1])) + int(values.size > 0)
-    del sorted_values
+    total = sum(int(d.size) for d in dictionaries)
+    present = np.empty(total, dtype=bool)
+    values32 = np.empty(total, dtype=np.uint32)  # hashes are 32-bit: half the bytes to sort
+    start = 0
+    for d in dictionaries:
+        np.not_equal(d, MISSING_HASH, out=present[start:start + d.size])
+        values32[start:start + d.size] = d  # MISSING_HASH wraps; masked out below
+        start += d.size
+    values = values32[present]
+    del values32
+    # Exact ids need every entry's rank; the hashing trick only needs the cardinality (a
+    # plain sort, 4x faster). Rank at once when no cardinality could need the trick.
+    ranks, cardinality = None, 0
+    if values.size + 1 <= hash_size(hash_sizes, feature, values.size):
+        ranks, cardinality = _ranks(values)
+    else:
+        cardinality = _cardinality(values)
     size = hash_size(hash_sizes, feature, cardinality)
-    entry_ids = np.zeros(dictionary.size, dtype=np.int64)
-    if size > 1:  # a single slot: every value shares id 0
-        if cardinality + 1 <= size:  # exact vocabulary: ids 1..cardinality in hash order
-            order = np.argsort(values)
-            in_order = values[order]
-            new_value = np.ones(values.size, dtype=np.int64)
-            np.not_equal(in_order[1:], in_order[:-1], out=new_value[1:], casting="unsafe")
-            ranks = np.empty(values.size, dtype=np.int64)
-            ranks[order] = np.cumsum(new_value)
-            entry_ids[present] = ranks
-        else:
-            entry_ids[present] = values.astype(np.int64) % (size - 1) + 1
-    ids, start = [], 0
-    for part in parts:
-        ids.append(entry_ids[start:start + part.dictionary.size][part.codes])
-        start += part.dictionary.size
+    ids = np.zeros(total, dtype=np.int32)
+    if size <= 1:  # a single slot: every value shares id 0
+        return ids, size
+    if cardinality + 1 <= size:  # exact vocabulary: ids 1..cardinality in hash order
+        ids[present] = ranks if ranks is not None else _ranks(values)[0]
+    else:
+        ids[present] = values % np.uint32(size - 1) + np.uint32(1)
     return ids, size
+
+
+def _cardinality(values: np.ndarray) -> int:
+    """Distinct values of a uint32 array (sorting beats hashing here: SIMD sort, no cache misses)."""
+    in_order = np.sort(values)
+    return int(np.count_nonzero(in_order[1:] != in_order[:-1])) + int(in_order.size > 0)
+
+
+def _ranks(values: np.ndarray) -> tuple[np.ndarray, int]:
+    """1-based rank of each value among the distinct values (int32 ``[k]``), and their number.
+
+    Sorts ``value << 32 | position`` as uint64 instead of an argsort: 26 ms against 46 ms
+    for 1M values, and no int64 permutation.
+    """
+    packed = values.astype(np.uint64) << np.uint64(32)
+    packed |= np.arange(values.size, dtype=np.uint64)
+    packed.sort()
+    halves = packed.view(np.uint32).reshape(-1, 2)
+    position, value = (halves[:, 0], halves[:, 1]) if sys.byteorder == "little" \
+        else (halves[:, 1], halves[:, 0])
+    first = np.empty(values.size, dtype=np.int32)
+    first[:1] = 1
+    np.not_equal(value[1:], value[:-1], out=first[1:], casting="unsafe")
+    ranks = np.empty(values.size, dtype=np.int32)
+    ranks[position] = np.cumsum(first, dtype=np.int32)
+    return ranks, int(ranks.max(initial=0))
+
+
+#: Rows (or entries) processed at a time while assigning ids: bounds the temporaries.
+_ID_CHUNK = 1 << 20
+
+
+def run_bounded(fn: Callable[[int], Any], costs: Sequence[int], workers: int,
+                budget: int) -> list[Any]:
+    """``[fn(i) for i in range(len(costs))]`` on ``workers`` threads, within a memory budget.
+
+    Task i is started only while the costs of the started, unfinished tasks plus its own
+    stay within ``budget`` bytes, or when no other task is running (a task over the
+    budget runs alone).
+
+    Returns:
+        The results in task order; the first exception of a task is raised.
+    """
+    if workers <= 1:
+        return [fn(i) for i in range(len(costs))]
+    results: list[Any] = [None] * len(costs)
+    running: dict[Future, tuple[int, int]] = {}
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fiited-ids") as pool:
+        for i, cost in enumerate(costs):
+            while running and sum(c for _, c in running.values()) + cost > budget:
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    results[running.pop(future)[0]] = future.result()
+            running[pool.submit(fn, i)] = (i, cost)
+        for future, (i, _) in running.items():
+            results[i] = future.result()
+    return results
+
+
+#: Bytes the id assignment may hold at once over its threads (a feature over it runs alone).
+ID_MEMORY_BUDGET = 256 << 20
+#: Bytes held per dictionary entry while a feature gets its ids (copies, sort, ranks).
+_ID_BYTES_PER_ENTRY = 30
 
 
 def encode_sparse(
     parts: Sequence[RawRows],
     hash_sizes: Optional[HashSizes],
     sparse_names: Sequence[str],
-    store: Callable[[int, list[np.ndarray]], None],
+    store: Callable[[int, int, np.ndarray], None],
+    workers: int = 1,
 ) -> tuple[int, ...]:
-    """Assigns ids feature by feature over all parts; only one feature's ids are held at a time.
+    """Assigns ids feature by feature over all parts, in bounded memory.
 
     Args:
         parts: Rows of the files that share the id space (train, then test).
         hash_sizes: See :func:`hash_size`.
         sparse_names: Names of the F sparse features.
-        store: Called as ``store(f, ids)`` with feature f's int64 ids per part.
+        store: Called as ``store(f, row, ids)`` with int64 ids of feature f for rows
+            ``row, row + 1, ...`` (train rows first, then test rows), at most 2**20 rows
+            at a time; with ``workers > 1`` from several threads, for different features.
+        workers: Threads that assign ids; features run in parallel while their
+            estimated memory stays within :data:`ID_MEMORY_BUDGET`.
 
     Returns:
         The hash size of every feature.
@@ -448,12 +521,23 @@ def encode_sparse(
         ValueError: If ``hash_sizes`` is invalid for these features.
     """
     check_hash_sizes(hash_sizes, sparse_names)
-    sizes = []
-    for f in range(len(sparse_names)):
-        ids, size = column_ids([p.sparse[f] for p in parts], hash_sizes, f)
-        store(f, ids)
-        sizes.append(size)
-    return tuple(sizes)
+    row_starts = np.cumsum([0] + [len(p) for p in parts])
+
+    def encode(f: int) -> int:
+        columns = [p.sparse[f] for p in parts]
+        codes = [c.codes for c in columns]
+        ends = np.cumsum([c.dictionary.size for c in columns])
+        entry_ids, size = dictionary_ids([c.dictionary for c in columns], hash_sizes, f)
+        del columns  # a cached dictionary's memory map is released here
+        for part_codes, row, start, end in zip(codes, row_starts, np.r_[0, ends[:-1]], ends):
+            table = entry_ids[start:end]
+            for i in range(0, part_codes.size, _ID_CHUNK):
+                store(f, int(row) + i, table[part_codes[i:i + _ID_CHUNK]].astype(np.int64))
+        return size
+
+    costs = [_ID_BYTES_PER_ENTRY * sum(p.sparse[f].dictionary.size for p in parts)
+             for f in range(len(sparse_names))]
+    return tuple(run_bounded(encode, costs, workers, ID_MEMORY_BUDGET))
 
 
 def assemble_splits(
@@ -501,10 +585,10 @@ def build_splits(
     parts = [train] if test is None else [train, test]
     ids = np.empty((len(sparse_names), sum(len(p) for p in parts)), dtype=np.int64)
 
-    def store(f: int, part_ids: list[np.ndarray]) -> None:
-        np.concatenate(part_ids, out=ids[f])
+    def store(f: int, row: int, chunk: np.ndarray) -> None:
+        ids[f, row:row + chunk.size] = chunk
 
-    sizes = encode_sparse(parts, hash_sizes, sparse_names, store)
+    sizes = encode_sparse(parts, hash_sizes, sparse_names, store, READ_WORKERS)
     train_arr, test_arr = assemble_splits(train, test, ids, test_fraction)
     return train_arr, test_arr, sizes
 

@@ -48,7 +48,7 @@ from torchrec_fiited.data.blocks import (
     BlockRows,
     ByteBlocks,
     all_empty,
-    dictionary_column,
+    binary_column,
 )
 from torchrec_fiited.data.cache import CacheSettings, read_file
 from torchrec_fiited.data.common import (
@@ -181,8 +181,7 @@ class RatingsFormat(BlockFormat):
             fields = [x for pair in zip(fields, self.gaps + ("",)) for x in pair][:-1]
         self.delimiter = sep[0]
         self.column_names = tuple(fields)
-        self.column_types = {"user": pa.dictionary(pa.int32(), pa.binary()),
-                             "movie": pa.dictionary(pa.int32(), pa.binary()),
+        self.column_types = {"user": pa.binary(), "movie": pa.binary(),
                              "rating": pa.float64(), "timestamp": pa.int64(),
                              **{g: pa.binary() for g in self.gaps}}
 
@@ -196,7 +195,7 @@ class RatingsFormat(BlockFormat):
         values = rating.to_numpy()
         if not (np.isfinite(values) & (values >= 0.0) & (values <= 5.0)).all():
             return None
-        sparse = (dictionary_column(table.column("user")), dictionary_column(table.column("movie")))
+        sparse = (binary_column(table.column("user")), binary_column(table.column("movie")))
         if any((col.dictionary == MISSING_HASH).any() for col in sparse):
             return None
         return BlockRows(labels=(values >= POSITIVE_RATING).astype(np.float32),
