@@ -450,12 +450,13 @@ def _ranks(values: np.ndarray) -> tuple[np.ndarray, int]:
     halves = packed.view(np.uint32).reshape(-1, 2)
     position, value = (halves[:, 0], halves[:, 1]) if sys.byteorder == "little" \
         else (halves[:, 1], halves[:, 0])
-    first = np.empty(values.size, dtype=np.int32)
-    first[:1] = 1
-    np.not_equal(value[1:], value[:-1], out=first[1:], casting="unsafe")
+    in_order = np.empty(values.size, dtype=np.int32)
+    in_order[:1] = 1
+    np.not_equal(value[1:], value[:-1], out=in_order[1:], casting="unsafe")
+    np.cumsum(in_order, out=in_order)  # the rank of each value in sorted order
     ranks = np.empty(values.size, dtype=np.int32)
-    ranks[position] = np.cumsum(first, dtype=np.int32)
-    return ranks, int(ranks.max(initial=0))
+    ranks[position] = in_order
+    return ranks, int(in_order[-1]) if in_order.size else 0
 
 
 #: Rows (or entries) processed at a time while assigning ids: bounds the temporaries.
@@ -491,8 +492,9 @@ def run_bounded(fn: Callable[[int], Any], costs: Sequence[int], workers: int,
 
 #: Bytes the id assignment may hold at once over its threads (a feature over it runs alone).
 ID_MEMORY_BUDGET = 256 << 20
-#: Bytes held per dictionary entry while a feature gets its ids (copies, sort, ranks).
-_ID_BYTES_PER_ENTRY = 30
+#: Bytes held per dictionary entry while a feature gets its ids: 24 of copies, sort and
+#: ranks (tracemalloc peak of dictionary_ids, exact path) and 8 of the mapped dictionary.
+_ID_BYTES_PER_ENTRY = 32
 
 
 def encode_sparse(
