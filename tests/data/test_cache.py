@@ -224,3 +224,21 @@ def test_avazu_and_movielens_are_cached_too(tmp_path: Path, counters) -> None:
     first = load_movielens(ratings, users_path=users, progress=False)
     _same(first, load_movielens(ratings, users_path=users, progress=False))
     assert parses.calls == 3  # ratings and users parsed once each
+
+
+def test_cached_arrays_make_torchrec_batches_through_the_registry(tmp_path: Path) -> None:
+    from torchrec_fiited.data.registry import load_dataset
+
+    path = _criteo_file(tmp_path / "train.txt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. torch's warning about non-writable arrays
+        for _ in range(2):  # parse, then cache
+            train, test, spec = load_dataset("criteo", path=str(path), batch_size=32,
+                                             progress=False, shuffle=True)
+    assert sum(b.labels.numel() for b in train + test) == ROWS
+    want, _, _ = _load(path, cache=False)
+    first = train[0].sparse_features
+    assert first.keys() == list(spec.sparse_names) and first.values().dtype.is_floating_point is False
+    assert int(first.values().max()) < max(spec.num_embeddings)
+    assert sorted(np.concatenate([b.labels.numpy() for b in train]).tolist()) == \
+        sorted(want.labels.tolist())
