@@ -404,16 +404,25 @@ def dictionary_ids(
         after the other (``0 <= id < size``, missing -> MISSING_ID; see the module
         docstring), and the feature's hash size.
     """
+    return _value_ids(*_present_values(dictionaries), hash_sizes, feature)
+
+
+def _present_values(dictionaries: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Bool ``[S]`` presence of every entry, and the present hashes as uint32 (half the bytes)."""
     total = sum(int(d.size) for d in dictionaries)
     present = np.empty(total, dtype=bool)
-    values32 = np.empty(total, dtype=np.uint32)  # hashes are 32-bit: half the bytes to sort
+    values32 = np.empty(total, dtype=np.uint32)
     start = 0
     for d in dictionaries:
         np.not_equal(d, MISSING_HASH, out=present[start:start + d.size])
         values32[start:start + d.size] = d  # MISSING_HASH wraps; masked out below
         start += d.size
-    values = values32[present]
-    del values32
+    return present, values32[present]
+
+
+def _value_ids(present: np.ndarray, values: np.ndarray, hash_sizes: Optional[HashSizes],
+               feature: int) -> tuple[np.ndarray, int]:
+    """:func:`dictionary_ids` from the output of :func:`_present_values`."""
     # Exact ids need every entry's rank; the hashing trick only needs the cardinality (a
     # plain sort, 4x faster). Rank at once when no cardinality could need the trick.
     ranks, cardinality = None, 0
@@ -422,7 +431,7 @@ def dictionary_ids(
     else:
         cardinality = _cardinality(values)
     size = hash_size(hash_sizes, feature, cardinality)
-    ids = np.zeros(total, dtype=np.int32)
+    ids = np.zeros(present.size, dtype=np.int32)
     if size <= 1:  # a single slot: every value shares id 0
         return ids, size
     if cardinality + 1 <= size:  # exact vocabulary: ids 1..cardinality in hash order
@@ -491,10 +500,11 @@ def run_bounded(fn: Callable[[int], Any], costs: Sequence[int], workers: int,
 
 
 #: Bytes the id assignment may hold at once over its threads (a feature over it runs alone).
-ID_MEMORY_BUDGET = 256 << 20
-#: Bytes held per dictionary entry while a feature gets its ids: 24 of copies, sort and
-#: ranks (tracemalloc peak of dictionary_ids, exact path) and 8 of the mapped dictionary.
-_ID_BYTES_PER_ENTRY = 32
+ID_MEMORY_BUDGET = 320 << 20
+#: Bytes held per dictionary entry while a feature gets its ids: the tracemalloc peak of
+#: dictionary_ids on the exact path is 24 (copies, sort, ranks); the mapped dictionary
+#: (8 more) is released before the sort.
+_ID_BYTES_PER_ENTRY = 25
 
 
 def encode_sparse(
@@ -529,8 +539,10 @@ def encode_sparse(
         columns = [p.sparse[f] for p in parts]
         codes = [c.codes for c in columns]
         ends = np.cumsum([c.dictionary.size for c in columns])
-        entry_ids, size = dictionary_ids([c.dictionary for c in columns], hash_sizes, f)
-        del columns  # a cached dictionary's memory map is released here
+        present, values = _present_values([c.dictionary for c in columns])
+        del columns  # a cached dictionary's memory map is released before the sort
+        entry_ids, size = _value_ids(present, values, hash_sizes, f)
+        del present, values
         for part_codes, row, start, end in zip(codes, row_starts, np.r_[0, ends[:-1]], ends):
             table = entry_ids[start:end]
             for i in range(0, part_codes.size, _ID_CHUNK):
