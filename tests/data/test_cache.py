@@ -12,7 +12,7 @@ from tests.data import reference
 from torchrec_fiited.data import cache as cache_module
 from torchrec_fiited.data.avazu import load_avazu
 from torchrec_fiited.data.cache import DEFAULT_CACHE_DIRNAME
-from torchrec_fiited.data.criteo import load_criteo
+from torchrec_fiited.data.criteo import load_criteo, parse_criteo_line, read_criteo_file
 from torchrec_fiited.data.movielens import load_movielens
 
 ROWS = 120
@@ -242,3 +242,24 @@ def test_cached_arrays_make_torchrec_batches_through_the_registry(tmp_path: Path
     assert int(first.values().max()) < max(spec.num_embeddings)
     assert sorted(np.concatenate([b.labels.numpy() for b in train]).tolist()) == \
         sorted(want.labels.tolist())
+
+
+def test_slot_built_meanwhile_by_another_process_is_kept(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _criteo_file(tmp_path / "train.txt", n=400)
+    original = cache_module.read_blocks
+    other: list = []
+
+    def other_process_first(*args, **kwargs):
+        if not other:  # another rank parses with other blocks and commits while we parse
+            other.append(None)
+            other.append(read_criteo_file(path, progress=False, block_size=100_000))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(cache_module, "read_blocks", other_process_first)
+    rows = read_criteo_file(path, progress=False, block_size=512)  # other block dictionaries
+    labels, dense, hashes, _ = reference.read_lines(str(path), parse_criteo_line, 13, 26)
+    np.testing.assert_array_equal(rows.hashes(), hashes)
+    np.testing.assert_array_equal(rows.labels, labels)
+    assert rows.sparse.dictionary_sizes == other[1].sparse.dictionary_sizes  # theirs, kept
+    assert not any(".tmp-" in name for name in os.listdir(tmp_path / DEFAULT_CACHE_DIRNAME))

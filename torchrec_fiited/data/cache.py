@@ -132,6 +132,10 @@ def _key_difference(found: Any, expected: dict[str, Any]) -> str:
                      for k in fields if found.get(k) != expected.get(k))
 
 
+#: File name -> byte size implied by a slot's meta.json.
+FileSizes = Callable[[dict[str, Any]], dict[str, int]]
+
+
 @dataclass(frozen=True)
 class CacheSlot:
     """One cache entry: a directory with meta.json and raw array files.
@@ -144,8 +148,7 @@ class CacheSlot:
     path: str
     key: dict[str, Any]
 
-    def load(self, expected_files: Callable[[dict[str, Any]], dict[str, int]],
-             quiet_fields: tuple[str, ...] = ()) -> Optional[dict]:
+    def load(self, expected_files: FileSizes, quiet_fields: tuple[str, ...] = ()) -> Optional[dict]:
         """Reads and checks meta.json; warns and returns None for a slot that must be rebuilt.
 
         Args:
@@ -156,30 +159,38 @@ class CacheSlot:
         Returns:
             The meta data, or None if the slot is absent, corrupt or built from other inputs.
         """
+        meta, problem, found = self.inspect(expected_files)
+        if problem is None:
+            return meta
+        if problem:
+            msg = f"cache {self.path} {problem}; rebuilding it"
+            quiet = isinstance(found, dict) and found != self.key and all(
+                found.get(k) == v or k in quiet_fields for k, v in self.key.items())
+            logger.log(logging.INFO if quiet else logging.WARNING, msg)
+            if not quiet:
+                warnings.warn(msg, stacklevel=4)
+        return None
+
+    def inspect(self, expected_files: FileSizes) -> tuple[Optional[dict], Optional[str], Any]:
+        """Checks the slot without warning.
+
+        Returns:
+            ``(meta, problem, key)``: the meta data and None for a usable slot; otherwise
+            None, what is wrong ("" for an absent slot) and the key found (if any).
+        """
         if not os.path.isdir(self.path):
-            return None
-        problem, quiet = None, False
+            return None, "", None
+        found = None
         try:
             with open(os.path.join(self.path, _META)) as fh:
                 meta = json.load(fh)
             found = meta.get("key")
             if found != self.key:
-                problem = f"was built from other inputs ({_key_difference(found, self.key)})"
-                quiet = isinstance(found, dict) and all(
-                    found.get(k) == v or k in quiet_fields for k, v in self.key.items())
-            else:
-                problem = _size_problem(self.path, expected_files(meta))
+                return None, f"was built from other inputs ({_key_difference(found, self.key)})", found
+            problem = _size_problem(self.path, expected_files(meta))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-            problem = f"has no readable {_META} ({type(err).__name__}: {err})"
-        if problem is None:
-            return meta
-        msg = f"cache {self.path} {problem}; rebuilding it"
-        if quiet:
-            logger.info(msg)
-        else:
-            logger.warning(msg)
-            warnings.warn(msg, stacklevel=4)
-        return None
+            return None, f"has no readable {_META} ({type(err).__name__}: {err})", found
+        return (meta, None, found) if problem is None else (None, problem, found)
 
 
 def _size_problem(path: str, expected: dict[str, int]) -> Optional[str]:
@@ -199,9 +210,15 @@ class SlotWriter:
     temporary directory.
     """
 
-    def __init__(self, slot: CacheSlot) -> None:
-        """Creates the temporary directory (raises OSError if the cache is not writable)."""
+    def __init__(self, slot: CacheSlot, expected_files: FileSizes) -> None:
+        """Creates the temporary directory (raises OSError if the cache is not writable).
+
+        Args:
+            slot: The slot to write.
+            expected_files: Its file sizes from a meta.json, to check a slot found in place.
+        """
         self.slot = slot
+        self.expected_files = expected_files
         _remove_dead_temporaries(os.path.dirname(slot.path))
         self.tmp = f"{slot.path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         os.makedirs(self.tmp)
@@ -252,8 +269,10 @@ class SlotWriter:
         try:
             os.rename(self.tmp, self.slot.path)
         except OSError:
-            # The slot exists: stale or corrupt (checked by the caller), or just built by
-            # another process (e.g. another rank); the new one replaces it either way.
+            # The slot exists. Another process (e.g. another rank) may have just built it:
+            # keep theirs, whose readers may have opened it. A stale or corrupt one goes.
+            if self.slot.inspect(self.expected_files)[1] is None:
+                return
             shutil.rmtree(self.slot.path, ignore_errors=True)
             os.rename(self.tmp, self.slot.path)
 
@@ -272,6 +291,18 @@ def _remove_dead_temporaries(root: str) -> None:
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
         except (ValueError, PermissionError):
             continue
+
+
+def _committed(slot: CacheSlot, expected_files: FileSizes) -> dict[str, Any]:
+    """The meta data of a slot just committed (possibly by another process).
+
+    Raises:
+        OSError: If the slot is unusable right after it was written.
+    """
+    meta, problem, _ = slot.inspect(expected_files)
+    if meta is None:
+        raise OSError(f"cache {slot.path} {problem or 'is missing'} right after it was written")
+    return meta
 
 
 def open_array(path: str, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
@@ -418,7 +449,7 @@ def cached_rows(
     meta = slot.load(_rows_files)
     if meta is not None:
         return _rows_from_slot(slot, meta), meta["extras"], True
-    with SlotWriter(slot) as writer:
+    with SlotWriter(slot, _rows_files) as writer:
         sinks_f: list[FileSink] = []
 
         def open_file(fmt: BlockFormat) -> RowSink:
@@ -426,9 +457,8 @@ def cached_rows(
             return sinks_f[0]
 
         extras = parse(open_file)
-        meta = {**sinks_f[0].meta(), "extras": extras}
-        writer.commit(meta)
-    return _rows_from_slot(slot, meta), extras, False
+        writer.commit({**sinks_f[0].meta(), "extras": extras})
+    return _rows_from_slot(slot, _committed(slot, _rows_files)), extras, False
 
 
 def read_file(
@@ -524,13 +554,13 @@ def cached_splits(
     n = sum(len(p) for p in parts)
     meta = slot.load(_ids_files, quiet_fields=("parts",))  # a changed file warned already
     if meta is None:
-        with SlotWriter(slot) as writer:
+        with SlotWriter(slot, _ids_files) as writer:
             def store(f: int, row: int, ids: np.ndarray) -> None:
                 writer.write_at("ids.bin", (f * n + row) * ids.itemsize, ids)
 
             sizes = encode_sparse(parts, hash_sizes, sparse_names, store, READ_WORKERS)
-            meta = {"rows": n, "num_embeddings": list(sizes)}
-            writer.commit(meta)
+            writer.commit({"rows": n, "num_embeddings": list(sizes)})
+        meta = _committed(slot, _ids_files)
     ids = open_array(os.path.join(slot.path, "ids.bin"), np.dtype(np.int64), (len(sparse_names), n))
     train_arr, test_arr = assemble_splits(train, test, ids, test_fraction)
     return train_arr, test_arr, tuple(int(s) for s in meta["num_embeddings"])
