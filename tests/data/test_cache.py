@@ -81,7 +81,11 @@ def test_second_load_maps_the_cache_without_parsing(tmp_path: Path, counters) ->
     _same(first, second)
     assert isinstance(second[0].sparse.base, np.memmap) or isinstance(second[0].sparse, np.memmap)
     assert isinstance(second[0].dense, np.memmap) and isinstance(second[1].labels, np.memmap)
-    assert sorted(os.listdir(tmp_path / DEFAULT_CACHE_DIRNAME))[0].startswith("train.txt.criteo-")
+    slot = sorted((tmp_path / DEFAULT_CACHE_DIRNAME).iterdir())[0]
+    assert slot.name.startswith("train.txt.criteo-")
+    assert np.load(slot / "dense.npy", mmap_mode="r").shape == (ROWS, 13)  # plain .npy files
+    np.testing.assert_array_equal(np.load(slot / "labels.npy"),
+                                  np.concatenate([first[0].labels, first[1].labels]))
     _load(path, hash_sizes=5)  # other ids, same parsed rows
     _load(path)
     assert (parses.calls, encodes.calls) == (1, 2)
@@ -103,7 +107,8 @@ def test_changed_source_is_parsed_again(tmp_path: Path, counters) -> None:
     assert len(os.listdir(tmp_path / DEFAULT_CACHE_DIRNAME)) == 2  # rebuilt in place: rows + ids
 
 
-@pytest.mark.parametrize("damage", ["truncate codes", "garbage meta", "other key", "no dict file"])
+@pytest.mark.parametrize("damage", ["truncate codes", "garbage meta", "other key", "no dict file",
+                                    "other dtype"])
 def test_corrupt_slot_is_rebuilt_with_a_warning(tmp_path: Path, counters, damage: str) -> None:
     parses, _ = counters
     path = _criteo_file(tmp_path / "train.txt")
@@ -111,8 +116,8 @@ def test_corrupt_slot_is_rebuilt_with_a_warning(tmp_path: Path, counters, damage
     root = tmp_path / DEFAULT_CACHE_DIRNAME
     slot = next(p for p in root.iterdir() if ".ids-" not in p.name)
     if damage == "truncate codes":
-        (slot / "codes_03.bin").write_bytes((slot / "codes_03.bin").read_bytes()[:-4])
-        match = r"file codes_03\.bin has 476 bytes, expected 480; rebuilding it"
+        (slot / "codes_03.npy").write_bytes((slot / "codes_03.npy").read_bytes()[:-4])
+        match = r"file codes_03\.npy has 604 bytes, expected 608; rebuilding it"
     elif damage == "garbage meta":
         (slot / "meta.json").write_text("{not json")
         match = r"has no readable meta\.json \(JSONDecodeError"
@@ -120,9 +125,13 @@ def test_corrupt_slot_is_rebuilt_with_a_warning(tmp_path: Path, counters, damage
         text = (slot / "meta.json").read_text()
         (slot / "meta.json").write_text(text.replace('"version": 1', '"version": 0'))
         match = r"built from other inputs \(version: 0 vs 1\)"
+    elif damage == "no dict file":
+        (slot / "dict_25.npy").unlink()
+        match = r"file dict_25\.npy is missing"
     else:
-        (slot / "dict_25.bin").unlink()
-        match = r"file dict_25\.bin has None bytes"
+        labels = np.load(slot / "labels.npy")
+        np.save(slot / "labels.npy", labels.view(np.int32))
+        match = r"file labels\.npy holds int32 \(120,\), expected float32 \(120,\)"
     with pytest.warns(UserWarning, match=match):
         got = _load(path)
     assert parses.calls == 2
@@ -137,9 +146,9 @@ def test_corrupt_ids_are_rebuilt_without_parsing(tmp_path: Path, counters) -> No
     parses, encodes = counters
     path = _criteo_file(tmp_path / "train.txt")
     want = _in_memory(_load(path))  # truncating a mapped file would fault its readers
-    ids = next((tmp_path / DEFAULT_CACHE_DIRNAME).glob("*.ids-*")) / "ids.bin"
-    ids.write_bytes(ids.read_bytes()[:100])
-    with pytest.warns(UserWarning, match=r"file ids\.bin has 100 bytes, expected 24960"):
+    ids = next((tmp_path / DEFAULT_CACHE_DIRNAME).glob("*.ids-*")) / "ids.npy"
+    ids.write_bytes(ids.read_bytes()[:200])
+    with pytest.warns(UserWarning, match=r"file ids\.npy has 200 bytes, expected 25088"):
         got = _load(path)
     assert (parses.calls, encodes.calls) == (1, 2)
     _same(got, want)

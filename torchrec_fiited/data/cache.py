@@ -10,15 +10,16 @@ Layout. The cache directory (``cache_dir``, default ``.fiited_cache`` next to th
 file) holds one sub-directory ("slot") per parsed file and reader options, and one per
 set of ids::
 
-    train.txt.criteo-<digest>/              meta.json labels.bin dense.bin
-                                            codes_00.bin dict_00.bin ... (one pair per feature)
-    train.txt.criteo-<digest>.ids-<digest>/ meta.json ids.bin
+    train.txt.criteo-<digest>/              meta.json labels.npy dense.npy
+                                            codes_00.npy dict_00.npy ... (one pair per feature)
+    train.txt.criteo-<digest>.ids-<digest>/ meta.json ids.npy
 
-The ``.bin`` files are raw native-endian arrays: labels float32 ``[N]``, dense
-``[N, n_dense]`` (dtype in meta.json), codes int32 ``[N]`` and dictionary int64
+The arrays are ``.npy`` files (``np.load(..., mmap_mode="r")`` opens them): labels
+float32 ``[N]``, dense ``[N, n_dense]``, codes int32 ``[N]`` and dictionary int64
 ``[S_f]`` per feature (see :class:`~torchrec_fiited.data.common.SparseColumn`), ids
-int64 ``[F, N]``. meta.json holds the key, the shapes and reader extras (malformed
-lines, Avazu's column names).
+int64 ``[F, N]``. Their 128-byte headers are written last, once the row count is known.
+meta.json holds the key, the shapes and reader extras (malformed lines, Avazu's column
+names).
 
 Keys. A parsed-file slot is keyed on :data:`CACHE_VERSION`, the reader, the file's
 absolute path, size and mtime (ns), and ``max_rows``; an ids slot on the keys of its
@@ -54,12 +55,13 @@ import json
 import logging
 import os
 import shutil
+import struct
 import threading
 import uuid
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -132,8 +134,8 @@ def _key_difference(found: Any, expected: dict[str, Any]) -> str:
                      for k in fields if found.get(k) != expected.get(k))
 
 
-#: File name -> byte size implied by a slot's meta.json.
-FileSizes = Callable[[dict[str, Any]], dict[str, int]]
+#: File name -> (dtype, shape) of the arrays implied by a slot's meta.json.
+FileShapes = Callable[[dict[str, Any]], dict[str, tuple[np.dtype, tuple[int, ...]]]]
 
 
 @dataclass(frozen=True)
@@ -148,11 +150,11 @@ class CacheSlot:
     path: str
     key: dict[str, Any]
 
-    def load(self, expected_files: FileSizes, quiet_fields: tuple[str, ...] = ()) -> Optional[dict]:
+    def load(self, expected_files: FileShapes, quiet_fields: tuple[str, ...] = ()) -> Optional[dict]:
         """Reads and checks meta.json; warns and returns None for a slot that must be rebuilt.
 
         Args:
-            expected_files: File name -> byte size implied by a meta.json.
+            expected_files: File name -> (dtype, shape) implied by a meta.json.
             quiet_fields: Key fields whose change is expected (e.g. ids of rows that were
                 just parsed again): the rebuild is logged, not warned about.
 
@@ -171,7 +173,7 @@ class CacheSlot:
                 warnings.warn(msg, stacklevel=4)
         return None
 
-    def inspect(self, expected_files: FileSizes) -> tuple[Optional[dict], Optional[str], Any]:
+    def inspect(self, expected_files: FileShapes) -> tuple[Optional[dict], Optional[str], Any]:
         """Checks the slot without warning.
 
         Returns:
@@ -187,20 +189,43 @@ class CacheSlot:
             found = meta.get("key")
             if found != self.key:
                 return None, f"was built from other inputs ({_key_difference(found, self.key)})", found
-            problem = _size_problem(self.path, expected_files(meta))
+            problem = _array_problem(self.path, expected_files(meta))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             return None, f"has no readable {_META} ({type(err).__name__}: {err})", found
         return (meta, None, found) if problem is None else (None, problem, found)
 
 
-def _size_problem(path: str, expected: dict[str, int]) -> Optional[str]:
-    """Describes the first file of a slot whose size differs from its expected size."""
-    for name, nbytes in expected.items():
+def _array_problem(path: str, expected: dict[str, tuple[np.dtype, tuple[int, ...]]]) -> Optional[str]:
+    """Describes the first array file of a slot that is missing or not as expected."""
+    for name, (dtype, shape) in expected.items():
         file = os.path.join(path, name)
-        actual = os.path.getsize(file) if os.path.isfile(file) else None
-        if actual != nbytes:
-            return f"file {name} has {actual} bytes, expected {nbytes}"
+        if not os.path.isfile(file):
+            return f"file {name} is missing"
+        with open(file, "rb") as fh:
+            np.lib.format.read_magic(fh)
+            found = np.lib.format.read_array_header_1_0(fh)
+            start = fh.tell()
+        if found != (tuple(shape), False, np.dtype(dtype)):
+            return f"file {name} holds {found[2]} {found[0]}, expected {np.dtype(dtype)} {tuple(shape)}"
+        nbytes = start + int(np.prod(shape)) * np.dtype(dtype).itemsize
+        if os.path.getsize(file) != nbytes:
+            return f"file {name} has {os.path.getsize(file)} bytes, expected {nbytes}"
     return None
+
+
+#: Bytes reserved for the header of every ``.npy`` file (written last, padded with spaces).
+_NPY_HEADER = 128
+
+
+def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+    """A ``.npy`` version 1.0 header of exactly :data:`_NPY_HEADER` bytes."""
+    text = "{'descr': %r, 'fortran_order': False, 'shape': %r, }" % (
+        np.lib.format.dtype_to_descr(np.dtype(dtype)), tuple(int(d) for d in shape))
+    magic = b"\x93NUMPY\x01\x00"
+    pad = _NPY_HEADER - len(magic) - 2 - len(text) - 1
+    if pad < 0:
+        raise ValueError(f"npy header of shape {shape} does not fit {_NPY_HEADER} bytes")
+    return magic + struct.pack("<H", _NPY_HEADER - len(magic) - 2) + (text + " " * pad + "\n").encode()
 
 
 class SlotWriter:
@@ -210,7 +235,7 @@ class SlotWriter:
     temporary directory.
     """
 
-    def __init__(self, slot: CacheSlot, expected_files: FileSizes) -> None:
+    def __init__(self, slot: CacheSlot, expected_files: FileShapes) -> None:
         """Creates the temporary directory (raises OSError if the cache is not writable).
 
         Args:
@@ -222,7 +247,7 @@ class SlotWriter:
         _remove_dead_temporaries(os.path.dirname(slot.path))
         self.tmp = f"{slot.path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         os.makedirs(self.tmp)
-        self._files: dict[str, BinaryIO] = {}
+        self._files: dict[str, list] = {}  # name -> [file, dtype, row shape, rows]
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
 
@@ -235,27 +260,45 @@ class SlotWriter:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
     def append(self, name: str, array: np.ndarray) -> None:
-        """Appends an array's bytes (C order) to the file ``name``."""
-        fh = self._files.get(name)
-        if fh is None:
-            fh = self._files[name] = open(os.path.join(self.tmp, name), "wb")
+        """Appends rows to the ``.npy`` file ``name`` (created on the first call, which fixes
+        its dtype and row shape ``array.shape[1:]``)."""
+        entry = self._files.get(name)
+        if entry is None:
+            fh = open(os.path.join(self.tmp, name), "wb")
+            fh.write(bytes(_NPY_HEADER))  # the header is written by commit
+            entry = self._files[name] = [fh, array.dtype, array.shape[1:], 0]
+        fh, dtype, row_shape, rows = entry
+        if array.dtype != dtype or array.shape[1:] != row_shape:
+            raise ValueError(f"{name}: appending {array.dtype} rows of shape {array.shape[1:]} "
+                             f"to {dtype} rows of shape {row_shape}")
         fh.write(np.ascontiguousarray(array).data)
+        entry[3] = rows + array.shape[0]
+
+    def create(self, name: str, dtype: np.dtype, shape: tuple[int, ...]) -> None:
+        """Creates the ``.npy`` file ``name`` of a known shape, for :meth:`write_at`."""
+        fd = os.open(os.path.join(self.tmp, name), os.O_WRONLY | os.O_CREAT, 0o644)
+        os.pwrite(fd, _npy_header(dtype, shape), 0)
+        os.ftruncate(fd, _NPY_HEADER + int(np.prod(shape)) * np.dtype(dtype).itemsize)
+        with self._lock:
+            self._fds[name] = fd
 
     def write_at(self, name: str, offset: int, array: np.ndarray) -> None:
-        """Writes an array's bytes at ``offset`` of the file ``name`` (thread-safe: pwrite)."""
+        """Writes an array's bytes at byte ``offset`` of the data of the file ``name``
+        (made by :meth:`create`); thread-safe (pwrite)."""
         with self._lock:
-            fd = self._fds.get(name)
-            if fd is None:
-                fd = self._fds[name] = os.open(os.path.join(self.tmp, name),
-                                               os.O_WRONLY | os.O_CREAT, 0o644)
+            fd = self._fds[name]
         data = memoryview(np.ascontiguousarray(array)).cast("B")
+        offset += _NPY_HEADER
         while data:
             written = os.pwrite(fd, data, offset)
             data, offset = data[written:], offset + written
 
     def _close(self) -> None:
-        for fh in self._files.values():
-            fh.close()
+        for name, (fh, dtype, row_shape, rows) in self._files.items():
+            if not fh.closed:
+                fh.seek(0)
+                fh.write(_npy_header(dtype, (rows,) + row_shape))
+                fh.close()
         self._files.clear()
         for fd in self._fds.values():
             os.close(fd)
@@ -293,7 +336,7 @@ def _remove_dead_temporaries(root: str) -> None:
             continue
 
 
-def _committed(slot: CacheSlot, expected_files: FileSizes) -> dict[str, Any]:
+def _committed(slot: CacheSlot, expected_files: FileShapes) -> dict[str, Any]:
     """The meta data of a slot just committed (possibly by another process).
 
     Raises:
@@ -306,24 +349,25 @@ def _committed(slot: CacheSlot, expected_files: FileSizes) -> dict[str, Any]:
 
 
 def open_array(path: str, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
-    """A cached array as a copy-on-write memory map (zeros if it has no elements)."""
+    """A checked cached ``.npy`` array as a copy-on-write memory map (zeros if it is empty)."""
     if int(np.prod(shape)) == 0:
         return np.zeros(shape, dtype=dtype)
-    return np.memmap(path, dtype=dtype, mode="c", shape=shape)
+    return np.load(path, mmap_mode="c")
 
 
 # ---- parsed files -------------------------------------------------------------------------------
 
 
 def _rows_files(meta: dict[str, Any]) -> dict[str, int]:
-    """File sizes of a parsed-file slot, from its meta.json."""
+    """Arrays of a parsed-file slot, from its meta.json."""
     n, dim = int(meta["rows"]), int(meta["dense_dim"])
     if not isinstance(meta["extras"]["malformed"]["count"], int):
         raise TypeError(f"extras.malformed.count is {meta['extras']['malformed']['count']!r}")
-    files = {"labels.bin": 4 * n, "dense.bin": n * dim * np.dtype(meta["dense_dtype"]).itemsize}
+    files = {"labels.npy": (np.dtype(np.float32), (n,)),
+             "dense.npy": (np.dtype(meta["dense_dtype"]), (n, dim))}
     for f, size in enumerate(meta["dictionary_sizes"]):
-        files[f"codes_{f:02d}.bin"] = 4 * n
-        files[f"dict_{f:02d}.bin"] = 8 * int(size)
+        files[f"codes_{f:02d}.npy"] = (np.dtype(np.int32), (n,))
+        files[f"dict_{f:02d}.npy"] = (np.dtype(np.int64), (int(size),))
     return files
 
 
@@ -343,9 +387,9 @@ class SlotColumns(Sequence):
         if not 0 <= f < len(self):
             raise IndexError(f"sparse column {f} out of range [0, {len(self)})")
         return SparseColumn(
-            codes=open_array(os.path.join(self.path, f"codes_{f:02d}.bin"), np.dtype(np.int32),
+            codes=open_array(os.path.join(self.path, f"codes_{f:02d}.npy"), np.dtype(np.int32),
                              (self.num_rows,)),
-            dictionary=open_array(os.path.join(self.path, f"dict_{f:02d}.bin"),
+            dictionary=open_array(os.path.join(self.path, f"dict_{f:02d}.npy"),
                                   np.dtype(np.int64), (self.dictionary_sizes[f],)),
         )
 
@@ -354,8 +398,8 @@ def _rows_from_slot(slot: CacheSlot, meta: dict[str, Any]) -> RawRows:
     """Memory-maps the rows of a checked parsed-file slot."""
     n, dim = int(meta["rows"]), int(meta["dense_dim"])
     return RawRows(
-        labels=open_array(os.path.join(slot.path, "labels.bin"), np.dtype(np.float32), (n,)),
-        dense=open_array(os.path.join(slot.path, "dense.bin"), np.dtype(meta["dense_dtype"]),
+        labels=open_array(os.path.join(slot.path, "labels.npy"), np.dtype(np.float32), (n,)),
+        dense=open_array(os.path.join(slot.path, "dense.npy"), np.dtype(meta["dense_dtype"]),
                          (n, dim)),
         sparse=SlotColumns(slot.path, n, meta["dictionary_sizes"]),
         origin=(slot.path, digest(slot.key)),
@@ -371,19 +415,19 @@ class FileSink(RowSink):
         self.writer = writer
         self.n_dense = fmt.n_dense
         self.dense_dtype = np.dtype(fmt.dense_dtype)
-        for name in ("labels.bin", "dense.bin"):  # present even when empty
-            writer.append(name, np.empty(0, np.uint8))
+        writer.append("labels.npy", np.empty(0, np.float32))  # every file exists, typed
+        writer.append("dense.npy", np.empty((0, self.n_dense), self.dense_dtype))
         for f in range(fmt.n_sparse):
-            writer.append(f"codes_{f:02d}.bin", np.empty(0, np.uint8))
-            writer.append(f"dict_{f:02d}.bin", np.empty(0, np.uint8))
+            writer.append(f"codes_{f:02d}.npy", np.empty(0, np.int32))
+            writer.append(f"dict_{f:02d}.npy", np.empty(0, np.int64))
 
     def _store(self, labels: np.ndarray, dense: np.ndarray, codes: list[np.ndarray],
                dictionaries: list[np.ndarray]) -> None:
-        self.writer.append("labels.bin", labels.astype(np.float32, copy=False))
-        self.writer.append("dense.bin", dense.astype(self.dense_dtype, copy=False))
+        self.writer.append("labels.npy", labels.astype(np.float32, copy=False))
+        self.writer.append("dense.npy", dense.astype(self.dense_dtype, copy=False))
         for f, (c, d) in enumerate(zip(codes, dictionaries)):
-            self.writer.append(f"codes_{f:02d}.bin", c.astype(np.int32, copy=False))
-            self.writer.append(f"dict_{f:02d}.bin", d.astype(np.int64, copy=False))
+            self.writer.append(f"codes_{f:02d}.npy", c.astype(np.int32, copy=False))
+            self.writer.append(f"dict_{f:02d}.npy", d.astype(np.int64, copy=False))
 
     def meta(self) -> dict[str, Any]:
         """Shapes of what was written, for meta.json."""
@@ -517,8 +561,8 @@ def read_file(
 
 
 def _ids_files(meta: dict[str, Any]) -> dict[str, int]:
-    """File sizes of an ids slot, from its meta.json."""
-    return {"ids.bin": 8 * len(meta["num_embeddings"]) * int(meta["rows"])}
+    """Arrays of an ids slot, from its meta.json."""
+    return {"ids.npy": (np.dtype(np.int64), (len(meta["num_embeddings"]), int(meta["rows"])))}
 
 
 def _hash_sizes_key(hash_sizes: Optional[HashSizes]) -> Any:
@@ -555,12 +599,14 @@ def cached_splits(
     meta = slot.load(_ids_files, quiet_fields=("parts",))  # a changed file warned already
     if meta is None:
         with SlotWriter(slot, _ids_files) as writer:
+            writer.create("ids.npy", np.dtype(np.int64), (len(sparse_names), n))
+
             def store(f: int, row: int, ids: np.ndarray) -> None:
-                writer.write_at("ids.bin", (f * n + row) * ids.itemsize, ids)
+                writer.write_at("ids.npy", (f * n + row) * ids.itemsize, ids)
 
             sizes = encode_sparse(parts, hash_sizes, sparse_names, store, READ_WORKERS)
             writer.commit({"rows": n, "num_embeddings": list(sizes)})
         meta = _committed(slot, _ids_files)
-    ids = open_array(os.path.join(slot.path, "ids.bin"), np.dtype(np.int64), (len(sparse_names), n))
+    ids = open_array(os.path.join(slot.path, "ids.npy"), np.dtype(np.int64), (len(sparse_names), n))
     train_arr, test_arr = assemble_splits(train, test, ids, test_fraction)
     return train_arr, test_arr, tuple(int(s) for s in meta["num_embeddings"])
