@@ -20,9 +20,12 @@ Steps, each in a fresh child process (run one after another), so that its peak R
 
 Each step prints lines/s, MB/s of TSV text, CPU seconds (all threads: the parse uses
 ``READ_WORKERS`` parser threads) and its peak RSS, next to the RSS of the imports alone
-(torch, torchrec, pyarrow: about 420 MB). The machine's load average is printed with every
-step: on a shared machine other jobs slow the timings down, never up, so ``--repeat`` keeps
-the fastest run.
+(torch, torchrec, pyarrow: about 430 MB). Before each step the parent calls ``os.sync()``:
+the writeback of the generated file and of earlier caches would otherwise run during
+the step (on 2 cores it cost the 2 GB parse a third of its speed); the files stay in
+the page cache, so every step reads from memory. The machine's load average is printed
+with every step: on a shared machine other jobs slow the timings down, never up, so
+``--repeat`` keeps the fastest run.
 
 ``--rss-check`` fails (exit 1) unless the parse step's peak RSS is below ``--rss-limit-gb``;
 with ``--size-gb 2`` it is the 2 GB check of issue 10.
@@ -211,6 +214,9 @@ def _child(step: str, cfg: BenchConfig) -> dict[str, Any]:
         for name in os.listdir(cfg.cache_dir):
             if ".ids-" in name:
                 shutil.rmtree(os.path.join(cfg.cache_dir, name))
+    # Flush the dirty pages of earlier steps (the generated file, the cache) first: their
+    # writeback would otherwise compete with the step for the CPUs. The files stay cached.
+    os.sync()
     out = subprocess.run([sys.executable, __file__, "--child", step, "--config",
                           json.dumps(asdict(cfg))], check=True, capture_output=True, text=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
