@@ -250,7 +250,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         config = json.loads(args.config)
-        print(json.dumps(run_step(args.child, BenchConfig(**{**config, "steps": tuple(config["steps"])}))))
+        config["steps"] = tuple(config["steps"])
+        print(json.dumps(run_step(args.child, BenchConfig(**config))))
         return
     cfg = BenchConfig(lines=args.lines, size_gb=args.size_gb, seed=args.seed,
                       block_size=args.block_size, repeat=args.repeat,

@@ -194,7 +194,7 @@ def load_movielens(path, test_path=None, movies_path=None, users_path=None, test
 
 
 def assert_same(new: tuple, reference: Loaded) -> None:
-    """Asserts that a loader's ``(train, test, spec)`` equals the reference's ``(train, test, sizes)``."""
+    """Asserts that new ``(train, test, spec)`` equal the reference ``(train, test, sizes)``."""
     (train, test, spec), (r_train, r_test, r_sizes) = new, reference
     assert spec.num_embeddings == r_sizes
     for got, want in ((train, r_train), (test, r_test)):

@@ -34,7 +34,8 @@ def test_crc32_binary_equals_zlib(lengths: tuple[int, ...]) -> None:
 
 
 def test_crc32_binary_equals_hash_token_of_text() -> None:
-    tokens = ["68fd1e64", "é", "a\udcff"]  # hex, UTF-8, an undecodable byte kept by surrogateescape
+    # hex, UTF-8, an undecodable byte kept by surrogateescape
+    tokens = ["68fd1e64", "é", "a\udcff"]
     array = pa.array([t.encode("utf-8", "surrogateescape") for t in tokens], pa.binary())
     assert crc32_binary(array).tolist() == [hash_token(t) for t in tokens]
 

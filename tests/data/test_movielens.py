@@ -160,7 +160,8 @@ def _ml_files(tmp_path: Path, kind: str) -> dict:
         ratings.write_text("".join(f"{u}::{m}::{int(r)}::{t}\n" for u, m, r, t in rows)
                            + "\n".join(ODD_DAT) + "\n")
         movies = tmp_path / "movies.dat"
-        movies.write_text("10::Toy Story (1995)::Animation|Children's\n20::Heat: The Movie::Action\n"
+        movies.write_text("10::Toy Story (1995)::Animation|Children's\n"
+                          "20::Heat: The Movie::Action\n"
                           "30::Sabrina (1995)::Comedy|Romance\n")
         users = tmp_path / "users.dat"
         users.write_text("1::F::1::10::48067\n2::M::56::16::70072\n9::M::25::15::55117\n7::M::1\n")
@@ -184,7 +185,8 @@ def test_vectorized_equals_line_reference(tmp_path: Path, monkeypatch: pytest.Mo
             assert sum(slow_rows) < len(got[0]) + len(got[1])  # some ratings took the fast path
     for options in (dict(max_rows=20, hash_sizes=3), dict(movies_path=None, users_path=None)):
         args = {**files, **options}
-        reference.assert_same(_load(**args, block_size=block_size), reference.load_movielens(**args))
+        reference.assert_same(_load(**args, block_size=block_size),
+                              reference.load_movielens(**args))
     with pytest.raises(ValueError) as err:
         reference.load_movielens(**files, on_malformed="fail")
     with pytest.raises(ValueError, match=re.escape(str(err.value))):

@@ -221,12 +221,14 @@ def binary_parts(values: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     n = len(values)
     buffers = values.buffers()
     offsets = np.frombuffer(buffers[1], dtype=np.int32, count=n + 1, offset=values.offset * 4)
-    data = np.frombuffer(buffers[2], dtype=np.uint8) if buffers[2] is not None else np.empty(0, np.uint8)
+    if buffers[2] is None:  # no value has a byte
+        return offsets, np.empty(0, np.uint8)
+    data = np.frombuffer(buffers[2], dtype=np.uint8)
     return offsets, data
 
 
 def _crc_fixed(mat: np.ndarray) -> np.ndarray:
-    """uint32 ``[k]`` crc32 of the rows of uint8 ``[k, length]``, C-contiguous (length <= MAX_TABLE_TOKEN)."""
+    """uint32 ``[k]`` crc32 of the rows of C-contiguous uint8 ``[k, length <= MAX_TABLE_TOKEN]``."""
     length = mat.shape[1]
     zero, tables = _crc_tables(length)
     pairs = mat[:, :length - length % 2].view("<u2")              # [k, length // 2]
@@ -372,7 +374,7 @@ def binary_column(column: pa.ChunkedArray) -> SparseColumn:
 
 
 def fixed_width_bytes(column: pa.ChunkedArray, width: int) -> Optional[np.ndarray]:
-    """uint8 ``[n, width]`` bytes of a binary column whose values all have ``width`` bytes, else None."""
+    """uint8 ``[n, width]`` bytes of a binary column of ``width``-byte values, else None."""
     array = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
     offsets, data = binary_parts(array)
     n = len(array)
@@ -401,7 +403,7 @@ def all_empty(column: pa.ChunkedArray) -> bool:
 
 
 def count_lines(raw: RawBlock) -> int:
-    """Line endings in ``raw`` as universal newlines count them (``\\n``, ``\\r\\n``, lone ``\\r``)."""
+    """Line endings in ``raw`` as universal newlines count them (``\\n``, ``\\r\\n``, ``\\r``)."""
     if b"\r" not in raw:  # memchr-fast; numpy counts 3x faster than bytes.count (8 MiB: 1 vs 3 ms)
         return int(np.count_nonzero(np.frombuffer(raw, dtype=np.uint8) == ord("\n")))
     return raw.count(b"\n") + raw.count(b"\r") - raw.count(b"\r\n")
@@ -465,7 +467,8 @@ class ByteBlocks:
     ``\\n`` (all but possibly the last).
     """
 
-    def __init__(self, path: str, block_size: int = DEFAULT_BLOCK_SIZE, progress: bool = True) -> None:
+    def __init__(self, path: str, block_size: int = DEFAULT_BLOCK_SIZE,
+                 progress: bool = True) -> None:
         """Opens the file.
 
         Args:

@@ -150,7 +150,8 @@ class CacheSlot:
     path: str
     key: dict[str, Any]
 
-    def load(self, expected_files: FileShapes, quiet_fields: tuple[str, ...] = ()) -> Optional[dict]:
+    def load(self, expected_files: FileShapes,
+             quiet_fields: tuple[str, ...] = ()) -> Optional[dict]:
         """Reads and checks meta.json; warns and returns None for a slot that must be rebuilt.
 
         Args:
@@ -188,14 +189,16 @@ class CacheSlot:
                 meta = json.load(fh)
             found = meta.get("key")
             if found != self.key:
-                return None, f"was built from other inputs ({_key_difference(found, self.key)})", found
+                difference = _key_difference(found, self.key)
+                return None, f"was built from other inputs ({difference})", found
             problem = _array_problem(self.path, expected_files(meta))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             return None, f"has no readable {_META} ({type(err).__name__}: {err})", found
         return (meta, None, found) if problem is None else (None, problem, found)
 
 
-def _array_problem(path: str, expected: dict[str, tuple[np.dtype, tuple[int, ...]]]) -> Optional[str]:
+def _array_problem(path: str,
+                   expected: dict[str, tuple[np.dtype, tuple[int, ...]]]) -> Optional[str]:
     """Describes the first array file of a slot that is missing or not as expected."""
     for name, (dtype, shape) in expected.items():
         file = os.path.join(path, name)
@@ -206,7 +209,8 @@ def _array_problem(path: str, expected: dict[str, tuple[np.dtype, tuple[int, ...
             found = np.lib.format.read_array_header_1_0(fh)
             start = fh.tell()
         if found != (tuple(shape), False, np.dtype(dtype)):
-            return f"file {name} holds {found[2]} {found[0]}, expected {np.dtype(dtype)} {tuple(shape)}"
+            return (f"file {name} holds {found[2]} {found[0]}, "
+                    f"expected {np.dtype(dtype)} {tuple(shape)}")
         nbytes = start + int(np.prod(shape)) * np.dtype(dtype).itemsize
         if os.path.getsize(file) != nbytes:
             return f"file {name} has {os.path.getsize(file)} bytes, expected {nbytes}"
@@ -225,7 +229,8 @@ def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
     pad = _NPY_HEADER - len(magic) - 2 - len(text) - 1
     if pad < 0:
         raise ValueError(f"npy header of shape {shape} does not fit {_NPY_HEADER} bytes")
-    return magic + struct.pack("<H", _NPY_HEADER - len(magic) - 2) + (text + " " * pad + "\n").encode()
+    length = struct.pack("<H", _NPY_HEADER - len(magic) - 2)
+    return magic + length + (text + " " * pad + "\n").encode()
 
 
 class SlotWriter:

@@ -354,7 +354,8 @@ class SparseColumn:
     def head(self, n: int) -> "SparseColumn":
         """The first ``n`` rows, with the dictionary cut down to the entries they use."""
         used, codes = np.unique(self.codes[:n], return_inverse=True)
-        return SparseColumn(codes=codes.reshape(-1).astype(np.int32), dictionary=self.dictionary[used])
+        return SparseColumn(codes=codes.reshape(-1).astype(np.int32),
+                            dictionary=self.dictionary[used])
 
 
 @dataclass(frozen=True)
@@ -442,7 +443,7 @@ def _value_ids(present: np.ndarray, values: np.ndarray, hash_sizes: Optional[Has
 
 
 def _cardinality(values: np.ndarray) -> int:
-    """Distinct values of a uint32 array (sorting beats hashing here: SIMD sort, no cache misses)."""
+    """Distinct values of a uint32 array (a SIMD sort beats hashing: no cache misses)."""
     in_order = np.sort(values)
     return int(np.count_nonzero(in_order[1:] != in_order[:-1])) + int(in_order.size > 0)
 
