@@ -353,6 +353,7 @@ def load_single_process_state(
 
     torch.manual_seed(0)
     single = FiitedEmbeddingBagCollection(tables(), FiitedConfig(**config))
+    single.allow_replicated = True  # every rank trains the same copy on the same global batches
     W = loss_weights()
     for kjt in global_batches(5, GLOBAL_BATCH):
         values = torch.cat(list(single(kjt).to_dict().values()), dim=1)
@@ -407,3 +408,38 @@ def sharded_bytes(
 def _tensor_bytes(module: torch.nn.Module) -> int:
     tensors = list(module.buffers()) + list(module.parameters())
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+# ---- DMP with torchrec's default sharders leaves the collection unsharded ------------------------
+
+def default_sharders(rank: int, world_size: int) -> Dict[str, Any]:
+    """DMP without FIITED's sharder: the collection stays whole on every rank. Training refuses;
+    eval reads; with ``allow_replicated`` the replicas train (and drift apart)."""
+    batch = batch_slice(dlrm_batches(1)[0], rank, world_size)
+    dmp = DistributedModelParallel(
+        WithLoss(dlrm(dict(num_chunks=4))), env=ShardingEnv.from_process_group(dist.group.WORLD),
+        device=torch.device("cpu"),
+    )
+    ebc = [m for m in dmp.modules() if isinstance(m, FiitedEmbeddingBagCollection)]
+    out: Dict[str, Any] = {"unsharded": len(ebc)}
+    try:
+        dmp(batch)[0].backward()
+        out["error"] = None
+    except RuntimeError as e:
+        out["error"] = str(e)
+    out["steps_after_error"] = int(ebc[0].steps_done)
+    dmp.eval()
+    with torch.no_grad():
+        out["eval_logits"] = dmp(batch)[1][1]
+    dmp.train()
+    ebc[0].allow_replicated = True
+    dmp(batch)[0].backward()
+    out["steps_replicated"] = int(ebc[0].steps_done)
+    return out
+
+
+def plain_training_step(rank: int, world_size: int) -> int:
+    """A training step of an unsharded collection in this process group: steps done."""
+    ebc = FiitedEmbeddingBagCollection(tables(), FiitedConfig(num_chunks=4))
+    ebc(global_batches(1, GLOBAL_BATCH)[0]).values().sum().backward()
+    return int(ebc.steps_done)

@@ -4,6 +4,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional
 
 import torch
+import torch.distributed as dist
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface
 from torchrec.optim.fused import FusedOptimizerModule
@@ -85,7 +86,19 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
             lengths=torch.tensor([2, 0, 1, 1, 1, 2]))
         out = ebc(kjt)
         out.values().shape   # torch.Size([3, 12]); out.keys() == ["f1", "f2"]
+
+    Raises:
+        RuntimeError: at a training forward in a process group of more than one rank: the
+            collection is then replicated (DistributedModelParallel left it unsharded because
+            ``fiited_sharders()`` was not passed), unless ``allow_replicated`` is set.
     """
+
+    #: Let a training forward run unsharded on each rank of a process group of several ranks:
+    #: every rank then trains its own copy on its own batches. Off by default, as that is almost
+    #: always DMP without FIITED's sharder; set it on the instance (``ebc.allow_replicated = True``)
+    #: for independent replicas on purpose. Not a ``FiitedConfig`` field: checkpoints compare the
+    #: config, and how a copy is placed is not part of its state.
+    allow_replicated: bool = False
 
     def __init__(
         self,
@@ -336,10 +349,40 @@ def _store_lookup(module: FiitedEmbeddingBagCollection, features: KeyedJaggedTen
     """
     batch = module._resolve(features)  # every check runs before the store is touched
     if module.training and torch.is_grad_enabled():
+        _check_not_replicated(module)
         module._admit(batch)
         anchor = torch.zeros((), requires_grad=True)  # makes autograd call our backward
         return _FusedLookup.apply(module, batch, anchor)
     return module._pooled(batch)
+
+
+def _check_not_replicated(module: FiitedEmbeddingBagCollection) -> None:
+    """Refuse to train an unsharded collection on one rank of several.
+
+    DistributedModelParallel shards only the module types its sharders name; with torchrec's
+    default sharders it leaves this collection whole on every rank and wraps the model in DDP,
+    which syncs parameters only (``broadcast_buffers=False``). FIITED's tables are buffers updated
+    in backward, so each rank would train its own copy on its own batches and the copies drift
+    apart, silently (0.084 apart after 3 steps on 2 ranks, issue 13).
+
+    Raises:
+        RuntimeError: when torch.distributed is initialized with world_size > 1 and
+            ``module.allow_replicated`` is not set.
+    """
+    if module.allow_replicated or not dist.is_available() or not dist.is_initialized():
+        return
+    world_size = dist.get_world_size()
+    if world_size > 1:
+        raise RuntimeError(
+            f"FiitedEmbeddingBagCollection is training unsharded on rank {dist.get_rank()} of "
+            f"{world_size}: every rank would update its own copy of the tables and the copies "
+            "would drift apart (DistributedModelParallel leaves module types its sharders do not "
+            "name unsharded, and DDP does not sync FIITED's in-backward updates). Pass "
+            "sharders=torchrec_fiited.fiited_sharders() to DistributedModelParallel and to its "
+            "planner (torchrec_fiited.make_fiited_planner(...).collective_plan(model, "
+            "fiited_sharders(), pg)); to train independent replicas on purpose, set "
+            "allow_replicated = True on the module"
+        )
 
 
 def _inverse_rows(features: KeyedJaggedTensor) -> Optional[Dict[str, torch.Tensor]]:
