@@ -443,3 +443,77 @@ def plain_training_step(rank: int, world_size: int) -> int:
     ebc = FiitedEmbeddingBagCollection(tables(), FiitedConfig(num_chunks=4))
     ebc(global_batches(1, GLOBAL_BATCH)[0]).values().sum().backward()
     return int(ebc.steps_done)
+
+
+# ---- drop-in KJTs: other modules' keys, VBE ------------------------------------------------------
+
+def vbe_and_padded(kjt: KeyedJaggedTensor, gen: torch.Generator):
+    """A VBE KJT over ``kjt``'s keys (feature i keeps its first i + 2 bags, the B rows read them
+    through random inverse indices) and the same batch with every row's bag written out."""
+    B, keys = kjt.stride(), kjt.keys()
+    per = kjt.to_dict()
+    inverse = torch.stack([torch.randint(0, i + 2, (B,), generator=gen) for i in range(len(keys))])
+    vbe_values, vbe_lengths, values, lengths = [], [], [], []
+    for i, f in enumerate(keys):
+        off, ids = per[f].offsets(), per[f].values()
+        vbe_values.append(ids[: off[i + 2]])
+        vbe_lengths.append(per[f].lengths()[: i + 2])
+        for b in inverse[i].tolist():
+            values.append(ids[off[b] : off[b + 1]])
+            lengths.append(int(off[b + 1] - off[b]))
+    vbe = KeyedJaggedTensor(
+        keys=keys, values=torch.cat(vbe_values), lengths=torch.cat(vbe_lengths),
+        stride_per_key_per_rank=[[i + 2] for i in range(len(keys))], inverse_indices=(keys, inverse),
+    )
+    padded = KeyedJaggedTensor.from_lengths_sync(keys, torch.cat(values), torch.tensor(lengths))
+    return vbe, padded
+
+
+def with_other_keys(kjt: KeyedJaggedTensor, gen: torch.Generator) -> KeyedJaggedTensor:
+    """``kjt`` with another module's feature "x" first (ids no table of ours could hold) and its
+    own features in reverse order."""
+    per = kjt.to_dict()
+    x_lengths = torch.randint(0, 4, (kjt.stride(),), generator=gen)
+    x = torch.randint(10**6, 10**7, (int(x_lengths.sum()),), generator=gen)
+    keys = ["x"] + list(reversed(kjt.keys()))
+    return KeyedJaggedTensor.from_lengths_sync(
+        keys, torch.cat([x] + [per[f].values() for f in keys[1:]]),
+        torch.cat([x_lengths] + [per[f].lengths() for f in keys[1:]]),
+    )
+
+
+def drop_in_kjts(rank: int, world_size: int, kind: str) -> Dict[str, Any]:
+    """Train three sharded collections on this rank's slices: as given, with another module's
+    key added (keys reordered), and as VBE batches against their padded form. Returns the eval
+    outputs and logical states of each, and the error for a VBE KJT without inverse indices."""
+    config = dict(num_chunks=4, budget=0.5, prune_interval=2, warmup_steps=0, sample_size=20,
+                  learning_rate=0.1)
+    gen = torch.Generator().manual_seed(100 + rank)
+    slices = [rank_slice(k, rank, world_size) for k in global_batches(4, GLOBAL_BATCH)]
+    pairs = [vbe_and_padded(k, gen) for k in slices]
+    runs = {
+        "plain": slices,
+        "other_keys": [with_other_keys(k, gen) for k in slices],
+        "vbe": [v for v, _ in pairs],
+        "padded": [p for _, p in pairs],
+    }
+    W = loss_weights()
+    out: Dict[str, Any] = {}
+    for name, batches in runs.items():
+        torch.manual_seed(0)
+        dmp = _ebc_dmp(kind, world_size, config)
+        for kjt in batches:
+            values = dmp(kjt).values()
+            (values * W[: values.shape[0], : values.shape[1]]).sum().backward()
+        state = gather_state_dict(dmp.state_dict())
+        out[name] = {"outputs": _eval_outputs(dmp, rank, world_size), "state": state,
+                     "steps": dmp.module.steps_done}
+    bare = runs["vbe"][0]
+    bare = KeyedJaggedTensor(keys=bare.keys(), values=bare.values(), lengths=bare.lengths(),
+                             stride_per_key_per_rank=bare.stride_per_key_per_rank())
+    try:
+        dmp(bare)
+        out["bare_vbe_error"] = None
+    except ValueError as e:
+        out["bare_vbe_error"] = str(e)
+    return out

@@ -107,7 +107,7 @@ def test_bad_batches_fail_before_routing_and_leave_the_state():
     errors = run_ranks(cases.bad_inputs, 2)[0]
     assert "feature 'f3'" in errors[0] and "999" in errors[0], errors[0]
     assert "feature 'f0'" in errors[1] and "-1" in errors[1], errors[1]
-    assert "do not match the collection's features" in errors[2] and "nope" in errors[2]
+    assert "lacks the collection's features: missing ['f3']" in errors[2] and "nope" in errors[2]
     assert errors[3] == "steps_done=0"
 
 

@@ -45,7 +45,8 @@ from torchrec_fiited.distributed.mean_pooling import bag_lengths, divide_by_bag_
 from torchrec_fiited.distributed.optimizer import ShardedFiitedOptimizer
 from torchrec_fiited.modules.fiited_ebc import FiitedEmbeddingBagCollection
 from torchrec_fiited.modules.pruning import run_cycle
-from torchrec_fiited.modules.validation import check_ids
+from torchrec_fiited.modules.validation import check_ids, vbe_batch_size
+from torchrec_fiited.modules.vbe import expand_bags
 from torchrec_fiited.policy import ProcessGroupCoordinator, cycle_due
 from torchrec_fiited.store import hash_ids
 
@@ -77,6 +78,12 @@ class ShardedFiitedEmbeddingBagCollection(
 
     MEAN-pooled tables planned row-wise pool SUM on each rank (a rank sees only part of a
     bag); the output is divided by the whole bag's length, taken from the input before routing.
+
+    As torchrec's ``ShardedEmbeddingBagCollection``, the collection routes only its own features
+    of the input KJT (keys of other modules are dropped, in any order, batch by batch). A
+    variable-batch (VBE) KJT with ``inverse_indices`` is written out as its padded batch before
+    routing (row b of feature f gets bag ``inverse_indices[f, b]``), so it pools and trains as
+    the unsharded module does with VBE, but sends the padded bags.
 
     Raises:
         ValueError: for a sharding type other than table/row/column-wise, or a column shard that
@@ -142,8 +149,9 @@ class ShardedFiitedEmbeddingBagCollection(
         self._embedding_dims = [d for s in self._embedding_shardings for d in s.embedding_dims()]
         self._input_dists = nn.ModuleList()
         self._has_uninitialized_input_dist = True
-        self._features_order: List[int] = []
-        self._feature_splits: List[int] = []
+        # The routed KJT's keys: every sharding's features, in sharding order.
+        self._feature_names = [f for s in self._embedding_shardings for f in s.feature_names()]
+        self._feature_splits = [len(s.feature_names()) for s in self._embedding_shardings]
         self._fused_optimizer = ShardedFiitedOptimizer(self._tables, module.fused_optimizer)
         for lookup in self._lookups:
             lookup._hparams_source = self._fused_optimizer
@@ -185,14 +193,9 @@ class ShardedFiitedEmbeddingBagCollection(
     def _row_wise(self, table: str) -> bool:
         return self._parameter_sharding[table].sharding_type == ShardingType.ROW_WISE.value
 
-    def _create_input_dist(self, input_feature_names: List[str]) -> None:
-        names: List[str] = []
+    def _create_input_dist(self) -> None:
         for sharding in self._embedding_shardings:
             self._input_dists.append(sharding.create_input_dist())
-            names += sharding.feature_names()
-            self._feature_splits.append(len(sharding.feature_names()))
-        if names != list(input_feature_names):
-            self._features_order = [list(input_feature_names).index(f) for f in names]
 
     # ---- ShardedModule --------------------------------------------------------------------
 
@@ -204,13 +207,11 @@ class ShardedFiitedEmbeddingBagCollection(
     ) -> Awaitable[Awaitable[KJTList]]:
         features = self._checked(features)
         if self._has_uninitialized_input_dist:
-            self._create_input_dist(features.keys())
+            self._create_input_dist()
             self._has_uninitialized_input_dist = False
         with torch.no_grad():
             if self._split_mean_features:
                 ctx.divisor = bag_lengths(features, self._split_mean_features)
-            if self._features_order:
-                features = features.permute(self._features_order)
             awaitables = []
             for input_dist, part in zip(self._input_dists, features.split(self._feature_splits)):
                 awaitables.append(input_dist(part))
@@ -223,17 +224,28 @@ class ShardedFiitedEmbeddingBagCollection(
         return KJTListSplitsAwaitable(awaitables, ctx, self._module_fqn, self._sharding_types)
 
     def _checked(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        """Validate (and hash, with ``hash_ids``) global ids before they are routed: a bad id
-        must fail here, naming its feature, not inside another rank's lookup."""
+        """The KJT to route: the collection's features in sharding order (other keys dropped, a
+        VBE batch written out), global ids validated (or hashed, with ``hash_ids``): a bad id
+        must fail here, naming its feature, not inside another rank's lookup.
+
+        Raises:
+            ValueError: missing features, weights that disagree with ``is_weighted``, a VBE KJT
+                without inverse indices for the collection's features, ids out of range.
+        """
         keys = list(features.keys())
-        if sorted(keys) != sorted(self._feature_table):
+        missing = [f for f in self._feature_names if f not in keys]
+        if missing:
             raise ValueError(
-                f"KJT keys {keys} do not match the collection's features {sorted(self._feature_table)}"
+                f"the KJT lacks the collection's features: missing {missing} (KJT keys {keys}, "
+                f"collection features {self._feature_names}; keys of other modules are ignored)"
             )
         if self._is_weighted != (features.weights_or_none() is not None):
             raise ValueError(f"the collection is_weighted={self._is_weighted}, the KJT disagrees")
         if features.variable_stride_per_key():
-            raise ValueError("variable batch size per feature (VBE) is not supported")
+            features = _written_out(features, self._feature_names)
+        elif keys != self._feature_names:
+            features = features.permute([keys.index(f) for f in self._feature_names])
+        keys = self._feature_names
         values, lengths = features.values(), features.lengths()
         per_key = features.length_per_key()
         if self._config.hash_ids:
@@ -327,6 +339,36 @@ class ShardedFiitedEmbeddingBagCollection(
     @property
     def unsharded_module_type(self):
         return FiitedEmbeddingBagCollection
+
+
+def _written_out(features: KeyedJaggedTensor, names: List[str]) -> KeyedJaggedTensor:
+    """Features ``names`` of a VBE KJT as the fixed-batch KJT of its padded equivalent.
+
+    TorchRec's pooled shardings route VBE batches, but their output dists then expect each
+    rank's lookup to return per-feature, per-source-rank bags ([sum_f B_f * D_f]); the FIITED
+    lookups pool a fixed batch [B, sum D]. So the bags are written out first (B rows read bag
+    ``inverse_indices[f, b]``, ``modules/vbe.py``), as the unsharded module pools them.
+
+    Raises:
+        ValueError: the KJT has no inverse indices for ``names`` (B rows cannot be formed).
+    """
+    B = vbe_batch_size(features, names)
+    inv_keys, inverse = features.inverse_indices()
+    rows = dict(zip(inv_keys, inverse.unbind(0)))
+    per_key = features.to_dict()
+    values, lengths, weights = [], [], []
+    for name in names:
+        jt = per_key[name]
+        v, offsets, w = expand_bags(
+            jt.values(), jt.offsets().to(torch.int64), jt.weights_or_none(), rows[name]
+        )
+        values.append(v)
+        lengths.append(offsets[1:] - offsets[:-1])
+        weights.append(w)
+    return KeyedJaggedTensor(
+        names, torch.cat(values), None if weights[0] is None else torch.cat(weights),
+        lengths=torch.cat(lengths), stride=B,
+    )
 
 
 def _pooled(lookup, batch, stride: int) -> torch.Tensor:
