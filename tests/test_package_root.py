@@ -34,7 +34,8 @@ _FRESH = textwrap.dedent("""
     import sys
     import torchrec_fiited.ops.native
     loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("torchrec", "torchrec_fiited"))
-    assert all(m == "torchrec_fiited" or m.startswith("torchrec_fiited.ops") for m in loaded), loaded
+    light = all(m == "torchrec_fiited" or m.startswith("torchrec_fiited.ops") for m in loaded)
+    assert light, loaded
     from torchrec_fiited import FiitedEmbeddingBagCollectionSharder  # now it loads, on first use
     assert "torchrec_fiited.distributed" in sys.modules and "torchrec" in sys.modules
     print("ok")
@@ -42,5 +43,7 @@ _FRESH = textwrap.dedent("""
 
 
 def test_ops_import_alone_loads_neither_torchrec_nor_distributed():
-    out = subprocess.run([sys.executable, "-c", _FRESH], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", _FRESH], capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]

@@ -463,7 +463,8 @@ def vbe_and_padded(kjt: KeyedJaggedTensor, gen: torch.Generator):
             lengths.append(int(off[b + 1] - off[b]))
     vbe = KeyedJaggedTensor(
         keys=keys, values=torch.cat(vbe_values), lengths=torch.cat(vbe_lengths),
-        stride_per_key_per_rank=[[i + 2] for i in range(len(keys))], inverse_indices=(keys, inverse),
+        stride_per_key_per_rank=[[i + 2] for i in range(len(keys))],
+        inverse_indices=(keys, inverse),
     )
     padded = KeyedJaggedTensor.from_lengths_sync(keys, torch.cat(values), torch.tensor(lengths))
     return vbe, padded
