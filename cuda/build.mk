@@ -5,15 +5,16 @@
 #               build and a CUDA toolkit is found. About 40-60 s on 2 cores, and only when a
 #               source changed or the library is missing.
 #   wheel       builds dist/torchrec_fiited-*.whl (native ops and configs inside) with the same setup.py.
-#   nvcc-check  compiles the CUDA kernels (cuda/fiited_cuda.cu, torch-free) to an object file with
-#               nvcc alone, so they cannot rot on CPU-only machines; skipped when nvcc is absent.
+#   nvcc-check  compiles the CUDA kernels (cuda/fiited_cuda.cu, cuda/fiited_hash_cuda.cu, torch-free)
+#               to object files with nvcc alone, so they cannot rot on CPU-only machines; skipped
+#               when nvcc is absent.
 .PHONY: ext wheel nvcc-check FORCE
 
 EXT_SOURCES := $(wildcard cuda/*.cpp cuda/*.h cuda/*.cu) setup.py
 EXT_LIBRARY := $(wildcard torchrec_fiited/_C*.so)
 NVCC ?= nvcc
 NVCC_ARCH ?= sm_80
-NVCC_OBJECT := build/nvcc-check/fiited_cuda.o
+NVCC_OBJECTS := build/nvcc-check/fiited_cuda.o build/nvcc-check/fiited_hash_cuda.o
 
 ext: $(EXT_STAMP)
 
@@ -28,13 +29,16 @@ $(EXT_STAMP): $(STAMP) $(EXT_SOURCES) $(if $(EXT_LIBRARY),,FORCE)
 wheel: venv
 	FIITED_EXT_MARCH= $(VPY) -m pip wheel -q --no-deps --no-build-isolation -w dist .
 
-nvcc-check: $(NVCC_OBJECT)
+nvcc-check: $(NVCC_OBJECTS)
 
-$(NVCC_OBJECT): cuda/fiited_cuda.cu cuda/fiited_cuda.h
+build/nvcc-check/fiited_cuda.o: cuda/fiited_cuda.cu cuda/fiited_cuda.h
+build/nvcc-check/fiited_hash_cuda.o: cuda/fiited_hash_cuda.cu cuda/fiited_hash_cuda.h cuda/fiited_hash.h
+
+build/nvcc-check/%.o:
 	@if command -v $(NVCC) >/dev/null 2>&1; then \
 	    mkdir -p $(dir $@) && \
 	    $(NVCC) -std=c++17 -O3 -arch=$(NVCC_ARCH) -Xcompiler -Wall,-Werror -c $< -o $@ && \
-	    echo "nvcc-check: cuda/fiited_cuda.cu compiles ($(NVCC_ARCH))"; \
+	    echo "nvcc-check: $< compiles ($(NVCC_ARCH))"; \
 	else \
 	    echo "nvcc-check: $(NVCC) not found; CUDA compile check skipped"; \
 	fi

@@ -7,11 +7,11 @@ same tensors; see ``ops/reference.py`` for the contracts.
 """
 
 import os
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
-from torchrec_fiited.ops import native, reference
+from torchrec_fiited.ops import hash_reference, native, reference
 from torchrec_fiited.ops.reference import FusedParams
 
 NATIVE_ENV = "TORCHREC_FIITED_NATIVE"
@@ -93,3 +93,44 @@ def fused_backward(
         grad_rows, row_of_id, id_scale, entries, chunk_slots, utilities, last_step, weights,
         momentum, params,
     )
+
+
+# ---- resident-id hash table (store/hash_table.py; contracts in ops/hash_reference.py) ----------
+
+
+def use_native_hash(device: torch.device) -> bool:
+    """Whether the native hash-table ops serve tensors on ``device``."""
+    return (
+        native.AVAILABLE
+        and device.type in native.HASH_DEVICES
+        and os.environ.get(NATIVE_ENV, "1") != "0"
+    )
+
+
+def hash_lookup(table_keys: torch.Tensor, bucket_size: int, keys: torch.Tensor) -> torch.Tensor:
+    """Slots int64 [n] (-1 = not resident); see ``hash_reference.lookup``."""
+    if use_native_hash(table_keys.device):
+        return torch.ops.fiited.hash_lookup(table_keys, bucket_size, keys)
+    return hash_reference.lookup(table_keys, bucket_size, keys)
+
+
+def hash_insert(
+    table_keys: torch.Tensor,
+    table_scores: torch.Tensor,
+    bucket_size: int,
+    keys: torch.Tensor,
+    scores: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(slots, evicted_keys, evicted_slots); see ``hash_reference.insert``."""
+    if use_native_hash(table_keys.device):
+        return torch.ops.fiited.hash_insert(table_keys, table_scores, bucket_size, keys, scores)
+    return hash_reference.insert(table_keys, table_scores, bucket_size, keys, scores)
+
+
+def hash_erase(
+    table_keys: torch.Tensor, table_scores: torch.Tensor, bucket_size: int, keys: torch.Tensor
+) -> int:
+    """Number of keys erased; see ``hash_reference.erase``."""
+    if use_native_hash(table_keys.device):
+        return int(torch.ops.fiited.hash_erase(table_keys, table_scores, bucket_size, keys))
+    return hash_reference.erase(table_keys, table_scores, bucket_size, keys)

@@ -26,6 +26,7 @@ import torch
 
 _LIBRARY_GLOB = os.path.join(os.path.dirname(os.path.dirname(__file__)), "_C*.so")
 OPS = ("lookup_forward", "lookup_forward_out", "fused_backward")
+HASH_OPS = ("hash_lookup", "hash_insert", "hash_erase")  # store/hash_table.py
 # bench_lookup on 2 CPU cores: the native ops run at 1.04-1.75x FBGEMM TBE, the reference at 0.24-0.37x.
 _SLOW_PATH = (
     "FiitedEmbeddingBagCollection falls back to the PyTorch reference ops (ops/reference.py), "
@@ -62,18 +63,23 @@ def _load() -> bool:
     return True
 
 
-def _devices_with_kernels() -> FrozenSet[str]:
-    """Device types ("cpu", "cuda") for which every op has a kernel."""
+def _devices_with_kernels(ops=OPS) -> FrozenSet[str]:
+    """Device types ("cpu", "cuda") for which every op of ``ops`` has a kernel."""
     has = torch._C._dispatch_has_kernel_for_dispatch_key
     return frozenset(
         device
         for device, key in (("cpu", "CPU"), ("cuda", "CUDA"))
-        if all(has(f"fiited::{op}", key) for op in OPS)
+        if all(
+            torch._C._dispatch_has_kernel(f"fiited::{op}") and has(f"fiited::{op}", key)
+            for op in ops
+        )
     )
 
 
 AVAILABLE: bool = _load()
 DEVICES: FrozenSet[str] = _devices_with_kernels() if AVAILABLE else frozenset()
+# The hash-table ops have their own set: a library built before them still serves the lookup ops.
+HASH_DEVICES: FrozenSet[str] = _devices_with_kernels(HASH_OPS) if AVAILABLE else frozenset()
 
 
 def _check_dtype_dim(op: str, name: str, t: torch.Tensor, dtype: torch.dtype, dim: int) -> None:
@@ -193,3 +199,40 @@ if AVAILABLE:
     torch.library.register_fake("fiited::lookup_forward")(_lookup_forward_fake)
     torch.library.register_fake("fiited::lookup_forward_out")(_lookup_forward_out_fake)
     torch.library.register_fake("fiited::fused_backward")(_fused_backward_fake)
+
+
+# ---- resident-id hash table ops (cuda/fiited_hash_ops.cpp; store/hash_table.py) ---------------
+
+
+def _hash_lookup_fake(table_keys: torch.Tensor, bucket_size: int, keys: torch.Tensor) -> torch.Tensor:
+    """Slots int64 [n] for keys int64 [n]; see ``hash_reference.lookup``."""
+    _check_dtype_dim("hash_lookup", "table_keys", table_keys, torch.int64, 1)
+    _check_dtype_dim("hash_lookup", "keys", keys, torch.int64, 1)
+    return keys.new_empty(keys.shape)
+
+
+def _hash_insert_fake(table_keys: torch.Tensor, table_scores: torch.Tensor, bucket_size: int,
+                      keys: torch.Tensor, scores: torch.Tensor):
+    """(slots int64 [n], evicted_keys int64 [v], evicted_slots int64 [v]), v data-dependent."""
+    _check_dtype_dim("hash_insert", "keys", keys, torch.int64, 1)
+    _check_dtype_dim("hash_insert", "scores", scores, torch.float32, 1)
+    torch._check(
+        scores.shape[0] == keys.shape[0],
+        lambda: f"[torchrec_fiited] fiited::hash_insert: scores must have one score per key, got "
+        f"{scores.shape[0]} vs {keys.shape[0]}",
+    )
+    v = torch.library.get_ctx().new_dynamic_size()
+    return keys.new_empty(keys.shape), keys.new_empty((v,)), keys.new_empty((v,))
+
+
+def _hash_erase_fake(table_keys: torch.Tensor, table_scores: torch.Tensor, bucket_size: int,
+                     keys: torch.Tensor):
+    """The number of erased keys, data-dependent."""
+    _check_dtype_dim("hash_erase", "keys", keys, torch.int64, 1)
+    return torch.library.get_ctx().new_dynamic_size()
+
+
+if HASH_DEVICES:
+    torch.library.register_fake("fiited::hash_lookup")(_hash_lookup_fake)
+    torch.library.register_fake("fiited::hash_insert")(_hash_insert_fake)
+    torch.library.register_fake("fiited::hash_erase")(_hash_erase_fake)

@@ -1,0 +1,271 @@
+// CPU kernels of the resident-id hash table ops (schemas and semantics: fiited_hash_ops.cpp).
+//
+// lookup and erase's search run in parallel over keys, each scanning its key's bucket (W
+// consecutive int64 keys, 4 cache lines at W=32), with the bucket of a key a few positions ahead
+// prefetched so that several misses are in flight. insert sorts the batch by (bucket, key) and
+// then runs the documented rule one bucket at a time, buckets in parallel: buckets own disjoint
+// slots, and within a bucket the order is fixed by the rule, so the result does not depend on the
+// number of threads.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+#include <vector>
+
+#include "fiited_cpu_utils.h"
+#include "fiited_hash.h"
+
+namespace fiited {
+namespace {
+
+// Keys ahead whose bucket is prefetched (lookup, 2^20 slots, W=32: see bench_hash_table.py).
+constexpr int64_t kBucketPrefetchDistance = 8;
+
+struct TableView {
+  int64_t* __restrict keys;  // (S)
+  float* __restrict scores;  // (S) or nullptr (lookup)
+  int64_t num_buckets;
+  int64_t bucket_size;       // W
+};
+
+TableView check_table(
+    const char* op, const at::Tensor& table_keys, const at::Tensor* table_scores,
+    int64_t bucket_size) {
+  TORCH_CHECK(
+      table_keys.scalar_type() == at::kLong && table_keys.dim() == 1 &&
+          table_keys.is_contiguous() && table_keys.device().is_cpu(),
+      "[torchrec_fiited] ", op, ": table_keys must be a contiguous 1-D int64 CPU tensor, got a ",
+      table_keys.dim(), "-D ", table_keys.scalar_type(), " tensor on ", table_keys.device());
+  TORCH_CHECK(
+      bucket_size >= 8 && bucket_size <= 128 && (bucket_size & (bucket_size - 1)) == 0,
+      "[torchrec_fiited] ", op, ": bucket_size must be a power of two in [8, 128], got ",
+      bucket_size);
+  const int64_t S = table_keys.numel();
+  TORCH_CHECK(
+      S > 0 && S % bucket_size == 0 && S / bucket_size <= (int64_t{1} << 31), "[torchrec_fiited] ",
+      op, ": table_keys.numel() must be num_buckets * bucket_size with 1 <= num_buckets <= 2^31, "
+      "got ", S, " slots for bucket_size ", bucket_size);
+  float* scores = nullptr;
+  if (table_scores != nullptr) {
+    const at::Tensor& s = *table_scores;
+    TORCH_CHECK(
+        s.scalar_type() == at::kFloat && s.dim() == 1 && s.numel() == S && s.is_contiguous() &&
+            s.device().is_cpu(),
+        "[torchrec_fiited] ", op, ": table_scores must be a contiguous fp32 CPU tensor of shape (",
+        S, "), got ", s.scalar_type(), " of shape ", s.sizes());
+    scores = s.data_ptr<float>();
+  }
+  return {table_keys.data_ptr<int64_t>(), scores, S / bucket_size, bucket_size};
+}
+
+void check_keys(const char* op, const at::Tensor& keys) {
+  TORCH_CHECK(
+      keys.scalar_type() == at::kLong && keys.dim() == 1 && keys.device().is_cpu(),
+      "[torchrec_fiited] ", op, ": keys must be a 1-D int64 CPU tensor, got a ", keys.dim(),
+      "-D ", keys.scalar_type(), " tensor on ", keys.device());
+}
+
+[[noreturn]] C10_NOINLINE void fail_empty_key(const char* op, int64_t i) {
+  TORCH_CHECK(
+      false, "[torchrec_fiited] ", op, ": keys must not contain ", kFiitedEmptyKey,
+      " (int64 min, the empty-slot sentinel), got it at index ", i);
+}
+
+C10_ALWAYS_INLINE void prefetch_bucket(const TableView& t, int64_t key) {
+  const int64_t* p = t.keys + fiited_bucket_of(key, t.num_buckets) * t.bucket_size;
+  for (int64_t j = 0; j < t.bucket_size; j += 8) prefetch_read(p + j);  // 8 keys per line
+}
+
+C10_ALWAYS_INLINE int64_t find_in_bucket(const TableView& t, int64_t key) {
+  const int64_t base = fiited_bucket_of(key, t.num_buckets) * t.bucket_size;
+  for (int64_t j = 0; j < t.bucket_size; ++j) {
+    if (t.keys[base + j] == key) return base + j;
+  }
+  return -1;
+}
+
+// slots[i] = slot of keys[i] or -1, in parallel over i.
+void find_slots(const char* op, const TableView& t, const int64_t* keys, int64_t n,
+                int64_t* slots) {
+  at::parallel_for(0, n, kMinWorkPerTask, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      if (i + kBucketPrefetchDistance < end) prefetch_bucket(t, keys[i + kBucketPrefetchDistance]);
+      if (keys[i] == kFiitedEmptyKey) fail_empty_key(op, i);
+      slots[i] = find_in_bucket(t, keys[i]);
+    }
+  });
+}
+
+at::Tensor hash_lookup_cpu(const at::Tensor& table_keys, int64_t bucket_size,
+                           const at::Tensor& keys) {
+  constexpr const char* op = "fiited::hash_lookup";
+  const TableView t = check_table(op, table_keys, nullptr, bucket_size);
+  check_keys(op, keys);
+  const auto k = keys.contiguous();
+  auto slots = at::empty({k.numel()}, k.options());
+  find_slots(op, t, k.data_ptr<int64_t>(), k.numel(), slots.data_ptr<int64_t>());
+  return slots;
+}
+
+// ---- insert -----------------------------------------------------------------------------------
+
+struct Candidate {
+  int64_t bucket;
+  int64_t key;
+  float score;
+  int32_t index;  // position in the batch
+};
+
+// One unique key of a bucket's group: [first, last) of the sorted candidates, max score, slot.
+struct UniqueKey {
+  int64_t key;
+  float score;
+  int32_t first, last;
+  int64_t slot;
+};
+
+// Applies the insert rule to one bucket's candidates (sorted by key), writing each candidate's
+// slot to slots_out and the evictions of the bucket to evicted (slot, key).
+void insert_into_bucket(
+    const TableView& t, const Candidate* c, int64_t count, int64_t* __restrict slots_out,
+    std::vector<UniqueKey>& uniques, std::vector<std::pair<int64_t, int64_t>>& evicted) {
+  const int64_t W = t.bucket_size, base = c[0].bucket * W;
+  int64_t* keys = t.keys + base;
+  float* scores = t.scores + base;
+  bool taken[128] = {};  // pinned residents of the batch, then the keys it inserts
+  uniques.clear();
+  for (int32_t i = 0; i < count; ++i) {  // 1. dedupe, max score
+    if (i > 0 && c[i].key == c[i - 1].key) {
+      uniques.back().score = std::max(uniques.back().score, c[i].score);
+      uniques.back().last = i + 1;
+    } else {
+      uniques.push_back({c[i].key, c[i].score, i, i + 1, -1});
+    }
+  }
+  std::vector<UniqueKey*> missing;
+  for (UniqueKey& u : uniques) {  // 2. residents keep their slot and are pinned
+    for (int64_t j = 0; j < W; ++j) {
+      if (keys[j] == u.key) {
+        u.slot = base + j;
+        taken[j] = true;
+        break;
+      }
+    }
+    if (u.slot < 0) missing.push_back(&u);
+  }
+  std::sort(missing.begin(), missing.end(), [](const UniqueKey* a, const UniqueKey* b) {
+    return a->score > b->score || (a->score == b->score && a->key < b->key);
+  });
+  for (UniqueKey* u : missing) {  // 3. lowest free slot, else the weakest victim if beaten
+    int64_t j = 0;
+    while (j < W && keys[j] != kFiitedEmptyKey) ++j;
+    if (j == W) {
+      int64_t victim = -1;
+      for (int64_t v = 0; v < W; ++v) {
+        if (!taken[v] && (victim < 0 || scores[v] < scores[victim])) victim = v;
+      }
+      if (victim < 0 || !(u->score > scores[victim])) continue;
+      j = victim;
+      evicted.emplace_back(base + j, keys[j]);
+    }
+    keys[j] = u->key;
+    scores[j] = u->score;
+    taken[j] = true;
+    u->slot = base + j;
+  }
+  for (const UniqueKey& u : uniques) {
+    for (int32_t i = u.first; i < u.last; ++i) slots_out[c[i].index] = u.slot;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> hash_insert_cpu(
+    at::Tensor& table_keys, at::Tensor& table_scores, int64_t bucket_size, const at::Tensor& keys,
+    const at::Tensor& scores) {
+  constexpr const char* op = "fiited::hash_insert";
+  const TableView t = check_table(op, table_keys, &table_scores, bucket_size);
+  check_keys(op, keys);
+  const int64_t n = keys.numel();
+  TORCH_CHECK(
+      scores.scalar_type() == at::kFloat && scores.dim() == 1 && scores.numel() == n,
+      "[torchrec_fiited] ", op, ": scores must be a 1-D fp32 tensor with one score per key, got ",
+      scores.scalar_type(), " of shape ", scores.sizes(), " for ", n, " keys");
+  TORCH_CHECK(n < (int64_t{1} << 31), "[torchrec_fiited] ", op,
+              ": at most 2^31 - 1 keys per call, got ", n);
+  const auto k = keys.contiguous(), s = scores.contiguous();
+  const int64_t* kp = k.data_ptr<int64_t>();
+  const float* sp = s.data_ptr<float>();
+  auto slots = at::empty({n}, k.options());
+  std::vector<Candidate> cand(n);
+  at::parallel_for(0, n, kMinWorkPerTask, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      if (kp[i] == kFiitedEmptyKey) fail_empty_key(op, i);
+      TORCH_CHECK(sp[i] == sp[i], "[torchrec_fiited] ", op, ": scores must not be NaN, got NaN "
+                  "at index ", i);
+      cand[i] = {fiited_bucket_of(kp[i], t.num_buckets), kp[i], sp[i], static_cast<int32_t>(i)};
+    }
+  });
+  std::sort(cand.begin(), cand.end(), [](const Candidate& a, const Candidate& b) {
+    return a.bucket < b.bucket || (a.bucket == b.bucket && a.key < b.key);
+  });
+  std::vector<int64_t> starts;  // (G + 1) first candidate of each touched bucket
+  for (int64_t i = 0; i < n; ++i) {
+    if (i == 0 || cand[i].bucket != cand[i - 1].bucket) starts.push_back(i);
+  }
+  starts.push_back(n);
+  const int64_t G = static_cast<int64_t>(starts.size()) - 1;
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> evicted_per_task(
+      std::max<int64_t>(1, at::get_num_threads()));
+  int64_t* out = slots.data_ptr<int64_t>();
+  // Grain: a bucket's work is ~ its candidates; 64 groups of ~1-2 keys per task at W=32.
+  at::parallel_for(0, G, 64, [&](int64_t g0, int64_t g1) {
+    std::vector<UniqueKey> uniques;
+    auto& evicted = evicted_per_task[at::get_thread_num()];
+    for (int64_t g = g0; g < g1; ++g) {
+      insert_into_bucket(t, cand.data() + starts[g], starts[g + 1] - starts[g], out, uniques,
+                         evicted);
+    }
+  });
+  std::vector<std::pair<int64_t, int64_t>> evicted;
+  for (const auto& e : evicted_per_task) evicted.insert(evicted.end(), e.begin(), e.end());
+  std::sort(evicted.begin(), evicted.end());  // ascending slot: independent of the threads
+  const auto v = static_cast<int64_t>(evicted.size());
+  auto evicted_keys = at::empty({v}, k.options()), evicted_slots = at::empty({v}, k.options());
+  for (int64_t i = 0; i < v; ++i) {
+    evicted_slots.data_ptr<int64_t>()[i] = evicted[i].first;
+    evicted_keys.data_ptr<int64_t>()[i] = evicted[i].second;
+  }
+  return {slots, evicted_keys, evicted_slots};
+}
+
+int64_t hash_erase_cpu(at::Tensor& table_keys, at::Tensor& table_scores, int64_t bucket_size,
+                       const at::Tensor& keys) {
+  constexpr const char* op = "fiited::hash_erase";
+  const TableView t = check_table(op, table_keys, &table_scores, bucket_size);
+  check_keys(op, keys);
+  const auto k = keys.contiguous();
+  const int64_t n = k.numel();
+  const int64_t* kp = k.data_ptr<int64_t>();
+  std::vector<int64_t> slots(n);
+  find_slots(op, t, kp, n, slots.data());  // checks every key before anything changes
+  int64_t erased = 0;
+  for (int64_t i = 0; i < n; ++i) {  // serial: a repeated key is freed once
+    const int64_t s = slots[i];
+    if (s < 0 || t.keys[s] != kp[i]) continue;
+    t.keys[s] = kFiitedEmptyKey;
+    t.scores[s] = 0.f;
+    ++erased;
+  }
+  return erased;
+}
+
+}  // namespace
+}  // namespace fiited
+
+TORCH_LIBRARY_IMPL(fiited, CPU, m) {
+  m.impl("hash_lookup", &fiited::hash_lookup_cpu);
+  m.impl("hash_insert", &fiited::hash_insert_cpu);
+  m.impl("hash_erase", &fiited::hash_erase_cpu);
+}
