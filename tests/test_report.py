@@ -360,3 +360,14 @@ def test_tolerances_option(run_dir, tmp_path, capsys):
         report.main([str(run_dir), "--tolerances", "0.001,abc"])
     assert "tolerances must be comma-separated AUC differences >= 0" in capsys.readouterr().err
     assert report.parse_tolerances("0.001,0.005") == (0.001, 0.005) == report.TOLERANCES
+
+
+def test_terminal_output_is_one_table_and_where_the_report_is(run_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning):
+        report.main([str(run_dir), "--out", str(out)])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("| dataset | emb | budget | seeds | AUC | AUC delta ± std |")
+    assert len(lines) == 2 + 4 + 1  # header, rule, 4 groups, where the files went
+    assert lines[-1] == f"wrote {out / 'report.md'} and 5 plots in {out}"
+    assert "| fiited | 0.5 | 2 | 0.8070 ± " in lines[2]

@@ -813,9 +813,24 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         parser.error(f"none of the {len(paths)} metrics.json files found is valid ("
                      f"{len(results.infeasible)} infeasible points, no runs; see warnings)")
     written = write_report(results, args.out or args.dirs[0], args.dirs, args.tolerances)
-    print(written[0].read_text())
-    for path in written:
-        print(f"wrote {path}")
+    print(terminal_table(summarize(results.runs)).rstrip("\n"))
+    if results.infeasible:
+        print(f"{len(results.infeasible)} infeasible points (listed in the report)")
+    print(f"wrote {written[0]} and {len(written) - 1} plots in {written[0].parent}")
+
+
+def terminal_table(groups: Sequence[Group]) -> str:
+    """The few columns worth a terminal: one line per group, paired AUC delta and reduction.
+
+    The full tables (headline, milestones, every statistic) are in report.md.
+    """
+    header = ["dataset", "emb", "budget", "seeds", "AUC", "AUC delta ± std", "reduction (x)",
+              "embedding MiB", "examples/s"]
+    rows = [[g.dataset, g.emb, _budget_label(g.budget), str(len(g.runs)),
+             f"{_fmt(g.mean['auc'], 4)} ± {_fmt(g.std['auc'], 4)}",
+             "n/a" if g.delta is None else g.delta.cell(), _fmt(g.mean["reduction"], 2),
+             _fmt(g.mean["mib"], 2), _fmt(g.mean["examples_per_second"], 0)] for g in groups]
+    return _md(header, rows)
 
 
 if __name__ == "__main__":
