@@ -241,7 +241,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hash_insert_cpu(
   return {slots, evicted_keys, evicted_slots};
 }
 
-int64_t hash_erase_cpu(at::Tensor& table_keys, at::Tensor& table_scores, int64_t bucket_size,
+at::Tensor hash_erase_cpu(at::Tensor& table_keys, at::Tensor& table_scores, int64_t bucket_size,
                        const at::Tensor& keys) {
   constexpr const char* op = "fiited::hash_erase";
   const TableView t = check_table(op, table_keys, &table_scores, bucket_size);
@@ -259,7 +259,7 @@ int64_t hash_erase_cpu(at::Tensor& table_keys, at::Tensor& table_scores, int64_t
     t.scores[s] = 0.f;
     ++erased;
   }
-  return erased;
+  return at::scalar_tensor(erased, k.options());
 }
 
 }  // namespace

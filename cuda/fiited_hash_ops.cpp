@@ -24,8 +24,9 @@ TORCH_LIBRARY_FRAGMENT(fiited, m) {
       "hash_insert(Tensor(a!) table_keys, Tensor(b!) table_scores, int bucket_size, Tensor keys, "
       "Tensor scores) -> (Tensor, Tensor, Tensor)");
 
-  // Free the slots of the resident keys (key kFiitedEmptyKey, score 0); returns how many.
+  // Free the slots of the resident keys (key kFiitedEmptyKey, score 0); returns how many, as a
+  // 0-D int64 tensor (a tensor, not an int, so that fake tensors and torch.compile can trace it).
   m.def(
       "hash_erase(Tensor(a!) table_keys, Tensor(b!) table_scores, int bucket_size, Tensor keys) "
-      "-> int");
+      "-> Tensor");
 }

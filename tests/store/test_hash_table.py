@@ -293,3 +293,17 @@ def test_corrupt_state_dict_refused(corrupt):
     with pytest.raises(ValueError, match=match):
         table.load_state_dict(sd)
     assert torch.equal(table.keys, before[0]) and torch.equal(table.scores, before[1])
+
+
+@NATIVE_SKIP
+@pytest.mark.parametrize("op", ["hash_lookup", "hash_insert", "hash_erase"])
+def test_opcheck(op):
+    """Schema (mutations declared), fake impl and AOT dispatch of the native ops."""
+    table = filled_table()
+    keys = torch.arange(10, 40)
+    args = {
+        "hash_lookup": (table.keys, 8, keys),
+        "hash_insert": (table.keys, table.scores, 8, keys, torch.rand(keys.numel())),
+        "hash_erase": (table.keys, table.scores, 8, keys),
+    }[op]
+    torch.library.opcheck(getattr(torch.ops.fiited, op), args)

@@ -227,9 +227,9 @@ def _hash_insert_fake(table_keys: torch.Tensor, table_scores: torch.Tensor, buck
 
 def _hash_erase_fake(table_keys: torch.Tensor, table_scores: torch.Tensor, bucket_size: int,
                      keys: torch.Tensor):
-    """The number of erased keys, data-dependent."""
+    """The number of erased keys, a 0-D int64 tensor."""
     _check_dtype_dim("hash_erase", "keys", keys, torch.int64, 1)
-    return torch.library.get_ctx().new_dynamic_size()
+    return keys.new_empty(())
 
 
 if HASH_DEVICES:
