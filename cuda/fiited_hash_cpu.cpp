@@ -182,6 +182,33 @@ void insert_into_bucket(
   }
 }
 
+// Sorts by (bucket, key, index), a total order, so the result is the same for any thread count:
+// each thread sorts a contiguous part, then the sorted parts are merged pairwise.
+void sort_candidates(std::vector<Candidate>& cand) {
+  const auto before = [](const Candidate& a, const Candidate& b) {
+    return a.bucket != b.bucket ? a.bucket < b.bucket
+        : a.key != b.key        ? a.key < b.key
+                                : a.index < b.index;
+  };
+  const int64_t n = static_cast<int64_t>(cand.size());
+  const int64_t parts =
+      std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / kMinWorkPerTask));
+  std::vector<int64_t> bounds(parts + 1);
+  for (int64_t p = 0; p <= parts; ++p) bounds[p] = n * p / parts;
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      std::sort(cand.begin() + bounds[p], cand.begin() + bounds[p + 1], before);
+    }
+  });
+  for (int64_t width = 1; width < parts; width *= 2) {
+    for (int64_t p = 0; p + width < parts; p += 2 * width) {
+      const int64_t last = bounds[std::min(p + 2 * width, parts)];
+      std::inplace_merge(cand.begin() + bounds[p], cand.begin() + bounds[p + width],
+                         cand.begin() + last, before);
+    }
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> hash_insert_cpu(
     at::Tensor& table_keys, at::Tensor& table_scores, int64_t bucket_size, const at::Tensor& keys,
     const at::Tensor& scores) {
@@ -208,9 +235,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hash_insert_cpu(
       cand[i] = {fiited_bucket_of(kp[i], t.num_buckets), kp[i], sp[i], static_cast<int32_t>(i)};
     }
   });
-  std::sort(cand.begin(), cand.end(), [](const Candidate& a, const Candidate& b) {
-    return a.bucket < b.bucket || (a.bucket == b.bucket && a.key < b.key);
-  });
+  sort_candidates(cand);
   std::vector<int64_t> starts;  // (G + 1) first candidate of each touched bucket
   for (int64_t i = 0; i < n; ++i) {
     if (i == 0 || cand[i].bucket != cand[i - 1].bucket) starts.push_back(i);

@@ -40,14 +40,15 @@ lambda 0.72 at first refusal for 16 lines per probe, a choice to make with diges
 HierarchicalKV) in the integration, not here.
 
 Throughput (``.venv/bin/python benchmarks/bench_hash_table.py``: 2^20 slots, W=32, 70% full,
-batches of 64k Zipf(1.05) keys over 10M ids; 2 shared cores, load average 1.3), M keys/s:
+batches of 64k Zipf(1.05) keys over 10M ids; 2 shared cores, load average 0.9-1.0), M keys/s:
 
     threads   native lookup   native insert   reference lookup   reference insert
-    2         66.0            10.1            6.96               2.59
-    1         38.0            8.15            4.76               1.96
+    2         65.5            12.5            8.3                3.05
+    1         37.2            7.0             4.8                1.9
 
-Native insert sorts the batch by (bucket, key) on one thread (std::sort), the larger part of its
-time; a parallel radix sort as in the fused backward is the next step if it shows in a profile.
+Native insert is bound by its (bucket, key) sort of the batch (per-thread std::sort, then merges:
+10.1 -> 12.5 M keys/s on 2 threads against one std::sort); a radix sort as in the fused
+backward is the next step if it shows in a profile.
 
 Ops are batched and native (``torch.ops.fiited.hash_*``, C++ CPU; CUDA kernels beside them)
 when the library is built, the PyTorch reference otherwise (``ops/dispatch.py``).
