@@ -46,12 +46,13 @@ batches of 64k Zipf(1.05) keys over 10M ids; 2 shared cores, load average 0.9-1.
     2         65.5            12.5            8.3                3.05
     1         37.2            7.0             4.8                1.9
 
-Native insert is bound by its (bucket, key) sort of the batch (per-thread std::sort, then merges:
-10.1 -> 12.5 M keys/s on 2 threads against one std::sort); a radix sort as in the fused
-backward is the next step if it shows in a profile.
+Native insert spends much of its time sorting the batch by (bucket, key): sorting per thread and
+merging took it from 10.1 to 12.5 M keys/s on 2 threads (one std::sort before); a radix sort as
+in the fused backward is the next step if a profile confirms it.
 
-Ops are batched and native (``torch.ops.fiited.hash_*``, C++ CPU; CUDA kernels beside them)
-when the library is built, the PyTorch reference otherwise (``ops/dispatch.py``).
+Ops are batched and native (``torch.ops.fiited.hash_*``, C++ CPU) when the library is built,
+the PyTorch reference otherwise (``ops/dispatch.py``). The CUDA kernels (``cuda/fiited_hash_cuda.cu``)
+compile but have no torch registration yet, so a table on a GPU runs the reference.
 
 Example::
 
