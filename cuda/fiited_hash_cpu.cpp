@@ -22,7 +22,8 @@ namespace fiited {
 namespace {
 
 // Keys ahead whose bucket is prefetched. Not tuned yet: 8 keys of W=32 keep 32 line fills in
-// flight; bench_hash_table.py (2^20 slots, 64k Zipf keys) measures lookup at 15 ns/key on 2 threads.
+// flight; bench_hash_table.py (2^20 slots, 64k Zipf keys) measures lookup at 15 ns/key on 2
+// threads.
 constexpr int64_t kBucketPrefetchDistance = 8;
 
 struct TableView {

@@ -14,7 +14,8 @@ constexpr unsigned kFullMask = 0xffffffffu;
 // Thread mapping: one warp per key; lane l compares slots l, l + 32, ... of the key's bucket
 // (W / 32 coalesced loads at W >= 32), and a ballot finds the matching lane. A key is resident
 // at most once, so at most one lane matches.
-__global__ void __launch_bounds__(kBlockThreads) hash_lookup_kernel(const FiitedHashLookupParams p) {
+__global__ void __launch_bounds__(kBlockThreads)
+    hash_lookup_kernel(const FiitedHashLookupParams p) {
   const int64_t i = (int64_t{blockIdx.x} * kBlockThreads + threadIdx.x) / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
   if (i >= p.num_keys) return;  // the whole warp leaves together
@@ -37,7 +38,8 @@ __global__ void __launch_bounds__(kBlockThreads) hash_lookup_kernel(const Fiited
 // (score desc, key asc) order, exactly as the CPU kernel does: buckets own disjoint slots, so
 // threads never write the same memory and the result does not depend on the schedule. A bucket
 // rarely gets more than a few missing keys per batch, so the serial scan of W slots is short.
-__global__ void __launch_bounds__(kBlockThreads) hash_insert_kernel(const FiitedHashInsertParams p) {
+__global__ void __launch_bounds__(kBlockThreads)
+    hash_insert_kernel(const FiitedHashInsertParams p) {
   const int64_t g = int64_t{blockIdx.x} * kBlockThreads + threadIdx.x;
   if (g >= p.num_groups) return;
   const int64_t first = p.group_starts[g], last = p.group_starts[g + 1];
@@ -70,7 +72,8 @@ __global__ void __launch_bounds__(kBlockThreads) hash_insert_kernel(const Fiited
 }
 
 // Thread mapping: one warp per (distinct) key, the lookup's ballot, then lane 0 frees the slot.
-__global__ void __launch_bounds__(kBlockThreads) hash_erase_kernel(const FiitedHashEraseParams p) {
+__global__ void __launch_bounds__(kBlockThreads)
+    hash_erase_kernel(const FiitedHashEraseParams p) {
   const int64_t i = (int64_t{blockIdx.x} * kBlockThreads + threadIdx.x) / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
   if (i >= p.num_keys) return;

@@ -27,7 +27,7 @@ struct FiitedHashLookupParams {
 struct FiitedHashInsertParams {
   int64_t* __restrict table_keys;            // (S) updated
   float* __restrict table_scores;            // (S) updated
-  uint8_t* __restrict taken;                 // (S) 1 at the batch's resident slots; set as keys land
+  uint8_t* __restrict taken;                 // (S) 1 at the batch's residents; set as keys land
   const int64_t* __restrict cand_keys;       // (m) missing unique keys, by (bucket, -score, key)
   const float* __restrict cand_scores;       // (m)
   const int64_t* __restrict group_starts;    // (G + 1) first candidate of each touched bucket

@@ -57,7 +57,8 @@ class Model:
     def find(self, key: int) -> int:
         return next((i for i in self._bucket_slots(key) if self.keys[i] == key), -1)
 
-    def insert(self, keys: List[int], scores: List[float]) -> Tuple[List[int], List[int], List[int]]:
+    def insert(self, keys: List[int],
+               scores: List[float]) -> Tuple[List[int], List[int], List[int]]:
         best: Dict[int, float] = {}
         for k, s in zip(keys, scores):
             best[k] = max(best.get(k, float("-inf")), s)
@@ -213,7 +214,8 @@ def filled_table() -> ResidentHashTable:
     (lambda t: t.insert(torch.tensor([50]), torch.ones(1, dtype=torch.float64)),
      r"scores must be a 1-D torch.float32 tensor"),
     (lambda t: t.insert(torch.tensor([50, 51]), torch.ones(3)), r"scores must have .* 3 vs 2"),
-    (lambda t: t.insert(torch.tensor([50]), torch.tensor([float("nan")])), "scores must not be NaN"),
+    (lambda t: t.insert(torch.tensor([50]), torch.tensor([float("nan")])),
+     "scores must not be NaN"),
     (lambda t: t.update_scores(torch.tensor([32]), torch.ones(1)), r"slots must be in \[0, 32\)"),
     (lambda t: t.update_scores(torch.tensor([1, 1]), torch.ones(2)), "slots must be distinct"),
     (lambda t: t.update_scores(t.resident_keys()[1][:1], torch.ones(2)), "scores must have"),

@@ -204,7 +204,9 @@ if AVAILABLE:
 # ---- resident-id hash table ops (cuda/fiited_hash_ops.cpp; store/hash_table.py) ---------------
 
 
-def _hash_lookup_fake(table_keys: torch.Tensor, bucket_size: int, keys: torch.Tensor) -> torch.Tensor:
+def _hash_lookup_fake(
+    table_keys: torch.Tensor, bucket_size: int, keys: torch.Tensor
+) -> torch.Tensor:
     """Slots int64 [n] for keys int64 [n]; see ``hash_reference.lookup``."""
     _check_dtype_dim("hash_lookup", "table_keys", table_keys, torch.int64, 1)
     _check_dtype_dim("hash_lookup", "keys", keys, torch.int64, 1)

@@ -51,8 +51,8 @@ merging took it from 10.1 to 12.5 M keys/s on 2 threads (one std::sort before); 
 in the fused backward is the next step if a profile confirms it.
 
 Ops are batched and native (``torch.ops.fiited.hash_*``, C++ CPU) when the library is built,
-the PyTorch reference otherwise (``ops/dispatch.py``). The CUDA kernels (``cuda/fiited_hash_cuda.cu``)
-compile but have no torch registration yet, so a table on a GPU runs the reference.
+the PyTorch reference otherwise (``ops/dispatch.py``). The CUDA kernels
+(``cuda/fiited_hash_cuda.cu``) compile but have no torch registration yet, so a table on a GPU runs the reference.
 
 Example::
 
@@ -253,7 +253,8 @@ class ResidentHashTable(nn.Module):
     def _check_scores(self, name: str, scores: Any, n: int) -> torch.Tensor:
         scores = self._check_1d(name, scores, torch.float32)
         if scores.numel() != n:
-            raise ValueError(f"{name} must have one score per key/slot, got {scores.numel()} vs {n}")
+            raise ValueError(
+                f"{name} must have one score per key/slot, got {scores.numel()} vs {n}")
         if bool(torch.isnan(scores).any()):
             raise ValueError(f"{name} must not be NaN (scores are compared), got NaN at index "
                              f"{int(torch.isnan(scores).nonzero()[0])}")
