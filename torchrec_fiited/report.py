@@ -760,15 +760,15 @@ def report_text(results: Results, groups: Sequence[Group], sources: Sequence[Pat
     ])
 
 
-def write_report(results: Results, out_dir: Path, sources: Sequence[Path],
-                 tolerances: Sequence[float] = TOLERANCES) -> List[Path]:
-    """Write ``report.md`` and every plot into ``out_dir`` (created if needed).
+def write_report(results: Results, groups: Sequence[Group], out_dir: Path,
+                 sources: Sequence[Path], tolerances: Sequence[float] = TOLERANCES) -> List[Path]:
+    """Write ``report.md`` and every plot of ``groups`` (``summarize(results.runs)``) into
+    ``out_dir`` (created if needed).
 
     Returns:
         The paths written, ``report.md`` first.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    groups = summarize(results.runs)
     plots = plot_reduction_figures(groups, out_dir, tolerances)
     plots += plot_allocations(groups, out_dir)
     report = out_dir / "report.md"
@@ -812,8 +812,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if not results.runs:
         parser.error(f"none of the {len(paths)} metrics.json files found is valid ("
                      f"{len(results.infeasible)} infeasible points, no runs; see warnings)")
-    written = write_report(results, args.out or args.dirs[0], args.dirs, args.tolerances)
-    print(terminal_table(summarize(results.runs)).rstrip("\n"))
+    groups = summarize(results.runs)
+    written = write_report(results, groups, args.out or args.dirs[0], args.dirs, args.tolerances)
+    print(terminal_table(groups).rstrip("\n"))
     if results.infeasible:
         print(f"{len(results.infeasible)} infeasible points (listed in the report)")
     print(f"wrote {written[0]} and {len(written) - 1} plots in {written[0].parent}")
