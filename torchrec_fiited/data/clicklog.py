@@ -31,7 +31,8 @@ import numpy as np
 
 from torchrec_fiited.data.common import CTRArrays, DatasetSpec
 from torchrec_fiited.data.synthetic import (
-    calibrate_bias, criteo_shaped_spec, sample_dense, sample_zipf_ids, share_scales, sigmoid,
+    calibrate_bias, check_fields, criteo_shaped_spec, sample_dense, sample_zipf_ids, share_scales,
+    sigmoid,
 )
 
 #: Criteo Kaggle's cardinalities, clipped to [10, 10^6].
@@ -101,9 +102,7 @@ class ClickLogConfig:
         ]
         for share in ("dense_share", "first_order_share", "interaction_share"):
             checks.append((share, getattr(self, share) >= 0))
-        for field, ok in checks:
-            if not ok:
-                raise ValueError(f"ClickLogConfig.{field} = {getattr(self, field)!r} is out of range")
+        check_fields(self, checks)
 
 
 def clicklog_cardinalities(cfg: ClickLogConfig) -> tuple[int, ...]:

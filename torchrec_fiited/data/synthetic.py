@@ -131,10 +131,15 @@ class SyntheticConfig:
         ]
         for share in ("dense_share", "additive_share", "interaction_share"):
             checks.append((share, getattr(self, share) >= 0))
-        for field, ok in checks:
-            if not ok:
-                value = getattr(self, field)
-                raise ValueError(f"SyntheticConfig.{field} = {value!r} is out of range")
+        check_fields(self, checks)
+
+
+def check_fields(config: object, checks: Sequence[tuple[str, bool]]) -> None:
+    """Raises ValueError naming ``<Class>.<field> = value`` for the first failed check."""
+    for field, ok in checks:
+        if not ok:
+            value = getattr(config, field)
+            raise ValueError(f"{type(config).__name__}.{field} = {value!r} is out of range")
 
 
 @dataclass(frozen=True)
