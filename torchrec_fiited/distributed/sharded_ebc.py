@@ -46,7 +46,7 @@ from torchrec_fiited.distributed.optimizer import ShardedFiitedOptimizer
 from torchrec_fiited.modules.fiited_ebc import FiitedEmbeddingBagCollection
 from torchrec_fiited.modules.pruning import run_cycle
 from torchrec_fiited.modules.validation import check_ids, vbe_batch_size
-from torchrec_fiited.modules.vbe import expand_bags
+from torchrec_fiited.modules.vbe import written_out
 from torchrec_fiited.policy import ProcessGroupCoordinator, cycle_due
 from torchrec_fiited.store import hash_ids
 
@@ -242,7 +242,10 @@ class ShardedFiitedEmbeddingBagCollection(
         if self._is_weighted != (features.weights_or_none() is not None):
             raise ValueError(f"the collection is_weighted={self._is_weighted}, the KJT disagrees")
         if features.variable_stride_per_key():
-            features = _written_out(features, self._feature_names)
+            # TorchRec's pooled output dists would expect per-feature, per-source-rank bags of a
+            # VBE batch; the FIITED lookups pool a fixed [B, sum D] batch, so write it out here.
+            vbe_batch_size(features, self._feature_names)  # refuses one without inverse indices
+            features = written_out(features, self._feature_names)
         elif keys != self._feature_names:
             features = features.permute([keys.index(f) for f in self._feature_names])
         keys = self._feature_names
@@ -339,36 +342,6 @@ class ShardedFiitedEmbeddingBagCollection(
     @property
     def unsharded_module_type(self):
         return FiitedEmbeddingBagCollection
-
-
-def _written_out(features: KeyedJaggedTensor, names: List[str]) -> KeyedJaggedTensor:
-    """Features ``names`` of a VBE KJT as the fixed-batch KJT of its padded equivalent.
-
-    TorchRec's pooled shardings route VBE batches, but their output dists then expect each
-    rank's lookup to return per-feature, per-source-rank bags ([sum_f B_f * D_f]); the FIITED
-    lookups pool a fixed batch [B, sum D]. So the bags are written out first (B rows read bag
-    ``inverse_indices[f, b]``, ``modules/vbe.py``), as the unsharded module pools them.
-
-    Raises:
-        ValueError: the KJT has no inverse indices for ``names`` (B rows cannot be formed).
-    """
-    B = vbe_batch_size(features, names)
-    inv_keys, inverse = features.inverse_indices()
-    rows = dict(zip(inv_keys, inverse.unbind(0)))
-    per_key = features.to_dict()
-    values, lengths, weights = [], [], []
-    for name in names:
-        jt = per_key[name]
-        v, offsets, w = expand_bags(
-            jt.values(), jt.offsets().to(torch.int64), jt.weights_or_none(), rows[name]
-        )
-        values.append(v)
-        lengths.append(offsets[1:] - offsets[:-1])
-        weights.append(w)
-    return KeyedJaggedTensor(
-        names, torch.cat(values), None if weights[0] is None else torch.cat(weights),
-        lengths=torch.cat(lengths), stride=B,
-    )
 
 
 def _pooled(lookup, batch, stride: int) -> torch.Tensor:

@@ -39,7 +39,7 @@ from torchrec_fiited.inference.quantize import (
 )
 from torchrec_fiited.modules.fiited_ebc import FiitedEmbeddingBagCollection
 from torchrec_fiited.modules.validation import check_ids, check_kjt, is_tracing
-from torchrec_fiited.modules.vbe import expand_bags
+from torchrec_fiited.modules.vbe import written_out
 from torchrec_fiited.ops import lookup_forward
 from torchrec_fiited.store import PRUNED, VHPIStore, hash_ids
 
@@ -352,25 +352,7 @@ def _checked(features: KeyedJaggedTensor, feature_names: List[str], is_weighted:
     check_kjt(features, feature_names, is_weighted)
     if list(features.keys()) == feature_names and not features.variable_stride_per_key():
         return features
-    per_feature = features.to_dict()
-    inverse = None
-    if features.variable_stride_per_key():
-        keys, rows = features.inverse_indices()
-        inverse = dict(zip(keys, rows.unbind(0)))
-    values, lengths, weights = [], [], []
-    for name in feature_names:
-        jt = per_feature[name]
-        v, o, w = jt.values(), jt.offsets().to(torch.int64), jt.weights_or_none()
-        if inverse is not None:
-            v, o, w = expand_bags(v, o, w, inverse[name])
-        values.append(v)
-        lengths.append(o[1:] - o[:-1])
-        if w is not None:
-            weights.append(w)
-    return KeyedJaggedTensor(
-        keys=feature_names, values=torch.cat(values), lengths=torch.cat(lengths),
-        weights=torch.cat(weights) if is_weighted else None,
-    )
+    return written_out(features, feature_names)
 
 
 @torch.fx.wrap

@@ -16,7 +16,7 @@ from torchrec_fiited.modules.dim_pruning import run_dim_pruning
 from torchrec_fiited.modules.layout_plan import TableShard, plan_pools
 from torchrec_fiited.modules.pruning import run_cycle
 from torchrec_fiited.modules.validation import check_ids, check_kjt
-from torchrec_fiited.modules.vbe import expand_bags
+from torchrec_fiited.modules.vbe import expand_bags, inverse_rows
 from torchrec_fiited.ops import FusedParams, fused_backward, lookup_forward_out
 from torchrec_fiited.optim import FiitedFusedOptimizer
 from torchrec_fiited.policy import (
@@ -230,7 +230,7 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
         expanded to its padded equivalent (``modules/vbe.py``)."""
         check_kjt(features, self._keys, self._is_weighted)
         per_feature = features.to_dict()
-        inverse = _inverse_rows(features)
+        inverse = inverse_rows(features)
         batch = []
         for feature, table in self._features:
             jt = per_feature[feature]
@@ -383,14 +383,6 @@ def _check_not_replicated(module: FiitedEmbeddingBagCollection) -> None:
             "fiited_sharders(), pg)); to train independent replicas on purpose, set "
             "allow_replicated = True on the module"
         )
-
-
-def _inverse_rows(features: KeyedJaggedTensor) -> Optional[Dict[str, torch.Tensor]]:
-    """A VBE KJT's inverse indices by feature (int [B] each), or None for a fixed batch."""
-    if not features.variable_stride_per_key():
-        return None
-    keys, inverse = features.inverse_indices()
-    return dict(zip(keys, inverse.unbind(0)))
 
 
 def _column_offsets(features) -> Dict[str, int]:

@@ -14,9 +14,10 @@ Example::
     offsets  # tensor([0, 2, 3, 5])
 """
 
-from typing import Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 
 def expand_bags(
@@ -56,3 +57,38 @@ def expand_bags(
     )
     index = torch.repeat_interleave(starts, lengths) + rank
     return values[index], new_offsets, None if weights is None else weights[index]
+
+
+def inverse_rows(features: KeyedJaggedTensor) -> Optional[Dict[str, torch.Tensor]]:
+    """A VBE KJT's inverse indices by feature (int [B] each), or None for a fixed batch."""
+    if not features.variable_stride_per_key():
+        return None
+    keys, inverse = features.inverse_indices()
+    return dict(zip(keys, inverse.unbind(0)))
+
+
+def written_out(features: KeyedJaggedTensor, names: List[str]) -> KeyedJaggedTensor:
+    """Features ``names`` of ``features`` as a fixed-batch KJT: other keys dropped, and a VBE
+    batch's bags written out to its padded equivalent (row b of f gets bag ``inverse[f, b]``).
+
+    The caller has checked the KJT (keys present, weights as expected, inverse indices for
+    ``names`` when it is VBE: ``validation.check_kjt`` / ``vbe_batch_size``).
+    """
+    inverse = inverse_rows(features)
+    per_key = features.to_dict()
+    values, lengths, weights = [], [], []
+    for name in names:
+        jt = per_key[name]
+        v, offsets, w = jt.values(), jt.offsets().to(torch.int64), jt.weights_or_none()
+        if inverse is not None:
+            v, offsets, w = expand_bags(v, offsets, w, inverse[name])
+        values.append(v)
+        lengths.append(offsets[1:] - offsets[:-1])
+        if w is not None:
+            weights.append(w)
+    # A fixed batch keeps the KJT's own (inferred) stride; a written-out VBE batch has B rows.
+    stride = None if inverse is None else int(inverse[names[0]].numel())
+    return KeyedJaggedTensor(
+        keys=names, values=torch.cat(values), lengths=torch.cat(lengths),
+        weights=torch.cat(weights) if weights else None, stride=stride,
+    )
