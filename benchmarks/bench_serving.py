@@ -8,11 +8,19 @@ int8 weights (TorchRec's usual serving setup: FBGEMM IntNBit TBE, rowwise scale/
 like-for-like ratios, fp16 and fp32. All paths serve the same KJT requests under
 ``torch.inference_mode``.
 
+The exported module holds, per pool, a compact key probe (one bucket of W int64 keys scanned
+per id), chunk addresses int32 [S' + 1, K] for the served keys and the live chunks; nothing sized
+by num_embeddings (store v2). With ``--miss hashed`` the tables also get a hashed fallback that
+ids without an entry read.
+
 Reported per path: median latency per batch, ids/s, an estimate of bytes read per second (ids x
-stored bytes of the row they read; FIITED adds its K*4-byte chunk address and reads only live
-chunks), bytes of tensors held (unique storages, TBE internals included), and the ratios of
-latency and bytes to TorchRec int8 and to TorchRec with the same dtype. ``max|diff|`` is against
-fiited-fp32 (TorchRec reads the same values, so it shows only quantization error).
+stored bytes of the row they read; FIITED reads per id one probe bucket of W x 8 bytes, its K*4-
+byte chunk address, its live chunks, and its fallback row when it has no entry), bytes of tensors
+held (unique storages, TBE internals included), and the ratios of latency and bytes to TorchRec
+int8 and to TorchRec with the same dtype. ``max|diff|`` is against
+fiited-fp32 (TorchRec reads the same values, so it shows only quantization error; with
+``--miss hashed`` TorchRec's rows of ids without an entry are zeros where FIITED reads the
+fallback, so its max|diff| includes that too).
 
 Usage::
 
@@ -53,7 +61,8 @@ class ServingBenchConfig:
         num_embeddings: E rows per table.
         embedding_dim: D.
         num_chunks: K of the FIITED module.
-        budget: its pool budget.
+        budget: its budget (every byte: chunks, optimizer state, hash tables, sketch, fallback).
+        miss: what ids without an entry read in training and serving: "zeros" or "hashed".
         batch_size: B bags per request.
         pooling_factor: L ids per bag.
         zipf_alpha: ids are Zipf(alpha) over a random permutation of each table's rows.
@@ -70,6 +79,7 @@ class ServingBenchConfig:
     embedding_dim: int = 64
     num_chunks: int = 4
     budget: float = 0.25
+    miss: str = "zeros"
     batch_size: int = 2048
     pooling_factor: int = 20
     zipf_alpha: float = 1.05
@@ -91,6 +101,8 @@ class ServingBenchConfig:
             )
         if not 0.0 < self.budget <= 1.0:
             raise ValueError(f"budget must be in (0, 1], got {self.budget}")
+        if self.miss not in ("zeros", "hashed"):
+            raise ValueError(f"miss must be 'zeros' or 'hashed', got {self.miss!r}")
 
 
 QUICK = ServingBenchConfig(num_tables=2, num_embeddings=20_000, batch_size=512, pooling_factor=10,
@@ -125,7 +137,7 @@ def tables_of(cfg: ServingBenchConfig) -> List[EmbeddingBagConfig]:
 def train_fiited(cfg: ServingBenchConfig, device: torch.device) -> FiitedEmbeddingBagCollection:
     """A FIITED module after ``fill_steps`` training steps and one pruning cycle."""
     fiited_cfg = FiitedConfig(num_chunks=cfg.num_chunks, budget=cfg.budget, prune_interval=0,
-                              learning_rate=0.01, seed=cfg.seed)
+                              learning_rate=0.01, seed=cfg.seed, miss=cfg.miss)
     ebc = FiitedEmbeddingBagCollection(tables_of(cfg), fiited_cfg, device=device)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     for kjt in make_requests(cfg, cfg.fill_steps, gen):
@@ -166,14 +178,22 @@ def tensor_bytes(module: torch.nn.Module) -> int:
 
 
 def read_bytes_fiited(served, kjt: KeyedJaggedTensor) -> int:
-    """Bytes a FIITED lookup reads: K*4 of chunk address per id plus its live chunk rows."""
+    """Bytes a FIITED lookup reads per id: one probe bucket (W int64 keys), its K*4-byte chunk
+    address, its live chunk rows, and its fallback row when it has no entry (``miss="hashed"``)."""
     table_of = {f: t for t in served.spec.tables for f in t.feature_names}
+    bucket = {p.name: p.bucket_size for p in served.spec.pools}
     total = 0
     for feature, jt in kjt.to_dict().items():
         table = table_of[feature]
-        slots = served.tables[table.name].chunk_slots[jt.values()]
-        weights = served.pools[table.pool].weights
-        total += slots.numel() * 4 + int((slots >= 0).sum()) * weights.shape[1] * weights.element_size()
+        pool = served.pools[table.pool]
+        found = served.served_slots(table.name, jt.values())
+        slots = pool.chunk_slots[torch.where(found >= 0, found, pool.chunk_slots.shape[0] - 1)]
+        weights = pool.weights
+        total += found.numel() * (bucket[table.pool] * 8 + slots.shape[1] * 4)
+        total += int((slots >= 0).sum()) * weights.shape[1] * weights.element_size()
+        if table.name in served.fallbacks:
+            fb = served.fallbacks[table.name].weights
+            total += int((found < 0).sum()) * fb.shape[1] * fb.element_size()
     return total
 
 
@@ -243,8 +263,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--iterations", type=int)
+    parser.add_argument("--miss", choices=("zeros", "hashed"), default="zeros",
+                        help="what ids without an entry read (FiitedConfig.miss)")
     args = parser.parse_args()
     cfg = QUICK if args.quick else ServingBenchConfig()
+    cfg = dataclasses.replace(cfg, miss=args.miss)
     if args.iterations:
         cfg = dataclasses.replace(cfg, iterations=args.iterations)
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)

@@ -15,9 +15,9 @@ CFG = dict(num_chunks=2, budget=0.5, prune_interval=3, sample_size=64, decay=0.9
            learning_rate=0.05, seed=3)
 
 
-def _trained(pooling, weighted, target=0.5):
+def _trained(pooling, weighted, target=0.5, miss="zeros"):
     tables = make_tables(pooling)
-    cfg = FiitedConfig(**CFG, dim_pruning={"target_ratio": target, "cold_start_steps": 4})
+    cfg = FiitedConfig(**CFG, dim_pruning={"target_ratio": target, "cold_start_steps": 4}, miss=miss)
     m = FiitedEmbeddingBagCollection(tables, cfg, is_weighted=weighted)
     gen = torch.Generator().manual_seed(0)
     for _ in range(8):  # the dim decision at 4, chunk cycles at 3 and 6
@@ -25,17 +25,32 @@ def _trained(pooling, weighted, target=0.5):
     return m.eval(), random_kjt(tables, 24, gen, max_len=5, weighted=weighted)
 
 
-@pytest.mark.parametrize("pooling, weighted", [(PoolingType.SUM, False), (PoolingType.MEAN, True)])
-def test_fp32_export_of_a_2d_module_is_bitwise_and_smaller(pooling, weighted, tmp_path):
-    m, kjt = _trained(pooling, weighted)
+@pytest.mark.parametrize("pooling, weighted, miss", [
+    (PoolingType.SUM, False, "zeros"), (PoolingType.MEAN, True, "zeros"),
+    (PoolingType.MEAN, True, "hashed"),  # the fallback stores (and serves) every column
+])
+def test_fp32_export_of_a_2d_module_is_bitwise_and_smaller(pooling, weighted, miss, tmp_path):
+    m, kjt = _trained(pooling, weighted, miss=miss)
     assert all(p.stored_width == p.chunk_size // 2 for p in m.store.pools.values())
+    assert bool(m.store.fallbacks) == (miss == "hashed")
     served = export_for_inference(m)
     expected = m(kjt).values()
     assert torch.equal(served(kjt).values(), expected)
+    pruned = torch.ones(expected.shape[1], dtype=torch.bool)  # columns only a fallback fills
+    col = 0
+    for t in m.embedding_bag_configs():
+        for _ in t.feature_names:
+            pruned[col + m.store.stored_columns(t.name)] = False
+            col += t.embedding_dim
+    assert bool(expected[:, pruned].any()) == (miss == "hashed")
     for t in served.spec.tables:
         assert t.kept_columns == tuple(tuple(r) for r in m.store.dim_maps[t.name].kept.tolist())
     for name, pool in served.pools.items():
         assert pool.weights.shape[1] == m.store.pools[name].stored_width  # pruned dims not stored
+    # nbytes counts the column maps too (plain attributes, not buffers).
+    columns = sum(8 * c.numel() for c in served._stored_columns.values())
+    assert columns > 0 and served.nbytes_by_component()["columns"] == columns
+    assert served.nbytes() == columns + sum(b.numel() * b.element_size() for b in served.buffers())
     path = tmp_path / "served.pt"
     save_inference(served, path)
     assert torch.equal(load_inference(path)(kjt).values(), expected)

@@ -1,6 +1,9 @@
 """The exported module in every serving form: TorchScript, torch.export (saved, then loaded in a
 fresh process that imports only torchrec and the ops) and torchrec's FX trace, alone and inside
-a DLRM; each gives exactly the eager served outputs."""
+a DLRM; each gives exactly the eager served outputs (the key probe, absent ids and the hashed
+fallback included), and the captured forms still reject out-of-range ids."""
+
+import dataclasses
 
 import subprocess
 import sys
@@ -38,37 +41,59 @@ def _kjt(B, gen, weighted=False):
                              weights=k.weights_or_none())
 
 
-def _trained_ebc(weighted=False, pooling=PoolingType.SUM):
+def _trained_ebc(weighted=False, pooling=PoolingType.SUM, miss="zeros"):
     gen = torch.Generator().manual_seed(0)
-    m = FiitedEmbeddingBagCollection(_tables(pooling), CFG, is_weighted=weighted)
-    for _ in range(6):  # two pruning cycles
+    cfg = dataclasses.replace(CFG, miss=miss)
+    m = FiitedEmbeddingBagCollection(_tables(pooling), cfg, is_weighted=weighted)
+    for _ in range(7):  # two pruning cycles, then a step of admissions
         m(_kjt(6, gen, weighted)).values().square().sum().backward()
     return m
 
 
-def _trained_dlrm():
+def _trained_dlrm(miss="zeros"):
     torch.manual_seed(0)
-    model = DLRM(_trained_ebc(), dense_in_features=3, dense_arch_layer_sizes=[D],
+    model = DLRM(_trained_ebc(miss=miss), dense_in_features=3, dense_arch_layer_sizes=[D],
                  over_arch_layer_sizes=[4, 1])
     return model.eval()
 
 
+def _absent_ids(ebc, kjt):
+    """Ids of ``kjt`` without an entry in the training store."""
+    per_feature = kjt.to_dict()
+    n = 0
+    for t in ebc.embedding_bag_configs():
+        et = ebc.store.entries_of(t.name)
+        for f in t.feature_names:
+            n += int((et.lookup(ebc.store.keys(t.name, per_feature[f].values())) == et.null_entry).sum())
+    return n
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "int8"])
-@pytest.mark.parametrize("weighted, pooling", [(False, PoolingType.SUM), (True, PoolingType.MEAN)])
-def test_script_and_fx_trace_equal_eager(dtype, weighted, pooling, tmp_path):
-    served = export_for_inference(_trained_ebc(weighted, pooling), dtype)
+@pytest.mark.parametrize("weighted, pooling, miss", [
+    (False, PoolingType.SUM, "zeros"), (True, PoolingType.MEAN, "zeros"),
+    (True, PoolingType.MEAN, "hashed"),
+])
+def test_script_and_fx_trace_equal_eager(dtype, weighted, pooling, miss, tmp_path):
+    trained = _trained_ebc(weighted, pooling, miss)
+    served = export_for_inference(trained, dtype)
+    assert bool(served.fallbacks) == (miss == "hashed")
     gen = torch.Generator().manual_seed(1)
     scripted = torch.jit.script(served)
     torch.jit.save(scripted, str(tmp_path / "m.pt"))
     reloaded = torch.jit.load(str(tmp_path / "m.pt"))
     traced = torchrec.fx.symbolic_trace(served)
+    absent = 0
     for B in (1, 5):
         kjt = _kjt(B, gen, weighted)
         want = served(kjt)
+        absent += _absent_ids(trained, kjt)
+        if dtype == "fp32":
+            assert torch.equal(want.values(), trained.eval()(kjt).values())
         for form in (scripted, reloaded, traced):
             got = form(kjt)
             assert got.keys() == want.keys() and got.length_per_key() == want.length_per_key()
             assert torch.equal(got.values(), want.values())
+    assert absent > 0  # the probe misses too (zeros, or the fallback)
 
 
 def test_fx_trace_keeps_the_eager_checks():
@@ -106,8 +131,11 @@ _FRESH = textwrap.dedent("""
 """)
 
 
-def test_torch_export_with_dynamic_shapes_saved_and_loaded_in_a_fresh_process(tmp_path):
-    served = export_for_inference(_trained_dlrm())
+@pytest.mark.parametrize("miss", ["zeros", "hashed"])
+def test_torch_export_with_dynamic_shapes_saved_and_loaded_in_a_fresh_process(miss, tmp_path):
+    served = export_for_inference(_trained_dlrm(miss))
+    assert "fiited.hash_lookup" in str(export_program(
+        served.sparse_arch.embedding_bag_collection, (_kjt(2, torch.Generator()),)).graph)
     gen = torch.Generator().manual_seed(3)
     program = export_program(served, (torch.rand(4, 3, generator=gen), _kjt(4, gen)))
     torch.export.save(program, str(tmp_path / "dlrm.pt2"))
@@ -123,3 +151,19 @@ def test_torch_export_with_dynamic_shapes_saved_and_loaded_in_a_fresh_process(tm
                           str(tmp_path / "cases.pt")], cwd=tmp_path, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0 and "ok 3" in out.stdout, out.stderr[-3000:]
+
+
+def test_captured_forms_reject_out_of_range_ids(tmp_path):
+    served = export_for_inference(_trained_ebc())
+    good = _kjt(2, torch.Generator().manual_seed(4))
+    program = export_program(served, (good,))
+    scripted = torch.jit.script(served)
+    for bad_id in (20, -1):  # t1 has 20 rows; a negative id would otherwise wrap into a key
+        bad = KeyedJaggedTensor(keys=["f0", "f1", "f2", "f3"], values=torch.tensor([0, 1, bad_id, 2]),
+                                lengths=torch.tensor([1, 1, 1, 1]))
+        message = r"feature 'f2' \(table 't1'\): an id lies outside \[0, 20\)"
+        with pytest.raises(torch.jit.Error, match=message):  # TorchScript's error type
+            scripted(bad)
+        with pytest.raises(RuntimeError, match=message):
+            program.module()(bad)
+    assert torch.equal(program.module()(good).values(), served(good).values())

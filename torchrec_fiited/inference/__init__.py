@@ -1,8 +1,10 @@
 """Serving: export a trained FIITED model, quantize its pools, save and load it.
 
 ``export_for_inference(model, dtype)`` turns every ``FiitedEmbeddingBagCollection`` in ``model``
-into a compacted, read-only ``FiitedInferenceEBC``; ``save_inference`` / ``load_inference`` write
-and read it (or a DLRM over it) without any training state. The served modules script
+into a compacted, read-only ``FiitedInferenceEBC`` (per pool a compact key probe, the served keys'
+chunk addresses and the live chunks; nothing sized by ``num_embeddings``); ``save_inference`` /
+``load_inference`` write and read it (or a DLRM over it) without any training state. The served
+modules script
 (``torch.jit.script``), FX-trace (``torchrec.fx.symbolic_trace``) and export: ``export_program``
 gives a ``torch.export`` program with dynamic batch and id counts that a server loads with only
 ``import torchrec, torchrec_fiited.ops.native``.

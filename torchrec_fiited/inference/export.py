@@ -1,15 +1,34 @@
 """Export a trained FIITED model for serving, and save/load it without the training state.
 
-Serving needs, per table, only the hash mapping (id -> entry), the live chunk addresses
-``chunk_slots`` int32 [E, K] and the pools of live chunks: 4K bytes per entry of metadata, the
-paper's K/D inference overhead. Utilities, ``last_step``, the live mask, the free stack and the
-optimizer state are training-only and are dropped; the pools are compacted to their live chunks.
+Serving needs, per pool, only the keys that have something to serve, where their live chunks
+are, and the live chunks themselves (store v2, issue 11: nothing is sized by ``num_embeddings``):
+
+    keys          int64 [S']      a compact ``ResidentHashTable``-layout probe (buckets of W slots,
+                                  ``EMPTY_KEY`` where free) over the pool's served keys,
+                                  ``entry_key(table_index, row)`` as in training, rebuilt at a
+                                  load factor <= 1/2 (``PROBE_LOAD``); looked up with the hash
+                                  table's op (``fiited::hash_lookup``, native when built)
+    chunk_slots   int32 [S'+1, K] compacted slot of chunk k of the key in probe slot s, or -1;
+                                  row S' is the null row every absent key reads (zeros)
+    weights       [n_live, cs]    the live chunks, compacted, stored as ``inference.quantize``
+                                  says (fp32, fp16, or int8 with a per-chunk scale and bias)
+
+A served key is a resident key with at least one live chunk; with ``miss="hashed"`` every
+resident key of the table is served (a resident key with no live chunk reads zeros, an absent
+one reads the table's hashed fallback, as in training). Per table with a fallback,
+``fallbacks[t].weights`` holds its H rows of D (same dtype as the pools), read by
+``HashedFallback.rows_of``. Utilities, ``last_step``, scores, the sketch, the free stack and the
+optimizer state are training-only and are dropped.
+
+Without ``hash_ids`` an id outside [0, E) is refused in every form: eagerly (and in an FX trace)
+with the training module's ValueError, in TorchScript and torch.export programs by a check they
+run (a key built from such an id would otherwise just miss the probe and read zeros).
 
 File format (``save_inference``): ``torch.save`` of a dict holding only plain Python values and
 tensors, so ``load_inference`` reads it with ``torch.load(weights_only=True)`` (no pickled code):
 
     format       "torchrec_fiited.inference"
-    version      1
+    version      2 (1 was store v1's per-row ``chunk_slots`` [E, K]; refused, re-export)
     structure    JSON: how to rebuild the module ({"kind": "FiitedInferenceEBC", "spec": ...} or
                  {"kind": "DLRM", constructor args, "embedding_bag_collection": ...})
     state_dict   the module's tensors
@@ -19,6 +38,7 @@ import contextlib
 import copy
 import dataclasses
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -33,6 +53,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_fiited.inference.quantize import (
     check_dtype,
+    pooled_rows,
     quantize_rows,
     quantized_lookup,
     storage_layout,
@@ -40,13 +61,27 @@ from torchrec_fiited.inference.quantize import (
 from torchrec_fiited.modules.fiited_ebc import FiitedEmbeddingBagCollection
 from torchrec_fiited.modules.validation import check_ids, check_kjt, is_tracing
 from torchrec_fiited.modules.vbe import written_out
-from torchrec_fiited.ops import lookup_forward
+from torchrec_fiited.ops import dispatch, lookup_forward
+from torchrec_fiited.ops.hash_reference import EMPTY_KEY, bucket_of
 from torchrec_fiited.store import PRUNED, VHPIStore, hash_ids
+from torchrec_fiited.store import fallback as _fallback
+from torchrec_fiited.store.hash_table import DEFAULT_BUCKET_SIZE, ResidentHashTable
+from torchrec_fiited.store.layout import MAX_TABLES, ROW_BITS, _mix64, key_table
 
 FORMAT = "torchrec_fiited.inference"
-VERSION = 1
+VERSION = 2
 _DATA_TYPES = {"fp32": DataType.FP32, "fp16": DataType.FP16, "int8": DataType.INT8}
 PathLike = Union[str, "os.PathLike[str]"]
+# Served keys per probe slot at export: a bucket of 32 then overflows with probability ~1e-4
+# (Poisson(16) > 32); an overflowing build is retried with more buckets.
+PROBE_LOAD = 0.5
+MIN_BUCKET = 8
+# Written out as literals in _entry_keys and _fallback_rows (TorchScript cannot read int
+# globals); checked here against the store's.
+_ROW_MASK_LITERAL = 72057594037927935  # (1 << 56) - 1
+_FALLBACK_SALT_LITERAL = 0x7F4A7C159E3779B9
+assert _ROW_MASK_LITERAL == (1 << ROW_BITS) - 1 and ROW_BITS == 56
+assert _FALLBACK_SALT_LITERAL == _fallback._FALLBACK_SALT
 
 
 # ---- structure --------------------------------------------------------------------------------
@@ -58,13 +93,16 @@ class InferenceTable:
 
     Args:
         name: table name.
-        num_embeddings: E.
+        num_embeddings: E (the id range; sizes no tensor).
         embedding_dim: D = K * chunk_size of its pool.
         feature_names: features looked up in it, in output order.
         pooling: "SUM" or "MEAN" (a ``PoolingType`` name; anything but MEAN sums, as in training).
-        pool: name of the compacted pool holding its live chunks.
+        pool: name of the compacted pool holding its keys and live chunks.
+        table_index: the top bits of its keys (``store.layout.entry_key``), unique in its pool.
         kept_columns: FIITED-2D tables only: the columns in [0, D / K) chunk k stores, K tuples of
             the pool's chunk_size each, ascending; the other columns read zeros. None: all.
+        fallback_rows: H, rows of its hashed fallback (``miss="hashed"``); 0: absent ids read
+            zeros.
     """
 
     name: str
@@ -73,7 +111,9 @@ class InferenceTable:
     feature_names: Tuple[str, ...]
     pooling: str
     pool: str
+    table_index: int
     kept_columns: Optional[Tuple[Tuple[int, ...], ...]] = None
+    fallback_rows: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "feature_names", tuple(self.feature_names))
@@ -84,15 +124,43 @@ class InferenceTable:
                 f"table {self.name!r}: pooling must be one of {list(PoolingType.__members__)}, "
                 f"got {self.pooling!r}"
             )
+        if not (isinstance(self.table_index, int) and 0 <= self.table_index < MAX_TABLES):
+            raise ValueError(
+                f"table {self.name!r}: table_index must be an int in [0, {MAX_TABLES}), "
+                f"got {self.table_index!r}"
+            )
+        if not (isinstance(self.fallback_rows, int) and self.fallback_rows >= 0):
+            raise ValueError(
+                f"table {self.name!r}: fallback_rows must be an int >= 0, got {self.fallback_rows!r}"
+            )
 
 
 @dataclass(frozen=True)
 class InferencePool:
-    """One compacted pool: ``rows`` live chunks of ``chunk_size`` floats."""
+    """One compacted pool: a probe of ``num_buckets`` x ``bucket_size`` key slots and ``rows``
+    live chunks of ``chunk_size`` floats."""
 
     name: str
     rows: int
     chunk_size: int
+    num_buckets: int
+    bucket_size: int
+
+    def __post_init__(self) -> None:
+        W = self.bucket_size
+        if not (isinstance(W, int) and MIN_BUCKET <= W <= 128 and W & (W - 1) == 0):
+            raise ValueError(f"pool {self.name!r}: bucket_size must be a power of two in "
+                             f"[{MIN_BUCKET}, 128], got {W!r}")
+        if not (isinstance(self.num_buckets, int) and 1 <= self.num_buckets <= 1 << 31):
+            raise ValueError(f"pool {self.name!r}: num_buckets must be in [1, 2^31], got "
+                             f"{self.num_buckets!r}")
+        if not (isinstance(self.rows, int) and self.rows >= 0):
+            raise ValueError(f"pool {self.name!r}: rows must be an int >= 0, got {self.rows!r}")
+
+    @property
+    def slots(self) -> int:
+        """S', key slots of the probe."""
+        return self.num_buckets * self.bucket_size
 
 
 @dataclass(frozen=True)
@@ -103,7 +171,7 @@ class InferenceSpec:
         tables: the tables, in output order.
         pools: the compacted pools.
         num_chunks: K.
-        dtype: pool storage, "fp32", "fp16" or "int8" (see ``inference.quantize``).
+        dtype: pool (and fallback) storage, "fp32", "fp16" or "int8" (``inference.quantize``).
         hash_ids: ids are hashed into [0, E) (else they must lie in it).
         is_weighted: bags are pooled with the KJT's per-sample weights.
     """
@@ -118,11 +186,16 @@ class InferenceSpec:
     def __post_init__(self) -> None:
         check_dtype(self.dtype)
         chunk_size = {p.name: p.chunk_size for p in self.pools}
+        indices: Dict[Tuple[str, int], str] = {}
         for t in self.tables:
             if t.pool not in chunk_size:
                 raise ValueError(
                     f"table {t.name!r}: pool {t.pool!r} is not one of {sorted(chunk_size)}"
                 )
+            other = indices.setdefault((t.pool, t.table_index), t.name)
+            if other != t.name:
+                raise ValueError(f"tables {other!r} and {t.name!r} share pool {t.pool!r} and "
+                                 f"table_index {t.table_index}")
             if t.kept_columns is not None:
                 _check_kept_columns(t, self.num_chunks, chunk_size[t.pool])
             elif t.embedding_dim != self.num_chunks * chunk_size[t.pool]:
@@ -182,21 +255,27 @@ def _check_kept_columns(t: InferenceTable, num_chunks: int, width: int) -> None:
 # ---- the serving module -----------------------------------------------------------------------
 
 
-class _TableSlots(nn.Module):
-    """``chunk_slots`` int32 [E, K] of one table: compacted slot of chunk k of entry e, or -1."""
-
-    def __init__(self, num_entries: int, num_chunks: int, device: torch.device) -> None:
-        super().__init__()
-        slots = torch.full((num_entries, num_chunks), PRUNED, dtype=torch.int32, device=device)
-        self.register_buffer("chunk_slots", slots)
-
-
 class _StoredPool(nn.Module):
-    """``weights`` of one compacted pool, stored as ``inference.quantize.storage_layout`` says."""
+    """One compacted pool: probe ``keys`` int64 [S'], ``chunk_slots`` int32 [S' + 1, K] (row S'
+    the null row) and the live chunks ``weights`` (``inference.quantize.storage_layout``)."""
 
-    def __init__(self, pool: InferencePool, dtype: str, device: torch.device) -> None:
+    def __init__(self, pool: InferencePool, num_chunks: int, dtype: str, device: torch.device) -> None:
         super().__init__()
+        S = pool.slots
+        self.register_buffer("keys", torch.full((S,), EMPTY_KEY, dtype=torch.int64, device=device))
+        self.register_buffer(
+            "chunk_slots", torch.full((S + 1, num_chunks), PRUNED, dtype=torch.int32, device=device)
+        )
         shape, torch_dtype = storage_layout(pool.rows, pool.chunk_size, dtype)
+        self.register_buffer("weights", torch.zeros(shape, dtype=torch_dtype, device=device))
+
+
+class _StoredFallback(nn.Module):
+    """``weights`` of one table's hashed fallback: H rows of D, stored like the pools."""
+
+    def __init__(self, table: InferenceTable, dtype: str, device: torch.device) -> None:
+        super().__init__()
+        shape, torch_dtype = storage_layout(table.fallback_rows, table.embedding_dim, dtype)
         self.register_buffer("weights", torch.zeros(shape, dtype=torch_dtype, device=device))
 
 
@@ -205,14 +284,18 @@ class FiitedInferenceEBC(EmbeddingBagCollectionInterface):
 
     Same contract as the training ``FiitedEmbeddingBagCollection`` in eval mode: for F features
     with dims D_f, a KJT with batch size B gives a ``KeyedTensor`` with the same keys, order and
-    ``length_per_key``, values fp32 [B, sum_f D_f]; pruned chunks read zeros. With dtype "fp32"
-    the values are bitwise those of the training module; "fp16" and "int8" stay within the bounds
-    documented in ``inference.quantize``. Ids are checked (or hashed) exactly as in training.
+    ``length_per_key``, values fp32 [B, sum_f D_f]; pruned chunks and ids without an entry read
+    zeros (or, with ``miss="hashed"``, the table's hashed fallback). With dtype "fp32" the values
+    are bitwise those of the training module; "fp16" and "int8" stay within the bounds documented
+    in ``inference.quantize``. Ids are checked (or hashed) exactly as in training.
 
-    Holds per table ``tables[t].chunk_slots`` int32 [E, K] and per pool ``pools[p].weights``
-    ([n_live, chunk_size] fp32/fp16, or uint8 [n_live, chunk_size + 8] for int8), nothing else.
-    A FIITED-2D pool stores only its kept columns (``InferenceTable.kept_columns``): its rows are
-    [n_live, cs'], and the lookup scatters them into the D columns, the pruned ones reading zero.
+    Holds per pool ``pools[p].keys`` int64 [S'] (a hash probe over the keys it serves),
+    ``pools[p].chunk_slots`` int32 [S' + 1, K] and ``pools[p].weights`` ([n_live, chunk_size]
+    fp32/fp16, or uint8 [n_live, chunk_size + 8] for int8), and per table with a hashed fallback
+    ``fallbacks[t].weights`` ([H, D], same dtypes); nothing sized by ``num_embeddings``
+    (module docstring). A FIITED-2D pool stores only its kept columns
+    (``InferenceTable.kept_columns``): its rows are [n_live, cs'], and the lookup scatters them
+    into the D columns, the pruned ones reading zero.
 
     Args:
         spec: the structure (tables, pools, K, dtype, hashing, weighting).
@@ -232,6 +315,7 @@ class FiitedInferenceEBC(EmbeddingBagCollectionInterface):
         out = served(kjt)
         out.values().shape   # torch.Size([3, 12]); out.keys() == ["f1", "f2"]
         served.pools["shared_cs4"].weights.shape   # (live chunks, 4 + 8), torch.uint8
+        served.nbytes_by_component()   # {"keys": ..., "chunk_slots": ..., "chunks": ..., ...}
     """
 
     # Python-only accessors TorchScript must not compile (an InferenceSpec has no TorchScript type).
@@ -244,10 +328,13 @@ class FiitedInferenceEBC(EmbeddingBagCollectionInterface):
         device = torch.device(device or "cpu")
         self._spec = spec
         self._configs = spec.embedding_bag_configs()
-        self.tables = nn.ModuleDict(
-            {t.name: _TableSlots(t.num_embeddings, spec.num_chunks, device) for t in spec.tables}
+        self.pools = nn.ModuleDict(
+            {p.name: _StoredPool(p, spec.num_chunks, spec.dtype, device) for p in spec.pools}
         )
-        self.pools = nn.ModuleDict({p.name: _StoredPool(p, spec.dtype, device) for p in spec.pools})
+        self.fallbacks = nn.ModuleDict(
+            {t.name: _StoredFallback(t, spec.dtype, device) for t in spec.tables if t.fallback_rows > 0}
+        )
+        bucket_size = {p.name: p.bucket_size for p in spec.pools}
         # forward reads only these plain lists (one entry per feature, in output order), so the
         # module scripts, exports and FX-traces; the spec stays the Python-side description.
         features = [(f, t) for t in spec.tables for f in t.feature_names]
@@ -257,6 +344,8 @@ class FiitedInferenceEBC(EmbeddingBagCollectionInterface):
         self._feature_rows: List[int] = [t.num_embeddings for _, t in features]
         self._feature_dims: List[int] = [t.embedding_dim for _, t in features]
         self._feature_mean: List[bool] = [t.pooling == "MEAN" for _, t in features]
+        self._feature_table_index: List[int] = [t.table_index for _, t in features]
+        self._feature_buckets: List[int] = [bucket_size[t.pool] for _, t in features]
         self._hash_ids: bool = spec.hash_ids
         self._weighted: bool = spec.is_weighted
         self._dtype: str = spec.dtype
@@ -271,27 +360,37 @@ class FiitedInferenceEBC(EmbeddingBagCollectionInterface):
             # Eager (and in an FX graph, where it is a leaf): the training module's checks, keys
             # of other modules dropped, a VBE batch expanded. Graph capture keeps the shape checks.
             features = _checked(features, self._feature_names, self._weighted)
+        probes: Dict[str, torch.Tensor] = {}
         slots: Dict[str, torch.Tensor] = {}
-        for name, slot_module in self.tables.items():
-            slots[name] = slot_module.chunk_slots
         stored: Dict[str, torch.Tensor] = {}
         for name, pool in self.pools.items():
+            probes[name] = pool.keys
+            slots[name] = pool.chunk_slots
             stored[name] = pool.weights
+        fallback: Dict[str, torch.Tensor] = {}
+        for name, fb_module in self.fallbacks.items():
+            fallback[name] = fb_module.weights
         per_feature = features.to_dict()
         pooled: List[torch.Tensor] = []
         for i in range(len(self._feature_names)):
             jt = per_feature[self._feature_names[i]]
             table = self._feature_tables[i]
-            entries = _entries(jt.values(), self._feature_names[i], table, self._feature_rows[i], self._hash_ids)
+            pool_name = self._feature_pools[i]
+            rows = _rows(jt.values(), self._feature_names[i], table, self._feature_rows[i], self._hash_ids)
+            keys = _entry_keys(self._feature_table_index[i], rows)
+            found = _probe(probes[pool_name], self._feature_buckets[i], keys)
             weights: Optional[torch.Tensor] = None
             if self._weighted:
                 weights = jt.weights().to(torch.float32)
             cols: Optional[torch.Tensor] = None
             if table in self._stored_columns:
                 cols = self._stored_columns[table]
+            fb: Optional[torch.Tensor] = None
+            if table in fallback:
+                fb = fallback[table]
             pooled.append(_pool(
-                stored[self._feature_pools[i]], self._dtype, slots[table], entries,
-                jt.offsets().to(torch.int64), weights, self._feature_mean[i], self._feature_dims[i], cols,
+                stored[pool_name], self._dtype, slots[pool_name], found, jt.offsets().to(torch.int64), weights,
+                self._feature_mean[i], self._feature_dims[i], cols, fb, keys,
             ))
         return KeyedTensor(
             keys=self._feature_names, length_per_key=self._feature_dims, values=torch.cat(pooled, dim=1)
@@ -311,37 +410,104 @@ class FiitedInferenceEBC(EmbeddingBagCollectionInterface):
     def dtype(self) -> str:
         return self._spec.dtype
 
+    def nbytes_by_component(self) -> Dict[str, int]:
+        """Bytes of every tensor the module holds, by component: ``keys`` (the probes),
+        ``chunk_slots``, ``chunks`` (the pools' live chunks), ``fallback`` and ``columns`` (the
+        FIITED-2D column maps); ``total`` is their sum. Each storage is counted once."""
+        parts = {"keys": 0, "chunk_slots": 0, "chunks": 0, "fallback": 0, "columns": 0}
+        seen = set()
+
+        def add(part: str, t: torch.Tensor) -> None:
+            s = t.untyped_storage()
+            key = (s.data_ptr(), str(t.device)) if s.data_ptr() else id(t)  # meta/empty: by tensor
+            if key not in seen:
+                seen.add(key)
+                parts[part] += s.nbytes()
+
+        for name, t in self.named_buffers():
+            if name.startswith("fallbacks."):
+                add("fallback", t)
+            elif name.endswith(".keys"):
+                add("keys", t)
+            elif name.endswith(".chunk_slots"):
+                add("chunk_slots", t)
+            else:
+                add("chunks", t)
+        for t in self._stored_columns.values():
+            add("columns", t)
+        parts["total"] = sum(parts.values())
+        return parts
+
     def nbytes(self) -> int:
-        """Bytes of every tensor the module holds (chunk addresses plus pools)."""
-        return sum(b.numel() * b.element_size() for b in self.buffers())
+        """Bytes of every tensor the module holds (``nbytes_by_component()["total"]``)."""
+        return self.nbytes_by_component()["total"]
+
+    def served_slots(self, table: str, ids: torch.Tensor) -> torch.Tensor:
+        """Probe slot int64 [n] of each of ``ids`` of ``table`` (hashed or checked as in forward),
+        -1 where the id has no entry. For tests, tools and benchmarks; forward does the same."""
+        t = next((t for t in self._spec.tables if t.name == table), None)
+        if t is None:
+            raise ValueError(f"unknown table {table!r}; tables are {[t.name for t in self._spec.tables]}")
+        rows = _rows(ids, t.feature_names[0], t.name, t.num_embeddings, self._hash_ids)
+        W = next(p.bucket_size for p in self._spec.pools if p.name == t.pool)
+        return _probe(self.pools[t.pool].keys, W, _entry_keys(t.table_index, rows))
+
+    def check_state(self) -> None:
+        """Raise ValueError if the tensors break the layout (a damaged or hand-made file): a key
+        outside its bucket or held twice, chunk addresses outside the pool, a pool row held by no
+        key or by two, a null row or empty probe slot holding chunks."""
+        for p in self._spec.pools:
+            errors = _pool_errors(p, self.pools[p.name], self._spec)
+            if errors:
+                raise ValueError(f"pool {p.name!r}: " + "; ".join(errors))
 
     @classmethod
     def from_training(
         cls, module: FiitedEmbeddingBagCollection, dtype: str = "fp32"
     ) -> "FiitedInferenceEBC":
-        """Compact ``module``'s live chunks into a new serving module (``module`` is not changed)."""
+        """Compact ``module``'s served keys and live chunks into a new serving module
+        (``module`` is not changed).
+
+        Raises:
+            ValueError: an unknown dtype, fp16 overflow, or a row- or column-wise shard (gather
+                it first: ``torchrec_fiited.distributed.gather_unsharded``).
+        """
         check_dtype(dtype)
         store = module.store
-        slots: Dict[str, torch.Tensor] = {}
-        stored: Dict[str, torch.Tensor] = {}
-        pools = []
+        for name, layout in store.layouts.items():
+            if layout.row_offset or layout.chunk_offset or layout.logical_name != name:
+                raise ValueError(
+                    f"table {name!r} is a shard of {layout.logical_name!r} (row_offset "
+                    f"{layout.row_offset}, chunk_offset {layout.chunk_offset}): export the "
+                    f"unsharded module (torchrec_fiited.distributed.gather_unsharded) instead"
+                )
+        fallback_tables = set(store.fallbacks.keys())
+        pools, compacted = [], {}
         for name, pool in store.pools.items():
-            new_slots, rows = _compact_pool(store, name)
-            slots.update(new_slots)
-            stored[name] = quantize_rows(rows, dtype, f"pool {name!r}")
-            pools.append(InferencePool(name, int(rows.shape[0]), pool.stored_width))
+            c = _compact_pool(store, name, fallback_tables)
+            compacted[name] = c
+            pools.append(InferencePool(name, int(c["rows"].shape[0]), pool.stored_width,
+                                       c["num_buckets"], c["bucket_size"]))
         tables = tuple(
-            InferenceTable(t.name, t.num_embeddings, t.embedding_dim, tuple(t.feature_names),
-                           t.pooling.name, store.layouts[t.name].pool, _kept_columns(store, t.name))
+            InferenceTable(
+                t.name, t.num_embeddings, t.embedding_dim, tuple(t.feature_names), t.pooling.name,
+                store.layouts[t.name].pool, store.layouts[t.name].table_index,
+                _kept_columns(store, t.name),
+                store.fallbacks[t.name].rows if t.name in store.fallbacks else 0,
+            )
             for t in module.embedding_bag_configs()
         )
         spec = InferenceSpec(tables, tuple(pools), store.num_chunks, dtype,
                              bool(module.config.hash_ids), bool(module.is_weighted()))
         out = cls(spec, device=module.steps_done.device)
-        for name, s in slots.items():
-            out.tables[name].chunk_slots.copy_(s)
-        for name, w in stored.items():
-            out.pools[name].weights.copy_(w)
+        for name, c in compacted.items():
+            target = out.pools[name]
+            target.keys.copy_(c["keys"])
+            target.chunk_slots.copy_(c["chunk_slots"])
+            target.weights.copy_(quantize_rows(c["rows"], dtype, f"pool {name!r}"))
+        for name, fb in out.fallbacks.items():
+            fb.weights.copy_(quantize_rows(store.fallbacks[name].weights, dtype,
+                                           f"hashed fallback of table {name!r}"))
         return out.eval()
 
 
@@ -355,17 +521,56 @@ def _checked(features: KeyedJaggedTensor, feature_names: List[str], is_weighted:
     return written_out(features, feature_names)
 
 
+def _id_range_message(feature: str, table: str, num_entries: int) -> str:
+    return ("feature '" + feature + "' (table '" + table + "'): an id lies outside [0, "
+            + str(num_entries) + "); set hash_ids=True to hash arbitrary ids into the table")
+
+
+def _assert_ids_in_range(ids: torch.Tensor, feature: str, table: str, num_entries: int) -> None:
+    """The id range check of a captured graph, with a message naming the feature: a branch in
+    TorchScript (a ``torch.jit.Error`` at run time; TorchScript drops ``torch._assert_async``),
+    an assert the program runs in torch.export (a RuntimeError; export cannot branch on data)."""
+    ok = ((ids >= 0) & (ids < num_entries)).all()
+    if torch.jit.is_scripting():
+        if not bool(ok):
+            raise RuntimeError(_id_range_message(feature, table, num_entries))
+    else:
+        torch._assert_async(ok, _id_range_message(feature, table, num_entries))
+
+
 @torch.fx.wrap
-def _entries(ids: torch.Tensor, feature: str, table: str, num_entries: int, hashed: bool) -> torch.Tensor:
-    """Entries int64 [n] of a feature's ids: hashed into [0, E), or checked to lie there (the
-    check needs the data, so graph capture leaves it to the op's own bounds checks)."""
+def _rows(ids: torch.Tensor, feature: str, table: str, num_entries: int, hashed: bool) -> torch.Tensor:
+    """Rows int64 [n] of a feature's ids: hashed into [0, E), or checked to lie there (eagerly
+    with the training module's ValueError; in a captured graph by an assert it runs)."""
     ids = ids.to(torch.int64)
     if hashed:
         return hash_ids(ids, num_entries)
-    if not torch.jit.is_scripting():
-        if not is_tracing():
-            check_ids(feature, table, ids, num_entries)
+    if torch.jit.is_scripting():
+        _assert_ids_in_range(ids, feature, table, num_entries)
+    elif is_tracing():
+        _assert_ids_in_range(ids, feature, table, num_entries)
+    else:
+        check_ids(feature, table, ids, num_entries)
     return ids
+
+
+def _entry_keys(table_index: int, rows: torch.Tensor) -> torch.Tensor:
+    """``store.layout.entry_key``: int64 [n] keys ``table_index << 56 | row``."""
+    return (rows & 72057594037927935) | (table_index << 56)  # _ROW_MASK_LITERAL, ROW_BITS
+
+
+@torch.jit.unused
+def _eager_hash_lookup(probe_keys: torch.Tensor, bucket_size: int, keys: torch.Tensor) -> torch.Tensor:
+    return dispatch.hash_lookup(probe_keys, bucket_size, keys)
+
+
+@torch.fx.wrap
+def _probe(probe_keys: torch.Tensor, bucket_size: int, keys: torch.Tensor) -> torch.Tensor:
+    """Probe slot int64 [n] of each key, -1 where the pool serves no such key (the hash-table op:
+    native when built, else ``ops/hash_reference.lookup``)."""
+    if torch.jit.is_scripting():
+        return torch.ops.fiited.hash_lookup(probe_keys, bucket_size, keys)
+    return _eager_hash_lookup(probe_keys, bucket_size, keys)
 
 
 @torch.jit.unused
@@ -380,37 +585,61 @@ def _eager_lookup(
     return lookup_forward(stored, chunk_slots, entries, offsets, weights, mean)
 
 
+def _fallback_rows(keys: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """``HashedFallback.rows_of``: the fallback row int64 [n] of each key."""
+    return torch.remainder(_mix64(keys ^ 0x7F4A7C159E3779B9), num_rows)  # _FALLBACK_SALT_LITERAL
+
+
 @torch.fx.wrap
 def _pool(
     stored: torch.Tensor,
     dtype: str,
     chunk_slots: torch.Tensor,
-    entries: torch.Tensor,
+    found: torch.Tensor,
     offsets: torch.Tensor,
     weights: Optional[torch.Tensor],
     mean: bool,
     dim: int,
     stored_columns: Optional[torch.Tensor],
+    fallback: Optional[torch.Tensor],
+    keys: torch.Tensor,
 ) -> torch.Tensor:
-    """Pooled fp32 [B, D] of one feature: entries int64 [n], offsets int64 [B + 1].
+    """Pooled fp32 [B, D] of one feature: probe slots ``found`` int64 [n] (-1: absent) of its
+    ``keys`` int64 [n], offsets int64 [B + 1].
 
-    fp32 runs the training op itself (``torch.ops.fiited.lookup_forward``), so the output is
-    bitwise the training module's; fp16/int8 dequantize (``inference.quantize``). A FIITED-2D
-    table's stored columns are scattered into its D columns, the pruned ones reading zero.
+    An absent key reads the null row of ``chunk_slots`` (zeros). fp32 runs the training op
+    itself (``torch.ops.fiited.lookup_forward``), so the output is bitwise the training
+    module's; fp16/int8 dequantize (``inference.quantize``). A FIITED-2D table's stored columns
+    are scattered into its D columns, the pruned ones reading zero. With a hashed ``fallback``
+    [H, D], the absent keys' fallback rows are added as the training module adds them.
     """
+    B = offsets.numel() - 1
+    null = torch.full_like(found, chunk_slots.shape[0] - 1)
+    entries = torch.where(found >= 0, found, null)
     if stored.shape[0] == 0:  # no live chunk at all: every chunk reads zero
-        return torch.zeros(offsets.numel() - 1, dim, device=stored.device)
-    if dtype == "fp32":
-        if torch.jit.is_scripting():
-            pooled = torch.ops.fiited.lookup_forward(stored, chunk_slots, entries, offsets, weights, mean)
-        else:
-            pooled = _eager_lookup(stored, chunk_slots, entries, offsets, weights, mean)
+        out = torch.zeros(B, dim, device=stored.device)
     else:
-        pooled = quantized_lookup(stored, dtype, chunk_slots, entries, offsets, weights, mean)
-    if stored_columns is None:
-        return pooled
-    out = pooled.new_zeros(pooled.shape[0], dim)  # pruned dimensions read zero
-    return out.index_copy_(1, stored_columns.to(pooled.device), pooled)
+        if dtype == "fp32":
+            if torch.jit.is_scripting():
+                pooled = torch.ops.fiited.lookup_forward(stored, chunk_slots, entries, offsets, weights, mean)
+            else:
+                pooled = _eager_lookup(stored, chunk_slots, entries, offsets, weights, mean)
+        else:
+            pooled = quantized_lookup(stored, dtype, chunk_slots, entries, offsets, weights, mean)
+        if stored_columns is None:
+            out = pooled
+        else:
+            out = pooled.new_zeros(B, dim)  # pruned dimensions read zero
+            out = out.index_copy_(1, stored_columns.to(pooled.device), pooled)
+    if fallback is not None:
+        w = (found < 0).to(torch.float32)
+        if weights is not None:
+            w = w * weights
+        extra = pooled_rows(fallback, dtype, _fallback_rows(keys, fallback.shape[0]), w, offsets)
+        if mean:
+            extra = extra / (offsets[1:] - offsets[:-1]).clamp(min=1).to(extra.dtype).unsqueeze(1)
+        out = out + extra
+    return out
 
 
 def _kept_columns(store: VHPIStore, table: str) -> Optional[Tuple[Tuple[int, ...], ...]]:
@@ -420,28 +649,83 @@ def _kept_columns(store: VHPIStore, table: str) -> Optional[Tuple[Tuple[int, ...
     return tuple(tuple(row) for row in store.dim_maps[table].kept.tolist())
 
 
-def _compact_pool(store: VHPIStore, pool: str) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
-    """Renumber ``pool``'s live chunks to slots 0..n_live-1.
+def _probe_table(keys: torch.Tensor, device: torch.device) -> ResidentHashTable:
+    """A fresh ``ResidentHashTable`` holding every one of ``keys`` (distinct int64 [n]), at load
+    <= ``PROBE_LOAD``; retried with more buckets when a bucket overflows (no key is dropped)."""
+    n = keys.numel()
+    W = DEFAULT_BUCKET_SIZE
+    while W > MIN_BUCKET and n < PROBE_LOAD * W:
+        W //= 2
+    num_buckets = max(1, math.ceil(n / (PROBE_LOAD * W)))
+    while True:
+        table = ResidentHashTable(num_buckets, W, device)
+        if n == 0 or bool((table.insert(keys, torch.zeros(n, device=device)).slots >= 0).all()):
+            return table
+        num_buckets += max(1, num_buckets // 8)
 
-    Order is deterministic: tables in layout order, then entries ascending, then chunk_id, so the
-    K chunks of an entry sit next to each other. Returns the new chunk_slots int32 [E, K] per
-    table and the live rows fp32 [n_live, chunk_size] in new-slot order.
+
+def _compact_pool(store: VHPIStore, pool: str, fallback_tables) -> Dict[str, Any]:
+    """The served form of ``pool``: its served keys in a fresh probe, and their live chunks
+    renumbered 0..n_live-1.
+
+    Served keys: resident keys with a live chunk, and every resident key of a table with a
+    hashed fallback (there, absent and resident-without-chunks differ: fallback vs zeros).
+    Pool rows are ordered by key (table index, then row), then chunk_id, so the K chunks of a
+    key sit next to each other and the order does not depend on the training hash table.
+
+    Returns:
+        keys int64 [S'], chunk_slots int32 [S' + 1, K], rows fp32 [n_live, cs'], num_buckets, W.
     """
-    new_slots: Dict[str, torch.Tensor] = {}
-    old: List[torch.Tensor] = []
-    start = 0
-    for table in store.tables_of_pool(pool):
-        slots = store.tables[table].chunk_slots
-        live = slots >= 0
-        n = int(live.sum())
-        fresh = torch.full_like(slots, PRUNED)
-        fresh[live] = torch.arange(start, start + n, dtype=slots.dtype, device=slots.device)
-        new_slots[table] = fresh
-        old.append(slots[live].to(torch.int64))  # boolean indexing is row-major: entry, chunk_id
-        start += n
-    weights = store.pools[pool].weights
-    rows = weights[torch.cat(old)] if old else weights[:0]
-    return new_slots, rows.detach()
+    et, cp = store.entries[pool], store.pools[pool]
+    K = store.num_chunks
+    device = cp.weights.device
+    entries = et.seen()
+    keys = et.keys_of(entries)
+    old_slots = et.chunk_slots[entries]
+    live = old_slots >= 0
+    keep = live.any(1)
+    with_fallback = [store.layouts[t].table_index for t in store.tables_of_pool(pool)
+                     if t in fallback_tables]
+    if with_fallback:
+        keep |= torch.isin(key_table(keys), torch.tensor(with_fallback, device=keys.device))
+    keys, old_slots, live = keys[keep], old_slots[keep], live[keep]
+    order = torch.argsort(keys)
+    keys, old_slots, live = keys[order], old_slots[order], live[order]
+    table = _probe_table(keys, device)
+    probe_slots = table.lookup(keys)
+    n_live = int(live.sum())
+    new = torch.full_like(old_slots, PRUNED)
+    new[live] = torch.arange(n_live, dtype=new.dtype, device=device)  # row-major: key, chunk_id
+    chunk_slots = torch.full((table.capacity + 1, K), PRUNED, dtype=torch.int32, device=device)
+    chunk_slots[probe_slots] = new
+    rows = cp.weights[old_slots[live].to(torch.int64)]
+    return {"keys": table.keys, "chunk_slots": chunk_slots, "rows": rows.detach(),
+            "num_buckets": table.num_buckets, "bucket_size": table.bucket_size}
+
+
+def _pool_errors(p: InferencePool, module: _StoredPool, spec: InferenceSpec) -> List[str]:
+    """What is wrong with the tensors of served pool ``p`` (``FiitedInferenceEBC.check_state``)."""
+    keys, cs = module.keys, module.chunk_slots.to(torch.int64)
+    errors: List[str] = []
+    occupied = keys != EMPTY_KEY
+    k = keys[occupied]
+    if torch.unique(k).numel() != k.numel():
+        errors.append("a key is held twice")
+    at = occupied.nonzero().squeeze(1)
+    if bool((bucket_of(k, p.num_buckets) != at // p.bucket_size).any()):
+        errors.append("a key sits outside its hash bucket")
+    known = torch.tensor([t.table_index for t in spec.tables if t.pool == p.name], dtype=torch.int64)
+    if k.numel() and not bool(torch.isin(key_table(k).cpu(), known).all()):
+        errors.append("a key names a table outside the pool")
+    if bool(((cs < PRUNED) | (cs >= p.rows)).any()):
+        errors.append(f"chunk_slots outside [-1, {p.rows})")
+        return errors
+    if bool((cs[-1] != PRUNED).any()) or bool((cs[:-1][~occupied] != PRUNED).any()):
+        errors.append("the null row or an empty probe slot holds chunks")
+    refs = cs[cs >= 0]
+    if refs.numel() != p.rows or torch.unique(refs).numel() != p.rows:
+        errors.append(f"chunk_slots must name each of the {p.rows} pool rows exactly once")
+    return errors
 
 
 # ---- export -----------------------------------------------------------------------------------
@@ -669,6 +953,13 @@ def load_inference(path: PathLike, device: Union[str, torch.device] = "cpu") -> 
     left = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
     if left:
         raise ValueError(f"{path}: inference file lacks tensors {left}")
+    for name, m in module.named_modules():
+        if isinstance(m, FiitedInferenceEBC):
+            try:
+                m.check_state()
+            except ValueError as err:
+                where = f" ({name})" if name else ""
+                raise ValueError(f"{path}: inconsistent inference file{where}: {err}") from err
     return module.eval()
 
 
@@ -692,8 +983,13 @@ def _read_blob(path: str, device: torch.device) -> Dict[str, Any]:
     got = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
     if got != FORMAT:
         raise ValueError(f"{path}: not a torchrec_fiited inference file: format {got!r} vs {FORMAT!r}")
-    if blob.get("version") != VERSION:
+    version = blob.get("version")
+    if version == 1:
         raise ValueError(
-            f"{path}: inference file version {blob.get('version')!r} vs supported {VERSION}"
+            f"{path}: inference file version 1 (store v1: per-row chunk_slots [E, K]) is no longer "
+            f"supported; this build reads version {VERSION} (a compact key probe per pool). "
+            f"Re-export the trained model with export_for_inference and save_inference"
         )
+    if version != VERSION:
+        raise ValueError(f"{path}: inference file version {version!r} vs supported {VERSION}")
     return blob

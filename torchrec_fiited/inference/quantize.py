@@ -14,6 +14,9 @@ stores them differently and dequantizes on lookup, accumulating in fp32:
                                       The 8-byte tail makes int8 smaller than fp16 only for
                                       chunk_size > 8 (cs + 8 < 2 cs).
 
+The hashed fallback of a table (``miss="hashed"``) is stored the same way, one row of D floats
+per fallback row (int8: one scale and bias per fallback row), and read by ``pooled_rows``.
+
 Pooled error bound (what the tests check): a bag of ids i with per-sample weights w_i (1 when
 unweighted) that reads chunk rows r_i errs by at most ``sum_i |w_i| * err(r_i)`` per column,
 divided by the bag length for MEAN: for int8 ``sum_i |w_i| * (max_i - min_i) / 510``, for fp16
@@ -151,3 +154,32 @@ def quantized_lookup(
         lengths = (offsets[1:] - offsets[:-1]).clamp(min=1).to(pooled.dtype)
         pooled = pooled / lengths.unsqueeze(1)
     return pooled
+
+
+def pooled_rows(
+    stored: torch.Tensor,
+    dtype: str,
+    rows: torch.Tensor,
+    w: torch.Tensor,
+    offsets: torch.Tensor,
+) -> torch.Tensor:
+    """Weighted bag sums of whole stored rows (the hashed fallback), accumulating in fp32.
+
+    Args:
+        stored: rows stored as ``storage_layout`` says, at least one.
+        dtype: "fp32", "fp16" or "int8".
+        rows: int64 [n], the row each id reads.
+        w: fp32 [n], each id's weight (0 drops it).
+        offsets: bag boundaries, int64 [B + 1].
+
+    Returns:
+        fp32 [B, D]. For fp32 this is ``F.embedding_bag`` in sum mode with ``w`` as per-sample
+        weights, the call the training module's fallback makes, so it is bitwise the same.
+    """
+    if dtype == "fp32":
+        return F.embedding_bag(rows, stored, offsets, mode="sum", per_sample_weights=w,
+                               include_last_offset=True)
+    slots = rows.to(torch.int32).unsqueeze(1)
+    if dtype == "int8":
+        return _int8_pooled(stored, slots, w.unsqueeze(1), offsets)
+    return _fp16_pooled(stored, slots, w.unsqueeze(1), offsets)
