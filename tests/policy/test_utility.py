@@ -35,19 +35,30 @@ STEPS = [
     ([1], [1, 0], [[0.0, 0, 3, 4], [9, 9, 9, 9]]),
 ]
 GAMMA = 0.5
+POOL = "shared_cs2"
 
 
 def _train(utility: str) -> FiitedEmbeddingBagCollection:
-    table = EmbeddingBagConfig(name="t", num_embeddings=4, embedding_dim=4, feature_names=["f"])
-    # Budget 0.5: 4 slots; quotas [3, 1] (ratios [0.25, 0.75]), so on first touch row 0 gets
-    # both chunks, rows 1 and 2 only chunk 0. Pruned chunks must score like live ones.
-    cfg = FiitedConfig(num_chunks=2, budget=0.5, decay=GAMMA, utility=utility, prune_interval=0,
-                       optimizer="sgd", learning_rate=0.1)
+    # Rows 0-3 of a 64-row table (store v2: the budget pays for entries too, so the id space is
+    # larger than the rows touched). Budget 0.5 gives one bucket of 8 entries and 13 slots;
+    # ratios (0, 0.9) make the admission quotas [12, 1], so on first touch rows 0, 1 and 2 get
+    # chunk 0 and only row 0 gets chunk 1. Pruned chunks must score like live ones.
+    table = EmbeddingBagConfig(name="t", num_embeddings=64, embedding_dim=4, feature_names=["f"])
+    cfg = FiitedConfig(num_chunks=2, budget=0.5, chunk_prune_ratios=[0.0, 0.9], decay=GAMMA,
+                       utility=utility, prune_interval=0, optimizer="sgd", learning_rate=0.1)
     m = FiitedEmbeddingBagCollection([table], cfg)
+    capacity = m.store.pools[POOL].capacity
+    assert capacity >= 4 and m._policies[POOL].admission_quota(capacity)[1] == 1, capacity
     for ids, lengths, C in STEPS:
         kjt = KeyedJaggedTensor.from_lengths_sync(["f"], torch.tensor(ids), torch.tensor(lengths))
         (m(kjt).values() * torch.tensor(C)).sum().backward()
     return m
+
+
+def _rows(m: FiitedEmbeddingBagCollection):
+    """Entry of each of rows 0-3 of table t (the null entry where not resident) and the table."""
+    et = m.store.entries_of("t")
+    return et.lookup(m.store.keys("t", torch.arange(4))), et
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -66,18 +77,22 @@ def test_grad_access_utilities_by_hand(impl):
     """
     with mock.patch.dict(os.environ, {NATIVE_ENV: impl}):
         m = _train("grad_access")
-        et = m.store.tables["t"]
-        assert et.chunk_slots[1, 1] < 0 and et.chunk_slots[2, 1] < 0  # pruned, yet scored
+        e, et = _rows(m)
+        assert int(e[3]) == et.null_entry and bool((e[:3] != et.null_entry).all())
+        assert (et.chunk_slots[e[:3], 0] >= 0).all() and et.chunk_slots[e[0], 1] >= 0
+        assert et.chunk_slots[e[1], 1] < 0 and et.chunk_slots[e[2], 1] < 0  # pruned, yet scored
         torch.testing.assert_close(
-            et.utilities, torch.tensor([[13.5, 16.5], [2.5, 6.5], [1.0, 0.0], [0.0, 0.0]]),
+            et.utilities[e], torch.tensor([[13.5, 16.5], [2.5, 6.5], [1.0, 0.0], [0.0, 0.0]]),
             rtol=0, atol=1e-6,
         )
-        assert et.last_step.tolist() == [1, 2, 1, NEVER_SEEN]
+        assert et.last_step[e].tolist() == [1, 2, 1, NEVER_SEEN]
         # The scoring path of a cycle: every seen row sampled (m >= seen), brought to step 3.
-        sample = sample_pool(m.store, m._rule, "shared_cs2", 100, int(m.steps_done), 3)
+        sample = sample_pool(m.store, m._rule, POOL, 100, int(m.steps_done), 3)
         assert int(m.steps_done) == 3
+        assert sorted(sample.row_keys.tolist()) == m.store.keys("t", torch.arange(3)).tolist()
+        by_row = torch.argsort(sample.row_keys)
         torch.testing.assert_close(
-            sample.utilities,
+            sample.utilities[by_row],
             torch.tensor([[3.375, 4.125], [1.25, 3.25], [0.25, 0.0]]), rtol=0, atol=1e-6,
         )
 
@@ -87,9 +102,9 @@ def test_access_utilities_by_hand(impl):
     """utility="access": u = gamma * u + a. Row 0: 1, then 0.5 * 1 + 2 = 2.5 (step 1); row 1: 2,
     then 0.25 * 2 + 1 = 1.5 (step 2); row 2: 1 (step 1)."""
     with mock.patch.dict(os.environ, {NATIVE_ENV: impl}):
-        et = _train("access").store.tables["t"]
+        e, et = _rows(_train("access"))
         torch.testing.assert_close(
-            et.utilities, torch.tensor([[2.5, 2.5], [1.5, 1.5], [1.0, 1.0], [0.0, 0.0]]),
+            et.utilities[e], torch.tensor([[2.5, 2.5], [1.5, 1.5], [1.0, 1.0], [0.0, 0.0]]),
             rtol=0, atol=1e-6,
         )
 

@@ -1,0 +1,116 @@
+"""store/sketch.py: the count-min sketch never under-estimates a key's decayed utility, decays
+at cycles by gamma ** age, and record_missed_utilities adds what an entry would have scored."""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from torchrec_fiited.ops import FusedParams
+from torchrec_fiited.policy import record_missed_utilities
+from torchrec_fiited.store import UtilitySketch
+
+K = 2
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    width=st.integers(1, 40),
+    depth=st.integers(1, 4),
+    gamma=st.floats(0.5, 1.0),
+    rounds=st.lists(
+        st.tuples(
+            st.lists(st.integers(-(2**62), 2**62), min_size=0, max_size=12, unique=True),
+            st.integers(0, 3),  # steps to the next decay (0: none)
+        ),
+        min_size=1, max_size=8,
+    ),
+    pool=st.lists(st.integers(0, 2**40), min_size=1, max_size=30, unique=True),
+    seed=st.integers(0, 2**16),
+)
+def test_estimates_never_fall_below_the_decayed_truth(width, depth, gamma, rounds, pool, seed):
+    """A model keeps each key's exact utility: additions, then at every decay_to everything times
+    gamma ** age. The sketch (with collisions: width as small as 1) is >= it for every key, added
+    or not, and equal to it with one key (no collision possible)."""
+    g = torch.Generator().manual_seed(seed)
+    sketch = UtilitySketch(width, depth, K, torch.device("cpu"))
+    truth = {}
+    step = 0
+    keys_seen = set(pool)
+    for keys, gap in rounds:
+        keys = [pool[k % len(pool)] for k in keys] if keys else []
+        keys = list(dict.fromkeys(keys))  # distinct, as add() requires
+        values = torch.rand(len(keys), K, generator=g) * 10
+        sketch.add(torch.tensor(keys, dtype=torch.int64), values)
+        for k, v in zip(keys, values):
+            truth[k] = truth.get(k, torch.zeros(K, dtype=torch.float64)) + v.double()
+        if gap:
+            step += gap
+            sketch.decay_to(step, gamma)
+            truth = {k: v * gamma**gap for k, v in truth.items()}
+        keys_seen |= set(keys)
+    probe = sorted(keys_seen)
+    est = sketch.estimate(torch.tensor(probe, dtype=torch.int64)).double()
+    assert est.shape == (len(probe), K)
+    for i, k in enumerate(probe):
+        want = truth.get(k, torch.zeros(K, dtype=torch.float64))
+        assert bool((est[i] >= want * (1 - 1e-5) - 1e-6).all()), (k, est[i], want)
+    if len(truth) == 1:
+        (k, v), = truth.items()
+        torch.testing.assert_close(est[probe.index(k)], v, rtol=1e-5, atol=1e-6)
+
+
+def test_estimate_is_the_minimum_over_rows():
+    """Two keys that share a cell in one row but not in the other: the other row gives each its
+    own value (the depth is what buys back the collision)."""
+    sketch = UtilitySketch(4, 2, 1, torch.device("cpu"))
+    cells = sketch._cells(torch.arange(200, dtype=torch.int64))
+    a, b = next((i, j) for i in range(200) for j in range(i + 1, 200)
+                if cells[0, i] == cells[0, j] and cells[1, i] != cells[1, j])
+    sketch.add(torch.tensor([a, b]), torch.tensor([[3.0], [5.0]]))
+    assert sketch.estimate(torch.tensor([a, b])).squeeze(1).tolist() == [3.0, 5.0]
+    assert sketch.counts[0, cells[0, a], 0] >= 5.0  # the shared cell covers both
+
+
+def test_decay_multiplies_by_gamma_to_the_age_once_per_step():
+    sketch = UtilitySketch(16, 2, K, torch.device("cpu"))
+    keys = torch.tensor([11, 22], dtype=torch.int64)
+    sketch.add(keys, torch.tensor([[8.0, 4.0], [2.0, 1.0]]))
+    sketch.decay_to(3, 0.5)  # age 3 from step 0
+    torch.testing.assert_close(sketch.estimate(keys), torch.tensor([[1.0, 0.5], [0.25, 0.125]]))
+    assert int(sketch.decayed_to) == 3
+    sketch.decay_to(3, 0.5)  # same step: nothing more
+    sketch.decay_to(2, 0.5)  # an older step never decays (nor moves the clock back)
+    torch.testing.assert_close(sketch.estimate(keys), torch.tensor([[1.0, 0.5], [0.25, 0.125]]))
+    assert int(sketch.decayed_to) == 3
+    sketch.decay_to(4, 0.5)
+    torch.testing.assert_close(sketch.estimate(keys), torch.tensor([[0.5, 0.25], [0.125, 0.0625]]))
+    sketch.decay_to(10, 1.0)  # gamma 1: no decay, clock still moves
+    assert int(sketch.decayed_to) == 10
+    torch.testing.assert_close(sketch.estimate(keys), torch.tensor([[0.5, 0.25], [0.125, 0.0625]]))
+
+
+def test_empty_sketch_holds_nothing_and_estimates_zero():
+    sketch = UtilitySketch(0, 2, K, torch.device("cpu"))
+    assert sketch.counts.numel() == 0 and sketch.depth == 0
+    sketch.add(torch.tensor([1, 2]), torch.ones(2, K))
+    sketch.decay_to(5, 0.5)
+    assert torch.equal(sketch.estimate(torch.tensor([1, 2, 3])), torch.zeros(3, K))
+
+
+def test_depth_out_of_range_is_refused():
+    with pytest.raises(ValueError, match="depth"):
+        UtilitySketch(8, 5, K, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("utility", ["grad_access", "access"])
+def test_record_missed_utilities_scores_like_an_entry(utility):
+    """Repeated keys are summed first and a is their count: key 5 twice with chunk gradients
+    ([3, 0], [0, 1]) and ([0, 4], [0, 2]) scores 2 * (||[3, 4]||, ||[0, 3]||) = (10, 6), as the
+    fused backward scores an entry; key 9 once with ([1, 0], [0, 0]) scores (1, 0)."""
+    sketch = UtilitySketch(1024, 2, K, torch.device("cpu"))
+    keys = torch.tensor([5, 9, 5], dtype=torch.int64)
+    grads = torch.tensor([[3.0, 0, 0, 1], [1, 0, 0, 0], [0, 4, 0, 2]])
+    params = FusedParams("sgd", 0.1, 1e-8, 0.0, utility, 0.9, 0)
+    record_missed_utilities(sketch, keys, grads, params)
+    want = [[10.0, 6.0], [1.0, 0.0]] if utility == "grad_access" else [[2.0, 2.0], [1.0, 1.0]]
+    torch.testing.assert_close(sketch.estimate(torch.tensor([5, 9])), torch.tensor(want))
