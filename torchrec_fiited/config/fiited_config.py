@@ -15,7 +15,8 @@ RATIO_TARGETS = ("budget", "ratios")
 UTILITIES = ("grad_access", "access")
 OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")
 SCHEDULES = ("interval", "itep")
-MAX_NUM_CHUNKS = 8  # the K-bit live mask is one uint8 per entry
+MISSES = ("zeros", "hashed")
+MAX_NUM_CHUNKS = 64  # liveness is chunk_slots >= 0 (no K-bit mask); K only sets 8K + 16 B per entry
 DIM_SCOPES = ("table", "global")
 
 
@@ -99,7 +100,9 @@ class FiitedConfig:
 
     Args:
         num_chunks: K, chunks per row. 1 is AdaEmbed (row pruning). Must divide every table's dim.
-        budget: fraction of the full embedding bytes the chunk pools may hold, in (0, 1].
+        budget: fraction of the unpruned tables' bytes (fp32 weights plus the same optimizer's
+            state) that the collection holds in total, in (0, 1]: chunks, optimizer state, hash
+            tables, sketch, fallback and counters (``store.sizing``).
         table_budgets: per-table budget overrides; such a table gets a pool of its own instead of
             competing with the other tables in the shared pool.
         ratio_mode: "manual" (one threshold per chunk index, from per-chunk pruning ratios) or
@@ -136,6 +139,14 @@ class FiitedConfig:
             values depend on (seed, table, row, chunk, step) only, not on the plan or process.
         dim_pruning: FIITED-2D dimension pruning (off by default); a plain mapping, as Hydra
             passes it, is converted.
+        miss: what an id without an entry reads: "zeros" (the paper) or "hashed" (a small
+            shared table per table indexed by a hash of the id, trained like the chunks; CAFE).
+        fallback_fraction: share of each pool's budget for the hashed fallback, in [0, 1).
+        sketch_fraction: share of each pool's budget for the utility sketch of non-resident
+            ids, in [0, 1) (spent only when the pool cannot hold an entry for every row).
+        entries_per_slot: hash-table entries per chunk slot; None derives it from K
+            (``store.sizing``).
+        bucket_size: slots per hash-table bucket, a power of two in [8, 128].
     """
 
     num_chunks: int = 2
@@ -160,6 +171,11 @@ class FiitedConfig:
     hash_ids: bool = False
     seed: int = 0
     dim_pruning: DimPruningConfig = field(default_factory=DimPruningConfig)
+    miss: str = "zeros"
+    fallback_fraction: float = 0.1
+    sketch_fraction: float = 0.05
+    entries_per_slot: Optional[float] = None
+    bucket_size: int = 32
 
     def __post_init__(self) -> None:
         if isinstance(self.dim_pruning, Mapping):
@@ -208,6 +224,18 @@ class FiitedConfig:
             raise ValueError(f"eps must be > 0, got {self.eps}")
         if not self.weight_decay >= 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        _check_choice("miss", self.miss, MISSES)
+        for name in ("fallback_fraction", "sketch_fraction"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not (isinstance(v, (int, float)) and 0.0 <= v < 1.0):
+                raise ValueError(f"{name} must be in [0, 1), got {v!r}")
+        if self.entries_per_slot is not None and not (
+            isinstance(self.entries_per_slot, (int, float)) and 0.0 < self.entries_per_slot
+            and math.isfinite(self.entries_per_slot)
+        ):
+            raise ValueError(f"entries_per_slot must be > 0 (or None), got {self.entries_per_slot!r}")
+        if self.bucket_size not in (8, 16, 32, 64, 128):
+            raise ValueError(f"bucket_size must be a power of two in [8, 128], got {self.bucket_size!r}")
 
     def budget_for(self, table_name: str) -> float:
         """The budget that applies to ``table_name`` (its override, else the global one)."""

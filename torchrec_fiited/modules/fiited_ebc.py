@@ -26,20 +26,22 @@ from torchrec_fiited.policy import (
     cycle_due,
     decision_due,
     record_dim_utilities,
+    record_missed_utilities,
 )
-from torchrec_fiited.store import NEVER_SEEN, VHPIStore, hash_ids
+from torchrec_fiited.store import VHPIStore, hash_ids
 
 
 @dataclass
 class _FeatureLookup:
-    """One feature of a batch, resolved to its table's entries."""
+    """One feature of a batch, resolved to its table's keys and (after admission) entries."""
 
     feature: str
     table: str
-    entries: torch.Tensor  # int64 [n]
+    keys: torch.Tensor  # int64 [n], ``store.layout.entry_key``
     offsets: torch.Tensor  # int64 [B + 1]
     weights: Optional[torch.Tensor]  # fp32 [n] or None
     mean: bool
+    entries: Optional[torch.Tensor] = None  # int64 [n] in the pool's EntryTable, null if absent
 
 
 class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimizerModule):
@@ -130,7 +132,7 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
         self._logical = plan.logical  # capacities and policies the thresholds are computed for
         self._logical_of = plan.logical_of
         self.store = VHPIStore(
-            plan.layouts, plan.capacities, plan.num_chunks, config.optimizer, device, config.seed,
+            plan.layouts, plan.sizes, plan.num_chunks, config.optimizer, device, config.seed,
             dim_pruning=config.dim_pruning.enabled,
         )
         self._rule = UtilityRule(config.utility, config.decay)
@@ -193,14 +195,14 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
     def load_dense_weights(self, weights: Dict[str, torch.Tensor]) -> None:
         """Start from full tables (e.g. a TorchRec EBC's): every chunk live. Needs budget 1."""
         for name, w in weights.items():
-            if name not in self.store.tables:
-                raise ValueError(f"unknown table {name!r}; tables are {list(self.store.tables)}")
+            if name not in self.store.layouts:
+                raise ValueError(f"unknown table {name!r}; tables are {list(self.store.layouts)}")
         for name, w in weights.items():
             self.store.load_dense_weights(name, w)
 
     def dense_weights(self) -> Dict[str, torch.Tensor]:
         """Logical tables fp32 [E, D] with pruned chunks as zeros, by table name."""
-        return {name: self.store.dense_weights(name) for name in self.store.tables}
+        return {name: self.store.dense_weights(name) for name in self.store.layouts}
 
     # ---- checkpoint state -------------------------------------------------------------------
 
@@ -236,17 +238,23 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
             jt = per_feature[feature]
             ids = jt.values().to(torch.int64)
             if self._config.hash_ids:
-                entries = hash_ids(ids, table.num_embeddings)
+                rows = hash_ids(ids, table.num_embeddings)
             else:
                 check_ids(feature, table.name, ids, table.num_embeddings)
-                entries = ids
+                rows = ids
             weights = jt.weights().to(torch.float32) if self._is_weighted else None
             mean = table.pooling == PoolingType.MEAN
             offsets = jt.offsets().to(torch.int64)
             if inverse is not None:
-                entries, offsets, weights = expand_bags(entries, offsets, weights, inverse[feature])
-            batch.append(_FeatureLookup(feature, table.name, entries, offsets, weights, mean))
+                rows, offsets, weights = expand_bags(rows, offsets, weights, inverse[feature])
+            keys = self.store.keys(table.name, rows)
+            batch.append(_FeatureLookup(feature, table.name, keys, offsets, weights, mean))
         return batch
+
+    def _lookup_entries(self, batch: List[_FeatureLookup]) -> None:
+        """Resolve every feature's keys to entries (the null entry where not resident)."""
+        for fl in batch:
+            fl.entries = self.store.entries_of(fl.table).lookup(fl.keys)
 
     def _by_table(self, batch: List[_FeatureLookup]) -> Dict[str, List[_FeatureLookup]]:
         grouped: Dict[str, List[_FeatureLookup]] = {}
@@ -254,19 +262,25 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
             grouped.setdefault(fl.table, []).append(fl)
         return grouped
 
+    def _by_pool(self, batch: List[_FeatureLookup]) -> Dict[str, List[_FeatureLookup]]:
+        grouped: Dict[str, List[_FeatureLookup]] = {}
+        for fl in batch:
+            grouped.setdefault(self.store.layouts[fl.table].pool, []).append(fl)
+        return grouped
+
     def _admit(self, batch: List[_FeatureLookup]) -> None:
+        """Offer every non-resident key of the batch an entry (``VHPIStore.admit``)."""
         step = int(self.steps_done)
-        for table, lookups in self._by_table(batch).items():
-            entries = torch.cat([fl.entries for fl in lookups])
-            # Only never-seen entries can be admitted: filter before the unique, which over every
-            # id was a quarter of a step (bench_lookup, L=20, one thread: 46 of 171 ms).
-            entries = entries[self.store.tables[table].last_step[entries] == NEVER_SEEN]
-            if entries.numel() == 0:
+        for pool, lookups in self._by_pool(batch).items():
+            keys = torch.cat([fl.keys for fl in lookups])
+            et = self.store.entries[pool]
+            # Only non-resident keys are candidates: filter before the unique.
+            keys = keys[et.index.lookup(keys) < 0]
+            if keys.numel() == 0:
                 continue
-            entries = torch.unique(entries)
-            pool = self.store.layouts[table].pool
+            keys = torch.unique(keys)
             quota = self._policies[pool].admission_quota(self._capacities[pool])
-            self.store.admit(table, entries, step, quota)
+            self.store.admit(pool, keys, step, quota, self._config.decay)
 
     def _pooled(self, batch: List[_FeatureLookup]) -> torch.Tensor:
         # One [B, sum D] output written block by block: per-feature outputs plus a cat cost more
@@ -280,12 +294,18 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
             stored = self.store.stored_columns(fl.table)  # None: whole chunks, write in place
             target = block if stored is None else out.new_empty(B, stored.numel())
             lookup_forward_out(
-                self.store.pool_of(fl.table).weights, self.store.tables[fl.table].chunk_slots,
+                self.store.pool_of(fl.table).weights, self.store.entries_of(fl.table).chunk_slots,
                 fl.entries, fl.offsets, fl.weights, fl.mean, target,
             )
             if stored is not None:  # FIITED-2D: [B, D_active] into D columns, pruned ones zero
                 block.zero_()
                 block.index_copy_(1, stored, target)
+            if fl.table in self.store.fallbacks:  # miss="hashed": ids without an entry
+                miss = fl.entries == self.store.entries_of(fl.table).null_entry
+                if bool(miss.any()):
+                    block += self.store.fallbacks[fl.table].pooled(
+                        fl.keys, miss, fl.offsets, fl.weights, fl.mean
+                    )
         return out
 
     def _fused_backward(self, batch: List[_FeatureLookup], grad: torch.Tensor) -> None:
@@ -315,6 +335,7 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
             # Stack the table's features' output gradients [F_t * B, D]; id i of feature j
             # reads row j * B + bag(i).
             grad_rows = torch.cat([grad[:, col_of[fl.feature] : col_of[fl.feature] + D] for fl in lookups])
+            grad_full = grad_rows
             if table in self.store.dim_maps:  # FIITED-2D: every column scores, stored ones update
                 dims = self.store.dim_maps[table]
                 record_dim_utilities(dims.utilities, grad_rows, self._config.dim_pruning.decay)
@@ -327,12 +348,27 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
             id_scale = None if all(s is None for s in scales) else torch.cat(
                 [s if s is not None else torch.ones_like(r, dtype=grad.dtype) for s, r in zip(scales, rows)]
             )
-            et = self.store.tables[table]
+            et = self.store.entries_of(table)
             pool = self.store.pool_of(table)
+            rows = torch.cat(rows)
+            entries = torch.cat([fl.entries for fl in lookups])
             fused_backward(
-                grad_rows, torch.cat(rows), id_scale, torch.cat([fl.entries for fl in lookups]),
+                grad_rows, rows, id_scale, entries,
                 et.chunk_slots, et.utilities, et.last_step, pool.weights, pool.momentum, params,
             )
+            et.clear_null()
+            miss = entries == et.null_entry
+            if bool(miss.any()):
+                keys = torch.cat([fl.keys for fl in lookups])[miss]
+                g = grad_rows[rows[miss]]
+                if id_scale is not None:
+                    g = g * id_scale[miss].unsqueeze(1)
+                record_missed_utilities(self.store.sketches[self.store.layouts[table].pool], keys, g, params)
+                if table in self.store.fallbacks:  # the fallback stores every column
+                    fg = grad_full[rows[miss]]
+                    if id_scale is not None:
+                        fg = fg * id_scale[miss].unsqueeze(1)
+                    self.store.fallbacks[table].update(keys, fg, params)
 
 
 @torch.fx.wrap
@@ -351,8 +387,10 @@ def _store_lookup(module: FiitedEmbeddingBagCollection, features: KeyedJaggedTen
     if module.training and torch.is_grad_enabled():
         _check_not_replicated(module)
         module._admit(batch)
+        module._lookup_entries(batch)
         anchor = torch.zeros((), requires_grad=True)  # makes autograd call our backward
         return _FusedLookup.apply(module, batch, anchor)
+    module._lookup_entries(batch)
     return module._pooled(batch)
 
 

@@ -20,6 +20,7 @@ from torchrec_fiited.policy import (
     fit_chunk_prune_ratios,
 )
 from torchrec_fiited.store import TableLayout
+from torchrec_fiited.store.sizing import PoolSizes, TableSpec, full_table_bytes, size_pool
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class PoolPlan:
         policies: per local pool, the policy whose admission quotas first touches follow.
         logical: per logical pool, (capacity, policy over all K chunks) for the thresholds.
         logical_of: the logical pool of each local pool.
+        sizes: the sizes of each local pool's tensors (``store.sizing``).
     """
 
     layouts: List[TableLayout]
@@ -56,6 +58,7 @@ class PoolPlan:
     policies: Dict[str, ThresholdPolicy]
     logical: Dict[str, Tuple[int, ThresholdPolicy]]
     logical_of: Dict[str, str]
+    sizes: Dict[str, PoolSizes]
 
 
 @dataclass(frozen=True)
@@ -66,13 +69,31 @@ class LogicalPools:
         pool_of: the logical pool of each global table.
         budgets: each pool's budget (its tables share it).
         num_rows: rows of each pool's tables, summed.
-        pools: per pool, (capacity, policy over all K chunks): what thresholds are computed for.
+        pools: per pool, (slots, policy over all K chunks): what thresholds are computed for.
+        sizes: per pool, the sizes of its tensors when unsharded (``store.sizing``).
     """
 
     pool_of: Dict[str, str]
     budgets: Dict[str, float]
     num_rows: Dict[str, int]
     pools: Dict[str, Tuple[int, ThresholdPolicy]]
+    sizes: Dict[str, PoolSizes]
+
+
+def sizing_options(config: FiitedConfig) -> Dict[str, object]:
+    """The FiitedConfig fields ``store.sizing.size_pool`` reads."""
+    return {
+        "miss": config.miss,
+        "fallback_fraction": config.fallback_fraction,
+        "sketch_fraction": config.sketch_fraction,
+        "entries_per_slot": config.entries_per_slot,
+        "bucket_size": config.bucket_size,
+        "dim_pruning": config.dim_pruning.enabled,
+    }
+
+
+def _spec(t: EmbeddingBagConfig) -> TableSpec:
+    return TableSpec(t.name, t.num_embeddings, t.embedding_dim)
 
 
 def logical_pools(global_tables: List[EmbeddingBagConfig], config: FiitedConfig) -> LogicalPools:
@@ -101,18 +122,18 @@ def logical_pools(global_tables: List[EmbeddingBagConfig], config: FiitedConfig)
         full_floats[pool] = full_floats.get(pool, 0) + t.num_embeddings * t.embedding_dim
         num_rows[pool] = num_rows.get(pool, 0) + t.num_embeddings
         budgets[pool] = config.budget_for(t.name)
-    chunk_size_of = {pool_of[t.name]: t.embedding_dim // K for t in global_tables}
-    pools = {
-        p: (
-            _capacity(
-                budgets[p] * n, chunk_size_of[p], [t for t, q in pool_of.items() if q == p],
-                budgets[p],
-            ),
-            make_policy(config, budgets[p]),
+    sizes = {
+        p: size_pool(
+            [_spec(t) for t in global_tables if pool_of[t.name] == p], budgets[p], K,
+            config.optimizer, **sizing_options(config),
         )
-        for p, n in full_floats.items()
+        for p in full_floats
     }
-    return LogicalPools(pool_of, budgets, num_rows, pools)
+    pools = {
+        p: (sizes[p].slots, make_policy(config, budgets[p], resident_prune_ratio(sizes[p], num_rows[p], K)))
+        for p in full_floats
+    }
+    return LogicalPools(pool_of, budgets, num_rows, pools, sizes)
 
 
 def shard_pool_fraction(
@@ -174,8 +195,10 @@ def plan_pools(
     by_name = {t.name: t for t in global_tables}
     logical = logical_pools(global_tables, config)
 
+    index_of = {t.name: i for i, t in enumerate(global_tables)}
     layouts: List[TableLayout] = []
-    local_floats: Dict[str, float] = {}
+    local_bytes: Dict[str, float] = {}
+    local_specs: Dict[str, List[TableSpec]] = {}
     local_policy: Dict[str, ThresholdPolicy] = {}
     logical_of: Dict[str, str] = {}
     num_chunks_local = set()
@@ -196,35 +219,36 @@ def plan_pools(
             TableLayout(
                 t.name, t.num_embeddings, t.embedding_dim, cs, pool,
                 g.get_weight_init_min(), g.get_weight_init_max(),
-                g.name, shard.row_offset, chunk_offset,
+                g.name, shard.row_offset, chunk_offset, index_of[g.name],
             )
         )
         fraction = shard_pool_fraction(logical, g.name, chunk_offset, k_local)
-        local_floats[pool] = local_floats.get(pool, 0.0) + fraction * t.num_embeddings * t.embedding_dim
+        local_bytes[pool] = local_bytes.get(pool, 0.0) + fraction * full_table_bytes(
+            t.num_embeddings, t.embedding_dim, config.optimizer
+        )
+        local_specs.setdefault(pool, []).append(_spec(t))
         local_policy[pool] = _local_policy(logical.pools[key][1], chunk_offset, k_local, config.enforce_ratio)
         logical_of[pool] = key
     if len(num_chunks_local) > 1:
         raise ValueError(
             f"column shards must all hold the same number of chunks, got {sorted(num_chunks_local)}"
         )
-    chunk_size = {l.pool: l.chunk_size for l in layouts}
-    capacities = {
-        p: _capacity(
-            n, chunk_size[p], [l.name for l in layouts if l.pool == p], logical.budgets[logical_of[p]]
+    k_local = num_chunks_local.pop() if num_chunks_local else K
+    # A local pool holding whole global tables (unsharded, or table-wise) is its logical pool;
+    # a pool of row or column shards is sized to its shards' share of the budget.
+    whole = {p: [_spec(g) for g in global_tables if logical.pool_of[g.name] == p] for p in logical.sizes}
+    sizes = {
+        p: logical.sizes[p] if local_specs[p] == whole.get(p) else size_pool(
+            local_specs[p], 1.0, k_local, config.optimizer, budget_bytes=local_bytes[p],
+            **sizing_options(config),
         )
-        for p, n in local_floats.items()
+        for p in local_specs
     }
+    capacities = {p: s.slots for p, s in sizes.items()}
     return PoolPlan(
-        layouts, num_chunks_local.pop() if num_chunks_local else K, capacities, local_policy,
-        logical.pools, logical_of,
+        layouts, k_local, capacities, local_policy, logical.pools, logical_of, sizes,
     )
 
-
-def _capacity(floats: float, chunk_size: int, tables: List[str], budget: float) -> int:
-    cap = pool_slots(floats, chunk_size)
-    if cap < 1:
-        raise ValueError(f"budget {budget} leaves no chunk slot for tables {tables}")
-    return cap
 
 
 def _local_policy(policy: ThresholdPolicy, chunk_offset: int, k_local: int, enforce: float) -> ThresholdPolicy:
@@ -250,12 +274,31 @@ def _check_table(t: EmbeddingBagConfig, K: int) -> None:
         raise ValueError(f"table {t.name!r}: only FP32 tables are supported, got {t.data_type}")
 
 
-def make_policy(config: FiitedConfig, pool_budget: float) -> ThresholdPolicy:
-    """The threshold policy of one pool: per-chunk ratios fitted to its budget, or dynamic."""
+def resident_prune_ratio(sizes: PoolSizes, num_rows: int, num_chunks: int) -> float:
+    """Mean fraction of the resident rows' chunks a full pool leaves pruned: 1 - slots / (K x
+    entries), entries capped at the rows there are. Independent of the budget (the sizing keeps
+    ``entries_per_slot`` fixed), so the fitted ratios keep chunk skew at every budget."""
+    residents = max(1, min(sizes.entries, num_rows))
+    return max(0.0, 1.0 - sizes.slots / (num_chunks * residents))
+
+
+def make_policy(config: FiitedConfig, pool_budget: float, resident_ratio: float) -> ThresholdPolicy:
+    """The threshold policy of one pool: per-chunk ratios, or dynamic.
+
+    Manual ratios are fitted (power law, capped at ``max_chunk_prune_ratio``) to average
+    ``resident_ratio``: the fraction of chunks pruned among the *resident* rows, which the store
+    makes the population of every cycle. The paper fits them to ``1 - budget`` over every row of
+    the table; with a budget below ~0.05 that puts every chunk index at the 95% cap and FIITED
+    degenerates to row pruning. Over the residents the mean stays near 1 - 1 / (K x
+    entries_per_slot) (0.6 at K=2) whatever the budget, so chunk 0 is kept for several times as
+    many rows as chunk K-1 at every budget (issue 11, item 7). With ``ratio_target="ratios"``
+    (the paper's literal rule over seen rows) the fit is to ``1 - pool_budget`` as in the paper.
+    """
     if config.ratio_mode == "dynamic":
         return DynamicThresholdPolicy(config.num_chunks, config.enforce_ratio)
+    fixed = config.ratio_target == "ratios"
     ratios = config.chunk_prune_ratios or fit_chunk_prune_ratios(
-        config.num_chunks, 1.0 - pool_budget, config.power_law_exponent,
-        config.max_chunk_prune_ratio,
+        config.num_chunks, 1.0 - pool_budget if fixed else resident_ratio,
+        config.power_law_exponent, config.max_chunk_prune_ratio,
     )
-    return ManualRatioPolicy(ratios, config.enforce_ratio, fixed=config.ratio_target == "ratios")
+    return ManualRatioPolicy(ratios, config.enforce_ratio, fixed=fixed)

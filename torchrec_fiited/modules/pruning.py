@@ -57,9 +57,16 @@ def run_cycle(modules: List[Any], coordinator: PruneCoordinator) -> Dict[str, Di
         }
     for m, pool, key in local:
         done = apply_decision(m.store, m._rule, pool, decisions[key], step)
-        for table, n in done.evictions.items():
-            m.store.tables[table].last_cycle_evictions.fill_(n)
-            m.store.tables[table].last_cycle_allocations.fill_(done.allocations[table])
+        et = m.store.entries[pool]
+        et.last_cycle_evictions.fill_(sum(done.evictions.values()))
+        et.last_cycle_allocations.fill_(sum(done.allocations.values()))
+        report[key].setdefault("tables", {}).update(
+            {
+                t: {"evictions": done.evictions[t], "allocations": done.allocations[t],
+                    "erased": done.erased[t]}
+                for t in done.evictions
+            }
+        )
     for m in modules:
         m._last_cycle = dict(report)
     return report

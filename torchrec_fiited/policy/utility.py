@@ -26,3 +26,23 @@ class UtilityRule:
     def decayed(self, utilities: torch.Tensor, last_step: torch.Tensor, step: int) -> torch.Tensor:
         """Utilities fp32 [n, K] stored at ``last_step`` int32 [n], brought to ``step``."""
         return decayed_utilities(utilities, last_step, step, self.decay)
+
+
+def record_missed_utilities(sketch, keys: torch.Tensor, grads: torch.Tensor, params) -> None:
+    """Add a * ||g_chunk|| of non-resident ``keys`` (int64 [n]) to ``sketch``.
+
+    ``grads`` fp32 [n, D_stored] are the ids' gradients at the zero rows they read; as in the
+    fused backward, repeated keys are summed first and a is their count, so a key scores in the
+    sketch exactly what it would score as an entry with every chunk pruned.
+    """
+    if sketch.width == 0 or keys.numel() == 0:
+        return
+    unique, inverse = torch.unique(keys, return_inverse=True)
+    summed = grads.new_zeros(unique.numel(), grads.shape[1]).index_add_(0, inverse, grads)
+    accesses = torch.bincount(inverse, minlength=unique.numel()).to(grads.dtype)
+    K = sketch.num_chunks
+    if params.utility == "grad_access":
+        gain = summed.view(unique.numel(), K, -1).norm(dim=2)
+    else:
+        gain = torch.ones(unique.numel(), K, device=grads.device)
+    sketch.add(unique, accesses.unsqueeze(1) * gain)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from torchrec_fiited.store.chunk_pool import OPTIMIZER_STATE_SHAPES
+from torchrec_fiited.store.layout import key_row
 
 
 class DimMap(nn.Module):
@@ -107,9 +108,11 @@ def restrict_columns(
     for table, new_kept in kept_by_table.items():
         dm = store.dim_maps[table]
         new_kept = new_kept.to(dm.kept.device)
-        et = store.tables[table]
-        rows, ks = (et.chunk_slots >= 0).nonzero(as_tuple=True)
-        slots = et.chunk_slots[rows, ks].to(torch.int64)
+        et = store.entries_of(table)
+        entries = store.table_entries(table)
+        at, ks = (et.chunk_slots[entries] >= 0).nonzero(as_tuple=True)
+        slots = et.chunk_slots[entries[at], ks].to(torch.int64)
+        rows = key_row(et.keys_of(entries[at]))
         src = _positions(dm.kept, new_kept, dm.chunk_size)[ks]  # [n, w]
         stored = src >= 0
         old = old_w[slots.unsqueeze(1), src.clamp(min=0)]

@@ -1,52 +1,74 @@
-"""VHPI hash-table entries of one embedding table (see ``store.layout`` for the terms)."""
+"""The resident entries of one pool: a hash table from keys to entries, and each entry's chunks.
+
+Store v2 (issue 11): an entry exists only for a resident key, so these tensors scale with the
+budget, not with ``num_embeddings``. Terms are ``store.layout``'s.
+"""
 
 import torch
 from torch import nn
 
+from torchrec_fiited.store.hash_table import ResidentHashTable
 from torchrec_fiited.store.layout import NEVER_SEEN, PRUNED
 
 
 class EntryTable(nn.Module):
-    """Per-entry chunk addresses, utilities, live mask and seen bookkeeping for one table.
+    """Hash index plus per-entry chunk addresses, utilities and decay bookkeeping for one pool.
 
-    Bytes per entry: 4K (chunk_slots) + 4K (utilities) + 1 (live_mask) + 4 (last_step)
-    = 8K + 5. "Seen" is ``last_step != NEVER_SEEN``: no separate list, so the O(seen) scans of a
-    pruning cycle become O(E) scans, which every T steps cost far less than 4 bytes per row. The store never embeds policy logic; it is mutated only through
-    ``VHPIStore`` so that slots, mask and pool counters stay consistent.
+    ``index`` maps a key to an entry in [0, S); entry S (``null_entry``) is what every
+    non-resident key resolves to: it holds no chunk, so it reads as zeros, and whatever a
+    backward writes into its utilities is cleared (``clear_null``). Bytes per entry slot:
+    8 (key) + 4 (score) + 4K (chunk_slots) + 4K (utilities) + 4 (last_step) = 8K + 16.
+
+    An entry is resident iff ``last_step != NEVER_SEEN`` iff its key is in ``index``. The store
+    mutates it only through ``VHPIStore`` so that keys, slots and pool counters stay consistent.
 
     Args:
-        num_entries: E, entries of the table (its ``num_embeddings``).
+        num_buckets: buckets of the hash index.
+        bucket_size: W, slots per bucket (a power of two in [8, 128]).
         num_chunks: K.
         device: where the tensors live.
     """
 
-    def __init__(self, num_entries: int, num_chunks: int, device: torch.device) -> None:
+    def __init__(self, num_buckets: int, bucket_size: int, num_chunks: int, device: torch.device) -> None:
         super().__init__()
-        self.num_entries = num_entries
+        self.index = ResidentHashTable(num_buckets, bucket_size, device)
+        S = self.index.capacity
         self.num_chunks = num_chunks
         self.register_buffer(
-            "chunk_slots",
-            torch.full((num_entries, num_chunks), PRUNED, dtype=torch.int32, device=device),
+            "chunk_slots", torch.full((S + 1, num_chunks), PRUNED, dtype=torch.int32, device=device)
         )
-        self.register_buffer("utilities", torch.zeros(num_entries, num_chunks, device=device))
-        self.register_buffer("live_mask", torch.zeros(num_entries, dtype=torch.uint8, device=device))
+        self.register_buffer("utilities", torch.zeros(S + 1, num_chunks, device=device))
         self.register_buffer(
-            "last_step", torch.full((num_entries,), NEVER_SEEN, dtype=torch.int32, device=device)
+            "last_step", torch.full((S + 1,), NEVER_SEEN, dtype=torch.int32, device=device)
         )
         self.register_buffer("num_seen", torch.tensor(0, dtype=torch.int64, device=device))
         # Last pruning cycle's counts, for stats().
         self.register_buffer("last_cycle_evictions", torch.tensor(0, dtype=torch.int64, device=device))
         self.register_buffer("last_cycle_allocations", torch.tensor(0, dtype=torch.int64, device=device))
 
-    def seen(self) -> torch.Tensor:
-        """Entries seen in training so far, int64 [num_seen], ascending."""
-        return (self.last_step != NEVER_SEEN).nonzero().squeeze(1)
+    @property
+    def capacity(self) -> int:
+        """S, entries the pool can hold."""
+        return self.index.capacity
 
-    def mark_seen(self, entries: torch.Tensor, step: int) -> torch.Tensor:
-        """Record first sightings among ``entries`` (unique int64 [n]); returns the new ones."""
-        new = entries[self.last_step[entries] == NEVER_SEEN]
-        if new.numel():
-            self.num_seen += new.numel()
-            # Utilities of a never-seen entry are 0, so stamping the step loses nothing.
-            self.last_step[new] = step
-        return new
+    @property
+    def null_entry(self) -> int:
+        return self.index.capacity
+
+    def lookup(self, keys: torch.Tensor) -> torch.Tensor:
+        """Entry int64 [n] of each key of ``keys`` int64 [n]; ``null_entry`` where not resident."""
+        entries = self.index.lookup(keys)
+        return torch.where(entries >= 0, entries, torch.full_like(entries, self.null_entry))
+
+    def seen(self) -> torch.Tensor:
+        """Resident entries, int64 [num_seen], ascending."""
+        return (self.last_step[:-1] != NEVER_SEEN).nonzero().squeeze(1)
+
+    def keys_of(self, entries: torch.Tensor) -> torch.Tensor:
+        """Key int64 [n] of each resident entry of ``entries`` int64 [n]."""
+        return self.index.keys[entries]
+
+    def clear_null(self) -> None:
+        """Forget what a backward wrote into the null entry."""
+        self.utilities[-1] = 0.0
+        self.last_step[-1] = NEVER_SEEN

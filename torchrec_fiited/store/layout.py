@@ -1,17 +1,24 @@
 """VHPI layout: the terms every FIITED module uses, defined once.
 
-A table with ``E`` entries (``num_embeddings``) and dim ``D`` is split into ``K`` chunks of
-``chunk_size = D / K`` floats. ``chunk_id`` k in [0, K) names the k-th slice ``[k*chunk_size,
-(k+1)*chunk_size)`` of every row.
+A table with ``E`` rows (``num_embeddings``, the id space) and dim ``D`` is split into ``K``
+chunks of ``chunk_size = D / K`` floats. ``chunk_id`` k in [0, K) names the k-th slice
+``[k*chunk_size, (k+1)*chunk_size)`` of every row.
 
-Virtually hashed (one entry per row, per table; see ``EntryTable``):
+Virtually hashed (store v2: entries exist only for resident ids; see ``EntryTable``). One entry
+table per pool, shared by the pool's tables, keyed by (table, row) as in the paper:
 
-    entry             row index in [0, E): the id itself, or ``hash(id) % E`` with ``hash_ids``
-    chunk_slots       int32 [E, K]  pool slot of chunk k of entry e, or PRUNED (-1)
-    live_mask         uint8 [E]     bit k set iff chunk k is live (the paper's K-bit mask)
-    utilities         fp32  [E, K]  u = gamma * u + a * g, stored as of step last_step[e]
-    last_step         int32 [E]     step the entry's utilities were last brought up to date;
-                                    NEVER_SEEN (-1) for an entry never looked up in training
+    key               int64 ``table_index << 56 | row`` (``entry_key``): row in [0, E) is the id
+                      itself, or ``hash(id) % E`` with ``hash_ids``; table_index is the table's
+                      position among the collection's global tables
+    entry             slot of a key in the pool's ResidentHashTable, in [0, S); S is the null
+                      entry that every non-resident id reads (no chunk, never updated)
+    chunk_slots       int32 [S + 1, K]  pool slot of chunk k of entry e, or PRUNED (-1)
+    utilities         fp32  [S + 1, K]  u = gamma * u + a * g, stored as of step last_step[e]
+    last_step         int32 [S + 1]     step the entry's utilities were last brought up to date;
+                                        NEVER_SEEN (-1) for a free entry
+
+Non-resident ids (no entry) accumulate their utility in a count-min sketch (``UtilitySketch``)
+and read zeros, or a small hashed fallback table (``HashedFallback``) with ``miss="hashed"``.
 
 Physically indexed (one pool per group of tables sharing a budget; see ``ChunkPool``):
 
@@ -41,6 +48,26 @@ import torch
 
 PRUNED = -1
 NEVER_SEEN = -1
+
+
+ROW_BITS = 56  # rows of a key: ids below 2^56; the top 7 bits name the table (< 128 tables)
+MAX_TABLES = 1 << (63 - ROW_BITS)
+_ROW_MASK = (1 << ROW_BITS) - 1
+
+
+def entry_key(table_index: int, rows: torch.Tensor) -> torch.Tensor:
+    """Keys int64 [n] of ``rows`` (global rows, int64 [n]) of the table at ``table_index``."""
+    return (rows.to(torch.int64) & _ROW_MASK) | (table_index << ROW_BITS)
+
+
+def key_table(keys: torch.Tensor) -> torch.Tensor:
+    """Table index int64 [n] of each key."""
+    return keys >> ROW_BITS
+
+
+def key_row(keys: torch.Tensor) -> torch.Tensor:
+    """Global row int64 [n] of each key."""
+    return keys & _ROW_MASK
 
 
 def live_from_mask(live_mask: torch.Tensor, num_chunks: int) -> torch.Tensor:

@@ -1,25 +1,34 @@
-"""VHPIStore: entry tables plus chunk pools, mutated only through allocate/evict.
+"""VHPIStore (store v2): per pool, resident entries in a hash table, a utility sketch for the
+rest, chunk pools; per table, an optional hashed fallback and FIITED-2D column map.
 
-The store knows nothing about utilities or thresholds (that is ``policy/``): it hands out slots,
-takes them back, and keeps chunk_slots, live_mask and the pool counters consistent.
+The store knows nothing about thresholds (that is ``policy/``): it resolves keys, admits and
+erases entries, hands out slots and takes them back, and keeps keys, chunk_slots and the pool
+counters consistent. Every tensor it holds is sized by ``store.sizing`` from the budget; none by
+``num_embeddings``.
 """
 
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
+from torchrec_fiited.ops.hash_reference import EMPTY_KEY, bucket_of
 from torchrec_fiited.store.chunk_pool import ChunkPool
 from torchrec_fiited.store.dim_map import DimMap, kept_errors, restrict_columns
 from torchrec_fiited.store.entry_table import EntryTable
+from torchrec_fiited.store.fallback import HashedFallback
 from torchrec_fiited.store.layout import (
     NEVER_SEEN,
     PRUNED,
     counter_uniform,
-    mask_from_live,
+    entry_key,
+    key_row,
+    key_table,
     table_key,
 )
+from torchrec_fiited.store.sizing import SKETCH_DEPTH, PoolSizes
+from torchrec_fiited.store.sketch import UtilitySketch
 
 # Chunks initialised per block in ``VHPIStore.allocate``.
 _INIT_BLOCK = 8192
@@ -31,15 +40,17 @@ class TableLayout:
 
     Args:
         name: table name.
-        num_entries: E.
+        num_entries: E, rows of the id space (sizes nothing).
         dim: D.
         chunk_size: D / K.
-        pool: name of the ChunkPool holding its chunks.
+        pool: name of the pool holding its entries and chunks.
         init_low: lower bound of the uniform init of a (re)allocated chunk.
         init_high: upper bound of it.
         global_name: the logical table this is a shard of (``name`` when unsharded).
-        row_offset: global row of local entry 0 (row-wise shards).
+        row_offset: global row of local row 0 (row-wise shards).
         chunk_offset: global chunk index of local chunk 0 (column-wise shards).
+        table_index: position of the logical table among the collection's global tables (the
+            top bits of its keys).
     """
 
     name: str
@@ -52,6 +63,7 @@ class TableLayout:
     global_name: str = ""
     row_offset: int = 0
     chunk_offset: int = 0
+    table_index: int = 0
 
     @property
     def logical_name(self) -> str:
@@ -63,19 +75,18 @@ class VHPIStore(nn.Module):
 
     Args:
         layouts: one ``TableLayout`` per table.
-        pool_capacities: slots of each pool named in the layouts.
+        sizes: per pool named in the layouts, the sizes of its tensors (``store.sizing``).
         num_chunks: K.
         optimizer: fixes the per-slot optimizer state shape.
         device: where the tensors live.
         seed: keys the initial values of allocated chunks (see ``init_values``).
-        dim_pruning: give every table a ``DimMap`` (FIITED-2D), so its pool can later store
-            only some columns of each chunk (``restrict_columns``).
+        dim_pruning: give every table a ``DimMap`` (FIITED-2D).
     """
 
     def __init__(
         self,
         layouts: Sequence[TableLayout],
-        pool_capacities: Mapping[str, int],
+        sizes: Mapping[str, PoolSizes],
         num_chunks: int,
         optimizer: str,
         device: torch.device,
@@ -86,27 +97,73 @@ class VHPIStore(nn.Module):
         self.num_chunks = num_chunks
         self.optimizer = optimizer
         self.seed = seed
+        self.sizes = dict(sizes)
         self.layouts: Dict[str, TableLayout] = {t.name: t for t in layouts}
-        self.tables = nn.ModuleDict(
-            {t.name: EntryTable(t.num_entries, num_chunks, device) for t in layouts}
-        )
         chunk_size = {t.pool: t.chunk_size for t in layouts}
         self.pools = nn.ModuleDict(
+            {p: ChunkPool(s.slots, chunk_size[p], num_chunks, optimizer, device) for p, s in sizes.items()}
+        )
+        self.entries = nn.ModuleDict(
+            {p: EntryTable(s.num_buckets, s.bucket_size, num_chunks, device) for p, s in sizes.items()}
+        )
+        self.sketches = nn.ModuleDict(
+            {p: UtilitySketch(s.sketch_width, SKETCH_DEPTH, num_chunks, device) for p, s in sizes.items()}
+        )
+        self.fallbacks = nn.ModuleDict(
             {
-                name: ChunkPool(cap, chunk_size[name], num_chunks, optimizer, device)
-                for name, cap in pool_capacities.items()
+                t.name: HashedFallback(
+                    sizes[t.pool].fallback_rows[t.name], t.dim, optimizer,
+                    (t.init_low, t.init_high), seed, device,
+                )
+                for t in layouts
+                if sizes[t.pool].fallback_rows.get(t.name, 0) > 0
             }
         )
         # Empty without dimension pruning, so such a store's state_dict keys stay as they were.
         self.dim_maps = nn.ModuleDict(
             {t.name: DimMap(num_chunks, t.chunk_size, device) for t in layouts} if dim_pruning else {}
         )
+        self._by_index: Dict[str, Dict[int, str]] = {}
+        for t in layouts:
+            mine = self._by_index.setdefault(t.pool, {})
+            if t.table_index in mine:
+                raise ValueError(
+                    f"tables {mine[t.table_index]!r} and {t.name!r} share pool {t.pool!r} and "
+                    f"table index {t.table_index}"
+                )
+            mine[t.table_index] = t.name
+
+    # ---- names and keys -----------------------------------------------------------------------
 
     def tables_of_pool(self, pool: str) -> List[str]:
         return [t.name for t in self.layouts.values() if t.pool == pool]
 
     def pool_of(self, table: str) -> ChunkPool:
         return self.pools[self.layouts[table].pool]
+
+    def entries_of(self, table: str) -> EntryTable:
+        return self.entries[self.layouts[table].pool]
+
+    def keys(self, table: str, rows: torch.Tensor) -> torch.Tensor:
+        """Keys int64 [n] of local ``rows`` int64 [n] of ``table``."""
+        layout = self.layouts[table]
+        return entry_key(layout.table_index, rows.to(torch.int64) + layout.row_offset)
+
+    def table_masks(self, pool: str, keys: torch.Tensor) -> List[Tuple[str, torch.Tensor]]:
+        """(table, bool [n]) for each table of ``pool`` that owns some of ``keys``."""
+        idx = key_table(keys)
+        out = []
+        for i, name in self._by_index[pool].items():
+            mask = idx == i
+            if bool(mask.any()):
+                out.append((name, mask))
+        return out
+
+    def table_entries(self, table: str) -> torch.Tensor:
+        """Resident entries int64 [n] of ``table`` (ascending)."""
+        et = self.entries_of(table)
+        seen = et.seen()
+        return seen[key_table(et.keys_of(seen)) == self.layouts[table].table_index]
 
     def stored_columns(self, table: str) -> Optional[torch.Tensor]:
         """Row column in [0, D) of each column ``table``'s pool stores, int64 [D_active] in
@@ -125,10 +182,12 @@ class VHPIStore(nn.Module):
         see ``store.dim_map.restrict_columns``. The pool's tensors are replaced."""
         return restrict_columns(self, pool, kept_by_table, step)
 
+    # ---- chunk values -------------------------------------------------------------------------
+
     def init_values(
         self,
         table: str,
-        entries: torch.Tensor,
+        rows: torch.Tensor,
         chunk_ids: torch.Tensor,
         step: int,
         kept: Optional[torch.Tensor] = None,
@@ -137,95 +196,152 @@ class VHPIStore(nn.Module):
 
         Uniform in the table's init range, keyed by (seed, logical table, global row, global
         column, step): a regrown chunk gets new values, and a chunk gets the same values
-        whichever rank or plan holds it. Only the stored columns are drawn: ``kept`` (int64
-        [K, w]), by default the table's current column map.
+        whichever rank or plan holds it. ``rows`` are global rows (``key_row``). Only the stored
+        columns are drawn: ``kept`` (int64 [K, w]), by default the table's current column map.
         """
         layout = self.layouts[table]
         cs = layout.chunk_size
-        rows = (entries.to(torch.int64) + layout.row_offset).unsqueeze(1)
+        rows = rows.to(torch.int64).unsqueeze(1)
         first_col = (chunk_ids.to(torch.int64) + layout.chunk_offset) * cs
         if kept is None and table in self.dim_maps:
             kept = self.dim_maps[table].kept
-        in_chunk = torch.arange(cs, device=entries.device) if kept is None else kept[chunk_ids]
+        in_chunk = torch.arange(cs, device=rows.device) if kept is None else kept[chunk_ids]
         cols = first_col.unsqueeze(1) + in_chunk
         u = counter_uniform([self.seed, table_key(layout.logical_name), rows, cols, step])
         return layout.init_low + (layout.init_high - layout.init_low) * u
 
-    def allocate(
-        self, table: str, entries: torch.Tensor, chunk_ids: torch.Tensor, step: int
-    ) -> None:
-        """Give chunk ``chunk_ids[i]`` of entry ``entries[i]`` a fresh slot (int64 [n] each).
+    # ---- slots --------------------------------------------------------------------------------
+
+    def allocate(self, pool: str, entries: torch.Tensor, chunk_ids: torch.Tensor, step: int) -> None:
+        """Give chunk ``chunk_ids[i]`` of resident entry ``entries[i]`` a fresh slot (int64 [n]).
 
         The chunks must be pruned and the pool must have ``n`` free slots. Each new chunk gets
         ``init_values`` for ``step`` and zeroed optimizer state.
         """
         if entries.numel() == 0:
             return
-        layout = self.layouts[table]
-        pool = self.pools[layout.pool]
-        slots = pool.pop(entries.numel())
-        # In blocks: the counter-based init holds several int64 temporaries per float it draws, so
-        # one call for a cycle's ~100k regrown chunks of 16 floats peaked at +70 MB RSS each
-        # (tests/modules/test_memory.py). The values do not depend on the blocking.
-        for lo in range(0, slots.numel(), _INIT_BLOCK):
-            hi = lo + _INIT_BLOCK
-            pool.reset_slots(
-                slots[lo:hi], self.init_values(table, entries[lo:hi], chunk_ids[lo:hi], step)
-            )
-        et = self.tables[table]
+        et, cp = self.entries[pool], self.pools[pool]
+        slots = cp.pop(entries.numel())
+        keys = et.keys_of(entries)
+        for table, mask in self.table_masks(pool, keys):
+            t_slots, t_rows, t_ks = slots[mask], key_row(keys[mask]), chunk_ids[mask]
+            # In blocks: the counter-based init holds several int64 temporaries per float.
+            for lo in range(0, t_slots.numel(), _INIT_BLOCK):
+                hi = lo + _INIT_BLOCK
+                cp.reset_slots(
+                    t_slots[lo:hi], self.init_values(table, t_rows[lo:hi], t_ks[lo:hi], step)
+                )
         et.chunk_slots[entries, chunk_ids] = slots.to(torch.int32)
-        self._refresh_mask(et, entries)
-        pool.live_per_chunk += torch.bincount(chunk_ids, minlength=self.num_chunks)
+        cp.live_per_chunk += torch.bincount(chunk_ids, minlength=self.num_chunks)
 
-    def evict(self, table: str, entries: torch.Tensor, chunk_ids: torch.Tensor) -> None:
+    def evict(self, pool: str, entries: torch.Tensor, chunk_ids: torch.Tensor) -> None:
         """Prune live chunks ``(entries[i], chunk_ids[i])`` and return their slots to the pool."""
         if entries.numel() == 0:
             return
-        et = self.tables[table]
-        pool = self.pool_of(table)
-        pool.push(et.chunk_slots[entries, chunk_ids])
+        et, cp = self.entries[pool], self.pools[pool]
+        cp.push(et.chunk_slots[entries, chunk_ids])
         et.chunk_slots[entries, chunk_ids] = PRUNED
-        self._refresh_mask(et, entries)
-        pool.live_per_chunk -= torch.bincount(chunk_ids, minlength=self.num_chunks)
+        cp.live_per_chunk -= torch.bincount(chunk_ids, minlength=self.num_chunks)
 
-    @staticmethod
-    def _refresh_mask(et: EntryTable, entries: torch.Tensor) -> None:
-        # Recomputed from chunk_slots: a bit-or through fancy indexing loses repeated entries.
-        touched = torch.unique(entries)
-        et.live_mask[touched] = mask_from_live(et.chunk_slots[touched] >= 0)
+    # ---- entries ------------------------------------------------------------------------------
+
+    def _release(self, pool: str, entries: torch.Tensor, keys: torch.Tensor, utilities: torch.Tensor) -> None:
+        """Free the payload of ``entries`` (their keys already gone from the index): slots back
+        to the pool, decayed ``utilities`` fp32 [n, K] into the sketch under ``keys``."""
+        et = self.entries[pool]
+        rows, ks = (et.chunk_slots[entries] >= 0).nonzero(as_tuple=True)
+        self.evict(pool, entries[rows], ks)
+        self.sketches[pool].add(keys, utilities)
+        et.utilities[entries] = 0.0
+        et.last_step[entries] = NEVER_SEEN
+
+    def erase(self, pool: str, entries: torch.Tensor, utilities: torch.Tensor) -> None:
+        """Make resident ``entries`` (distinct int64 [n]) non-resident; their chunks are freed and
+        their utilities (fp32 [n, K], decayed to now) go to the sketch."""
+        if entries.numel() == 0:
+            return
+        et = self.entries[pool]
+        keys = et.keys_of(entries).clone()
+        et.index.erase(keys)
+        self._release(pool, entries, keys, utilities)
+        et.num_seen -= entries.numel()
 
     def admit(
         self,
-        table: str,
-        entries: torch.Tensor,
+        pool: str,
+        keys: torch.Tensor,
         step: int,
         quota: Sequence[int],
+        decay: float,
     ) -> None:
-        """First-touch admission of ``entries`` (unique int64 [n]) seen in training at ``step``.
+        """Try to make non-resident ``keys`` (distinct int64 [n]) of a training batch resident.
 
-        Entries seen for the first time are recorded; chunk k of each is allocated, in entry
-        order, while the pool has free slots and fewer than ``quota[k]`` live chunk-k chunks.
-        The rest start pruned (reading zeros) and wait for a pruning cycle, where they compete
-        by utility like every other chunk.
+        Each key's score is its sketch estimate (summed over chunks). A key takes a free slot of
+        its hash bucket, else it displaces the bucket's weakest candidate (an entry without a
+        live chunk, scored by its row utility as of the last cycle; see ``protect``) if it beats
+        it, else it stays out. A displaced entry's
+        chunks are freed and its utilities go to the sketch. A new entry starts with the
+        sketch's per-chunk estimate as its utilities; chunk k of new entries is then allocated,
+        in descending estimate, while the pool has free slots and fewer than ``quota[k]`` live
+        chunk-k chunks. The rest start pruned and compete at the next pruning cycle.
         """
-        et = self.tables[table]
-        new = et.mark_seen(entries, step)
-        pool = self.pool_of(table)
+        if keys.numel() == 0:
+            return
+        et, sketch = self.entries[pool], self.sketches[pool]
+        estimate = sketch.estimate(keys)
+        score = estimate.sum(1)
+        slots, evicted_keys, evicted = et.index.insert(keys, score)
+        if evicted.numel():
+            u = self._decayed(et, evicted, step, decay)
+            self._release(pool, evicted, evicted_keys, u)
+            et.num_seen -= evicted.numel()
+        placed = slots >= 0
+        new, estimate, score = slots[placed], estimate[placed], score[placed]
+        if new.numel() == 0:
+            return
+        et.utilities[new] = estimate
+        et.last_step[new] = step
+        et.num_seen += new.numel()
+        new = new[torch.sort(score, descending=True, stable=True).indices]
+        cp = self.pools[pool]
         for k in range(self.num_chunks):
-            room = min(pool.free_count(), int(quota[k]) - int(pool.live_per_chunk[k]))
-            if room <= 0 or new.numel() == 0:
+            room = min(cp.free_count(), int(quota[k]) - int(cp.live_per_chunk[k]))
+            if room <= 0:
                 continue
             take = new[:room]
-            self.allocate(table, take, torch.full_like(take, k), step)
+            self.allocate(pool, take, torch.full_like(take, k), step)
+        self.protect(pool, new)
+
+    def protect(self, pool: str, entries: torch.Tensor) -> None:
+        """Make entries holding a live chunk impossible to displace at admission (score +inf).
+
+        Chunks are won and lost at pruning cycles, by thresholds over the pool's sample; an
+        admission only displaces a *candidate* (an entry without a chunk). Otherwise every cold id
+        over-estimated by the sketch could knock out a row with trained chunks between cycles."""
+        et = self.entries[pool]
+        holds = (et.chunk_slots[entries] >= 0).any(1)
+        et.index.scores[entries[holds]] = float("inf")
+
+    @staticmethod
+    def _decayed(et: EntryTable, entries: torch.Tensor, step: int, decay: float) -> torch.Tensor:
+        age = (step - et.last_step[entries].to(torch.int64)).clamp(min=0).to(torch.float32)
+        return et.utilities[entries] * torch.pow(decay, age).unsqueeze(1)
+
+    # ---- dense views (small tables: tests, export) ---------------------------------------------
 
     def dense_weights(self, table: str) -> torch.Tensor:
-        """The logical table: fp32 [E, D], pruned chunks and pruned dimensions as zeros."""
-        et = self.tables[table]
-        pool = self.pool_of(table)
-        slots = et.chunk_slots.to(torch.int64)
+        """The logical table: fp32 [E, D], pruned chunks, non-resident rows and pruned dimensions
+        as zeros. Needs E x D floats: a view for tests and small tables, not a checkpoint form."""
+        layout = self.layouts[table]
+        et, cp = self.entries_of(table), self.pool_of(table)
+        entries = self.table_entries(table)
+        slots = et.chunk_slots[entries].to(torch.int64)
         live = slots >= 0
-        stored = pool.weights[slots.clamp(min=0)] * live.unsqueeze(-1)  # [E, K, stored_width]
-        return self.widen(table, stored.reshape(et.num_entries, -1))
+        stored = cp.weights[slots.clamp(min=0)] * live.unsqueeze(-1)
+        out = torch.zeros(layout.num_entries, self.active_dim(table), device=cp.weights.device)
+        rows = key_row(et.keys_of(entries)) - layout.row_offset
+        out[rows] = stored.reshape(entries.numel(), out.shape[1])  # -1 is ambiguous at 0 entries
+        return self.widen(table, out)
 
     def widen(self, table: str, stored: torch.Tensor) -> torch.Tensor:
         """[n, D_active] in storage order -> [n, D] with pruned dimensions as zeros."""
@@ -241,46 +357,57 @@ class VHPIStore(nn.Module):
         return full if cols is None else full.index_select(1, cols)
 
     def load_dense_weights(self, table: str, weights: torch.Tensor) -> None:
-        """Make every entry of ``table`` seen with all chunks live, holding ``weights`` [E, D].
+        """Make every row of ``table`` resident with all chunks live, holding ``weights`` [E, D].
 
         Raises:
             ValueError: if the shape is wrong, the table was already trained, or its pool lacks
-                the free slots for every chunk (a budget below 1 cannot hold a full table).
+                the free entries or slots for every row and chunk.
         """
         layout = self.layouts[table]
-        et = self.tables[table]
+        et, cp = self.entries_of(table), self.pool_of(table)
         E, D, K = layout.num_entries, layout.dim, self.num_chunks
         if tuple(weights.shape) != (E, D):
             raise ValueError(
                 f"table {table!r}: dense weights must have shape ({E}, {D}), got {tuple(weights.shape)}"
             )
-        if int(et.num_seen) != 0:
+        if self.table_entries(table).numel() != 0:
             raise ValueError(f"table {table!r}: dense weights can only be loaded into a fresh table")
-        pool = self.pool_of(table)
-        if pool.free_count() < E * K:
+        if cp.free_count() < E * K:
             raise ValueError(
                 f"table {table!r}: loading {E * K} chunks needs that many free slots, the pool "
-                f"{layout.pool!r} has {pool.free_count()} (raise the budget to 1.0)"
+                f"{layout.pool!r} has {cp.free_count()} (raise the budget)"
             )
-        entries = torch.arange(E, device=et.chunk_slots.device)
-        et.mark_seen(entries, 0)
-        rows = entries.repeat_interleave(K)
+        rows = torch.arange(E, device=cp.weights.device)
+        keys = self.keys(table, rows)
+        slots, _, evicted = et.index.insert(keys, torch.zeros(E, device=keys.device))
+        if evicted.numel() or bool((slots < 0).any()):
+            et.index.erase(keys[slots >= 0])
+            raise ValueError(
+                f"table {table!r}: the pool's hash table cannot hold all {E} rows (raise the budget)"
+            )
+        et.last_step[slots] = 0
+        et.num_seen += E
+        entries = slots.repeat_interleave(K)
         chunk_ids = torch.arange(K, device=rows.device).repeat(E)
-        self.allocate(table, rows, chunk_ids, 0)
-        slots = et.chunk_slots.to(torch.int64).reshape(-1)
-        stored = self.narrow(table, weights.detach().to(pool.weights))
-        pool.weights[slots] = stored.reshape(E * K, pool.stored_width)
+        self.allocate(layout.pool, entries, chunk_ids, 0)
+        flat = et.chunk_slots[entries, chunk_ids].to(torch.int64)
+        stored = self.narrow(table, weights.detach().to(cp.weights))
+        cp.weights[flat] = stored.reshape(E * K, cp.stored_width)
+
+    # ---- consistency ---------------------------------------------------------------------------
 
     def invariant_errors(self, state: Optional[Mapping[str, torch.Tensor]] = None) -> List[str]:
         """Consistency problems in ``state`` (this store's own state_dict by default).
 
-        Checks every slot is referenced at most once across live chunks and the free stack
-        together, free + live = capacity, masks agree with slots, and the seen bookkeeping.
+        Per pool: every slot referenced exactly once by live chunks and the free stack together,
+        live counts agree with chunk_slots; resident keys unique, in their bucket and of this
+        pool's tables, residency agrees with last_step, the null entry holds nothing.
         """
         state = self.state_dict() if state is None else state
         errors: List[str] = []
         for pool_name, pool in self.pools.items():
             errors += self._pool_errors(pool_name, pool.capacity, state)
+            errors += self._entry_errors(pool_name, state)
             errors += self._dim_errors(pool_name, state)
         return errors
 
@@ -299,27 +426,47 @@ class VHPIStore(nn.Module):
                 errors.append(f"table {table!r}: dim_maps kept {problem}")
         return errors
 
+    def _entry_errors(self, pool_name: str, state) -> List[str]:
+        e = f"entries.{pool_name}."
+        keys = state[e + "index.keys"]
+        last = state[e + "last_step"]
+        resident = keys != EMPTY_KEY
+        errors: List[str] = []
+        if not torch.equal(resident, last[:-1] != NEVER_SEEN):
+            errors.append(f"pool {pool_name!r}: resident keys disagree with last_step")
+        if bool((state[e + "chunk_slots"][-1] != PRUNED).any()) or int(last[-1]) != NEVER_SEEN:
+            errors.append(f"pool {pool_name!r}: the null entry holds state")
+        if bool((state[e + "chunk_slots"][:-1][~resident] != PRUNED).any()):
+            errors.append(f"pool {pool_name!r}: a free entry holds live chunks")
+        if int(state[e + "num_seen"]) != int(resident.sum()):
+            errors.append(f"pool {pool_name!r}: num_seen={int(state[e + 'num_seen'])} but "
+                          f"{int(resident.sum())} keys are resident")
+        k = keys[resident]
+        if torch.unique(k).numel() != k.numel():
+            errors.append(f"pool {pool_name!r}: a key is resident twice")
+        W = self.entries[pool_name].index.bucket_size
+        home = bucket_of(k, keys.numel() // W)
+        if bool((home != resident.nonzero().squeeze(1) // W).any()):
+            errors.append(f"pool {pool_name!r}: a key sits outside its hash bucket")
+        known = torch.tensor(sorted(self._by_index[pool_name]), dtype=torch.int64)
+        if k.numel() and not bool(torch.isin(key_table(k).cpu(), known).all()):
+            errors.append(f"pool {pool_name!r}: a key names a table outside the pool")
+        u = state[e + "utilities"]
+        if not bool(torch.isfinite(u).all()) or bool((u < 0).any()):
+            errors.append(f"pool {pool_name!r}: utilities must be finite and >= 0")
+        return errors
+
     def _pool_errors(self, pool_name: str, capacity: int, state) -> List[str]:
         p = f"pools.{pool_name}."
         num_free = int(state[p + "num_free"])
         if not 0 <= num_free <= capacity:
             return [f"pool {pool_name!r}: num_free={num_free} outside [0, {capacity}]"]
-        refs = [state[p + "free_stack"][:num_free].to(torch.int64)]
-        live_per_chunk = torch.zeros(self.num_chunks, dtype=torch.int64)
+        slots = state[f"entries.{pool_name}.chunk_slots"].to(torch.int64)
+        if bool(((slots < PRUNED) | (slots >= capacity)).any()):
+            return [f"pool {pool_name!r}: chunk_slots outside [-1, {capacity})"]
+        live = slots >= 0
+        refs = torch.cat([state[p + "free_stack"][:num_free].to(torch.int64).cpu(), slots[live].cpu()])
         errors: List[str] = []
-        for table in self.tables_of_pool(pool_name):
-            t = f"tables.{table}."
-            slots = state[t + "chunk_slots"].to(torch.int64)
-            live = slots >= 0
-            if bool(((slots < PRUNED) | (slots >= capacity)).any()):
-                errors.append(f"table {table!r}: chunk_slots outside [-1, {capacity})")
-                continue
-            if not torch.equal(mask_from_live(live), state[t + "live_mask"]):
-                errors.append(f"table {table!r}: live_mask disagrees with chunk_slots")
-            refs.append(slots[live])
-            live_per_chunk += live.sum(0).cpu()
-            errors += _seen_errors(table, state, t)
-        refs = torch.cat([r.cpu() for r in refs])
         if refs.numel() and (refs.min() < 0 or refs.max() >= capacity):
             errors.append(f"pool {pool_name!r}: free_stack holds slots outside [0, {capacity})")
         elif refs.numel() != capacity or torch.unique(refs).numel() != capacity:
@@ -327,16 +474,6 @@ class VHPIStore(nn.Module):
                 f"pool {pool_name!r}: live + free slots must cover each of {capacity} slots "
                 f"exactly once, got {refs.numel()} references to {torch.unique(refs).numel()} slots"
             )
-        if not torch.equal(live_per_chunk, state[p + "live_per_chunk"].cpu()):
+        if not torch.equal(live.sum(0).cpu(), state[p + "live_per_chunk"].cpu()):
             errors.append(f"pool {pool_name!r}: live_per_chunk disagrees with chunk_slots")
         return errors
-
-
-def _seen_errors(table: str, state, t: str) -> List[str]:
-    num_seen = int(state[t + "num_seen"])
-    seen_flag = state[t + "last_step"] != NEVER_SEEN
-    if num_seen != int(seen_flag.sum()):
-        return [f"table {table!r}: num_seen={num_seen} but {int(seen_flag.sum())} entries are seen"]
-    if bool(((state[t + "chunk_slots"] >= 0).any(1) & ~seen_flag).any()):
-        return [f"table {table!r}: an entry never seen holds live chunks"]
-    return []

@@ -1,0 +1,195 @@
+"""Every byte of a FIITED pool, defined once: what the budget buys and how it is split.
+
+``budget`` is the fraction of the unpruned tables' bytes (fp32 weights plus the same optimizer's
+state: one fp32 per row for rowwise Adagrad, one per float for Adagrad, none for SGD) that a
+pool holds *in total*: chunk weights, their optimizer state and free stack, the resident
+entries' hash table and payload, the utility sketch, the hashed fallback, the FIITED-2D maps
+and the counters. ``pool_bytes`` is the exact sum of the tensors the store allocates for a
+``PoolSizes``; ``size_pool`` picks the largest sizes whose ``pool_bytes`` fit the budget.
+
+The split (``size_pool``): fixed tensors first; then ``fallback_fraction`` of the budget to the
+fallback tables (``miss="hashed"`` only, per table in proportion to its full bytes);
+``sketch_fraction`` to the sketch (only when the pool cannot hold an entry for every row); the
+rest to entries and chunk slots at ``entries_per_slot`` entries per slot. The default,
+1.25 / max(1, K / 2), expects a resident row to hold half of its K chunks (chunk skew: chunk 0
+for many rows, the last chunks for few) with a quarter more entries kept as candidates; K=1
+(AdaEmbed) gets 1.25 entries per slot, the candidates. When every row and every chunk fits,
+the pool takes exactly that (entries for all rows at load <= 1/2, a slot for every chunk) and
+leaves the rest of the budget unspent.
+"""
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+from torchrec_fiited.store.chunk_pool import OPTIMIZER_STATE_SHAPES
+
+INT64, FP32, INT32 = 8, 4, 4
+SKETCH_DEPTH = 2
+MIN_BUCKET, DEFAULT_BUCKET = 8, 32
+# Entries per hash-table slot when every row of the pool fits: low enough that no bucket of 32
+# overflows in practice (Poisson(16) > 32 is ~1e-4 per bucket).
+FULL_LOAD = 0.5
+
+
+def _numel(shape) -> int:
+    return math.prod(shape)
+
+
+def optimizer_floats(optimizer: str, rows: int, width: int) -> int:
+    """fp32 values of optimizer state for ``rows`` rows of ``width`` floats."""
+    return _numel(OPTIMIZER_STATE_SHAPES[optimizer](rows, width))
+
+
+def full_table_bytes(num_rows: int, dim: int, optimizer: str) -> int:
+    """Bytes of the unpruned table: fp32 [E, D] and the optimizer's state (rowwise: [E])."""
+    return FP32 * (num_rows * dim + optimizer_floats(optimizer, num_rows, dim))
+
+
+def entry_bytes(num_chunks: int) -> int:
+    """Bytes per hash-table slot: key, score, K chunk slots, K utilities, last_step."""
+    return INT64 + FP32 + INT32 * num_chunks + FP32 * num_chunks + INT32
+
+
+def slot_bytes(chunk_size: int, optimizer: str) -> int:
+    """Bytes per pool slot: weights, optimizer state, free-stack entry."""
+    return FP32 * (chunk_size + optimizer_floats(optimizer, 1, chunk_size)) + INT32
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """What sizing needs of one table of a pool."""
+
+    name: str
+    num_rows: int
+    dim: int
+
+
+@dataclass(frozen=True)
+class PoolSizes:
+    """The sizes of one pool's tensors.
+
+    Args:
+        slots: chunk slots.
+        num_buckets: buckets of the entry hash table (S = num_buckets * bucket_size entries).
+        bucket_size: W.
+        sketch_width: cells per sketch row (0: no sketch).
+        fallback_rows: hashed fallback rows per table (0: reads zeros).
+    """
+
+    slots: int
+    num_buckets: int
+    bucket_size: int
+    sketch_width: int
+    fallback_rows: Dict[str, int] = field(default_factory=dict)
+
+    @property
+    def entries(self) -> int:
+        return self.num_buckets * self.bucket_size
+
+
+def fixed_bytes(tables: Sequence[TableSpec], num_chunks: int, optimizer: str, dim_pruning: bool) -> int:
+    """Bytes that do not depend on the sizes: counters, the null entry, FIITED-2D maps, the
+    module's step counter (charged to every pool, so each pool's total stays within budget)."""
+    K = num_chunks
+    pool = INT64 + INT64 * K  # num_free, live_per_chunk
+    entries = INT32 * K + FP32 * K + INT32 + 3 * INT64  # null entry, num_seen, last-cycle counts
+    entries += INT64  # the sketch's decay step
+    dims = 0
+    if dim_pruning:
+        dims = sum((INT64 + FP32) * t.dim + INT64 for t in tables)  # kept, utilities, step
+    return pool + entries + dims + INT64  # + steps_done
+
+
+def pool_bytes(sizes: PoolSizes, tables: Sequence[TableSpec], num_chunks: int, optimizer: str,
+               dim_pruning: bool = False) -> Dict[str, int]:
+    """Bytes of each component of a pool of ``sizes`` (chunk size from the first table)."""
+    K = num_chunks
+    cs = tables[0].dim // K
+    fallback = sum(
+        FP32 * (sizes.fallback_rows.get(t.name, 0) * t.dim
+                + optimizer_floats(optimizer, sizes.fallback_rows.get(t.name, 0), t.dim))
+        for t in tables
+    )
+    out = {
+        "chunks": sizes.slots * slot_bytes(cs, optimizer),
+        "entries": sizes.entries * entry_bytes(K),
+        "sketch": FP32 * SKETCH_DEPTH * sizes.sketch_width * K if sizes.sketch_width else 0,
+        "fallback": fallback,
+        "fixed": fixed_bytes(tables, K, optimizer, dim_pruning),
+    }
+    out["total"] = sum(out.values())
+    return out
+
+
+def default_entries_per_slot(num_chunks: int) -> float:
+    return 1.25 / max(1.0, num_chunks / 2)
+
+
+def size_pool(
+    tables: Sequence[TableSpec],
+    budget: float,
+    num_chunks: int,
+    optimizer: str,
+    *,
+    miss: str = "zeros",
+    fallback_fraction: float = 0.1,
+    sketch_fraction: float = 0.05,
+    entries_per_slot: Optional[float] = None,
+    bucket_size: int = DEFAULT_BUCKET,
+    dim_pruning: bool = False,
+    budget_bytes: Optional[float] = None,
+) -> PoolSizes:
+    """The largest sizes of one pool whose ``pool_bytes`` fit ``budget`` x its full bytes.
+
+    Args:
+        tables: the pool's tables (one chunk size).
+        budget: fraction of the full bytes, in (0, 1].
+        budget_bytes: the bytes to fit instead (a shard's share); overrides ``budget``.
+
+    Raises:
+        ValueError: naming the tables, if the budget cannot hold one bucket and one slot.
+    """
+    K = num_chunks
+    cs = tables[0].dim // K
+    full = sum(full_table_bytes(t.num_rows, t.dim, optimizer) for t in tables)
+    B = budget * full if budget_bytes is None else budget_bytes
+    names = [t.name for t in tables]
+    left = B - fixed_bytes(tables, K, optimizer, dim_pruning)
+    rows = sum(t.num_rows for t in tables)
+    e, c = entry_bytes(K), slot_bytes(cs, optimizer)
+
+    fallback_rows: Dict[str, int] = {}
+    if miss == "hashed":
+        spend = fallback_fraction * B
+        for t in tables:
+            share = spend * full_table_bytes(t.num_rows, t.dim, optimizer) / full
+            per_row = full_table_bytes(1, t.dim, optimizer)
+            fallback_rows[t.name] = min(t.num_rows, int(share // per_row))
+        left -= sum(full_table_bytes(n, t.dim, optimizer) for t in tables
+                    for n in [fallback_rows[t.name]])
+
+    # Everything fits: entries for every row at load <= FULL_LOAD and a slot for every chunk.
+    W = bucket_size
+    all_buckets = max(1, math.ceil(rows / FULL_LOAD / W))
+    if all_buckets * W * e + rows * K * c <= left:
+        return PoolSizes(rows * K, all_buckets, W, 0, fallback_rows)
+
+    sketch_width = int(sketch_fraction * B // (FP32 * SKETCH_DEPTH * K))
+    left -= FP32 * SKETCH_DEPTH * K * sketch_width
+    alpha = default_entries_per_slot(K) if entries_per_slot is None else entries_per_slot
+    slots = int(left / (alpha * e + c))
+    entries = alpha * slots
+    W = bucket_size
+    while W > MIN_BUCKET and entries < W:
+        W //= 2
+    num_buckets = max(1, int(entries // W))
+    slots = int((left - num_buckets * W * e) // c)
+    slots = min(slots, rows * K)
+    if slots < 1 or left < num_buckets * W * e:
+        need = fixed_bytes(tables, K, optimizer, dim_pruning) + MIN_BUCKET * e + c
+        raise ValueError(
+            f"budget {budget:g} ({B:.0f} bytes) cannot hold one bucket of {MIN_BUCKET} entries and "
+            f"one chunk slot for tables {names} (needs at least {need} bytes)"
+        )
+    return PoolSizes(slots, num_buckets, W, sketch_width, fallback_rows)

@@ -1,0 +1,80 @@
+"""Count-min sketch of decayed chunk utilities for ids without an entry (store v2 admission).
+
+A non-resident id still earns utility (its gradient at the zero row it reads); the sketch keeps
+an over-estimate of it in fixed memory, so that the id can win an entry later without the store
+holding anything per id. CAFE (SIGMOD'24) keeps cold ids' importance the same way (HotSketch).
+"""
+
+import torch
+from torch import nn
+
+from torchrec_fiited.store.layout import _mix64
+
+# Per-row salts of the depth hash functions (arbitrary odd 63-bit constants).
+_SALTS = (0x2545F4914F6CDD1D, 0x5851F42D4C957F2D, 0x14057B7EF767814F, 0x3C6EF372FE94F82B)
+
+
+class UtilitySketch(nn.Module):
+    """``depth`` rows of ``width`` cells, each a K-vector of utilities (fp32 [depth, width, K]).
+
+    ``add`` raises one cell per row (conservative update), ``estimate`` takes the minimum over
+    the rows (per chunk), so an estimate never falls below the true decayed sum of what was added
+    for a key (collisions only add). ``decay_to`` multiplies everything by gamma^age at a pruning cycle, so within a cycle
+    interval additions are not decayed against each other (an over-estimate by at most
+    gamma^-T). ``width == 0`` is a sketch that holds nothing: every estimate is 0.
+
+    Args:
+        width: cells per row.
+        depth: rows (hash functions), 1-4.
+        num_chunks: K.
+        device: where the tensor lives.
+    """
+
+    def __init__(self, width: int, depth: int, num_chunks: int, device: torch.device) -> None:
+        super().__init__()
+        if not 1 <= depth <= len(_SALTS):
+            raise ValueError(f"sketch depth must be in [1, {len(_SALTS)}], got {depth}")
+        self.width = int(width)
+        self.depth = depth if width > 0 else 0
+        self.num_chunks = num_chunks
+        self.register_buffer("counts", torch.zeros(self.depth, self.width, num_chunks, device=device))
+        self.register_buffer("decayed_to", torch.tensor(0, dtype=torch.int64, device=device))
+
+    def _cells(self, keys: torch.Tensor) -> torch.Tensor:
+        """Cell int64 [depth, n] of each key in each row."""
+        return torch.stack(
+            [torch.remainder(_mix64(keys ^ salt), self.width) for salt in _SALTS[: self.depth]]
+        )
+
+    def add(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Add ``values`` fp32 [n, K] (>= 0) to distinct ``keys`` int64 [n], by conservative update:
+        each of a key's cells is raised to at most (its current estimate + value), never added to
+        blindly. The estimate still never falls below the true sum, and a tail key no longer
+        inherits the whole mass of the keys it collides with (the count-min over-estimate that
+        made cold ids look hot and displace residents)."""
+        if self.width == 0 or keys.numel() == 0:
+            return
+        cells = self._cells(keys)
+        target = self._min_over_rows(cells) + values.to(self.counts.dtype)
+        for r in range(self.depth):
+            index = cells[r].unsqueeze(1).expand(-1, self.num_chunks)
+            self.counts[r].scatter_reduce_(0, index, target, reduce="amax")
+
+    def _min_over_rows(self, cells: torch.Tensor) -> torch.Tensor:
+        est = self.counts[0][cells[0]]
+        for r in range(1, self.depth):
+            est = torch.minimum(est, self.counts[r][cells[r]])
+        return est
+
+    def estimate(self, keys: torch.Tensor) -> torch.Tensor:
+        """Over-estimated utilities fp32 [n, K] of ``keys`` int64 [n]."""
+        if self.width == 0:
+            return torch.zeros(keys.numel(), self.num_chunks, device=self.counts.device)
+        return self._min_over_rows(self._cells(keys))
+
+    def decay_to(self, step: int, gamma: float) -> None:
+        """Bring every cell to ``step``: multiply by gamma ** (step - the last decay's step)."""
+        age = step - int(self.decayed_to)
+        if self.width and age > 0 and gamma != 1.0:
+            self.counts.mul_(gamma**age)
+        self.decayed_to.fill_(max(step, int(self.decayed_to)))
