@@ -31,9 +31,9 @@ stacks 3.9, entries 29.1, sketch 5.2); peak above baseline after build 103.8 MB,
 steps with 4 cycles 193.9-199.3 MB (1.86-1.92x over 3 runs, PASS) with glibc's default,
 174.8 MB (1.68x) with the mmap threshold fixed at 128 KiB. The peak is the pruning cycle: a
 step alone peaks at ~130-137 MB (the batch's [8192, 256] gradient and output, 8.4 MB each, and
-the lookups' tensors); the cycle adds ~50 MB of whole-pool temporaries at 605k resident entries (``--mem-lines 2``:
-apply_decision 48.9 MB, of which the decayed utilities 26.5 MB, the sample's counter_uniform
-over every resident key 19.2 MB).
+the lookups' tensors); the cycle adds ~50 MB of whole-pool temporaries at 605k resident
+entries (``--mem-lines 2``: apply_decision 48.9 MB, of which the decayed utilities 26.5 MB;
+the sample's counter_uniform over every resident key 19.2 MB).
 
 Usage::
 
