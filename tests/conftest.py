@@ -1,6 +1,6 @@
 """Shared builders for the tests: small table sets and random KJTs."""
 
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import pytest
 import torch
@@ -48,3 +48,31 @@ def random_kjt(
 @pytest.fixture
 def gen() -> torch.Generator:
     return torch.Generator().manual_seed(1234)
+
+
+def touched_rows(tables: List[EmbeddingBagConfig], kjt: KeyedJaggedTensor) -> Dict[str, torch.Tensor]:
+    """Distinct ids (int64, ascending) each table of ``tables`` reads in ``kjt``."""
+    per_feature = kjt.to_dict()
+    out = {}
+    for t in tables:
+        ids = [per_feature[f].values() for f in t.feature_names if f in per_feature]
+        out[t.name] = torch.unique(torch.cat(ids).to(torch.int64)) if ids else torch.zeros(0, dtype=torch.int64)
+    return out
+
+
+def assert_resident(module, rows_by_table: Dict[str, torch.Tensor]) -> None:
+    """Every row of ``rows_by_table`` (table -> local rows) has an entry with every chunk live:
+    store v2 admission refused nothing, so a comparison that reads these rows is not vacuous."""
+    store = module.store
+    for table, rows in rows_by_table.items():
+        et = store.entries_of(table)
+        entries = et.lookup(store.keys(table, rows))
+        refused = rows[entries == et.null_entry]
+        assert refused.numel() == 0, f"table {table!r}: rows {refused.tolist()} got no entry"
+        pruned = (et.chunk_slots[entries] < 0).any(1)
+        assert not bool(pruned.any()), f"table {table!r}: rows {rows[pruned].tolist()} lack a chunk"
+
+
+def module_bytes(module) -> int:
+    """Bytes of every tensor (buffer and parameter) ``module`` holds."""
+    return sum(t.numel() * t.element_size() for t in list(module.buffers()) + list(module.parameters()))

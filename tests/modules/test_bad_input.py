@@ -7,6 +7,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from tests.conftest import make_tables, random_kjt
 from torchrec_fiited import FiitedConfig, FiitedEmbeddingBagCollection
+from torchrec_fiited.config.fiited_config import MAX_NUM_CHUNKS
 
 
 def _module(**kw):
@@ -68,7 +69,7 @@ def test_not_a_kjt():
         ({"budget": 0.0}, r"budget must be in \(0, 1\], got 0.0"),
         ({"budget": 1.5}, r"budget must be in \(0, 1\], got 1.5"),
         ({"table_budgets": {"t0": -0.1}}, r"table_budgets\['t0'\] must be in \(0, 1\]"),
-        ({"num_chunks": 0}, r"num_chunks must be an integer \[1, 8\], got 0"),
+        ({"num_chunks": 0}, rf"num_chunks must be an integer \[1, {MAX_NUM_CHUNKS}\], got 0"),
         ({"num_chunks": 3}, "not divisible by num_chunks=3"),
         ({"ratio_mode": "auto"}, "ratio_mode must be one of"),
         ({"utility": "grad"}, "utility must be one of"),
@@ -80,7 +81,13 @@ def test_not_a_kjt():
         ({"sample_size": 0}, "sample_size must be an integer >= 1"),
         ({"enforce_ratio": 2.0}, r"enforce_ratio must be in \[0, 1\]"),
         ({"table_budgets": {"nope": 0.5}}, r"table_budgets names unknown tables \['nope'\]"),
-        ({"budget": 1e-4}, r"budget 0.0001 leaves no chunk slot for tables"),
+        ({"miss": "ones"}, "miss must be one of"),
+        ({"sketch_fraction": 1.0}, r"sketch_fraction must be in \[0, 1\), got 1.0"),
+        ({"fallback_fraction": -0.1}, r"fallback_fraction must be in \[0, 1\)"),
+        ({"entries_per_slot": 0.0}, "entries_per_slot must be > 0"),
+        ({"bucket_size": 24}, r"bucket_size must be a power of two in \[8, 128\], got 24"),
+        ({"budget": 1e-4}, r"budget 0.0001 .*cannot hold one bucket of 8 entries and one chunk slot "
+                           r"for tables \['t0', 't2'\]"),
     ],
 )
 def test_bad_configs(kwargs, message):

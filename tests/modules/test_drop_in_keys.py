@@ -8,7 +8,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from tests.conftest import make_tables, random_kjt
+from tests.conftest import assert_resident, make_tables, random_kjt, touched_rows
 from torchrec_fiited import FiitedConfig, FiitedEmbeddingBagCollection
 
 CFG = FiitedConfig(num_chunks=2, budget=0.5, prune_interval=2, sample_size=8)
@@ -26,8 +26,9 @@ def _assert_same_state(a, b):
 
 
 def _other_tables():
-    return [EmbeddingBagConfig(name="u0", embedding_dim=4, num_embeddings=30, feature_names=["g0"]),
-            EmbeddingBagConfig(name="u1", embedding_dim=8, num_embeddings=25, feature_names=["g1"])]
+    # Large enough that budget 0.5 holds a hash bucket and some chunk slots of each pool (store v2).
+    return [EmbeddingBagConfig(name="u0", embedding_dim=4, num_embeddings=300, feature_names=["g0"]),
+            EmbeddingBagConfig(name="u1", embedding_dim=8, num_embeddings=250, feature_names=["g1"])]
 
 
 def test_extra_keys_are_ignored(gen):
@@ -80,6 +81,9 @@ def test_two_collections_share_one_kjt_and_train(gen):
         dense_opt.step()
         losses.append(float(loss.detach()))
     assert int(model.first.steps_done) == int(model.second.steps_done) == 6
+    for ebc in (model.first, model.second):  # both hold trained chunks
+        assert all(p["resident_entries"] > 0 and sum(p["live_per_chunk"]) > 0
+                   for p in ebc.stats()["pools"].values())
     assert losses[-1] < losses[0]
 
 
@@ -138,13 +142,22 @@ def test_vbe_pools_and_trains_as_the_padded_batch(pooling, weighted, gen):
 
 
 def test_vbe_matches_torchrec_ebc(gen):
-    """At budget 1 FIITED is torchrec's EBC, VBE included."""
-    tables = make_tables()
+    """At budget 1 FIITED is torchrec's EBC, VBE included. Store v2 charges every byte, so the
+    tables are large and the batch reads few of their rows: a training forward admits every one
+    of them with all chunks (asserted), and torchrec's EBC starts from those values."""
+    tables = make_tables(rows=4000)
+    fiited = FiitedEmbeddingBagCollection(make_tables(rows=4000), FiitedConfig(budget=1.0, prune_interval=0))
+    vbe, padded = _vbe_and_padded(tables, gen)
+    fiited(padded)  # admission only: no backward, so nothing is trained
+    assert_resident(fiited, touched_rows(tables, padded))
     ref = EmbeddingBagCollection(tables=tables)
-    fiited = FiitedEmbeddingBagCollection(make_tables(), FiitedConfig(budget=1.0, prune_interval=0))
-    fiited.load_dense_weights({n: bag.weight.detach() for n, bag in ref.embedding_bags.items()})
-    vbe, _ = _vbe_and_padded(tables, gen)
-    torch.testing.assert_close(fiited.eval()(vbe).values(), ref(vbe).values(), rtol=1e-6, atol=1e-7)
+    dense = fiited.dense_weights()
+    with torch.no_grad():
+        for name, bag in ref.embedding_bags.items():
+            bag.weight.copy_(dense[name])
+    got = fiited.eval()(vbe).values()
+    assert bool((got != 0).any())
+    torch.testing.assert_close(got, ref(vbe).values(), rtol=1e-6, atol=1e-7)
 
 
 def test_vbe_needs_inverse_indices(gen):

@@ -6,14 +6,17 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_fiited import FiitedConfig, FiitedEmbeddingBagCollection
 
-ROWS, DIM, K = 64, 8, 4
+ROWS, DIM, K = 64, 256, 4
 
 
 def _train_skewed(mode: str):
     """Gradients are 8x larger on chunk 0 than on the others, so chunk 0 has the top utilities."""
     table = EmbeddingBagConfig(name="t", embedding_dim=DIM, num_embeddings=ROWS, feature_names=["f"])
+    # entries_per_slot=4: an entry for every row (store v2), so the chunks compete by utility
+    # alone; D=256 makes the entries cheap next to the chunks, so the pool has more slots than
+    # rows but far fewer than K x rows.
     cfg = FiitedConfig(num_chunks=K, budget=0.5, ratio_mode=mode, prune_interval=0,
-                       enforce_ratio=0.0, optimizer="sgd", learning_rate=0.0)
+                       enforce_ratio=0.0, optimizer="sgd", learning_rate=0.0, entries_per_slot=4.0)
     m = FiitedEmbeddingBagCollection([table], cfg)
     scale = torch.ones(DIM)
     scale[: DIM // K] = 8.0
@@ -23,6 +26,8 @@ def _train_skewed(mode: str):
         kjt = KeyedJaggedTensor.from_lengths_sync(keys=["f"], values=ids,
                                                   lengths=torch.ones(ROWS, dtype=torch.int64))
         (m(kjt).values() * scale * torch.rand(ROWS, 1, generator=gen)).sum().backward()
+    assert m.stats()["tables"]["t"]["entries_seen"] == ROWS
+    assert ROWS < m.store.pool_of("t").capacity < ROWS * K / 2
     decisions = m.prune()
     return m, decisions[next(iter(decisions))]
 
@@ -42,6 +47,6 @@ def test_manual_keeps_per_chunk_ratios_regardless_of_utility():
     m, decision = _train_skewed("manual")
     assert len(set(decision["thresholds"])) > 1
     live = m.stats()["tables"]["t"]["live_chunks"]
-    ratios = m.stats()["pools"]["shared_cs2"]["target_chunk_prune_ratios"]
+    ratios = m.stats()["pools"]["shared_cs64"]["target_chunk_prune_ratios"]
     expected = [round(ROWS * (1 - r)) for r in ratios]
     assert all(abs(a - b) <= 1 for a, b in zip(live, expected)), (live, expected)

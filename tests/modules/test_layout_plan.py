@@ -1,12 +1,26 @@
-"""Pool planning: logical pools for the thresholds, local pools for what a shard allocates."""
+"""Pool planning: logical pools for the thresholds, local pools for what a shard allocates.
+
+Store v2: a pool's sizes come from ``store.sizing.size_pool`` (every byte counted), so a local
+pool is sized from the bytes it is charged: ``shard_pool_fraction`` x its full bytes.
+"""
 
 import pytest
+import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from torchrec_fiited import FiitedConfig
-from torchrec_fiited.modules.layout_plan import TableShard, plan_pools
+from torchrec_fiited.modules.layout_plan import (
+    TableShard,
+    logical_pools,
+    plan_pools,
+    shard_pool_fraction,
+    sizing_options,
+)
+from torchrec_fiited.store import VHPIStore, key_row
+from torchrec_fiited.store.sizing import TableSpec, full_table_bytes, pool_bytes, size_pool
 
 TABLE = EmbeddingBagConfig(name="t", num_embeddings=1000, embedding_dim=16, feature_names=["f"])
+OPT = "rowwise_adagrad"
 
 
 def _column_shards(config):
@@ -21,22 +35,44 @@ def _column_shards(config):
     return [next(iter(p.capacities.values())) for p in plans], plans
 
 
+def _charged(plan, fraction, rows, dim, config):
+    """The local pool's sizes are size_pool's for ``fraction`` of the shard's full bytes, and its
+    tensors fit those bytes."""
+    (pool, sizes), = plan.sizes.items()
+    spec = [TableSpec(plan.layouts[0].name, rows, dim)]
+    K = plan.num_chunks
+    charged = fraction * full_table_bytes(rows, dim, OPT)
+    assert sizes == size_pool(spec, 1.0, K, OPT, budget_bytes=charged, **sizing_options(config))
+    assert pool_bytes(sizes, spec, K, OPT)["total"] <= charged
+    assert plan.capacities[pool] == sizes.slots
+
+
 def test_column_shards_get_the_slots_their_chunks_keep_once_every_row_is_seen():
-    # Ratios (0, .5, .5, .5) split a 3600-slot pool 1440/720/720/720, but chunk 0 cannot use more
-    # than its 1000 rows: water-filling gives it 1000 and the others 866.67 each.
-    config = FiitedConfig(num_chunks=4, budget=0.9, chunk_prune_ratios=[0.0, 0.5, 0.5, 0.5])
+    # Ratios (0, .95, .95, .95) would give chunk 0 more slots than the table has rows: water-
+    # filling gives it every row (keep 1) and splits the rest evenly over chunks 1..3.
+    config = FiitedConfig(num_chunks=4, budget=1.0, chunk_prune_ratios=[0.0, 0.95, 0.95, 0.95])
     (first, second), plans = _column_shards(config)
-    logical_capacity = plans[0].logical["shared_cs4"][0]
-    assert logical_capacity == 3600
-    assert (first, second) == (1866, 1733)
-    assert logical_capacity - 2 <= first + second <= logical_capacity
+    logical = logical_pools([TABLE], config)
+    capacity, policy = logical.pools["shared_cs4"]
+    assert plans[0].logical["shared_cs4"][0] == capacity == logical.sizes["shared_cs4"].slots
+    assert capacity > 1000
+    keep = policy.keep_fractions(capacity, 1000)
+    rest = (capacity - 1000) / 3000
+    torch.testing.assert_close(keep, torch.tensor([1.0, rest, rest, rest], dtype=torch.float64))
+    fractions = [shard_pool_fraction(logical, "t", 0, 2), shard_pool_fraction(logical, "t", 2, 2)]
+    assert fractions == pytest.approx([(1.0 + rest) / 2, rest])
+    for plan, fraction in zip(plans, fractions):
+        _charged(plan, fraction, 1000, 8, config)
+    assert first > second
     assert plans[1].layouts[0].chunk_offset == 2 and plans[1].num_chunks == 2
 
 
 def test_dynamic_column_shards_split_evenly():
     config = FiitedConfig(num_chunks=4, budget=0.25, ratio_mode="dynamic")
-    (first, second), _ = _column_shards(config)
-    assert first == second == 500
+    (first, second), plans = _column_shards(config)
+    assert first == second > 0
+    for plan in plans:
+        _charged(plan, 0.25, 1000, 8, config)
 
 
 def test_a_column_shard_must_hold_whole_chunks():
@@ -46,7 +82,14 @@ def test_a_column_shard_must_hold_whole_chunks():
 
 
 def test_row_shards_get_budget_times_their_rows():
+    config = FiitedConfig(num_chunks=4, budget=0.25)
     rows = EmbeddingBagConfig(name="t", num_embeddings=400, embedding_dim=16, feature_names=["f"])
-    plan = plan_pools([rows], FiitedConfig(num_chunks=4, budget=0.25), {"t": TableShard("t", 600, 0)}, [TABLE])
-    assert plan.capacities == {"shared_cs4": 400} and plan.logical["shared_cs4"][0] == 1000
+    plan = plan_pools([rows], config, {"t": TableShard("t", 600, 0)}, [TABLE])
+    logical = size_pool([TableSpec("t", 1000, 16)], 0.25, 4, OPT, **sizing_options(config))
+    assert plan.logical["shared_cs4"][0] == logical.slots
+    _charged(plan, 0.25, 400, 16, config)
+    assert plan.sizes["shared_cs4"] == size_pool([TableSpec("t", 400, 16)], 0.25, 4, OPT, **sizing_options(config))
     assert plan.layouts[0].row_offset == 600
+    # Keys carry the global row: the shard's local row 0 is the table's row 600.
+    store = VHPIStore(plan.layouts, plan.sizes, plan.num_chunks, OPT, torch.device("cpu"))
+    assert key_row(store.keys("t", torch.tensor([0, 399]))).tolist() == [600, 999]

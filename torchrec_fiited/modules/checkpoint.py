@@ -1,7 +1,10 @@
 """Checkpoint state of a FiitedEmbeddingBagCollection and its strict validation on load.
 
 Loading is all-or-nothing for the module: the pre-hook checks keys, shapes, dtypes, the
-configuration and the store's invariants of the incoming state before any tensor is copied.
+configuration and the store's invariants of the incoming state (``VHPIStore.invariant_errors``:
+slots, resident keys and their buckets, the null entry, counters) before any tensor is copied.
+The state is budget-sized (store v2): per pool the resident keys' hash table and entries, the
+chunk pool and the utility sketch; nothing per row of the id space.
 
 Under FIITED-2D the pools' widths change during training, so a pool's expected shape follows
 the incoming column map (``store.dim_maps.<table>.kept``, int64 [K, cs']); once everything is
@@ -65,12 +68,28 @@ def validate_before_load(module, state_dict, prefix, *args: Any) -> None:
                 f"checkpoint key {prefix + key!r}: expected {want} {mine.dtype}, got {got}"
             )
     store_state = {k[len("store."):]: v for k, v in incoming.items() if k.startswith("store.")}
-    errors = module.store.invariant_errors(store_state)
+    errors = module.store.invariant_errors(store_state) + _value_errors(module, incoming, prefix)
     if int(incoming["steps_done"]) < 0:
         errors.append(f"steps_done={int(incoming['steps_done'])} is negative")
     if errors:
         raise ValueError("corrupt FIITED checkpoint: " + "; ".join(errors))
     _reshape_pools(module, widths)
+
+
+def _value_errors(module, incoming, prefix: str) -> List[str]:
+    """Values the store's invariants do not cover but a later step would trip on: NaN hash-table
+    scores (compared at admission; the table would reject them only after other tensors were
+    copied) and sketch counts that are not finite and >= 0 (they become admission scores)."""
+    errors: List[str] = []
+    for pool in module.store.pools:
+        key = f"store.entries.{pool}.index.scores"
+        if bool(torch.isnan(incoming[key]).any()):
+            errors.append(f"key {prefix + key!r} holds NaN (hash-table scores are compared)")
+        key = f"store.sketches.{pool}.counts"
+        counts = incoming[key]
+        if not bool(torch.isfinite(counts).all()) or bool((counts < 0).any()):
+            errors.append(f"key {prefix + key!r}: sketch counts must be finite and >= 0")
+    return errors
 
 
 def _incoming_widths(module, incoming, prefix: str) -> Dict[str, int]:
