@@ -18,21 +18,41 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec_fiited import FiitedConfig, FiitedEmbeddingBagCollection
 from torchrec_fiited.distributed import FiitedEmbeddingBagCollectionSharder
 from torchrec_fiited.distributed.gather import gather_state_dict, logical_tables
+from torchrec_fiited.store.sizing import full_table_bytes, slot_bytes
 
 FEATURES = ["f0", "f1", "f2", "f3"]
 
 
-def tables() -> List[EmbeddingBagConfig]:
-    """Tables of two dims, one with two features: column shards then hold 1 or 2 chunks."""
+def tables(stride: int = 1) -> List[EmbeddingBagConfig]:
+    """Tables of two dims, one with two features: column shards then hold 1 or 2 chunks.
+
+    ``stride`` times the rows, for batches of the same ``stride`` (``global_batches``): the same
+    at most 64, 48 and 40 distinct ids per table, spread over the rows, and pools sized by
+    ``stride`` times the bytes. Store v2 spends bytes on metadata, so even budget 1.0 holds an
+    entry for only some rows; with a large stride every touched row fits.
+    """
     return [
-        EmbeddingBagConfig(name="t0", num_embeddings=64, embedding_dim=8, feature_names=["f0"]),
-        EmbeddingBagConfig(name="t1", num_embeddings=48, embedding_dim=8, feature_names=["f1", "f2"]),
-        EmbeddingBagConfig(name="t2", num_embeddings=40, embedding_dim=16, feature_names=["f3"]),
+        EmbeddingBagConfig(
+            name="t0", num_embeddings=64 * stride, embedding_dim=8, feature_names=["f0"]
+        ),
+        EmbeddingBagConfig(
+            name="t1", num_embeddings=48 * stride, embedding_dim=8, feature_names=["f1", "f2"]
+        ),
+        EmbeddingBagConfig(
+            name="t2", num_embeddings=40 * stride, embedding_dim=16, feature_names=["f3"]
+        ),
     ]
 
 
-def global_batches(num_steps: int, batch_size: int, seed: int = 0) -> List[KeyedJaggedTensor]:
-    """Global batches with skewed ids (some hot rows), 0-3 ids per bag."""
+# Rows per distinct id where every touched row must find an entry (see ``tables``).
+ROOMY_STRIDE = 64
+
+
+def global_batches(
+    num_steps: int, batch_size: int, seed: int = 0, stride: int = 1
+) -> List[KeyedJaggedTensor]:
+    """Global batches with skewed ids (some hot rows), 0-3 ids per bag; ids are multiples of
+    ``stride`` (for ``tables(stride)``)."""
     g = torch.Generator().manual_seed(seed)
     sizes = {"f0": 64, "f1": 48, "f2": 48, "f3": 40}
     out = []
@@ -41,7 +61,7 @@ def global_batches(num_steps: int, batch_size: int, seed: int = 0) -> List[Keyed
         values = []
         for i, f in enumerate(FEATURES):
             n = int(lengths[i].sum())
-            ids = (torch.rand(n, generator=g) ** 2 * sizes[f]).long()  # skewed to low ids
+            ids = (torch.rand(n, generator=g) ** 2 * sizes[f]).long() * stride  # skewed to low ids
             values.append(ids)
         out.append(
             KeyedJaggedTensor.from_lengths_sync(FEATURES, torch.cat(values), lengths.reshape(-1))
@@ -91,34 +111,38 @@ GLOBAL_BATCH = 16
 
 # ---- DLRM on DMP with the planner ----------------------------------------------------------
 
-DLRM_TABLES = lambda: [  # noqa: E731 - one line per table reads best
-    EmbeddingBagConfig(name="t0", num_embeddings=64, embedding_dim=8, feature_names=["f0"]),
+DLRM_TABLES = lambda stride=1: [  # noqa: E731 - one line per table reads best
+    EmbeddingBagConfig(
+        name="t0", num_embeddings=64 * stride, embedding_dim=8, feature_names=["f0"]
+    ),
     # MEAN: under row-wise plans its bags are split over ranks and averaged after the dist.
     EmbeddingBagConfig(
-        name="t1", num_embeddings=48, embedding_dim=8, feature_names=["f1", "f2"],
+        name="t1", num_embeddings=48 * stride, embedding_dim=8, feature_names=["f1", "f2"],
         pooling=PoolingType.MEAN,
     ),
-    EmbeddingBagConfig(name="t2", num_embeddings=40, embedding_dim=8, feature_names=["f3"]),
+    EmbeddingBagConfig(
+        name="t2", num_embeddings=40 * stride, embedding_dim=8, feature_names=["f3"]
+    ),
 ]
 
 
-def dlrm(config: Dict[str, Any]):
+def dlrm(config: Dict[str, Any], stride: int = 1):
     from torchrec.models.dlrm import DLRM
 
     torch.manual_seed(0)
-    ebc = FiitedEmbeddingBagCollection(DLRM_TABLES(), FiitedConfig(**config))
+    ebc = FiitedEmbeddingBagCollection(DLRM_TABLES(stride), FiitedConfig(**config))
     return DLRM(
         embedding_bag_collection=ebc, dense_in_features=4, dense_arch_layer_sizes=[16, 8],
         over_arch_layer_sizes=[16, 1],
     )
 
 
-def dlrm_batches(num_steps: int, batch_size: int = GLOBAL_BATCH):
+def dlrm_batches(num_steps: int, batch_size: int = GLOBAL_BATCH, stride: int = 1):
     from torchrec.datasets.utils import Batch
 
     g = torch.Generator().manual_seed(7)
     out = []
-    for kjt in global_batches(num_steps, batch_size, seed=3):
+    for kjt in global_batches(num_steps, batch_size, seed=3, stride=stride):
         dense = torch.randn(batch_size, 4, generator=g)
         labels = (torch.rand(batch_size, generator=g) < 0.3).float()
         out.append(Batch(dense_features=dense, sparse_features=kjt, labels=labels))
@@ -141,7 +165,15 @@ def planned_dmp(model, world_size: int, sharding_type: str):
 
     from torchrec_fiited.distributed import fiited_sharders, make_fiited_planner
 
-    constraints = {t.name: ParameterConstraints(sharding_types=[sharding_type]) for t in DLRM_TABLES()}
+    # Column-wise in halves (torchrec's default minimum of 32 columns would keep these 8-column
+    # tables whole, one shard each).
+    constraints = {
+        t.name: ParameterConstraints(
+            sharding_types=[sharding_type],
+            min_partition=t.embedding_dim // 2 if sharding_type == "column_wise" else None,
+        )
+        for t in DLRM_TABLES()
+    }
     sharders = fiited_sharders()
     plan = make_fiited_planner(world_size, "cpu", GLOBAL_BATCH // world_size, constraints).collective_plan(
         model, sharders, dist.group.WORLD
@@ -171,11 +203,11 @@ class WithLoss(torch.nn.Module):
 
 
 def dlrm_steps(rank: int, world_size: int, sharding_type: str, config: Dict[str, Any],
-               num_steps: int, pipelined: bool) -> Dict[str, Any]:
+               num_steps: int, pipelined: bool, stride: int = 1) -> Dict[str, Any]:
     """Train the DLRM on DMP (plain loop, or TrainPipelineSparseDist) on this rank's slices."""
-    dmp, plan = planned_dmp(WithLoss(dlrm(config)), world_size, sharding_type)
+    dmp, plan = planned_dmp(WithLoss(dlrm(config, stride)), world_size, sharding_type)
     dense_opt = torch.optim.SGD([p for n, p in dmp.named_parameters() if "embedding_bags" not in n], lr=0.1)
-    batches = [batch_slice(b, rank, world_size) for b in dlrm_batches(num_steps)]
+    batches = [batch_slice(b, rank, world_size) for b in dlrm_batches(num_steps, stride=stride)]
     outputs, pipelined_modules = [], []
     if pipelined:
         from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
@@ -199,21 +231,30 @@ def dlrm_steps(rank: int, world_size: int, sharding_type: str, config: Dict[str,
         "losses": [float(l) for l, _ in outputs],
         "logits": [x for _, x in outputs],
         "plan": {t: ps.sharding_type for mod in plan.plan.values() for t, ps in mod.items()},
+        "num_shards": {
+            t: len(ps.sharding_spec.shards) for mod in plan.plan.values() for t, ps in mod.items()
+        },
         "last_cycle": sharded._lookups[0]._last_cycle,
         "state": state,
         "pipelined": pipelined_modules,
-        "local_pool_bytes": sum(p.weights.numel() * 4 for l in sharded._lookups for p in l.store.pools.values()),
-        "local_logical_bytes": sum(
-            l.num_entries * l.dim * 4 for lk in sharded._lookups for l in lk.store.layouts.values()
+        # This rank's FIITED bytes (every tensor of its lookups) and the full bytes of its shards.
+        "local_bytes": sum(s["bytes"]["total"] for s in sharded.stats().values()),
+        "local_full_bytes": sum(
+            full_table_bytes(l.num_entries, l.dim, lk.store.optimizer)
+            for lk in sharded._lookups for l in lk.store.layouts.values()
         ),
+        "slot_bytes": [
+            slot_bytes(p.chunk_size, p.optimizer)
+            for lk in sharded._lookups for p in lk.store.pools.values()
+        ],
     }
 
 
-def dlrm_single(config: Dict[str, Any], num_steps: int) -> Dict[str, Any]:
-    model = dlrm(config)
+def dlrm_single(config: Dict[str, Any], num_steps: int, stride: int = 1) -> Dict[str, Any]:
+    model = dlrm(config, stride)
     dense_opt = torch.optim.SGD([p for n, p in model.named_parameters() if "embedding_bags" not in n], lr=0.1)
     losses, logits_seen = [], []
-    for batch in dlrm_batches(num_steps):
+    for batch in dlrm_batches(num_steps, stride=stride):
         logits = model(batch.dense_features, batch.sparse_features)
         loss = _loss(logits, batch.labels)
         dense_opt.zero_grad()
@@ -222,35 +263,37 @@ def dlrm_single(config: Dict[str, Any], num_steps: int) -> Dict[str, Any]:
         losses.append(float(loss))
         logits_seen.append(logits.detach())
     ebc = model.sparse_arch.embedding_bag_collection
+    sketch_mass = sum(float(sk.counts.sum()) for sk in ebc.store.sketches.values())
     return {"losses": losses, "logits": logits_seen, "last_cycle": ebc._last_cycle,
-            "state": logical_tables(ebc)}
+            "state": logical_tables(ebc), "sketch_mass": sketch_mass}
 
 
-# ---- DCP save at one world size, load at another ---------------------------------------------
+# ---- DCP: resume in the same plan, load in another world size -----------------------------------
 
-def _eval_outputs(dmp, rank: int, world_size: int) -> torch.Tensor:
-    kjt = global_batches(1, GLOBAL_BATCH, seed=11)[0]
+def _eval_outputs(dmp, rank: int, world_size: int, stride: int = 1) -> torch.Tensor:
+    kjt = global_batches(1, GLOBAL_BATCH, seed=11, stride=stride)[0]
     dmp.eval()
     with torch.no_grad():
         out = dmp(rank_slice(kjt, rank, world_size))
+    dmp.train()
     values = torch.cat([out[f] for f in FEATURES], dim=1)
     every = [torch.empty_like(values) for _ in range(world_size)]
     dist.all_gather(every, values)
     return torch.cat(every)
 
 
-def _ebc_dmp(kind: str, world_size: int, config: Dict[str, Any]):
-    module = FiitedEmbeddingBagCollection(tables(), FiitedConfig(**config))
+def _ebc_dmp(kind: str, world_size: int, config: Dict[str, Any], stride: int = 1):
+    module = FiitedEmbeddingBagCollection(tables(stride), FiitedConfig(**config))
     return DistributedModelParallel(
         module, env=ShardingEnv.from_process_group(dist.group.WORLD), device=torch.device("cpu"),
         plan=plan_for(kind, world_size, module), sharders=[FiitedEmbeddingBagCollectionSharder()],
     )
 
 
-def _train_steps(dmp, rank: int, world_size: int, num_steps: int) -> None:
+def _train_steps(dmp, rank: int, world_size: int, batches) -> None:
     W = loss_weights()
     b = GLOBAL_BATCH // world_size
-    for kjt in global_batches(num_steps, GLOBAL_BATCH):
+    for kjt in batches:
         values = torch.cat(list(dmp(rank_slice(kjt, rank, world_size)).to_dict().values()), dim=1)
         (values * W[rank * b : (rank + 1) * b, : values.shape[1]]).sum().backward()
 
@@ -260,13 +303,13 @@ def dcp_save(rank: int, world_size: int, kind: str, config: Dict[str, Any], path
     import torch.distributed.checkpoint as dcp
 
     dmp = _ebc_dmp(kind, world_size, config)
-    _train_steps(dmp, rank, world_size, 5)
+    _train_steps(dmp, rank, world_size, global_batches(5, GLOBAL_BATCH))
     dcp.save(dmp.state_dict(), checkpoint_id=path)
     return _eval_outputs(dmp, rank, world_size)
 
 
 def dcp_load(rank: int, world_size: int, kind: str, config: Dict[str, Any], path: str) -> torch.Tensor:
-    """A fresh collection under another plan and world size, loaded from ``path``."""
+    """A fresh collection under another plan or world size, loaded from ``path``."""
     import torch.distributed.checkpoint as dcp
 
     dmp = _ebc_dmp(kind, world_size, config)
@@ -276,22 +319,55 @@ def dcp_load(rank: int, world_size: int, kind: str, config: Dict[str, Any], path
     return _eval_outputs(dmp, rank, world_size)
 
 
+def dcp_resume(
+    rank: int, world_size: int, kind: str, config: Dict[str, Any], path: str, stride: int
+):
+    """Train 3 steps, save with DCP, train 4 more; then a fresh collection of the same plan loads
+    the checkpoint and trains the same 4 steps. Returns both runs' eval outputs, gathered states,
+    this rank's state_dict tensor bytes and its stats, and the largest shard key size."""
+    import torch.distributed.checkpoint as dcp
+
+    batches = global_batches(7, GLOBAL_BATCH, seed=5, stride=stride)
+    runs = {}
+    first = _ebc_dmp(kind, world_size, config, stride)
+    _train_steps(first, rank, world_size, batches[:3])
+    saved = first.state_dict()
+    dcp.save(saved, checkpoint_id=path)
+    _train_steps(first, rank, world_size, batches[3:])
+    runs["whole"] = first
+    second = _ebc_dmp(kind, world_size, config, stride)
+    state = second.state_dict()
+    dcp.load(state, checkpoint_id=path)
+    second.load_state_dict(state)
+    _train_steps(second, rank, world_size, batches[3:])
+    runs["resumed"] = second
+    out = {
+        name: {"outputs": _eval_outputs(dmp, rank, world_size, stride),
+               "state": gather_state_dict(dmp.state_dict()),
+               "steps": dmp.module.steps_done,
+               "own": {k: v.clone() for k, v in dmp.state_dict().items()}}
+        for name, dmp in runs.items()
+    }
+    out["saved_numels"] = {k: v.numel() for k, v in saved.items()}
+    return out
+
+
 # ---- export of a sharded model, bad input -----------------------------------------------------
 
-def export_sharded(rank: int, world_size: int, kind: str, config: Dict[str, Any]):
+def export_sharded(rank: int, world_size: int, kind: str, config: Dict[str, Any], stride: int):
     """Train sharded, gather to rank 0, export for inference: the sharded eval outputs and the
     exported module's outputs on the same global batch."""
     from torchrec_fiited import export_for_inference
     from torchrec_fiited.distributed import gather_unsharded
 
-    dmp = _ebc_dmp(kind, world_size, config)
-    _train_steps(dmp, rank, world_size, 5)
-    sharded_out = _eval_outputs(dmp, rank, world_size)
+    dmp = _ebc_dmp(kind, world_size, config, stride)
+    _train_steps(dmp, rank, world_size, global_batches(5, GLOBAL_BATCH, stride=stride))
+    sharded_out = _eval_outputs(dmp, rank, world_size, stride)
     unsharded = gather_unsharded(dmp.module)
     if rank != 0:
         return None
     exported = export_for_inference(unsharded).eval()
-    kjt = global_batches(1, GLOBAL_BATCH, seed=11)[0]
+    kjt = global_batches(1, GLOBAL_BATCH, seed=11, stride=stride)[0]
     with torch.no_grad():
         out = exported(kjt)
     return sharded_out, torch.cat([out[f] for f in FEATURES], dim=1)
@@ -299,7 +375,9 @@ def export_sharded(rank: int, world_size: int, kind: str, config: Dict[str, Any]
 
 def bad_inputs(rank: int, world_size: int) -> List[str]:
     """Errors the sharded collection raises for bad batches, before anything is routed."""
-    dmp = _ebc_dmp("row_wise", world_size, dict(num_chunks=4))
+    # 8x the rows (40 x 8 in t2, so 999 is still out of range): row shards of the tables at the
+    # default budget 0.25 could not hold a bucket of entries and a slot.
+    dmp = _ebc_dmp("row_wise", world_size, dict(num_chunks=4), 8)
     good = rank_slice(global_batches(1, GLOBAL_BATCH)[0], rank, world_size)
     errors = []
     bad_id = KeyedJaggedTensor.from_lengths_sync(
@@ -324,31 +402,39 @@ def bad_inputs(rank: int, world_size: int) -> List[str]:
 
 
 def fused_optimizer_drives_lookups(rank: int, world_size: int) -> Dict[str, Any]:
-    """DMP collects the sharded module's fused optimizer; an LR set there reaches every shard."""
-    dmp = _ebc_dmp("row_wise", world_size, dict(num_chunks=4, learning_rate=0.1))
-    kjt = rank_slice(global_batches(1, GLOBAL_BATCH)[0], rank, world_size)
+    """DMP collects the sharded module's fused optimizer; an LR set there reaches every shard.
+    (Tables where every touched row finds an entry, so the three steps update the same rows.)"""
+    stride = ROOMY_STRIDE
+    dmp = _ebc_dmp("row_wise", world_size, dict(num_chunks=4, learning_rate=0.1), stride)
+    kjt = rank_slice(global_batches(1, GLOBAL_BATCH, stride=stride)[0], rank, world_size)
 
     def step_and_weights():
         dmp(kjt).values().sum().backward()
-        return gather_state_dict({k: v for k, v in dmp.state_dict().items() if k.endswith(".weight")})
+        state = gather_state_dict(dmp.state_dict())
+        return None if state is None else {
+            k: v for k, v in state.items() if k.endswith(".weight") or k.endswith(".fiited_rows")
+        }
 
     first = step_and_weights()
     second = step_and_weights()
     for group in dmp.fused_optimizer.param_groups:
         group["lr"] = 0.0
     third = step_and_weights()
-    return {
-        "keys": sorted(dmp.fused_optimizer.params),
-        "state": dmp.fused_optimizer.state_dict(),
-        "moved": None if first is None else any(not torch.equal(first[k], second[k]) for k in first),
-        "frozen": None if first is None else all(torch.equal(second[k], third[k]) for k in first),
-    }
+    out = {"keys": sorted(dmp.fused_optimizer.params), "state": dmp.fused_optimizer.state_dict()}
+    if first is not None:
+        rows = [k for k in first if k.endswith(".fiited_rows")]
+        out["same_rows"] = all(torch.equal(first[k], x[k]) for k in rows for x in (second, third))
+        weights = [k for k in first if k.endswith(".weight")]
+        out["live_values"] = sum(int((first[k] != 0).sum()) for k in weights)
+        out["moved"] = any(not torch.equal(first[k], second[k]) for k in weights)
+        out["frozen"] = all(torch.equal(second[k], third[k]) for k in weights)
+    return out
 
 
 def load_single_process_state(
     rank: int, world_size: int, kind: str, config: Dict[str, Any], load_config: Dict[str, Any]
 ):
-    """A single-process module's logical state (plain tensors) loads into a sharded one."""
+    """A single-process module's plan-independent state loads into a sharded one."""
     from torchrec_fiited.distributed.gather import logical_tables
 
     torch.manual_seed(0)

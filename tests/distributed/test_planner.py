@@ -14,8 +14,10 @@ from torchrec_fiited import FiitedConfig, FiitedEmbeddingBagCollection
 from torchrec_fiited.distributed import (
     FiitedEmbeddingBagCollectionSharder,
     FiitedStorageEstimator,
+    fiited_shard_bytes,
     make_fiited_planner,
 )
+from torchrec_fiited.store.sizing import full_table_bytes
 
 ROWS, DIM, K, BUDGET = 200_000, 64, 4, 0.25
 SHARDING_TYPES = ("table_wise", "row_wise", "column_wise")
@@ -118,3 +120,19 @@ def test_fiited_planner_fits_where_the_dense_estimate_does_not():
     plan = make_fiited_planner(2, topology=topology).plan(module, sharders)
     placed = plan.plan[""]
     assert sorted(placed) == ["t0", "t1", "t2", "t3"]
+
+
+def test_a_shard_too_small_for_a_pool_of_its_own_is_charged_its_share():
+    # 12 rows at budget 0.25 are 204 B: no room for a bucket of entries and a slot, but such a
+    # shard joins the local pool of its rank's other shards of the pool (e.g. the 26 small
+    # tables of the app, row-wise), to which it brings its share of the budget.
+    tables = cases.planner_tables() + [
+        EmbeddingBagConfig(name="tiny", num_embeddings=12, embedding_dim=16, feature_names=["f9"])
+    ]
+    config = FiitedConfig(**PLANNER_CONFIG)
+    share = int(BUDGET * full_table_bytes(12, 16, config.optimizer))
+    assert fiited_shard_bytes(tables, config, "tiny", (12, 16), (0, 0)) == share == 204
+    # A shard with room for a pool of its own is charged that pool's bytes: within a slot of
+    # its share (the largest whole number of slots).
+    t0 = fiited_shard_bytes(tables, config, "t0", (1000, 16), (0, 0))
+    assert BUDGET * full_table_bytes(1000, 16, config.optimizer) - 24 < t0 <= 17000

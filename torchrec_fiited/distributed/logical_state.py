@@ -1,87 +1,125 @@
-"""state_dict / load_state_dict of a sharded FIITED collection in the logical form.
+"""state_dict / load_state_dict of a sharded FIITED collection: sparse, per shard.
 
-Keys, per global table ``t`` (shapes of the whole table; each rank holds its shards):
+Keys, per shard of a global table ``t`` at global row ``r`` and column ``c`` (one set per shard
+of the plan, held by the rank the plan puts it on), the shard's resident rows in the sparse form
+of ``store/logical.py``, padded to the rows its pool can hold (``capacity``):
 
-    embedding_bags.<t>.weight            fp32  [E, D]   pruned chunks read as zeros
-    embedding_bags.<t>.fiited_live       uint8 [E, K]
-    embedding_bags.<t>.fiited_utilities  fp32  [E, K]
-    embedding_bags.<t>.fiited_last_step  int32 [E, K]
-    embedding_bags.<t>.fiited_momentum   fp32  [E, K] or [E, D] (not with sgd)
-    steps_done                           int64 []       replicated
+    embedding_bags.<t>.fiited_shard.<r>_<c>.rows        int64 [cap]     global rows, -1 = padding
+    embedding_bags.<t>.fiited_shard.<r>_<c>.weight      fp32  [cap, D_shard]
+    embedding_bags.<t>.fiited_shard.<r>_<c>.live        uint8 [cap, K_shard]
+    embedding_bags.<t>.fiited_shard.<r>_<c>.utilities   fp32  [cap, K_shard]
+    embedding_bags.<t>.fiited_shard.<r>_<c>.last_step   int32 [cap]
+    embedding_bags.<t>.fiited_shard.<r>_<c>.scores      fp32  [cap]
+    embedding_bags.<t>.fiited_shard.<r>_<c>.momentum    fp32  [cap, K_shard] / [cap, D_shard]
+    embedding_bags.<t>.fiited_shard.<r>_<c>.entries     int64 [cap]     hash-table slot of each row
+    embedding_bags.<t>.fiited_shard.<r>_<c>.count       int64 []        rows in use
+    embedding_bags.<t>.fiited_shard.<r>_<c>.fallback_*  the shard's hashed fallback (miss="hashed")
+    fiited_pools.<pool>.<t>.<r>_<c>.sketch_counts, ...  each local pool's utility sketch and
+                                                        counters (named by its first shard)
+    steps_done                                          int64 []        replicated
 
-They are ShardedTensors whose shards follow the plan, so ``torch.distributed.checkpoint``
-saves them from one plan and loads them into another (other world size or sharding types).
-The weight key is the one a dense EBC uses: a dense table loads as "every chunk live".
+Every tensor is sized by the budget (the pools' entries and sketches), none by num_embeddings.
+They are plain tensors, each on the rank holding its shard: ``torch.distributed.checkpoint``
+saves each from its rank and loads it back into the same plan, bitwise (rows go back to their
+hash-table entries). Loading into another plan or world size (resharding) is issue 13: it works
+where the new plan has the same shards with the same pool sizes (e.g. table-wise on fewer ranks
+with per-table pools); DCP refuses other plans, their keys or shapes being different.
+
+``load_state_dict`` also takes the plan-independent form (``gather.logical_tables`` of an
+unsharded module, or a gathered sharded state): each rank takes its shards' rows, columns and
+chunks, and its pools keep their sketches.
 """
 
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List
 
 import torch
 import torch.distributed as dist
-from torch.distributed._shard.metadata import ShardMetadata
-from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
-from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
 from torch.nn.modules.module import _IncompatibleKeys
 
 from torchrec_fiited.store.logical import (
+    capacity,
     export_table,
-    field_shapes,
+    fallback_state,
+    fallback_state_errors,
+    fields,
     import_errors,
     import_tables,
-    per_chunk,
+    load_fallback_state,
+    load_pool_state,
+    pad,
+    pool_state,
+    pool_state_errors,
+    select_logical,
     state_key,
+    unpad,
 )
 
-_DTYPES = {"live": torch.uint8, "last_step": torch.int32}
+
+def shard_prefix(layout) -> str:
+    """Key prefix of a local table's shard: its global table, first global row and column."""
+    col = layout.chunk_offset * layout.chunk_size
+    return f"embedding_bags.{layout.logical_name}.fiited_shard.{layout.row_offset}_{col}."
+
+
+def pool_prefix(store, pool: str) -> str:
+    """Key prefix of a local pool's state, named by the pool and its first shard."""
+    first = store.layouts[store.tables_of_pool(pool)[0]]
+    col = first.chunk_offset * first.chunk_size
+    return f"fiited_pools.{pool}.{first.logical_name}.{first.row_offset}_{col}."
 
 
 class LogicalStateMixin:
     """Mixed into ``ShardedFiitedEmbeddingBagCollection``; uses its ``_lookups``, ``_tables``,
-    ``_config``, ``_parameter_sharding`` and ``_env``."""
-
-    def _field_shapes(self, t) -> Dict[str, Tuple[int, int]]:
-        return field_shapes(t.num_embeddings, t.embedding_dim, self._config.num_chunks, self._config.optimizer)
+    ``_config`` and ``_coordinator``."""
 
     def _errors_of_all_ranks(self, errors: List[str]) -> List[str]:
         return _rank_errors(self._coordinator.group, errors)
 
-    def _local_shards(self, table: str):
-        """(lookup, local table name, layout) of each shard of ``table`` on this rank."""
-        return [
-            (lookup, name, layout)
-            for lookup in self._lookups
-            for name, layout in lookup.store.layouts.items()
-            if layout.logical_name == table
-        ]
+    def _state_keys(self) -> List[str]:
+        """The keys ``state_dict`` gives on this rank (without building its tensors)."""
+        keys = []
+        for lookup in self._lookups:
+            store = lookup.store
+            for name, layout in store.layouts.items():
+                base = shard_prefix(layout)
+                keys += [base + f for f in fields(store.optimizer) + ["entries", "count"]]
+                if name in store.fallbacks:
+                    keys += [base + "fallback_weights", base + "fallback_momentum"]
+            for pool in store.pools:
+                keys += [pool_prefix(store, pool) + f for f in pool_state(store, pool)]
+        return keys + ["steps_done"]
 
     def state_dict(self, destination=None, prefix: str = "", keep_vars: bool = False):
         destination = OrderedDict() if destination is None else destination
-        for t in self._tables:
-            local = [
-                (layout, export_table(lookup.store, name))
-                for lookup, name, layout in self._local_shards(t.name)
-            ]
-            cs = t.embedding_dim // self._config.num_chunks
-            plan_shards = self._parameter_sharding[t.name].sharding_spec.shards
-            for field, shape in self._field_shapes(t).items():
-                scale = cs if per_chunk(field, self._config.optimizer) else 1
-                metas = [_scaled(m, scale) for m in plan_shards]
-                shards = [
-                    Shard(tensors[field], _find(metas, layout.row_offset, layout.chunk_offset * cs // scale))
-                    for layout, tensors in local
-                ]
-                dtype = _DTYPES.get(field, torch.float32)
-                destination[prefix + state_key(t.name, field)] = _sharded(
-                    shards, metas, shape, dtype, self._env.process_group
-                )
+        for lookup in self._lookups:
+            store = lookup.store
+            for name, layout in store.layouts.items():
+                base = prefix + shard_prefix(layout)
+                form = pad(export_table(store, name), capacity(store, name))
+                for field, tensor in {**form, **fallback_state(store, name)}.items():
+                    destination[base + field] = tensor
+            for pool in store.pools:
+                for field, tensor in pool_state(store, pool).items():
+                    destination[prefix + pool_prefix(store, pool) + field] = tensor
         destination[prefix + "steps_done"] = torch.tensor(self.steps_done, dtype=torch.int64)
         return destination
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        expected = {
-            state_key(t.name, f) for t in self._tables for f in self._field_shapes(t)
-        } | {"steps_done"}
+        """Load this plan's own state (bitwise) or the plan-independent form (each rank takes
+        its shards' part). All ranks load or none does: a problem on any rank, named by rank,
+        table and pool, fails every rank with the store unchanged.
+
+        Raises:
+            ValueError: missing or unexpected keys (``strict``), a bad field, or a pool without
+                room for the rows or live chunks given to it.
+        """
+        plan_independent = any(k.endswith(".fiited_rows") for k in state_dict)
+        if plan_independent:
+            expected = {state_key(t.name, f) for t in self._tables
+                        for f in fields(self._config.optimizer)} | {"steps_done"}
+        else:
+            expected = set(self._state_keys())
         missing = sorted(expected - set(state_dict))
         unexpected = sorted(set(state_dict) - expected)
         if strict and (missing or unexpected):
@@ -89,38 +127,66 @@ class LogicalStateMixin:
                 f"checkpoint does not match this sharded FIITED collection: missing keys {missing}, "
                 f"unexpected keys {unexpected}"
             )
-        per_lookup: Dict[int, Dict[str, Dict[str, torch.Tensor]]] = {}
         errors: List[str] = []
-        for t in self._tables:
-            cs = t.embedding_dim // self._config.num_chunks
-            for lookup, name, layout in self._local_shards(t.name):
-                fields = per_lookup.setdefault(id(lookup), {}).setdefault(name, {})
-                for field, shape in self._field_shapes(t).items():
-                    value = state_dict.get(state_key(t.name, field))
-                    if value is None:
-                        continue
-                    scale = cs if per_chunk(field, self._config.optimizer) else 1
-                    rows = (layout.row_offset, layout.num_entries)
-                    cols = (layout.chunk_offset * cs // scale, layout.dim // scale)
-                    piece = _piece(value, rows, cols)
-                    if piece is None:
-                        errors.append(
-                            f"table {t.name!r}: {field} has no shard covering rows {rows} cols {cols}"
-                        )
-                    else:
-                        fields[field] = piece
+        loads = []
         for lookup in self._lookups:
-            errors += import_errors(lookup.store, per_lookup.get(id(lookup), {}))
+            if plan_independent:
+                tables, errs = select_logical(lookup.store, state_dict)
+                pools, fallbacks = {}, {}
+            else:
+                tables, pools, fallbacks, errs = _own_state(lookup.store, state_dict)
+            errors += errs
+            if not errs:
+                errors += import_errors(lookup.store, tables)
+            loads.append((lookup, tables, pools, fallbacks))
         # All ranks load or none does: a rank whose shard does not fit fails every rank.
         errors = self._errors_of_all_ranks(errors)
         if errors:
             raise ValueError("cannot load the FIITED checkpoint: " + "; ".join(errors))
         steps = state_dict.get("steps_done")
-        for lookup in self._lookups:
-            import_tables(lookup.store, per_lookup.get(id(lookup), {}))
+        for lookup, tables, pools, fallbacks in loads:
+            import_tables(lookup.store, tables)
+            for pool, state in pools.items():
+                load_pool_state(lookup.store, pool, state)
+            for table, state in fallbacks.items():
+                load_fallback_state(lookup.store, table, state)
             if steps is not None:
                 lookup.steps_done.fill_(int(steps))
         return _IncompatibleKeys(missing, unexpected)
+
+
+def _own_state(store, state_dict):
+    """This store's tables, pools and fallbacks from a state in this plan's own form (absent
+    keys are skipped; ``strict`` decides about them), and what is wrong with them."""
+    tables: Dict[str, Dict[str, torch.Tensor]] = {}
+    pools: Dict[str, Dict[str, torch.Tensor]] = {}
+    fallbacks: Dict[str, Dict[str, torch.Tensor]] = {}
+    errors: List[str] = []
+    for name, layout in store.layouts.items():
+        base = shard_prefix(layout)
+        names = fields(store.optimizer) + ["entries", "count"]
+        got = {f: state_dict[base + f] for f in names if base + f in state_dict}
+        if len(got) == len(names):
+            try:
+                tables[name] = unpad(got, f"table {layout.logical_name!r} shard {base[:-1]!r}")
+            except ValueError as e:
+                errors.append(str(e))
+        elif got:
+            errors.append(f"table {layout.logical_name!r}: shard {base[:-1]!r} lacks "
+                          f"{sorted(set(names) - set(got))}")
+        mine = fallback_state(store, name)
+        theirs = {f: state_dict[base + f] for f in mine if base + f in state_dict}
+        if theirs:
+            errors += fallback_state_errors(store, name, theirs)
+            fallbacks[name] = theirs
+    for pool in store.pools:
+        base = pool_prefix(store, pool)
+        mine = pool_state(store, pool)
+        theirs = {f: state_dict[base + f] for f in mine if base + f in state_dict}
+        if theirs:
+            errors += pool_state_errors(store, pool, theirs)
+            pools[pool] = theirs
+    return tables, pools, fallbacks, errors
 
 
 def _rank_errors(group, errors: List[str]) -> List[str]:
@@ -129,40 +195,3 @@ def _rank_errors(group, errors: List[str]) -> List[str]:
     every: List[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(every, errors, group=group)
     return [f"rank {r}: {e}" for r, errs in enumerate(every) for e in errs]
-
-
-def _scaled(m: ShardMetadata, scale: int) -> ShardMetadata:
-    r, c = m.shard_offsets
-    nr, nc = m.shard_sizes
-    return ShardMetadata([r, c // scale], [nr, nc // scale], m.placement)
-
-
-def _find(metas: List[ShardMetadata], row: int, col: int) -> ShardMetadata:
-    for m in metas:
-        if list(m.shard_offsets) == [row, col]:
-            return m
-    raise RuntimeError(f"[torchrec_fiited] no planned shard at ({row}, {col})")
-
-
-def _sharded(shards, metas, shape, dtype, pg) -> ShardedTensor:
-    props = TensorProperties(
-        dtype=dtype, layout=torch.strided, requires_grad=False,
-        memory_format=torch.contiguous_format, pin_memory=False,
-    )
-    md = ShardedTensorMetadata(list(metas), torch.Size(shape), props)
-    return ShardedTensor._init_from_local_shards_and_global_metadata(shards, md, process_group=pg)
-
-
-def _piece(value: Any, rows: Tuple[int, int], cols: Tuple[int, int]) -> Optional[torch.Tensor]:
-    """Rows [r0, r0 + nr) and cols [c0, c0 + nc) of a ShardedTensor (from its local shards) or
-    a plain tensor; None if this rank holds no shard covering them."""
-    (r0, nr), (c0, nc) = rows, cols
-    if isinstance(value, ShardedTensor):
-        for shard in value.local_shards():
-            (sr, sc), (snr, snc) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
-            if sr <= r0 and r0 + nr <= sr + snr and sc <= c0 and c0 + nc <= sc + snc:
-                return shard.tensor[r0 - sr : r0 - sr + nr, c0 - sc : c0 - sc + nc]
-        return None
-    if isinstance(value, torch.Tensor) and value.dim() == 2:
-        return value[r0 : r0 + nr, c0 : c0 + nc]
-    return None

@@ -8,7 +8,6 @@ after the stock estimate, and ``make_fiited_planner`` wires it into an ``Embeddi
 import dataclasses
 from typing import Dict, List, Optional, Sequence
 
-import torch
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
 from torchrec.distributed.planner.shard_estimators import (
@@ -23,14 +22,10 @@ from torchrec_fiited.modules.fiited_ebc import FiitedEmbeddingBagCollection
 from torchrec_fiited.modules.layout_plan import (
     LogicalPools,
     logical_pools,
-    pool_slots,
     shard_pool_fraction,
+    sizing_options,
 )
-from torchrec_fiited.store import ChunkPool, EntryTable
-
-
-def _buffer_bytes(module: torch.nn.Module) -> int:
-    return sum(b.numel() * b.element_size() for b in module.buffers())
+from torchrec_fiited.store.sizing import TableSpec, full_table_bytes, pool_bytes, size_pool
 
 
 def fiited_shard_bytes(
@@ -44,13 +39,16 @@ def fiited_shard_bytes(
     """Bytes a FIITED shard holds: rows ``size[0]`` and columns ``size[1]`` of ``table`` (one of
     the collection's ``tables``), starting at ``offset`` = (row, column).
 
-    The pool slots come from ``layout_plan.shard_pool_fraction``, the rule the sharded module
-    sizes its pools by, so a column shard is charged the water-filled share of its chunk range;
-    the bytes are those of the store's own tensors for that shard (a meta ``EntryTable`` and
-    ``ChunkPool``): per row 8K + 5 B of VHPI metadata (K = the shard's chunks), per slot the
-    chunk's floats, a 4 B free-stack entry and the optimizer state, plus a few counters. A rank's
-    shards that share a local pool share its counters and its rounding to whole slots, so their
-    sum can differ from the pool by under a slot plus the counters per shard.
+    The sharded module's rule (``layout_plan.plan_pools``): the shard's local pool gets
+    ``layout_plan.shard_pool_fraction`` of the shard's full bytes (fp32 weights plus optimizer
+    state; a column shard the water-filled share of its chunk range) and ``store.sizing.size_pool``
+    splits them into chunk slots, hash-table entries, sketch, fallback and counters; the charge
+    is ``store.sizing.pool_bytes`` of those sizes, computed without building anything. A rank's
+    shards of one logical pool and chunk range share one local pool, sized to the sum of their
+    shares: so their sum can differ from the pool by under a slot plus the counters per shard,
+    and a shard whose share is too small for a pool of its own (a bucket of entries and a slot)
+    is charged its share, the bytes it brings to the pool it joins. (Where the rank's pool as a
+    whole is too small, building the sharded module says so.)
 
     Args:
         logical: ``logical_pools(tables, config)``, when the caller already has it.
@@ -61,11 +59,16 @@ def fiited_shard_bytes(
     chunk_size = dim // config.num_chunks
     k_local, chunk_offset = cols // chunk_size, int(offset[1]) // chunk_size
     fraction = shard_pool_fraction(logical, table, chunk_offset, k_local)
-    slots = pool_slots(fraction * rows * cols, chunk_size)
-    meta = torch.device("meta")
-    return _buffer_bytes(EntryTable(rows, k_local, meta)) + _buffer_bytes(
-        ChunkPool(slots, chunk_size, k_local, config.optimizer, meta)
-    )
+    spec = [TableSpec(table, rows, cols)]
+    budget_bytes = fraction * full_table_bytes(rows, cols, config.optimizer)
+    options = sizing_options(config)
+    try:
+        sizes = size_pool(
+            spec, fraction, k_local, config.optimizer, budget_bytes=budget_bytes, **options
+        )
+    except ValueError:
+        return int(budget_bytes)
+    return pool_bytes(sizes, spec, k_local, config.optimizer, options["dim_pruning"])["total"]
 
 
 class FiitedStorageEstimator(EmbeddingStorageEstimator):

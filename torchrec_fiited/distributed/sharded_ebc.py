@@ -73,8 +73,9 @@ class ShardedFiitedEmbeddingBagCollection(
 
     Each rank's pools hold its shards' share of the budget; every ``prune_interval`` steps the
     ranks all-gather sampled utilities over a CPU process group and apply the same global
-    thresholds to their own pools. ``state_dict`` is the logical form (see
-    ``store/logical.py``) as ShardedTensors, so ``torch.distributed.checkpoint`` reshards it.
+    thresholds to their own pools. ``state_dict`` holds each shard's resident rows in the sparse
+    form of ``store/logical.py`` (``distributed/logical_state.py``): nothing in it scales with
+    ``num_embeddings``, and ``torch.distributed.checkpoint`` resumes it bitwise in the same plan.
 
     MEAN-pooled tables planned row-wise pool SUM on each rank (a rank sees only part of a
     bag); the output is divided by the whole bag's length, taken from the input before routing.
@@ -267,10 +268,13 @@ class ShardedFiitedEmbeddingBagCollection(
         for parts, kjt in zip(self._parts, dist_input):
             for part in parts:
                 batches[part.index] = resolve(self._lookups[part.index], part, kjt)
-        if self.training and torch.is_grad_enabled():
-            for lookup, (batch, _) in zip(self._lookups, batches):
-                if batch:
-                    lookup._admit(batch)
+        training = self.training and torch.is_grad_enabled()
+        for lookup, (batch, _) in zip(self._lookups, batches):
+            if batch:
+                if training:
+                    lookup._admit(batch)  # new keys take entries (store v2), then all resolve
+                lookup._lookup_entries(batch)
+        if training:
             anchor = torch.zeros((), requires_grad=True)  # makes autograd call our backward
             flat = list(_ShardedFusedLookup.apply(self, batches, anchor))
         else:
