@@ -131,6 +131,7 @@ def apply_decision(
     tables = store.tables_of_pool(pool)
     off = store.layouts[tables[0]].chunk_offset if tables else 0
     thr = decision.thresholds[off : off + K].to(et.utilities.device)
+    et.thresholds.copy_(thr)
     entries = et.seen()
     u = rule.decayed(et.utilities[entries], et.last_step[entries], step)
     live = et.chunk_slots[entries] >= 0

@@ -17,7 +17,8 @@ class EntryTable(nn.Module):
     ``index`` maps a key to an entry in [0, S); entry S (``null_entry``) is what every
     non-resident key resolves to: it holds no chunk, so it reads as zeros, and whatever a
     backward writes into its utilities is cleared (``clear_null``). Bytes per entry slot:
-    8 (key) + 4 (score) + 4K (chunk_slots) + 4K (utilities) + 4 (last_step) = 8K + 16.
+    8 (key) + 4 (score) + 4K (chunk_slots) + 4K (utilities) + 4 (last_step) = 8K + 16,
+    plus the null entry, the last thresholds and three counters per pool.
 
     An entry is resident iff ``last_step != NEVER_SEEN`` iff its key is in ``index``. The store
     mutates it only through ``VHPIStore`` so that keys, slots and pool counters stay consistent.
@@ -42,6 +43,9 @@ class EntryTable(nn.Module):
             "last_step", torch.full((S + 1,), NEVER_SEEN, dtype=torch.int32, device=device)
         )
         self.register_buffer("num_seen", torch.tensor(0, dtype=torch.int64, device=device))
+        # Last pruning cycle's thresholds: the bar an admitted id's estimate must clear to get a
+        # chunk before the next cycle (0 until the first cycle: first touch takes free slots).
+        self.register_buffer("thresholds", torch.zeros(num_chunks, device=device))
         # Last pruning cycle's counts, for stats().
         self.register_buffer("last_cycle_evictions", torch.tensor(0, dtype=torch.int64, device=device))
         self.register_buffer("last_cycle_allocations", torch.tensor(0, dtype=torch.int64, device=device))

@@ -94,6 +94,7 @@ def fixed_bytes(tables: Sequence[TableSpec], num_chunks: int, optimizer: str, di
     K = num_chunks
     pool = INT64 + INT64 * K  # num_free, live_per_chunk
     entries = INT32 * K + FP32 * K + INT32 + 3 * INT64  # null entry, num_seen, last-cycle counts
+    entries += FP32 * K  # last thresholds
     entries += INT64  # the sketch's decay step
     dims = 0
     if dim_pruning:

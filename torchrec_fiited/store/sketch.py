@@ -55,7 +55,20 @@ class UtilitySketch(nn.Module):
         if self.width == 0 or keys.numel() == 0:
             return
         cells = self._cells(keys)
-        target = self._min_over_rows(cells) + values.to(self.counts.dtype)
+        self._raise(cells, self._min_over_rows(cells) + values.to(self.counts.dtype))
+
+    def raise_to(self, keys: torch.Tensor, totals: torch.Tensor) -> None:
+        """Record that distinct ``keys`` int64 [n] have utility ``totals`` fp32 [n, K] in all:
+        each of their cells is raised to at least that, never added to.
+
+        For entries leaving the table: their utility already holds what the sketch estimated
+        when they were admitted, so adding it back would count that mass twice, and an id going
+        in and out of the table would double its estimate each round trip."""
+        if self.width == 0 or keys.numel() == 0:
+            return
+        self._raise(self._cells(keys), totals.to(self.counts.dtype))
+
+    def _raise(self, cells: torch.Tensor, target: torch.Tensor) -> None:
         for r in range(self.depth):
             index = cells[r].unsqueeze(1).expand(-1, self.num_chunks)
             self.counts[r].scatter_reduce_(0, index, target, reduce="amax")

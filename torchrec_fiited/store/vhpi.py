@@ -251,7 +251,7 @@ class VHPIStore(nn.Module):
         et = self.entries[pool]
         rows, ks = (et.chunk_slots[entries] >= 0).nonzero(as_tuple=True)
         self.evict(pool, entries[rows], ks)
-        self.sketches[pool].add(keys, utilities)
+        self.sketches[pool].raise_to(keys, utilities)
         et.utilities[entries] = 0.0
         et.last_step[entries] = NEVER_SEEN
 
@@ -282,8 +282,9 @@ class VHPIStore(nn.Module):
         it, else it stays out. A displaced entry's
         chunks are freed and its utilities go to the sketch. A new entry starts with the
         sketch's per-chunk estimate as its utilities; chunk k of new entries is then allocated,
-        in descending estimate, while the pool has free slots and fewer than ``quota[k]`` live
-        chunk-k chunks. The rest start pruned and compete at the next pruning cycle.
+        in descending estimate, to those whose estimate reaches the last cycle's threshold of
+        chunk k (any, before the first cycle), while the pool has free slots and fewer than
+        ``quota[k]`` live chunk-k chunks. The rest start pruned and compete at the next cycle.
         """
         if keys.numel() == 0:
             return
@@ -302,13 +303,16 @@ class VHPIStore(nn.Module):
         et.utilities[new] = estimate
         et.last_step[new] = step
         et.num_seen += new.numel()
-        new = new[torch.sort(score, descending=True, stable=True).indices]
+        order = torch.sort(score, descending=True, stable=True).indices
+        new, estimate = new[order], estimate[order]
         cp = self.pools[pool]
         for k in range(self.num_chunks):
             room = min(cp.free_count(), int(quota[k]) - int(cp.live_per_chunk[k]))
             if room <= 0:
                 continue
-            take = new[:room]
+            # Only what the last cycle would have kept: otherwise the slots a cycle's eviction
+            # freed went to whichever cold ids arrived first, to be evicted at the next cycle.
+            take = new[estimate[:, k] >= et.thresholds[k]][:room]
             self.allocate(pool, take, torch.full_like(take, k), step)
         self.protect(pool, new)
 
