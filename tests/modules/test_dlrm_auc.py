@@ -104,5 +104,5 @@ def test_fiited_2d_prunes_dimensions_and_keeps_up_with_fiited():
     stats = emb.stats()
     assert {t["active_dim"] for t in stats["tables"].values()} == {10}  # 5 of 8 columns per chunk
     pool = emb.store.pools["shared_cs8"]
-    assert stats["bytes"]["pools"] == pool.capacity * 5 * 4
+    assert stats["bytes"]["chunks"] == pool.capacity * 5 * 4
     assert fiited_2d >= _fiited()[0] - 0.01
