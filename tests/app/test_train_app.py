@@ -53,12 +53,15 @@ def test_fiited_records_allocation_and_respects_budget(tmp_path):
     assert all(len(rows) == 3 for rows in snapshot.values())  # K=2: rows with 0, 1, 2 live chunks
     stats = m["fiited_stats"]
     assert stats["bytes"]["total"] == m["embedding_bytes"]
-    # The pools are the largest whole numbers of chunk slots within 0.25 of the tables' floats.
-    full_floats = sum(t["num_embeddings"] * t["dim"] for t in stats["tables"].values())
+    # Every byte counts (store v2): the module holds at most 0.25 of the full bytes (fp32 weights
+    # plus rowwise Adagrad state) and wastes less than one chunk slot and one bucket of entries per
+    # pool; the chunk bytes are the pools' slots.
+    full = m["embedding_bytes_full"]
+    assert stats["bytes_full"] == full
     pool_floats = sum(p["capacity"] * p["chunk_size"] for p in stats["pools"].values())
-    largest_chunk = max(p["chunk_size"] for p in stats["pools"].values())
-    assert stats["bytes"]["pools"] == 4 * pool_floats
-    assert 0.25 * full_floats - len(stats["pools"]) * largest_chunk < pool_floats <= 0.25 * full_floats
+    assert stats["bytes"]["chunks"] == 4 * pool_floats
+    slack = sum(4 * p["chunk_size"] + 8 + 32 * (8 * 2 + 16) for p in stats["pools"].values())
+    assert 0.25 * full - slack < m["embedding_bytes"] <= 0.25 * full
 
 
 def test_bad_budget_is_rejected(tmp_path):

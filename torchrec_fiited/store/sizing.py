@@ -167,8 +167,11 @@ def size_pool(
             share = spend * full_table_bytes(t.num_rows, t.dim, optimizer) / full
             per_row = full_table_bytes(1, t.dim, optimizer)
             fallback_rows[t.name] = min(t.num_rows, int(share // per_row))
-        left -= sum(full_table_bytes(n, t.dim, optimizer) for t in tables
-                    for n in [fallback_rows[t.name]])
+        spent = sum(full_table_bytes(fallback_rows[t.name], t.dim, optimizer) for t in tables)
+        if left - spent < MIN_BUCKET * e + c:  # the fallback would leave no entry or slot
+            fallback_rows = {t.name: 0 for t in tables}
+            spent = 0
+        left -= spent
 
     # Everything fits: entries for every row at load <= FULL_LOAD and a slot for every chunk.
     W = bucket_size
@@ -177,6 +180,8 @@ def size_pool(
         return PoolSizes(rows * K, all_buckets, W, 0, fallback_rows)
 
     sketch_width = int(sketch_fraction * B // (FP32 * SKETCH_DEPTH * K))
+    if left - FP32 * SKETCH_DEPTH * K * sketch_width < MIN_BUCKET * e + c:
+        sketch_width = 0  # a budget this small buys one bucket and a slot first
     left -= FP32 * SKETCH_DEPTH * K * sketch_width
     alpha = default_entries_per_slot(K) if entries_per_slot is None else entries_per_slot
     slots = int(left / (alpha * e + c))
