@@ -205,3 +205,22 @@ def test_erase_frees_chunks_and_forgets_the_entry():
     assert cp.free_count() == 15 and cp.live_per_chunk.tolist() == [1, 0]
     torch.testing.assert_close(store.sketches[POOL].estimate(_keys(store, [0])), torch.tensor([[1.0, 2.0]]))
     assert store.invariant_errors() == []
+
+
+def test_an_id_going_in_and_out_keeps_its_estimate():
+    # An entry admitted with its sketch estimate and erased again without new gradient must
+    # leave the sketch where it was. Adding its utility back on release (it already holds the
+    # estimate) doubled the estimate every round trip: utilities grew 2.5x per cycle and
+    # FIITED K=2 at budget 0.1 lost 0.13 AUC on the hard preset.
+    store = _store()
+    _estimate(store, [42], [[1.5, 0.25]])
+    et = store.entries[POOL]
+    for step in range(5):
+        store.admit(POOL, _keys(store, [42]), step, quota=[0] * K, decay=GAMMA)
+        e = _entries(store, [42])
+        assert bool((e != et.null_entry).all())
+        assert et.utilities[e].tolist() == [[1.5, 0.25]]
+        store.erase(POOL, e, et.utilities[e].clone())  # no decay: same step, no new gradient
+        assert _entries(store, [42]).tolist() == [et.null_entry]
+    assert store.sketches[POOL].estimate(_keys(store, [42])).tolist() == [[1.5, 0.25]]
+    assert store.invariant_errors() == []
