@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from torchrec_fiited.ops.hash_reference import EMPTY_KEY, bucket_of
+from torchrec_fiited.ops.reference import decayed_utilities
 from torchrec_fiited.store.chunk_pool import ChunkPool
 from torchrec_fiited.store.dim_map import DimMap, kept_errors, restrict_columns
 from torchrec_fiited.store.entry_table import EntryTable
@@ -293,7 +294,7 @@ class VHPIStore(nn.Module):
         score = estimate.sum(1)
         slots, evicted_keys, evicted = et.index.insert(keys, score)
         if evicted.numel():
-            u = self._decayed(et, evicted, step, decay)
+            u = decayed_utilities(et.utilities[evicted], et.last_step[evicted], step, decay)
             self._release(pool, evicted, evicted_keys, u)
             et.num_seen -= evicted.numel()
         placed = slots >= 0
@@ -325,11 +326,6 @@ class VHPIStore(nn.Module):
         et = self.entries[pool]
         holds = (et.chunk_slots[entries] >= 0).any(1)
         et.index.scores[entries[holds]] = float("inf")
-
-    @staticmethod
-    def _decayed(et: EntryTable, entries: torch.Tensor, step: int, decay: float) -> torch.Tensor:
-        age = (step - et.last_step[entries].to(torch.int64)).clamp(min=0).to(torch.float32)
-        return et.utilities[entries] * torch.pow(decay, age).unsqueeze(1)
 
     # ---- dense views (small tables: tests, export) ---------------------------------------------
 
