@@ -201,7 +201,7 @@ def traced_functions() -> list:
     return [
         fiited_ebc._store_lookup, E._resolve, E._admit, E._lookup_entries, E._pooled,
         E._apply_gradients, E._end_step, fiited_ebc._bag_rows_and_scales,
-        S.admit, S.allocate, S.evict, S.erase, S._release, S._decayed, S.init_values,
+        S.admit, S.allocate, S.evict, S.erase, S._release, S.init_values,
         sketch.UtilitySketch.add, sketch.UtilitySketch.estimate,
         utility.record_missed_utilities,
         pruning.run_cycle, cycle.sample_pool, cycle.apply_decision, cycle.merge_samples,

@@ -54,6 +54,7 @@ def test_bench_scale_runs_and_reports_the_fields(tmp_path):
            "--out", str(out)]
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert p.returncode in (0, 1), p.stderr[-3000:]  # 1: ran, but over the 2x target
+    assert "Traceback" not in p.stderr, p.stderr[-3000:]  # an exception also exits with 1
     r = json.loads(out.read_text())
     assert r["cycles"] == 2 and r["config"]["steps"] == 4
     full = 2 * (200_000 * 16 + 200_000) * 4  # fp32 weights + rowwise Adagrad state
