@@ -360,15 +360,13 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
             miss = entries == et.null_entry
             if bool(miss.any()):
                 keys = torch.cat([fl.keys for fl in lookups])[miss]
-                g = grad_rows[rows[miss]]
+                g = grad_full[rows[miss]]  # every column: the fallback stores them all
                 if id_scale is not None:
                     g = g * id_scale[miss].unsqueeze(1)
-                record_missed_utilities(self.store.sketches[self.store.layouts[table].pool], keys, g, params)
-                if table in self.store.fallbacks:  # the fallback stores every column
-                    fg = grad_full[rows[miss]]
-                    if id_scale is not None:
-                        fg = fg * id_scale[miss].unsqueeze(1)
-                    self.store.fallbacks[table].update(keys, fg, params)
+                sketch = self.store.sketches[self.store.layouts[table].pool]
+                record_missed_utilities(sketch, keys, self.store.narrow(table, g), params)
+                if table in self.store.fallbacks:
+                    self.store.fallbacks[table].update(keys, g, params)
 
 
 @torch.fx.wrap

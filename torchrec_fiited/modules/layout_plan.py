@@ -158,14 +158,6 @@ def shard_pool_fraction(
     return min(1.0, float(keep[chunk_offset : chunk_offset + k_local].mean()))
 
 
-def pool_slots(floats: float, chunk_size: int) -> int:
-    """Slots of ``chunk_size`` floats that fit in ``floats``.
-
-    The epsilon keeps a product like 0.3 * 1000 from flooring to 299 through float noise.
-    """
-    return int(floats / chunk_size + 1e-6)
-
-
 def plan_pools(
     tables: List[EmbeddingBagConfig],
     config: FiitedConfig,

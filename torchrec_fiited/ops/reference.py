@@ -123,21 +123,36 @@ def fused_backward(
     grads = grad_rows[row_of_id]
     if id_scale is not None:
         grads = grads * id_scale.unsqueeze(1)
-    unique, inverse = torch.unique(entries, return_inverse=True)
-    summed = torch.zeros(unique.numel(), grads.shape[1], dtype=grads.dtype, device=grads.device)
-    summed.index_add_(0, inverse, grads)
-    accesses = torch.bincount(inverse, minlength=unique.numel()).to(utilities.dtype)
+    unique, summed, gains = coalesced_gains(entries, grads, chunk_slots.shape[1], params.utility)
     K = chunk_slots.shape[1]
     g_chunks = summed.view(unique.numel(), K, grad_rows.shape[1] // K)  # [U, K, chunk_size]
 
     u = decayed_utilities(utilities[unique], last_step[unique], params.step, params.decay)
-    gain = g_chunks.norm(dim=2) if params.utility == "grad_access" else 1.0
-    utilities[unique] = u + accesses.unsqueeze(1) * gain
+    utilities[unique] = u + gains
     last_step[unique] = params.step
 
     slots = chunk_slots[unique].to(torch.int64)
     live = slots >= 0
     sparse_update(weights, momentum, slots[live], g_chunks[live], params)
+
+
+def coalesced_gains(ids: torch.Tensor, grads: torch.Tensor, num_chunks: int, utility: str):
+    """Sum the gradients fp32 [n, D] of repeated ``ids`` (int64 [n]) and score each chunk.
+
+    Returns the distinct ids int64 [U] (ascending), their summed gradients fp32 [U, D] and the
+    utility each chunk earns fp32 [U, K]: a * ||g_chunk|| ("grad_access") or a ("access"), a the
+    id's count. The one rule for entries (``fused_backward``) and for ids without an entry (the
+    sketch, ``policy.record_missed_utilities``).
+    """
+    unique, inverse = torch.unique(ids, return_inverse=True)
+    summed = torch.zeros(unique.numel(), grads.shape[1], dtype=grads.dtype, device=grads.device)
+    summed.index_add_(0, inverse, grads)
+    accesses = torch.bincount(inverse, minlength=unique.numel()).to(grads.dtype)
+    if utility == "grad_access":
+        gains = accesses.unsqueeze(1) * summed.view(unique.numel(), num_chunks, -1).norm(dim=2)
+    else:
+        gains = accesses.unsqueeze(1).expand(-1, num_chunks) * 1.0
+    return unique, summed, gains
 
 
 def sparse_update(

@@ -8,6 +8,7 @@ entries in its batch: no O(table) decay pass.
 import torch
 
 from torchrec_fiited.ops import decayed_utilities
+from torchrec_fiited.ops.reference import coalesced_gains
 
 
 class UtilityRule:
@@ -37,12 +38,5 @@ def record_missed_utilities(sketch, keys: torch.Tensor, grads: torch.Tensor, par
     """
     if sketch.width == 0 or keys.numel() == 0:
         return
-    unique, inverse = torch.unique(keys, return_inverse=True)
-    summed = grads.new_zeros(unique.numel(), grads.shape[1]).index_add_(0, inverse, grads)
-    accesses = torch.bincount(inverse, minlength=unique.numel()).to(grads.dtype)
-    K = sketch.num_chunks
-    if params.utility == "grad_access":
-        gain = summed.view(unique.numel(), K, -1).norm(dim=2)
-    else:
-        gain = torch.ones(unique.numel(), K, device=grads.device)
-    sketch.add(unique, accesses.unsqueeze(1) * gain)
+    unique, _, gains = coalesced_gains(keys, grads, sketch.num_chunks, params.utility)
+    sketch.add(unique, gains)

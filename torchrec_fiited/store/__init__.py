@@ -13,8 +13,6 @@ from torchrec_fiited.store.layout import (
     hash_ids,
     key_row,
     key_table,
-    live_from_mask,
-    mask_from_live,
 )
 from torchrec_fiited.store.sizing import PoolSizes, TableSpec, pool_bytes, size_pool
 from torchrec_fiited.store.sketch import UtilitySketch
@@ -37,8 +35,6 @@ __all__ = [
     "hash_ids",
     "key_row",
     "key_table",
-    "live_from_mask",
-    "mask_from_live",
     "pool_bytes",
     "size_pool",
 ]

@@ -12,7 +12,7 @@ from torch import nn
 
 from torchrec_fiited.ops.reference import FusedParams, sparse_update
 from torchrec_fiited.store.chunk_pool import OPTIMIZER_STATE_SHAPES
-from torchrec_fiited.store.layout import _mix64
+from torchrec_fiited.store.layout import _mix64, counter_uniform
 
 _FALLBACK_SALT = 0x7F4A7C159E3779B9
 
@@ -34,8 +34,6 @@ class HashedFallback(nn.Module):
 
     def __init__(self, rows: int, dim: int, optimizer: str, init, seed: int, device: torch.device) -> None:
         super().__init__()
-        from torchrec_fiited.store.layout import counter_uniform
-
         self.rows = int(rows)
         idx = torch.arange(self.rows, dtype=torch.int64, device=device).unsqueeze(1)
         cols = torch.arange(dim, dtype=torch.int64, device=device)

@@ -70,18 +70,6 @@ def key_row(keys: torch.Tensor) -> torch.Tensor:
     return keys & _ROW_MASK
 
 
-def live_from_mask(live_mask: torch.Tensor, num_chunks: int) -> torch.Tensor:
-    """Unpack ``live_mask`` uint8 [n] into bool [n, K]."""
-    bits = torch.arange(num_chunks, dtype=torch.uint8, device=live_mask.device)
-    return ((live_mask.unsqueeze(-1) >> bits) & 1).bool()
-
-
-def mask_from_live(live: torch.Tensor) -> torch.Tensor:
-    """Pack bool [n, K] into ``live_mask`` uint8 [n]."""
-    weights = 1 << torch.arange(live.shape[-1], dtype=torch.int32, device=live.device)
-    return (live.to(torch.int32) * weights).sum(-1).to(torch.uint8)
-
-
 # splitmix64's finalizer, in signed int64 arithmetic (torch has no uint64 multiply).
 _MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
 _MIX2 = 0x94D049BB133111EB - (1 << 64)
@@ -107,11 +95,6 @@ def hash_ids(ids: torch.Tensor, num_entries: int) -> torch.Tensor:
 def table_key(name: str) -> int:
     """A stable 32-bit id of a table name, the same in every process and plan."""
     return zlib.crc32(name.encode())
-
-
-def row_keys(table: str, rows: torch.Tensor) -> torch.Tensor:
-    """Plan-independent keys (int64 [n]) of global ``rows`` of ``table``: crc32 << 31 | row."""
-    return as_int64(table_key(table) << 31) | rows.to(torch.int64)
 
 
 _LOW31 = (1 << 31) - 1
