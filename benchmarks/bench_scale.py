@@ -199,11 +199,11 @@ def traced_functions() -> list:
     E = fiited_ebc.FiitedEmbeddingBagCollection
     S = vhpi.VHPIStore
     return [
-        fiited_ebc._store_lookup, E._resolve, E._admit, E._lookup_entries, E._pooled,
+        fiited_ebc._store_lookup, E._resolve, E._resolve_entries, E._pooled,
         E._apply_gradients, E._end_step, fiited_ebc._bag_rows_and_scales,
         S.admit, S.allocate, S.evict, S.erase, S._release, S.init_values,
         sketch.UtilitySketch.add, sketch.UtilitySketch.estimate,
-        utility.record_missed_utilities,
+        utility.missed_gains,
         pruning.run_cycle, cycle.sample_pool, cycle.apply_decision, cycle.merge_samples,
     ]
 

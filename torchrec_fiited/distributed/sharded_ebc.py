@@ -270,10 +270,8 @@ class ShardedFiitedEmbeddingBagCollection(
                 batches[part.index] = resolve(self._lookups[part.index], part, kjt)
         training = self.training and torch.is_grad_enabled()
         for lookup, (batch, _) in zip(self._lookups, batches):
-            if batch:
-                if training:
-                    lookup._admit(batch)  # new keys take entries (store v2), then all resolve
-                lookup._lookup_entries(batch)
+            if batch:  # in training, new keys take entries first (store v2)
+                lookup._resolve_entries(batch, admit=training)
         if training:
             anchor = torch.zeros((), requires_grad=True)  # makes autograd call our backward
             flat = list(_ShardedFusedLookup.apply(self, batches, anchor))

@@ -25,8 +25,8 @@ from torchrec_fiited.policy import (
     UtilityRule,
     cycle_due,
     decision_due,
+    missed_gains,
     record_dim_utilities,
-    record_missed_utilities,
 )
 from torchrec_fiited.store import VHPIStore, hash_ids
 
@@ -42,6 +42,20 @@ class _FeatureLookup:
     weights: Optional[torch.Tensor]  # fp32 [n] or None
     mean: bool
     entries: Optional[torch.Tensor] = None  # int64 [n] in the pool's EntryTable, null if absent
+    # Training: the pool's non-resident keys of this batch, and which of them each id is (-1
+    # where it has an entry): backward scores them for the sketch without another unique.
+    misses: Optional["_PoolMisses"] = None
+    miss_group: Optional[torch.Tensor] = None  # int64 [n]
+
+
+@dataclass
+class _PoolMisses:
+    """The distinct keys of a pool that stay without an entry after a training forward's
+    admission, int64 [G], and the utility each earns in backward, fp32 [G, K]."""
+
+    pool: str
+    keys: torch.Tensor
+    gains: torch.Tensor
 
 
 class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimizerModule):
@@ -251,10 +265,59 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
             batch.append(_FeatureLookup(feature, table.name, keys, offsets, weights, mean))
         return batch
 
-    def _lookup_entries(self, batch: List[_FeatureLookup]) -> None:
-        """Resolve every feature's keys to entries (the null entry where not resident)."""
+    def _resolve_entries(self, batch: List[_FeatureLookup], admit: bool) -> None:
+        """Resolve every feature's keys to entries (the null entry where not resident); with
+        ``admit``, first offer the non-resident keys of the batch an entry (``VHPIStore.admit``).
+
+        One probe per id: an id admitted here takes its new entry from the admission, and an id
+        whose entry an admission displaced reads the null entry, so no second probe is needed.
+        """
         for fl in batch:
             fl.entries = self.store.entries_of(fl.table).lookup(fl.keys)
+        if not admit:
+            return
+        step = int(self.steps_done)
+        for pool, lookups in self._by_pool(batch).items():
+            null = self.store.entries[pool].null_entry
+            missing = [fl.entries == null for fl in lookups]
+            unique, inverse = torch.unique(
+                torch.cat([fl.keys[m] for fl, m in zip(lookups, missing)]), return_inverse=True
+            )
+            quota = self._policies[pool].admission_quota(self._capacities[pool])
+            slots, displaced = self.store.admit(pool, unique, step, quota, self._config.decay)
+            # Hits whose entry this admission displaced now miss (their slot may hold a new key).
+            lost = [torch.zeros_like(m) for m in missing]
+            if displaced.numel():
+                displaced = torch.sort(displaced).values
+                for j, (fl, m) in enumerate(zip(lookups, missing)):
+                    pos = torch.searchsorted(displaced, fl.entries).clamp(max=displaced.numel() - 1)
+                    lost[j] = (~m) & (displaced[pos] == fl.entries)
+            lost_keys, lost_group = torch.unique(
+                torch.cat([fl.keys[l] for fl, l in zip(lookups, lost)]), return_inverse=True
+            )
+            # The pool's misses after admission: keys still out, then keys that lost their entry.
+            stay_out = slots < 0
+            group_of_unique = torch.cumsum(stay_out, 0) - 1
+            misses_keys = torch.cat([unique[stay_out], lost_keys])
+            first_lost = int(stay_out.sum())
+            misses = _PoolMisses(
+                pool,
+                misses_keys,
+                torch.zeros(misses_keys.numel(), self.store.num_chunks, device=unique.device),
+            )
+            m_start = l_start = 0
+            for fl, m, l in zip(lookups, missing, lost):
+                n_m, n_l = int(m.sum()), int(l.sum())
+                inv, new = inverse[m_start : m_start + n_m], slots[inverse[m_start : m_start + n_m]]
+                m_start += n_m
+                entries, group = fl.entries.clone(), torch.full_like(fl.entries, -1)
+                entries[m] = torch.where(new >= 0, new, torch.full_like(new, null))
+                group[m] = torch.where(new >= 0, torch.full_like(new, -1), group_of_unique[inv])
+                if n_l:
+                    entries[l] = null
+                    group[l] = first_lost + lost_group[l_start : l_start + n_l]
+                    l_start += n_l
+                fl.entries, fl.miss_group, fl.misses = entries, group, misses
 
     def _by_table(self, batch: List[_FeatureLookup]) -> Dict[str, List[_FeatureLookup]]:
         grouped: Dict[str, List[_FeatureLookup]] = {}
@@ -267,20 +330,6 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
         for fl in batch:
             grouped.setdefault(self.store.layouts[fl.table].pool, []).append(fl)
         return grouped
-
-    def _admit(self, batch: List[_FeatureLookup]) -> None:
-        """Offer every non-resident key of the batch an entry (``VHPIStore.admit``)."""
-        step = int(self.steps_done)
-        for pool, lookups in self._by_pool(batch).items():
-            keys = torch.cat([fl.keys for fl in lookups])
-            et = self.store.entries[pool]
-            # Only non-resident keys are candidates: filter before the unique.
-            keys = keys[et.index.lookup(keys) < 0]
-            if keys.numel() == 0:
-                continue
-            keys = torch.unique(keys)
-            quota = self._policies[pool].admission_quota(self._capacities[pool])
-            self.store.admit(pool, keys, step, quota, self._config.decay)
 
     def _pooled(self, batch: List[_FeatureLookup]) -> torch.Tensor:
         # One [B, sum D] output written block by block: per-feature outputs plus a cat cost more
@@ -352,21 +401,35 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
             pool = self.store.pool_of(table)
             rows = torch.cat(rows)
             entries = torch.cat([fl.entries for fl in lookups])
+            miss = entries == et.null_entry
+            hit = ~miss
+            # Ids with an entry: optimizer and utilities. Ids without: their utility for the
+            # sketch, by group (one per key). Apart, so that the null entry never becomes one
+            # segment of every miss in the fused backward (a serial sum on one thread).
             fused_backward(
-                grad_rows, rows, id_scale, entries,
+                grad_rows, rows[hit], None if id_scale is None else id_scale[hit], entries[hit],
                 et.chunk_slots, et.utilities, et.last_step, pool.weights, pool.momentum, params,
             )
-            et.clear_null()
-            miss = entries == et.null_entry
-            if bool(miss.any()):
+            if not bool(miss.any()):
+                continue
+            misses = lookups[0].misses
+            if self.store.sketches[misses.pool].width:
+                groups = torch.cat([fl.miss_group for fl in lookups])[miss]
+                missed_gains(
+                    grad_rows, rows[miss], None if id_scale is None else id_scale[miss], groups,
+                    misses.gains, params,
+                )
+            if table in self.store.fallbacks:
                 keys = torch.cat([fl.keys for fl in lookups])[miss]
                 g = grad_full[rows[miss]]  # every column: the fallback stores them all
                 if id_scale is not None:
                     g = g * id_scale[miss].unsqueeze(1)
-                sketch = self.store.sketches[self.store.layouts[table].pool]
-                record_missed_utilities(sketch, keys, self.store.narrow(table, g), params)
-                if table in self.store.fallbacks:
-                    self.store.fallbacks[table].update(keys, g, params)
+                self.store.fallbacks[table].update(keys, g, params)
+        # One sketch update per pool, with every table's misses.
+        for misses in {id(fl.misses): fl.misses for fl in batch if fl.misses is not None}.values():
+            sketch = self.store.sketches[misses.pool]
+            if sketch.width and misses.keys.numel():
+                sketch.add(misses.keys, misses.gains)
 
 
 @torch.fx.wrap
@@ -384,11 +447,10 @@ def _store_lookup(module: FiitedEmbeddingBagCollection, features: KeyedJaggedTen
     batch = module._resolve(features)  # every check runs before the store is touched
     if module.training and torch.is_grad_enabled():
         _check_not_replicated(module)
-        module._admit(batch)
-        module._lookup_entries(batch)
+        module._resolve_entries(batch, admit=True)
         anchor = torch.zeros((), requires_grad=True)  # makes autograd call our backward
         return _FusedLookup.apply(module, batch, anchor)
-    module._lookup_entries(batch)
+    module._resolve_entries(batch, admit=False)
     return module._pooled(batch)
 
 

@@ -141,8 +141,8 @@ def coalesced_gains(ids: torch.Tensor, grads: torch.Tensor, num_chunks: int, uti
 
     Returns the distinct ids int64 [U] (ascending), their summed gradients fp32 [U, D] and the
     utility each chunk earns fp32 [U, K]: a * ||g_chunk|| ("grad_access") or a ("access"), a the
-    id's count. The one rule for entries (``fused_backward``) and for ids without an entry (the
-    sketch, ``policy.record_missed_utilities``).
+    id's count. The rule of ``fused_backward``, which ``policy.missed_gains`` also runs for the
+    ids without an entry.
     """
     unique, inverse = torch.unique(ids, return_inverse=True)
     summed = torch.zeros(unique.numel(), grads.shape[1], dtype=grads.dtype, device=grads.device)

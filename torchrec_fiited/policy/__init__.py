@@ -30,7 +30,7 @@ from torchrec_fiited.policy.thresholds import (
     PruneDecision,
     ThresholdPolicy,
 )
-from torchrec_fiited.policy.utility import UtilityRule, record_missed_utilities
+from torchrec_fiited.policy.utility import UtilityRule, missed_gains, record_missed_utilities
 
 __all__ = [
     "CycleCounts",
@@ -52,6 +52,7 @@ __all__ = [
     "global_widths",
     "kept_width",
     "record_dim_utilities",
+    "missed_gains",
     "record_missed_utilities",
     "top_columns",
     "merge_samples",

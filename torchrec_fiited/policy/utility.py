@@ -5,10 +5,13 @@ gamma ** (t - last_step[e]). That is exact, and it means a training step only to
 entries in its batch: no O(table) decay pass.
 """
 
+from typing import Optional
+
 import torch
 
-from torchrec_fiited.ops import decayed_utilities
-from torchrec_fiited.ops.reference import coalesced_gains
+from torchrec_fiited.ops import FusedParams, decayed_utilities, fused_backward
+from torchrec_fiited.store.chunk_pool import OPTIMIZER_STATE_SHAPES
+from torchrec_fiited.store.layout import PRUNED
 
 
 class UtilityRule:
@@ -29,14 +32,47 @@ class UtilityRule:
         return decayed_utilities(utilities, last_step, step, self.decay)
 
 
+def missed_gains(
+    grad_rows: torch.Tensor,
+    row_of_id: torch.Tensor,
+    id_scale: Optional[torch.Tensor],
+    groups: torch.Tensor,
+    gains: torch.Tensor,
+    params: FusedParams,
+) -> None:
+    """Add to ``gains`` fp32 [G, K] what the ids without an entry earn, grouped by key.
+
+    Id i belongs to group ``groups[i]`` (int64 [n], in [0, G): one group per distinct key) and
+    its gradient is ``id_scale[i] * grad_rows[row_of_id[i]]``, as in ``ops.fused_backward``. It
+    *is* the fused backward, run on G scratch entries that hold no chunk: a group earns exactly
+    what an entry with every chunk pruned would (repeated ids summed, a = their count), by the
+    same kernel, and nothing is written but ``gains``.
+    """
+    G, K = gains.shape
+    if groups.numel() == 0 or G == 0:
+        return
+    cs = grad_rows.shape[1] // K
+    no_chunks = torch.full((G, K), PRUNED, dtype=torch.int32, device=gains.device)
+    as_of_now = torch.full((G,), params.step, dtype=torch.int32, device=gains.device)
+    no_weights = grad_rows.new_empty(0, cs)
+    no_state = grad_rows.new_zeros(OPTIMIZER_STATE_SHAPES[params.optimizer](0, cs))
+    fused_backward(
+        grad_rows, row_of_id, id_scale, groups, no_chunks, gains, as_of_now, no_weights,
+        no_state, params,
+    )
+
+
 def record_missed_utilities(sketch, keys: torch.Tensor, grads: torch.Tensor, params) -> None:
     """Add a * ||g_chunk|| of non-resident ``keys`` (int64 [n]) to ``sketch``.
 
-    ``grads`` fp32 [n, D_stored] are the ids' gradients at the zero rows they read; as in the
-    fused backward, repeated keys are summed first and a is their count, so a key scores in the
+    ``grads`` fp32 [n, D_stored] are the ids' gradients at the zero rows they read; repeated
+    keys are summed first and a is their count (``missed_gains``), so a key scores in the
     sketch exactly what it would score as an entry with every chunk pruned.
     """
     if sketch.width == 0 or keys.numel() == 0:
         return
-    unique, _, gains = coalesced_gains(keys, grads, sketch.num_chunks, params.utility)
+    unique, groups = torch.unique(keys, return_inverse=True)
+    gains = torch.zeros(unique.numel(), sketch.num_chunks, device=grads.device)
+    rows = torch.arange(keys.numel(), device=keys.device)
+    missed_gains(grads, rows, None, groups, gains, params)
     sketch.add(unique, gains)

@@ -274,7 +274,7 @@ class VHPIStore(nn.Module):
         step: int,
         quota: Sequence[int],
         decay: float,
-    ) -> None:
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Try to make non-resident ``keys`` (distinct int64 [n]) of a training batch resident.
 
         Each key's score is its sketch estimate (summed over chunks). A key takes a free slot of
@@ -286,9 +286,14 @@ class VHPIStore(nn.Module):
         in descending estimate, to those whose estimate reaches the last cycle's threshold of
         chunk k (any, before the first cycle), while the pool has free slots and fewer than
         ``quota[k]`` live chunk-k chunks. The rest start pruned and compete at the next cycle.
+
+        Returns:
+            (entry int64 [n] of each key, -1 where it stays out; the entries displaced to make
+            room, int64 [d]: their slots may now hold keys of ``keys``).
         """
+        none = torch.empty(0, dtype=torch.int64, device=keys.device)
         if keys.numel() == 0:
-            return
+            return none, none
         et, sketch = self.entries[pool], self.sketches[pool]
         estimate = sketch.estimate(keys)
         score = estimate.sum(1)
@@ -300,7 +305,7 @@ class VHPIStore(nn.Module):
         placed = slots >= 0
         new, estimate, score = slots[placed], estimate[placed], score[placed]
         if new.numel() == 0:
-            return
+            return slots, evicted
         et.utilities[new] = estimate
         et.last_step[new] = step
         et.num_seen += new.numel()
@@ -316,6 +321,7 @@ class VHPIStore(nn.Module):
             take = new[estimate[:, k] >= et.thresholds[k]][:room]
             self.allocate(pool, take, torch.full_like(take, k), step)
         self.protect(pool, new)
+        return slots, evicted
 
     def protect(self, pool: str, entries: torch.Tensor) -> None:
         """Make entries holding a live chunk impossible to displace at admission (score +inf).
