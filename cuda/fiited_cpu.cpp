@@ -174,11 +174,12 @@ void lookup_forward_out_cpu(
 
 // ---- fused_backward ---------------------------------------------------------------------------
 
-// Every entry and bag row must be valid before anything is updated in place.
+// Every entry and bag row must be valid before anything is updated in place. Entry -1 skips
+// the id (ids of other entry tables in one batch: the collection's misses).
 void check_backward_ids(const int64_t* entries, const int64_t* row_of_id, const BackwardSizes& s) {
   at::parallel_for(0, s.num_ids, kMinWorkPerTask, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      if (outside(entries[i], s.num_entries)) {
+      if (entries[i] != -1 && outside(entries[i], s.num_entries)) {
         fail_out_of_range(kBackward, "entries", i, entries[i], s.num_entries, "E");
       }
       if (outside(row_of_id[i], s.num_rows)) {

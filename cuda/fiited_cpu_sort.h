@@ -40,9 +40,11 @@ inline SortWorkspace& sort_workspace(int64_t n) {
 }
 
 // One stable counting pass on digit (key >> shift) & mask, from (src_keys, src_ids) into (dst_*).
-// src_keys == nullptr reads the keys from entries and takes ids 0..n-1.
+// src_keys == nullptr reads the keys from entries (a skipped id, entry < 0, as `skip_key`) and
+// takes ids 0..n-1.
 inline void radix_pass(
     const int64_t* entries,    // (n) the keys of the first pass
+    uint32_t skip_key,
     const uint32_t* src_keys,  // (n) or nullptr
     const int32_t* src_ids,    // (n) or nullptr
     uint32_t* dst_keys,        // (n)
@@ -56,7 +58,7 @@ inline void radix_pass(
       std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / kMinWorkPerTask));
   histogram.assign(tasks * buckets, 0);
   auto key = [&](int64_t i) {
-    return src_keys ? src_keys[i] : static_cast<uint32_t>(entries[i]);
+    return src_keys ? src_keys[i] : entries[i] < 0 ? skip_key : static_cast<uint32_t>(entries[i]);
   };
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
@@ -85,26 +87,30 @@ inline void radix_pass(
   });
 }
 
-// Sorts the ids by entry; returns the buffer index holding the result and fills segment_starts.
+// Sorts the ids by entry; returns the buffer index holding the result and fills segment_starts
+// with the segments of entries >= 0. Skipped ids (entry < 0) sort last, as entry num_entries,
+// and belong to no segment.
 inline int sort_by_entry(
     SortWorkspace& ws, const int64_t* entries, int64_t n, int64_t num_entries) {
+  const uint32_t skip_key = static_cast<uint32_t>(num_entries);
   int key_bits = 1;
-  while (key_bits < 32 && (int64_t{1} << key_bits) < num_entries) ++key_bits;
+  while (key_bits < 32 && (int64_t{1} << key_bits) < num_entries + 1) ++key_bits;
   const int passes = (key_bits + kMaxRadixBits - 1) / kMaxRadixBits;
   const int bits = (key_bits + passes - 1) / passes;
   int src = 0;
   for (int p = 0; p < passes; ++p, src ^= 1) {
     const bool first = p == 0;
     radix_pass(
-        entries, first ? nullptr : ws.keys[src].data(), first ? nullptr : ws.ids[src].data(),
+        entries, skip_key, first ? nullptr : ws.keys[src].data(), first ? nullptr : ws.ids[src].data(),
         ws.keys[src ^ 1].data(), ws.ids[src ^ 1].data(), n, p * bits, bits, ws.histogram);
   }
   const uint32_t* keys = ws.keys[src].data();
   ws.segment_starts.clear();
-  for (int64_t j = 0; j < n; ++j) {
+  int64_t j = 0;
+  for (; j < n && keys[j] != skip_key; ++j) {
     if (j == 0 || keys[j] != keys[j - 1]) ws.segment_starts.push_back(static_cast<int32_t>(j));
   }
-  ws.segment_starts.push_back(static_cast<int32_t>(n));
+  ws.segment_starts.push_back(static_cast<int32_t>(j));
   return src;
 }
 

@@ -26,13 +26,13 @@ static_assert(
 // Ids must index their tables before a kernel dereferences them. One device sync per checked
 // tensor; FBGEMM's TBE pays the same in its bounds check.
 void check_range(const char* op, const char* name, const at::Tensor& t, int64_t hi,
-                 const char* hi_name) {
+                 const char* hi_name, int64_t lowest = 0) {
   if (t.numel() == 0) return;
   const auto [lo_t, hi_t] = at::aminmax(t);
   const int64_t lo = lo_t.item<int64_t>(), top = hi_t.item<int64_t>();
   TORCH_CHECK(
-      lo >= 0 && top < hi, "[torchrec_fiited] ", op, ": ", name, " must be in [0, ", hi_name,
-      "=", hi, "), got values in [", lo, ", ", top, "]");
+      lo >= lowest && top < hi, "[torchrec_fiited] ", op, ": ", name, " must be in [", lowest,
+      ", ", hi_name, "=", hi, "), got values in [", lo, ", ", top, "]");
 }
 
 void check_offsets(const at::Tensor& offsets, int64_t num_ids) {
@@ -130,10 +130,14 @@ void fused_backward_cuda(
   const auto grads = grad_rows.contiguous(), rows = row_of_id.contiguous();
   const auto ids = entries.contiguous(), slots = chunk_slots.contiguous();
   const auto scale = id_scale.has_value() ? id_scale->contiguous() : at::Tensor();
-  check_range(op, "entries", ids, s.num_entries, "E");
+  check_range(op, "entries", ids, s.num_entries, "E", /*lowest=*/-1);  // -1: skip the id
   check_range(op, "row_of_id", rows, s.num_rows, "R=grad_rows.size(0)");
   // Dedupe: a stable sort keeps each entry's ids in their original order (the reference's sum).
-  const auto [sorted, order] = at::sort(ids, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  const auto [all_sorted, all_order] =
+      at::sort(ids, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  const int64_t skipped = ids.lt(0).sum().item<int64_t>();  // sorted first
+  if (skipped == s.num_ids) return;
+  const auto sorted = all_sorted.slice(0, skipped), order = all_order.slice(0, skipped);
   const auto [unique, inverse, counts] = at::unique_consecutive(sorted, false, true);
   const auto starts = at::cat({at::zeros({1}, counts.options()), counts.cumsum(0)});
   const FiitedBackwardParams params{

@@ -34,7 +34,7 @@ TORCH_LIBRARY(fiited, m) {
   //   grad_rows   fp32  (R, D)        pooled-output gradients of the table's bags
   //   row_of_id   int64 (n)           bag row of each id, in [0, R)
   //   id_scale    fp32  (n) or None   per-id gradient scale (sample weight, 1 / length)
-  //   entries     int64 (n)
+  //   entries     int64 (n)           each in [0, E), or -1: the id is skipped
   //   chunk_slots int32 (E, K)        read only
   //   utilities   fp32  (E, K)        updated
   //   last_step   int32 (E)           set to step for touched entries

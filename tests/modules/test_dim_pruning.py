@@ -206,9 +206,9 @@ def test_global_scope_gives_the_columns_to_the_pool_that_uses_them():
         kept = sum(p.capacity * p.stored_width for p in pools.values())
         assert kept >= 0.5 * full  # never prunes more than the target
     assert got["table"] == {"t0": 4, "t1": 8, "t2": 4}
-    # shared_cs4 has ~60 slots of 4, shared_cs8 ~18 of 8 (store v2 at budget 1.0 on these small
-    # tables): keeping t1 whole and one column per chunk of the other pool stores ~18 * 8 +
-    # 60 * 1 = 204 of ~384 floats, at least half.
+    # shared_cs4 has 37 slots of 4, shared_cs8 12 of 8 (store v2 at budget 1.0 on these small
+    # tables): keeping t1 whole (96 floats) and one column per chunk of the other pool (37)
+    # stores 133 of 244 floats, at least half.
     assert got["global"] == {"t0": 2, "t1": 16, "t2": 2}
 
 

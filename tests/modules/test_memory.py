@@ -16,7 +16,12 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from tests.conftest import module_bytes
 from torchrec_fiited import DimPruningConfig, FiitedConfig, FiitedEmbeddingBagCollection
 from torchrec_fiited.modules.layout_plan import sizing_options
-from torchrec_fiited.store.sizing import TableSpec, full_table_bytes, pool_bytes
+from torchrec_fiited.store.sizing import (
+    TableSpec,
+    full_table_bytes,
+    max_useful_slots,
+    pool_bytes,
+)
 
 K, TABLES, BUDGET = 4, 4, 0.25
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -62,7 +67,7 @@ def _live_slots(m):
 def _check_bytes(m, cfg, tables):
     """stats()["bytes"] sums to the module's tensor bytes; each pool's tensors are exactly
     store.sizing's byte model of its sizes and within budget x its full bytes, and the pool
-    is the largest that fits (one more chunk slot would not)."""
+    is the largest that fits."""
     stats = m.stats()
     b = stats["bytes"]
     assert sum(v for k, v in b.items() if k != "total") == b["total"] == module_bytes(m)
@@ -75,10 +80,19 @@ def _check_bytes(m, cfg, tables):
         full = sum(full_table_bytes(t.num_rows, t.dim, cfg.optimizer) for t in specs)
         model = pool_bytes(sizes, specs, cfg.num_chunks, cfg.optimizer, cfg.dim_pruning.enabled)
         assert model["total"] <= budget * full, pool
-        if sizes.slots < sum(t.num_rows for t in specs) * cfg.num_chunks:
+        # Slots stop at max_useful_slots(entries) (more would leave nothing to prune); what that
+        # leaves over widens the sketch. So one more slot, or else one more sketch column,
+        # would not fit.
+        capped = sizes.slots >= max_useful_slots(sizes.entries, cfg.num_chunks)
+        if sizes.slots < sum(t.num_rows for t in specs) * cfg.num_chunks and not capped:
             bigger = type(sizes)(sizes.slots + 1, sizes.num_buckets, sizes.bucket_size,
                                  sizes.sketch_width, sizes.fallback_rows)
             assert pool_bytes(bigger, specs, cfg.num_chunks, cfg.optimizer,
+                              cfg.dim_pruning.enabled)["total"] > budget * full, pool
+        elif capped and sizes.sketch_width:
+            wider = type(sizes)(sizes.slots, sizes.num_buckets, sizes.bucket_size,
+                                sizes.sketch_width + 1, sizes.fallback_rows)
+            assert pool_bytes(wider, specs, cfg.num_chunks, cfg.optimizer,
                               cfg.dim_pruning.enabled)["total"] > budget * full, pool
         # The tensors are the byte model's: weights + optimizer + free stack per slot, 8K + 16 B
         # per entry, the sketch, the fallback rows.

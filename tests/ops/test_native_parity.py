@@ -167,6 +167,8 @@ def _backward_cases(K, D, optimizer, device="cpu", E=300, B=33):
         utility = ("grad_access", "access")[i % 2]
         store = make_store(E, K, D // K, pruned, optimizer, step, gen)
         batch = make_batch(E, B, L, weighted, mean, gen)
+        if i % 3 == 2:  # ids skipped with entry -1 (the collection's misses)
+            batch.entries[torch.rand(batch.entries.numel(), generator=gen) < 0.3] = -1
         grad_rows = torch.randn(B, D, generator=gen)
         params = FusedParams(optimizer, 0.05, 1e-8, 0.01 * (i // 2 % 2), utility, 0.95, step)
         got, want = _backward_both(store, batch, grad_rows, params, device)
@@ -193,6 +195,48 @@ def test_multithreaded_paths_match_reference():
     params = FusedParams("rowwise_adagrad", 0.05, 1e-8, 0.01, "grad_access", 0.95, 9)
     got, want = _backward_both(store, batch, torch.randn(1024, 64, generator=gen), params)
     _assert_same_state(got, want, "multithreaded")
+
+
+@pytest.mark.parametrize("native_op", [True, False])
+def test_fused_backward_skips_minus_one_ids(native_op):
+    """An id with entry -1 changes nothing: the state is bitwise that of a call without it, and a
+    call whose ids are all skipped is a no-op. Below -1 is refused."""
+    gen = torch.Generator().manual_seed(5)
+    store = make_store(300, 4, 16, 0.5, "rowwise_adagrad", 9, gen)
+    batch = make_batch(300, 64, 20, True, True, gen)
+    grad_rows = torch.randn(64, 64, generator=gen)
+    params = FusedParams("rowwise_adagrad", 0.05, 1e-8, 0.01, "grad_access", 0.95, 9)
+    skip = torch.rand(batch.entries.numel(), generator=gen) < 0.3
+    op = _native_backward if native_op else _reference_backward
+    with_skips, without = store.clone(), store.clone()
+    op(with_skips, grad_rows, batch.row_of_id, batch.id_scale,
+       torch.where(skip, -1, batch.entries), params)
+    keep = ~skip
+    op(without, grad_rows, batch.row_of_id[keep], batch.id_scale[keep], batch.entries[keep], params)
+    for name in ("chunk_slots", "utilities", "last_step", "weights", "momentum"):
+        assert torch.equal(getattr(with_skips, name), getattr(without, name)), name
+    untouched = store.clone()
+    op(untouched, grad_rows, batch.row_of_id, batch.id_scale,
+       torch.full_like(batch.entries, -1), params)
+    for name in ("utilities", "last_step", "weights", "momentum"):
+        assert torch.equal(getattr(untouched, name), getattr(store, name)), name
+    if native_op:
+        with pytest.raises(RuntimeError, match=r"entries\[0\] must be in \[0, E=300\), got -2"):
+            op(store.clone(), grad_rows, batch.row_of_id, batch.id_scale,
+               torch.full_like(batch.entries, -2), params)
+
+
+def _native_backward(st: Store, grad_rows, rows, scale, entries, params) -> None:
+    torch.ops.fiited.fused_backward(
+        grad_rows, rows, scale, entries, st.chunk_slots, st.utilities, st.last_step, st.weights,
+        st.momentum, params.optimizer, params.lr, params.eps, params.weight_decay,
+        params.utility, params.decay, params.step,
+    )
+
+
+def _reference_backward(st: Store, grad_rows, rows, scale, entries, params) -> None:
+    reference.fused_backward(grad_rows, rows, scale, entries, st.chunk_slots, st.utilities,
+                             st.last_step, st.weights, st.momentum, params)
 
 
 def test_fused_backward_no_ids_is_a_no_op():

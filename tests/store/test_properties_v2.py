@@ -23,7 +23,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_fiited import FiitedConfig, FiitedEmbeddingBagCollection
-from torchrec_fiited.store.sizing import slot_bytes
+from torchrec_fiited.store.sizing import default_entries_per_slot, entry_bytes, slot_bytes
 
 BUDGETS = [0.5, 0.2, 0.05, 0.01, 0.002, 0.001]
 EMPTY = -(2**63)
@@ -180,7 +180,13 @@ def _check_bytes(m, tables, budget: float) -> None:
     assert s["bytes"]["total"] == total <= budget * s["bytes_full"]
     for pool, b in _pool_bytes(m).items():
         slot = slot_bytes(m.store.pools[pool].chunk_size, opt)
-        assert budget * full[pool] - slot < b <= budget * full[pool], (pool, b, budget * full[pool])
+        K = m.store.num_chunks
+        unspent = max(slot, 4 * 2 * K)  # a slot, or a sketch column (depth 2 x K floats)
+        if m.store.sketches[pool].width == 0:  # no sketch takes what whole buckets leave over
+            W = m.store.entries[pool].index.bucket_size
+            alpha = m.config.entries_per_slot or default_entries_per_slot(K)
+            unspent += W * (entry_bytes(K) + slot / alpha)
+        assert budget * full[pool] - unspent < b <= budget * full[pool], (pool, b, budget * full[pool])
 
 
 def _check_store(m) -> None:

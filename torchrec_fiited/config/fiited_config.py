@@ -15,7 +15,7 @@ RATIO_TARGETS = ("budget", "ratios")
 UTILITIES = ("grad_access", "access")
 OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")
 SCHEDULES = ("interval", "itep")
-MISSES = ("zeros", "hashed")
+MISSES = ("auto", "zeros", "hashed")
 MAX_NUM_CHUNKS = 64  # liveness is chunk_slots >= 0 (no K-bit mask); K only sets 8K + 16 B per entry
 DIM_SCOPES = ("table", "global")
 
@@ -139,8 +139,10 @@ class FiitedConfig:
             values depend on (seed, table, row, chunk, step) only, not on the plan or process.
         dim_pruning: FIITED-2D dimension pruning (off by default); a plain mapping, as Hydra
             passes it, is converted.
-        miss: what an id without an entry reads: "zeros" (the paper) or "hashed" (a small
-            shared table per table indexed by a hash of the id, trained like the chunks; CAFE).
+        miss: what an id without an entry reads: "zeros" (the paper), "hashed" (a small
+            shared table per table indexed by a hash of the id, trained like the chunks; CAFE)
+            or "auto": hashed for a pool whose entries cover under 0.3% of its ids
+            (``store.sizing.AUTO_FALLBACK_COVERAGE``), else zeros.
         fallback_fraction: share of each pool's budget for the hashed fallback, in [0, 1).
         sketch_fraction: share of each pool's budget for the utility sketch of non-resident
             ids, in [0, 1) (spent only when the pool cannot hold an entry for every row).
@@ -171,7 +173,7 @@ class FiitedConfig:
     hash_ids: bool = False
     seed: int = 0
     dim_pruning: DimPruningConfig = field(default_factory=DimPruningConfig)
-    miss: str = "zeros"
+    miss: str = "auto"
     fallback_fraction: float = 0.1
     sketch_fraction: float = 0.05
     entries_per_slot: Optional[float] = None

@@ -272,52 +272,53 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
         One probe per id: an id admitted here takes its new entry from the admission, and an id
         whose entry an admission displaced reads the null entry, so no second probe is needed.
         """
-        for fl in batch:
-            fl.entries = self.store.entries_of(fl.table).lookup(fl.keys)
-        if not admit:
-            return
         step = int(self.steps_done)
         for pool, lookups in self._by_pool(batch).items():
-            null = self.store.entries[pool].null_entry
-            missing = [fl.entries == null for fl in lookups]
-            unique, inverse = torch.unique(
-                torch.cat([fl.keys[m] for fl, m in zip(lookups, missing)]), return_inverse=True
-            )
-            quota = self._policies[pool].admission_quota(self._capacities[pool])
-            slots, displaced = self.store.admit(pool, unique, step, quota, self._config.decay)
-            # Hits whose entry this admission displaced now miss (their slot may hold a new key).
-            lost = [torch.zeros_like(m) for m in missing]
-            if displaced.numel():
-                displaced = torch.sort(displaced).values
-                for j, (fl, m) in enumerate(zip(lookups, missing)):
-                    pos = torch.searchsorted(displaced, fl.entries).clamp(max=displaced.numel() - 1)
-                    lost[j] = (~m) & (displaced[pos] == fl.entries)
-            lost_keys, lost_group = torch.unique(
-                torch.cat([fl.keys[l] for fl, l in zip(lookups, lost)]), return_inverse=True
-            )
-            # The pool's misses after admission: keys still out, then keys that lost their entry.
-            stay_out = slots < 0
-            group_of_unique = torch.cumsum(stay_out, 0) - 1
-            misses_keys = torch.cat([unique[stay_out], lost_keys])
-            first_lost = int(stay_out.sum())
-            misses = _PoolMisses(
-                pool,
-                misses_keys,
-                torch.zeros(misses_keys.numel(), self.store.num_chunks, device=unique.device),
-            )
-            m_start = l_start = 0
-            for fl, m, l in zip(lookups, missing, lost):
-                n_m, n_l = int(m.sum()), int(l.sum())
-                inv, new = inverse[m_start : m_start + n_m], slots[inverse[m_start : m_start + n_m]]
-                m_start += n_m
-                entries, group = fl.entries.clone(), torch.full_like(fl.entries, -1)
-                entries[m] = torch.where(new >= 0, new, torch.full_like(new, null))
-                group[m] = torch.where(new >= 0, torch.full_like(new, -1), group_of_unique[inv])
-                if n_l:
-                    entries[l] = null
-                    group[l] = first_lost + lost_group[l_start : l_start + n_l]
-                    l_start += n_l
-                fl.entries, fl.miss_group, fl.misses = entries, group, misses
+            et = self.store.entries[pool]
+            # The pool's features as one batch (one probe, one set of masks), split back below.
+            keys = torch.cat([fl.keys for fl in lookups]) if len(lookups) > 1 else lookups[0].keys
+            entries = et.lookup(keys)
+            sizes = [fl.keys.numel() for fl in lookups]
+            if admit:
+                entries, group, misses = self._admit(pool, keys, entries, step)
+                for fl, g in zip(lookups, torch.split(group, sizes)):
+                    fl.miss_group, fl.misses = g, misses
+            for fl, e in zip(lookups, torch.split(entries, sizes)):
+                fl.entries = e
+
+    def _admit(self, pool: str, keys: torch.Tensor, entries: torch.Tensor, step: int):
+        """Admission of the pool's batch ``keys`` int64 [n] resolved to ``entries`` int64 [n].
+
+        Returns the entries after admission, each id's miss group int64 [n] (-1 where it has an
+        entry) and the pool's misses (``_PoolMisses``).
+        """
+        et = self.store.entries[pool]
+        null = et.null_entry
+        missing = entries == null
+        unique, inverse = torch.unique(keys[missing], return_inverse=True)
+        quota = self._policies[pool].admission_quota(self._capacities[pool])
+        slots, displaced = self.store.admit(pool, unique, step, quota, self._config.decay)
+        # Hits whose entry this admission displaced now miss (their slot may hold a new key).
+        if displaced.numel():
+            lost = (~missing) & (et.index.keys[entries.clamp(max=null - 1)] != keys)
+            lost_keys, lost_group = torch.unique(keys[lost], return_inverse=True)
+        else:
+            lost, lost_keys = None, unique[:0]
+        # The pool's misses after admission: keys still out, then keys that lost their entry.
+        stay_out = slots < 0
+        group_of_unique = torch.cumsum(stay_out, 0) - 1
+        misses_keys = torch.cat([unique[stay_out], lost_keys])
+        new = slots[inverse]
+        placed = new >= 0
+        entries = entries.clone()
+        group = torch.full_like(entries, -1)
+        entries[missing] = torch.where(placed, new, null)
+        group[missing] = torch.where(placed, -1, group_of_unique[inverse])
+        if lost is not None:
+            entries[lost] = null
+            group[lost] = int(stay_out.sum()) + lost_group
+        gains = torch.zeros(misses_keys.numel(), self.store.num_chunks, device=keys.device)
+        return entries, group, _PoolMisses(pool, misses_keys, gains)
 
     def _by_table(self, batch: List[_FeatureLookup]) -> Dict[str, List[_FeatureLookup]]:
         grouped: Dict[str, List[_FeatureLookup]] = {}
@@ -402,23 +403,24 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
             rows = torch.cat(rows)
             entries = torch.cat([fl.entries for fl in lookups])
             miss = entries == et.null_entry
-            hit = ~miss
+            num_miss = int(miss.sum())
             # Ids with an entry: optimizer and utilities. Ids without: their utility for the
-            # sketch, by group (one per key). Apart, so that the null entry never becomes one
-            # segment of every miss in the fused backward (a serial sum on one thread).
+            # sketch, by group (one per key). Two passes that skip (-1) each other's ids, so the
+            # null entry never becomes one segment of every miss (a serial sum on one thread).
+            hit_rows, hit_scale, hit_entries = _few_or_all(
+                rows, id_scale, torch.where(miss, -1, entries), ~miss, rows.numel() - num_miss
+            )
             fused_backward(
-                grad_rows, rows[hit], None if id_scale is None else id_scale[hit], entries[hit],
+                grad_rows, hit_rows, hit_scale, hit_entries,
                 et.chunk_slots, et.utilities, et.last_step, pool.weights, pool.momentum, params,
             )
-            if not bool(miss.any()):
+            if num_miss == 0:
                 continue
             misses = lookups[0].misses
             if self.store.sketches[misses.pool].width:
-                groups = torch.cat([fl.miss_group for fl in lookups])[miss]
-                missed_gains(
-                    grad_rows, rows[miss], None if id_scale is None else id_scale[miss], groups,
-                    misses.gains, params,
-                )
+                groups = torch.cat([fl.miss_group for fl in lookups])  # -1 where an entry
+                missed_gains(grad_rows, *_few_or_all(rows, id_scale, groups, miss, num_miss),
+                             misses.gains, params)
             if table in self.store.fallbacks:
                 keys = torch.cat([fl.keys for fl in lookups])[miss]
                 g = grad_full[rows[miss]]  # every column: the fallback stores them all
@@ -490,6 +492,16 @@ def _column_offsets(features) -> Dict[str, int]:
         cols[feature] = offset
         offset += table.embedding_dim
     return cols
+
+
+def _few_or_all(rows, id_scale, entries, keep, num_keep):
+    """(rows, id_scale, entries) for a fused backward over the ids in ``keep`` (bool [n], where
+    ``entries`` is not -1): compacted when they are few, else whole with the -1s skipped by the
+    kernel (its sort then costs the whole batch, a compaction the kept ids only)."""
+    if 4 * num_keep >= keep.numel():
+        return rows, id_scale, entries
+    idx = keep.nonzero().squeeze(1)
+    return rows[idx], None if id_scale is None else id_scale[idx], entries[idx]
 
 
 def _bag_rows_and_scales(fl: _FeatureLookup):

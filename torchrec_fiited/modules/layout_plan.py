@@ -20,7 +20,13 @@ from torchrec_fiited.policy import (
     fit_chunk_prune_ratios,
 )
 from torchrec_fiited.store import TableLayout
-from torchrec_fiited.store.sizing import PoolSizes, TableSpec, full_table_bytes, size_pool
+from torchrec_fiited.store.sizing import (
+    PoolSizes,
+    TableSpec,
+    full_table_bytes,
+    min_pool_bytes,
+    size_pool,
+)
 
 
 @dataclass(frozen=True)
@@ -231,7 +237,9 @@ def plan_pools(
     whole = {p: [_spec(g) for g in global_tables if logical.pool_of[g.name] == p] for p in logical.sizes}
     sizes = {
         p: logical.sizes[p] if local_specs[p] == whole.get(p) else size_pool(
-            local_specs[p], 1.0, k_local, config.optimizer, budget_bytes=local_bytes[p],
+            local_specs[p], 1.0, k_local, config.optimizer,
+            budget_bytes=max(local_bytes[p], min_pool_bytes(
+                local_specs[p], k_local, config.optimizer, config.dim_pruning.enabled)),
             **sizing_options(config),
         )
         for p in local_specs

@@ -110,7 +110,8 @@ def fused_backward(
         grad_rows: fp32 [R, D], the pooled-output gradients of the table's bags.
         row_of_id: int64 [n], the bag row of each id.
         id_scale: fp32 [n] or None (all ones).
-        entries: int64 [n].
+        entries: int64 [n], each in [0, E) or -1: the id is skipped (an id of another entry
+            table, e.g. a miss scored by ``policy.missed_gains`` in the same batch).
         chunk_slots: int32 [E, K] (read).
         utilities: fp32 [E, K] (updated for touched entries).
         last_step: int32 [E] (set to ``params.step`` for touched entries).
@@ -118,6 +119,11 @@ def fused_backward(
         momentum: fp32 [C, chunk_size] (adagrad), [C] (rowwise_adagrad) or [0] (sgd).
         params: hyper-parameters.
     """
+    skip = entries < 0
+    if bool(skip.any()):
+        keep = ~skip
+        row_of_id, entries = row_of_id[keep], entries[keep]
+        id_scale = None if id_scale is None else id_scale[keep]
     if entries.numel() == 0:
         return
     grads = grad_rows[row_of_id]

@@ -42,7 +42,8 @@ def missed_gains(
 ) -> None:
     """Add to ``gains`` fp32 [G, K] what the ids without an entry earn, grouped by key.
 
-    Id i belongs to group ``groups[i]`` (int64 [n], in [0, G): one group per distinct key) and
+    Id i belongs to group ``groups[i]`` (int64 [n], in [0, G): one group per distinct key; -1
+    for an id that has an entry, which is skipped) and
     its gradient is ``id_scale[i] * grad_rows[row_of_id[i]]``, as in ``ops.fused_backward``. It
     *is* the fused backward, run on G scratch entries that hold no chunk: a group earns exactly
     what an entry with every chunk pruned would (repeated ids summed, a = their count), by the
