@@ -227,25 +227,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hash_insert_cpu(
   const int64_t* kp = k.data_ptr<int64_t>();
   const float* sp = s.data_ptr<float>();
   auto slots = at::empty({n}, k.options());
-  std::vector<Candidate> cand(n);
+  int64_t* out = slots.data_ptr<int64_t>();
+  // Pre-pass, read-only: a key that is not resident, whose bucket is full and whose score does
+  // not beat the bucket's weakest slot cannot be placed by the rule (within a batch a bucket's
+  // minimum only rises and its free slots only go), so it skips the sort. Most of a batch at a
+  // small budget: its cold ids. Its slot is looked up after the inserts (a duplicate of it with
+  // a higher score may have been placed).
+  std::vector<uint8_t> keep(n);
   at::parallel_for(0, n, kMinWorkPerTask, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       if (kp[i] == kFiitedEmptyKey) fail_empty_key(op, i);
       TORCH_CHECK(sp[i] == sp[i], "[torchrec_fiited] ", op, ": scores must not be NaN, got NaN "
                   "at index ", i);
-      cand[i] = {fiited_bucket_of(kp[i], t.num_buckets), kp[i], sp[i], static_cast<int32_t>(i)};
+      const int64_t base = fiited_bucket_of(kp[i], t.num_buckets) * t.bucket_size;
+      bool placeable = false;
+      float weakest = 0.f;
+      for (int64_t j = 0; j < t.bucket_size && !placeable; ++j) {
+        const int64_t key = t.keys[base + j];
+        placeable = key == kp[i] || key == kFiitedEmptyKey;
+        weakest = j == 0 ? t.scores[base] : std::min(weakest, t.scores[base + j]);
+      }
+      keep[i] = placeable || sp[i] > weakest;
     }
   });
+  std::vector<Candidate> cand;
+  for (int64_t i = 0; i < n; ++i) {
+    if (keep[i]) {
+      cand.push_back(
+          {fiited_bucket_of(kp[i], t.num_buckets), kp[i], sp[i], static_cast<int32_t>(i)});
+    }
+  }
+  const int64_t m = static_cast<int64_t>(cand.size());
   sort_candidates(cand);
   std::vector<int64_t> starts;  // (G + 1) first candidate of each touched bucket
-  for (int64_t i = 0; i < n; ++i) {
+  for (int64_t i = 0; i < m; ++i) {
     if (i == 0 || cand[i].bucket != cand[i - 1].bucket) starts.push_back(i);
   }
-  starts.push_back(n);
+  starts.push_back(m);
   const int64_t G = static_cast<int64_t>(starts.size()) - 1;
   std::vector<std::vector<std::pair<int64_t, int64_t>>> evicted_per_task(
       std::max<int64_t>(1, at::get_num_threads()));
-  int64_t* out = slots.data_ptr<int64_t>();
   // Grain: a bucket's work is ~ its candidates; 64 groups of ~1-2 keys per task at W=32.
   at::parallel_for(0, G, 64, [&](int64_t g0, int64_t g1) {
     std::vector<UniqueKey> uniques;
@@ -255,6 +276,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hash_insert_cpu(
                          evicted);
     }
   });
+  if (m < n) {
+    at::parallel_for(0, n, kMinWorkPerTask, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        if (!keep[i]) out[i] = find_in_bucket(t, kp[i]);
+      }
+    });
+  }
   std::vector<std::pair<int64_t, int64_t>> evicted;
   for (const auto& e : evicted_per_task) evicted.insert(evicted.end(), e.begin(), e.end());
   std::sort(evicted.begin(), evicted.end());  // ascending slot: independent of the threads

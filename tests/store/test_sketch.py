@@ -5,7 +5,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from torchrec_fiited.ops import FusedParams
+from torchrec_fiited.ops import FusedParams, native
 from torchrec_fiited.policy import record_missed_utilities
 from torchrec_fiited.store import UtilitySketch
 
@@ -114,3 +114,37 @@ def test_record_missed_utilities_scores_like_an_entry(utility):
     record_missed_utilities(sketch, keys, grads, params)
     want = [[10.0, 6.0], [1.0, 0.0]] if utility == "grad_access" else [[2.0, 2.0], [1.0, 1.0]]
     torch.testing.assert_close(sketch.estimate(torch.tensor([5, 9])), torch.tensor(want))
+
+
+@pytest.mark.skipif(not native.SKETCH_DEVICES, reason="native sketch ops not built")
+@pytest.mark.parametrize("depth,width,num_chunks", [(1, 7, 1), (2, 13, 2), (4, 50, 4), (2, 3, 8)])
+def test_native_sketch_ops_match_the_reference(monkeypatch, depth, width, num_chunks):
+    """estimate / add / raise_to, native vs reference, bitwise: keys colliding in cells (small
+    widths), negative keys, repeated rounds, any thread count."""
+    sketches = {}
+    for use_native in ("1", "0"):
+        monkeypatch.setenv("TORCHREC_FIITED_NATIVE", use_native)
+        sk = UtilitySketch(width, depth, num_chunks, torch.device("cpu"))
+        g = torch.Generator().manual_seed(depth * 100 + width)
+        estimates = []
+        for _ in range(5):
+            keys = torch.unique(torch.randint(-(2**40), 2**40, (60,), generator=g))
+            sk.add(keys, torch.rand(keys.numel(), num_chunks, generator=g) * 3)
+            estimates.append(sk.estimate(keys[::2]))
+            sk.raise_to(keys[::3], torch.rand(keys[::3].numel(), num_chunks, generator=g) * 5)
+        sketches[use_native] = (sk.counts.clone(), estimates)
+    assert torch.equal(sketches["1"][0], sketches["0"][0])
+    for a, b in zip(sketches["1"][1], sketches["0"][1]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not native.SKETCH_DEVICES, reason="native sketch ops not built")
+def test_native_sketch_ops_refuse_bad_input_with_the_sketch_unchanged():
+    sk = UtilitySketch(11, 2, K, torch.device("cpu"))
+    sk.add(torch.tensor([1, 2, 3]), torch.ones(3, K))
+    before = sk.counts.clone()
+    with pytest.raises(RuntimeError, match=r"values must be fp32 \(n=2, K=2\)"):
+        torch.ops.fiited.sketch_raise(sk.counts, torch.tensor([4, 5]), torch.ones(3, K), True, [1, 2])
+    with pytest.raises(RuntimeError, match="one salt per row, got 1 salts for 2 rows"):
+        torch.ops.fiited.sketch_estimate(sk.counts, torch.tensor([4, 5]), [1])
+    assert torch.equal(sk.counts, before)

@@ -134,3 +134,15 @@ def hash_erase(
     if use_native_hash(table_keys.device):
         return int(torch.ops.fiited.hash_erase(table_keys, table_scores, bucket_size, keys))
     return hash_reference.erase(table_keys, table_scores, bucket_size, keys)
+
+
+# ---- utility sketch (store/sketch.py holds the reference) ----------------------------------------
+
+
+def use_native_sketch(device: torch.device) -> bool:
+    """Whether the native sketch ops serve tensors on ``device``."""
+    return (
+        native.AVAILABLE
+        and device.type in native.SKETCH_DEVICES
+        and os.environ.get(NATIVE_ENV, "1") != "0"
+    )

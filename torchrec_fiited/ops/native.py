@@ -27,6 +27,7 @@ import torch
 _LIBRARY_GLOB = os.path.join(os.path.dirname(os.path.dirname(__file__)), "_C*.so")
 OPS = ("lookup_forward", "lookup_forward_out", "fused_backward")
 HASH_OPS = ("hash_lookup", "hash_insert", "hash_erase")  # store/hash_table.py
+SKETCH_OPS = ("sketch_estimate", "sketch_raise")  # store/sketch.py
 # bench_lookup on 2 CPU cores: the native ops run at 1.04-1.75x FBGEMM TBE, the reference at 0.24-0.37x.
 _SLOW_PATH = (
     "FiitedEmbeddingBagCollection falls back to the PyTorch reference ops (ops/reference.py), "
@@ -80,6 +81,7 @@ AVAILABLE: bool = _load()
 DEVICES: FrozenSet[str] = _devices_with_kernels() if AVAILABLE else frozenset()
 # The hash-table ops have their own set: a library built before them still serves the lookup ops.
 HASH_DEVICES: FrozenSet[str] = _devices_with_kernels(HASH_OPS) if AVAILABLE else frozenset()
+SKETCH_DEVICES: FrozenSet[str] = _devices_with_kernels(SKETCH_OPS) if AVAILABLE else frozenset()
 
 
 def _check_dtype_dim(op: str, name: str, t: torch.Tensor, dtype: torch.dtype, dim: int) -> None:
@@ -238,3 +240,24 @@ if HASH_DEVICES:
     torch.library.register_fake("fiited::hash_lookup")(_hash_lookup_fake)
     torch.library.register_fake("fiited::hash_insert")(_hash_insert_fake)
     torch.library.register_fake("fiited::hash_erase")(_hash_erase_fake)
+
+
+# ---- utility sketch ops (cuda/fiited_sketch_cpu.cpp; store/sketch.py) ---------------------------
+
+
+def _sketch_estimate_fake(counts: torch.Tensor, keys: torch.Tensor, salts) -> torch.Tensor:
+    """Estimates fp32 [n, K] for keys int64 [n]."""
+    _check_dtype_dim("sketch_estimate", "counts", counts, torch.float32, 3)
+    _check_dtype_dim("sketch_estimate", "keys", keys, torch.int64, 1)
+    return counts.new_empty((keys.shape[0], counts.shape[2]))
+
+
+def _sketch_raise_fake(counts, keys, values, add, salts) -> None:
+    _check_dtype_dim("sketch_raise", "counts", counts, torch.float32, 3)
+    _check_dtype_dim("sketch_raise", "keys", keys, torch.int64, 1)
+    _check_dtype_dim("sketch_raise", "values", values, torch.float32, 2)
+
+
+if SKETCH_DEVICES:
+    torch.library.register_fake("fiited::sketch_estimate")(_sketch_estimate_fake)
+    torch.library.register_fake("fiited::sketch_raise")(_sketch_raise_fake)

@@ -8,6 +8,7 @@ holding anything per id. CAFE (SIGMOD'24) keeps cold ids' importance the same wa
 import torch
 from torch import nn
 
+from torchrec_fiited.ops.dispatch import use_native_sketch
 from torchrec_fiited.store.layout import _mix64
 
 # Per-row salts of the depth hash functions (arbitrary odd 63-bit constants).
@@ -40,6 +41,8 @@ class UtilitySketch(nn.Module):
         self.register_buffer("counts", torch.zeros(self.depth, self.width, num_chunks, device=device))
         self.register_buffer("decayed_to", torch.tensor(0, dtype=torch.int64, device=device))
 
+    # The reference of the native sketch ops (cuda/fiited_sketch_cpu.cpp), used without them.
+
     def _cells(self, keys: torch.Tensor) -> torch.Tensor:
         """Cell int64 [depth, n] of each key in each row."""
         return torch.stack(
@@ -54,6 +57,10 @@ class UtilitySketch(nn.Module):
         made cold ids look hot and displace residents)."""
         if self.width == 0 or keys.numel() == 0:
             return
+        if use_native_sketch(self.counts.device):
+            torch.ops.fiited.sketch_raise(
+                self.counts, keys, values.to(self.counts.dtype), True, self._salts())
+            return
         cells = self._cells(keys)
         self._raise(cells, self._min_over_rows(cells) + values.to(self.counts.dtype))
 
@@ -65,6 +72,10 @@ class UtilitySketch(nn.Module):
         when they were admitted, so adding it back would count that mass twice, and an id going
         in and out of the table would double its estimate each round trip."""
         if self.width == 0 or keys.numel() == 0:
+            return
+        if use_native_sketch(self.counts.device):
+            torch.ops.fiited.sketch_raise(
+                self.counts, keys, totals.to(self.counts.dtype), False, self._salts())
             return
         self._raise(self._cells(keys), totals.to(self.counts.dtype))
 
@@ -83,7 +94,12 @@ class UtilitySketch(nn.Module):
         """Over-estimated utilities fp32 [n, K] of ``keys`` int64 [n]."""
         if self.width == 0:
             return torch.zeros(keys.numel(), self.num_chunks, device=self.counts.device)
+        if use_native_sketch(self.counts.device):
+            return torch.ops.fiited.sketch_estimate(self.counts, keys, self._salts())
         return self._min_over_rows(self._cells(keys))
+
+    def _salts(self):
+        return list(_SALTS[: self.depth])
 
     def decay_to(self, step: int, gamma: float) -> None:
         """Bring every cell to ``step``: multiply by gamma ** (step - the last decay's step)."""
