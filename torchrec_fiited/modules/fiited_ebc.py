@@ -294,29 +294,31 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
         """
         et = self.store.entries[pool]
         null = et.null_entry
-        missing = entries == null
-        unique, inverse = torch.unique(keys[missing], return_inverse=True)
+        miss_at = (entries == null).nonzero().squeeze(1)
+        unique, inverse = torch.unique(keys[miss_at], return_inverse=True)
         quota = self._policies[pool].admission_quota(self._capacities[pool])
         slots, displaced = self.store.admit(pool, unique, step, quota, self._config.decay)
         # Hits whose entry this admission displaced now miss (their slot may hold a new key).
+        lost_at = None
         if displaced.numel():
-            lost = (~missing) & (et.index.keys[entries.clamp(max=null - 1)] != keys)
-            lost_keys, lost_group = torch.unique(keys[lost], return_inverse=True)
-        else:
-            lost, lost_keys = None, unique[:0]
+            was_displaced = torch.zeros(null + 1, dtype=torch.bool, device=entries.device)
+            was_displaced[displaced] = True
+            lost_at = was_displaced[entries].nonzero().squeeze(1)
         # The pool's misses after admission: keys still out, then keys that lost their entry.
         stay_out = slots < 0
         group_of_unique = torch.cumsum(stay_out, 0) - 1
-        misses_keys = torch.cat([unique[stay_out], lost_keys])
         new = slots[inverse]
         placed = new >= 0
         entries = entries.clone()
         group = torch.full_like(entries, -1)
-        entries[missing] = torch.where(placed, new, null)
-        group[missing] = torch.where(placed, -1, group_of_unique[inverse])
-        if lost is not None:
-            entries[lost] = null
-            group[lost] = int(stay_out.sum()) + lost_group
+        entries[miss_at] = torch.where(placed, new, null)
+        group[miss_at] = torch.where(placed, -1, group_of_unique[inverse])
+        misses_keys = unique[stay_out]
+        if lost_at is not None and lost_at.numel():
+            lost_keys, lost_group = torch.unique(keys[lost_at], return_inverse=True)
+            entries[lost_at] = null
+            group[lost_at] = misses_keys.numel() + lost_group
+            misses_keys = torch.cat([misses_keys, lost_keys])
         gains = torch.zeros(misses_keys.numel(), self.store.num_chunks, device=keys.device)
         return entries, group, _PoolMisses(pool, misses_keys, gains)
 
