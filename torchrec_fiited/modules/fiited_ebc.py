@@ -322,6 +322,21 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
         gains = torch.zeros(misses_keys.numel(), self.store.num_chunks, device=keys.device)
         return entries, group, _PoolMisses(pool, misses_keys, gains)
 
+    def _update_groups(self, batch: List[_FeatureLookup]) -> List[List[_FeatureLookup]]:
+        """The features each fused backward call takes: a whole pool at once (its tables share
+        the entry table and the chunk pool, so the result is the same as table by table, in
+        two calls instead of two per table), or one table where the table has a FIITED-2D
+        column map, a fallback or another width than the pool's other tables."""
+        groups: List[List[_FeatureLookup]] = []
+        for lookups in self._by_pool(batch).values():
+            tables = {fl.table for fl in lookups}
+            alone = any(t in self.store.dim_maps or t in self.store.fallbacks for t in tables)
+            if alone or len({self.store.layouts[t].dim for t in tables}) > 1:
+                groups.extend(self._by_table(lookups).values())
+            else:
+                groups.append(lookups)
+        return groups
+
     def _by_table(self, batch: List[_FeatureLookup]) -> Dict[str, List[_FeatureLookup]]:
         grouped: Dict[str, List[_FeatureLookup]] = {}
         for fl in batch:
@@ -374,18 +389,19 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
             self.prune()
 
     def _apply_gradients(self, batch: List[_FeatureLookup], grad: torch.Tensor) -> None:
-        """Optimizer step on live chunks and utility update on all touched chunks, per table."""
+        """Optimizer step on live chunks and utility update on all touched chunks, per pool."""
         hp = self._hparams_source.param_groups[0]
         params = FusedParams(
             hp["optimizer"], hp["lr"], hp["eps"], hp["weight_decay"], self._config.utility,
             self._config.decay, int(self.steps_done),
         )
         col_of = self._col_of
-        for table, lookups in self._by_table(batch).items():
+        for lookups in self._update_groups(batch):
+            table = lookups[0].table  # the group's only table where FIITED-2D or a fallback is on
             D = self.store.layouts[table].dim
             B = grad.shape[0]
-            # Stack the table's features' output gradients [F_t * B, D]; id i of feature j
-            # reads row j * B + bag(i).
+            # Stack the group's features' output gradients [F * B, D]; id i of feature j reads
+            # row j * B + bag(i).
             grad_rows = torch.cat([grad[:, col_of[fl.feature] : col_of[fl.feature] + D] for fl in lookups])
             grad_full = grad_rows
             if table in self.store.dim_maps:  # FIITED-2D: every column scores, stored ones update
