@@ -14,9 +14,10 @@ def _train_skewed(mode: str):
     table = EmbeddingBagConfig(name="t", embedding_dim=DIM, num_embeddings=ROWS, feature_names=["f"])
     # entries_per_slot=4: an entry for every row (store v2), so the chunks compete by utility
     # alone; D=256 makes the entries cheap next to the chunks, so the pool has more slots than
-    # rows but far fewer than K x rows.
+    # rows but far fewer than K x rows. No sketch: every id has an entry, none is admitted later.
     cfg = FiitedConfig(num_chunks=K, budget=0.5, ratio_mode=mode, prune_interval=0,
-                       enforce_ratio=0.0, optimizer="sgd", learning_rate=0.0, entries_per_slot=4.0)
+                       enforce_ratio=0.0, optimizer="sgd", learning_rate=0.0, entries_per_slot=4.0,
+                       sketch_fraction=0.0)
     m = FiitedEmbeddingBagCollection([table], cfg)
     scale = torch.ones(DIM)
     scale[: DIM // K] = 8.0

@@ -50,7 +50,9 @@ def _charged(plan, fraction, rows, dim, config):
 def test_column_shards_get_the_slots_their_chunks_keep_once_every_row_is_seen():
     # Ratios (0, .95, .95, .95) would give chunk 0 more slots than the table has rows: water-
     # filling gives it every row (keep 1) and splits the rest evenly over chunks 1..3.
-    config = FiitedConfig(num_chunks=4, budget=1.0, chunk_prune_ratios=[0.0, 0.95, 0.95, 0.95])
+    # (No sketch: its bytes would leave the pool fewer slots than rows.)
+    config = FiitedConfig(num_chunks=4, budget=1.0, chunk_prune_ratios=[0.0, 0.95, 0.95, 0.95],
+                          sketch_fraction=0.0)
     (first, second), plans = _column_shards(config)
     logical = logical_pools([TABLE], config)
     capacity, policy = logical.pools["shared_cs4"]

@@ -44,8 +44,10 @@ def _train(utility: str) -> FiitedEmbeddingBagCollection:
     # ratios (0, 0.9) make the admission quotas [12, 1], so on first touch rows 0, 1 and 2 get
     # chunk 0 and only row 0 gets chunk 1. Pruned chunks must score like live ones.
     table = EmbeddingBagConfig(name="t", num_embeddings=64, embedding_dim=4, feature_names=["f"])
+    # No sketch (4 rows, every one first-touched into a free entry): its cells would take slots.
     cfg = FiitedConfig(num_chunks=2, budget=0.5, chunk_prune_ratios=[0.0, 0.9], decay=GAMMA,
-                       utility=utility, prune_interval=0, optimizer="sgd", learning_rate=0.1)
+                       utility=utility, prune_interval=0, optimizer="sgd", learning_rate=0.1,
+                       sketch_fraction=0.0)
     m = FiitedEmbeddingBagCollection([table], cfg)
     capacity = m.store.pools[POOL].capacity
     assert capacity >= 4 and m._policies[POOL].admission_quota(capacity)[1] == 1, capacity

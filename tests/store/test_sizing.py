@@ -117,8 +117,8 @@ BUDGETS = [0.9, 0.5, 0.1, 0.01, 0.001]
                                             ("adagrad", "zeros")])
 def test_size_pool_fits_the_budget_and_spends_it(budget, num_chunks, optimizer, miss):
     """Everything but less than one chunk slot of ``budget x full`` is spent, split as the
-    docstring says: ~sketch_fraction to the sketch, ~fallback_fraction to the fallback (hashed),
-    entries and slots at ``entries_per_slot``."""
+    docstring says: >= sketch_fraction to the sketch (up to a cell per entry), ~fallback_fraction
+    to the fallback (hashed), entries and slots at ``entries_per_slot``."""
     specs = [TableSpec("a", 1_000_000, 16), TableSpec("b", 70_000, 16), TableSpec("c", 5, 16)]
     full = sum(full_table_bytes(t.num_rows, t.dim, optimizer) for t in specs)
     B = budget * full
@@ -130,7 +130,9 @@ def test_size_pool_fits_the_budget_and_spends_it(budget, num_chunks, optimizer, 
     # The sketch also takes what rounding the entries to whole buckets leaves over.
     alpha = default_entries_per_slot(num_chunks)
     spare = sizes.bucket_size * (entry_bytes(num_chunks) + c / alpha) + c + cell
-    assert 0.05 * B - cell < got["sketch"] <= 0.05 * B + spare
+    # At least sketch_fraction; grown towards one cell per entry (at most 25% of the budget).
+    assert 0.05 * B - cell < got["sketch"]
+    assert got["sketch"] <= max(0.05 * B, min(sizes.entries * cell, 0.25 * B)) + spare
     if miss == "hashed":
         per_row = full_table_bytes(1, 16, optimizer)
         assert 0.1 * B - len(specs) * per_row < got["fallback"] <= 0.1 * B
@@ -155,6 +157,20 @@ def test_size_pool_entries_per_slot_and_bucket_size_options():
     assert 3.0 * sizes.slots - 64 * 4 <= sizes.entries <= 3.0 * sizes.slots + 64 * 4
     no_sketch = size_pool(specs, 0.2, 2, "rowwise_adagrad", sketch_fraction=0.0)
     assert no_sketch.sketch_width == 0 and no_sketch.slots > size_pool(specs, 0.2, 2, "rowwise_adagrad").slots
+
+
+@pytest.mark.parametrize("num_chunks", [1, 2, 4])
+@pytest.mark.parametrize("budget", [0.1, 0.01, 0.001])
+def test_the_sketch_grows_to_a_cell_per_entry(num_chunks, budget):
+    """A sketch of 5% of a small budget had 23 cells for 111k ids (FIITED at 1000x admitted
+    blindly); it now gets about one cell per entry in each row, within 25% of the budget."""
+    specs = [TableSpec("a", 60_000, 16), TableSpec("b", 51_000, 16)]
+    B = budget * sum(full_table_bytes(t.num_rows, t.dim, "rowwise_adagrad") for t in specs)
+    sizes = size_pool(specs, budget, num_chunks, "rowwise_adagrad")
+    cell = 4 * 2 * num_chunks
+    assert sizes.sketch_width >= 0.75 * min(sizes.entries, 0.25 * B // cell)
+    assert sizes.sketch_width * cell <= 0.25 * B + sizes.bucket_size * (entry_bytes(num_chunks) + 72)
+    assert size_pool(specs, budget, num_chunks, "rowwise_adagrad", sketch_fraction=0.0).sketch_width == 0
 
 
 def test_entries_never_fall_below_the_slots_they_serve():
