@@ -24,7 +24,7 @@ Paths:
                  updates live chunks and adds the misses' utility to the sketch.
     fiited-ops   the same store, calling the ops directly: one hash-table probe per feature
                  (ids -> keys -> entries), one lookup_forward_out per feature into a fresh
-                 [B, T * D] output, one fused_backward per table (then clear_null): the
+                 [B, T * D] output, one fused_backward per table (misses skipped, -1): the
                  kernels without the module's Python work, and without admission or the
                  sketch update of the misses (the resident set stays as built).
 
@@ -350,10 +350,10 @@ def run_fiited_ops(cfg: BenchConfig, batches: List[Batch], zipf: ZipfIds, K: int
         params = FusedParams("rowwise_adagrad", cfg.learning_rate, 1e-8, 0.0, "grad_access",
                              0.99, first_step + i)
         for t, ((pool, et), e) in enumerate(zip(tables, entries)):
-            fused_backward(b.grad[:, t * D:(t + 1) * D].contiguous(), rows, None, e,
+            hits = torch.where(e == et.null_entry, -1, e)  # as the module: misses skipped
+            fused_backward(b.grad[:, t * D:(t + 1) * D].contiguous(), rows, None, hits,
                            et.chunk_slots, et.utilities, et.last_step, pool.weights,
                            pool.momentum, params)
-            et.clear_null()
 
     result = timings(cfg, forward, step)
     result.update(live_fractions(ebc, batches))

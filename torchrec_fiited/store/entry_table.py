@@ -15,8 +15,8 @@ class EntryTable(nn.Module):
     """Hash index plus per-entry chunk addresses, utilities and decay bookkeeping for one pool.
 
     ``index`` maps a key to an entry in [0, S); entry S (``null_entry``) is what every
-    non-resident key resolves to: it holds no chunk, so it reads as zeros, and whatever a
-    backward writes into its utilities is cleared (``clear_null``). Bytes per entry slot:
+    non-resident key resolves to: it holds no chunk, so it reads as zeros, and the backward
+    skips it (its ids are scored for the sketch instead). Bytes per entry slot:
     8 (key) + 4 (score) + 4K (chunk_slots) + 4K (utilities) + 4 (last_step) = 8K + 16,
     plus the null entry, the last thresholds and three counters per pool.
 
@@ -71,8 +71,3 @@ class EntryTable(nn.Module):
     def keys_of(self, entries: torch.Tensor) -> torch.Tensor:
         """Key int64 [n] of each resident entry of ``entries`` int64 [n]."""
         return self.index.keys[entries]
-
-    def clear_null(self) -> None:
-        """Forget what a backward wrote into the null entry."""
-        self.utilities[-1] = 0.0
-        self.last_step[-1] = NEVER_SEEN

@@ -254,9 +254,9 @@ def size_pool(
     slots = split(num_buckets)
     if sketch_width and slots >= 1:  # bytes the entries/slots split leaves over widen the sketch
         spare = left - num_buckets * W * e - slots * c
-        sketch_width += int(spare // (FP32 * SKETCH_DEPTH * K))
+        sketch_width += int(spare // cell)
     if slots < 1 or left < num_buckets * W * e:
-        need = fixed_bytes(tables, K, optimizer, dim_pruning) + MIN_BUCKET * e + c
+        need = min_pool_bytes(tables, K, optimizer, dim_pruning)
         raise ValueError(
             f"budget {budget:g} ({B:.0f} bytes) cannot hold one bucket of {MIN_BUCKET} entries and "
             f"one chunk slot for tables {names} (needs at least {need} bytes)"

@@ -55,14 +55,7 @@ class UtilitySketch(nn.Module):
         blindly. The estimate still never falls below the true sum, and a tail key no longer
         inherits the whole mass of the keys it collides with (the count-min over-estimate that
         made cold ids look hot and displace residents)."""
-        if self.width == 0 or keys.numel() == 0:
-            return
-        if use_native_sketch(self.counts.device):
-            torch.ops.fiited.sketch_raise(
-                self.counts, keys, values.to(self.counts.dtype), True, self._salts())
-            return
-        cells = self._cells(keys)
-        self._raise(cells, self._min_over_rows(cells) + values.to(self.counts.dtype))
+        self._raise_keys(keys, values, add=True)
 
     def raise_to(self, keys: torch.Tensor, totals: torch.Tensor) -> None:
         """Record that distinct ``keys`` int64 [n] have utility ``totals`` fp32 [n, K] in all:
@@ -71,13 +64,18 @@ class UtilitySketch(nn.Module):
         For entries leaving the table: their utility already holds what the sketch estimated
         when they were admitted, so adding it back would count that mass twice, and an id going
         in and out of the table would double its estimate each round trip."""
+        self._raise_keys(keys, totals, add=False)
+
+    def _raise_keys(self, keys: torch.Tensor, values: torch.Tensor, add: bool) -> None:
+        """Raise each key's cells to its target: estimate + ``values`` (``add``) or ``values``."""
         if self.width == 0 or keys.numel() == 0:
             return
+        values = values.to(self.counts.dtype)
         if use_native_sketch(self.counts.device):
-            torch.ops.fiited.sketch_raise(
-                self.counts, keys, totals.to(self.counts.dtype), False, self._salts())
+            torch.ops.fiited.sketch_raise(self.counts, keys, values, add, self._salts())
             return
-        self._raise(self._cells(keys), totals.to(self.counts.dtype))
+        cells = self._cells(keys)
+        self._raise(cells, self._min_over_rows(cells) + values if add else values)
 
     def _raise(self, cells: torch.Tensor, target: torch.Tensor) -> None:
         for r in range(self.depth):
