@@ -192,7 +192,7 @@ class LineMemoryProfile:
 
 def traced_functions() -> list:
     """The store's training and cycle code paths, for ``LineMemoryProfile``."""
-    from torchrec_fiited.modules import fiited_ebc, pruning
+    from torchrec_fiited.modules import batch, fiited_ebc, pruning
     from torchrec_fiited.policy import cycle, utility
     from torchrec_fiited.store import sketch, vhpi
 
@@ -200,7 +200,7 @@ def traced_functions() -> list:
     S = vhpi.VHPIStore
     return [
         fiited_ebc._store_lookup, E._resolve, E._resolve_entries, E._pooled,
-        E._apply_gradients, E._end_step, fiited_ebc._bag_rows_and_scales,
+        E._apply_gradients, E._end_step, batch.resolve_pool, batch.PoolBatch.bag_of_id,
         S.admit, S.allocate, S.evict, S.erase, S._release, S.init_values,
         sketch.UtilitySketch.add, sketch.UtilitySketch.estimate,
         utility.missed_gains,

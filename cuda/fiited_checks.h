@@ -103,6 +103,40 @@ inline void check_lookup_out(
       ": out must have unit column stride (rows may be strided), got strides ", out.strides());
 }
 
+// `out`, `feature_cols` and `feature_mean` of lookup_forward_batched_out: F = feature_cols.numel()
+// features of B bags each (offsets hold F * B + 1 boundaries), feature f written at columns
+// [feature_cols[f], feature_cols[f] + D) of `out` (B, W), D = K * chunk_size. The column check
+// reads feature_cols on the host (F values; one copy when they are on a GPU).
+inline void check_batched_out(
+    const at::Tensor& out,
+    const at::Tensor& feature_cols,
+    const at::Tensor& feature_mean,
+    const LookupSizes& s,
+    const at::Device& device) {
+  constexpr const char* op = "fiited::lookup_forward_batched_out";
+  check_tensor(op, "feature_cols", feature_cols, at::kLong, 1, device);
+  check_tensor(op, "feature_mean", feature_mean, at::kBool, 1, device);
+  const int64_t F = feature_cols.numel();
+  TORCH_CHECK(F >= 1, "[torchrec_fiited] ", op, ": feature_cols must name >= 1 feature, got none");
+  check_size(op, "feature_mean", feature_mean, 0, F, "one flag per feature");
+  TORCH_CHECK(
+      s.num_bags % F == 0, "[torchrec_fiited] ", op, ": offsets must hold F * B + 1 boundaries ",
+      "for F=", F, " features, got ", s.num_bags + 1);
+  check_tensor(op, "out", out, at::kFloat, 2, device);
+  check_size(op, "out", out, 0, s.num_bags / F, "B = (offsets.numel() - 1) / F");
+  TORCH_CHECK(
+      out.size(1) <= 1 || out.stride(1) == 1, "[torchrec_fiited] ", op,
+      ": out must have unit column stride (rows may be strided), got strides ", out.strides());
+  const int64_t D = s.num_chunks * s.chunk_size;
+  const auto host = feature_cols.cpu();
+  const int64_t* c = host.data_ptr<int64_t>();
+  for (int64_t f = 0; f < F; ++f) {
+    TORCH_CHECK(
+        c[f] >= 0 && c[f] + D <= out.size(1), "[torchrec_fiited] ", op, ": feature_cols[", f,
+        "]=", c[f], " puts a block of D=", D, " columns outside out's ", out.size(1), " columns");
+  }
+}
+
 inline Optimizer parse_optimizer(std::string_view optimizer) {
   if (optimizer == "sgd") return Optimizer::kSgd;
   if (optimizer == "adagrad") return Optimizer::kAdagrad;

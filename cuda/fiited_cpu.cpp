@@ -42,10 +42,16 @@ struct LookupArgs {
   const int64_t* __restrict entries;           // (n)
   const int64_t* __restrict offsets;           // (B + 1)
   const float* __restrict per_sample_weights;  // (n) or nullptr
-  float* __restrict out;                       // (B, K * chunk_size), rows out_stride apart
+  float* __restrict out;                       // (B, >= K * chunk_size), rows out_stride apart
   int64_t out_stride;
   LookupSizes sizes;
   bool mean;
+  // Table-batched lookups (lookup_forward_batched_out): bag b is row b % bags_per_feature of
+  // feature f = b / bags_per_feature, written at column feature_cols[f], divided by its length
+  // where feature_mean[f]. nullptr for the single-feature ops: column 0, `mean` for every bag.
+  const int64_t* __restrict feature_cols;      // (F) or nullptr
+  const bool* __restrict feature_mean;         // (F) or nullptr
+  int64_t bags_per_feature;
 };
 
 constexpr const char* kLookup = "fiited::lookup_forward";
@@ -97,9 +103,11 @@ void pool_bags(const LookupArgs& a, int64_t bag_begin, int64_t bag_end) {
       }
     }
     // Division, not a multiply by 1 / length, to round as the reference does.
-    const bool divide = a.mean && end > start;
+    const int64_t f = b / a.bags_per_feature;
+    const bool divide = (a.feature_mean ? a.feature_mean[f] : a.mean) && end > start;
     const Vec<W> length = splat<W>(static_cast<float>(end - start));
-    float* out = a.out + b * a.out_stride;
+    float* out = a.out + (b - f * a.bags_per_feature) * a.out_stride +
+                 (a.feature_cols ? a.feature_cols[f] : 0);
     for (int64_t j = 0; j < D / W; ++j) vstore<W>(out + j * W, divide ? acc[j] / length : acc[j]);
   }
 }
@@ -118,7 +126,8 @@ void check_offsets(const at::Tensor& offsets, int64_t num_ids) {
   }
 }
 
-// Pools into `out` (validated by the caller: (B, D) fp32, unit column stride).
+// Pools into `out` (validated by the caller: (B, D) fp32, unit column stride; for batched
+// lookups (B / F, W) with feature f's block at columns [feature_cols[f], + D)).
 void pool_into(
     const LookupSizes& sizes,
     const at::Tensor& weights,
@@ -127,15 +136,21 @@ void pool_into(
     const at::Tensor& offsets,
     const std::optional<at::Tensor>& per_sample_weights,
     bool mean,
-    at::Tensor& out) {
+    at::Tensor& out,
+    const at::Tensor& feature_cols = at::Tensor(),
+    const at::Tensor& feature_mean = at::Tensor()) {
   const auto w = weights.contiguous(), slots = chunk_slots.contiguous();
   const auto ids = entries.contiguous(), offs = offsets.contiguous();
   const auto psw = per_sample_weights.has_value() ? per_sample_weights->contiguous() : at::Tensor();
   check_offsets(offs, sizes.num_ids);
+  const bool batched = feature_cols.defined();
   const LookupArgs args{
       w.data_ptr<float>(), slots.data_ptr<int32_t>(), ids.data_ptr<int64_t>(),
       offs.data_ptr<int64_t>(), psw.defined() ? psw.data_ptr<float>() : nullptr,
-      out.data_ptr<float>(), out.stride(0), sizes, mean};
+      out.data_ptr<float>(), out.stride(0), sizes, mean,
+      batched ? feature_cols.data_ptr<int64_t>() : nullptr,
+      batched ? feature_mean.data_ptr<bool>() : nullptr,
+      batched ? sizes.num_bags / feature_cols.numel() : std::max<int64_t>(sizes.num_bags, 1)};
   const int64_t* o = args.offsets;
   dispatch_shape(sizes.num_chunks, sizes.chunk_size, [&](auto shape) {
     parallel_balanced(
@@ -170,6 +185,25 @@ void lookup_forward_out_cpu(
       check_lookup_inputs(weights, chunk_slots, entries, offsets, per_sample_weights);
   check_lookup_out(out, sizes, weights.device());
   pool_into(sizes, weights, chunk_slots, entries, offsets, per_sample_weights, mean, out);
+}
+
+// Every feature of a pool in one call: F features' bags back to back in `offsets`
+// (F * B + 1), each written into its column block of `out` (B, W).
+void lookup_forward_batched_out_cpu(
+    const at::Tensor& weights,
+    const at::Tensor& chunk_slots,
+    const at::Tensor& entries,
+    const at::Tensor& offsets,
+    const std::optional<at::Tensor>& per_sample_weights,
+    const at::Tensor& feature_cols,
+    const at::Tensor& feature_mean,
+    at::Tensor& out) {
+  const LookupSizes sizes =
+      check_lookup_inputs(weights, chunk_slots, entries, offsets, per_sample_weights);
+  const auto cols = feature_cols.contiguous(), means = feature_mean.contiguous();
+  check_batched_out(out, cols, means, sizes, weights.device());
+  pool_into(sizes, weights, chunk_slots, entries, offsets, per_sample_weights, false, out, cols,
+            means);
 }
 
 // ---- fused_backward ---------------------------------------------------------------------------
@@ -367,5 +401,6 @@ void fused_backward_cpu(
 TORCH_LIBRARY_IMPL(fiited, CPU, m) {
   m.impl("lookup_forward", &fiited::lookup_forward_cpu);
   m.impl("lookup_forward_out", &fiited::lookup_forward_out_cpu);
+  m.impl("lookup_forward_batched_out", &fiited::lookup_forward_batched_out_cpu);
   m.impl("fused_backward", &fiited::fused_backward_cpu);
 }

@@ -27,9 +27,12 @@ __global__ void __launch_bounds__(kWarpSize * kWarpsPerBlock)
   if (bag >= p.num_bags) return;
   const int K = p.num_chunks, cs = p.chunk_size, D = K * cs;
   const int64_t start = p.offsets[bag], end = p.offsets[bag + 1];
+  const int64_t f = bag / p.bags_per_feature;
   // Division, not a multiply by 1 / length, to round as the reference does.
-  const bool divide = p.mean && end > start;
+  const bool divide = (p.feature_mean ? p.feature_mean[f] : p.mean != 0) && end > start;
   const float length = static_cast<float>(end - start);
+  float* out = p.out + (bag - f * p.bags_per_feature) * p.out_stride +
+               (p.feature_cols ? p.feature_cols[f] : 0);
   for (int c0 = 0; c0 < D; c0 += kWarpSize) {
     const int c = c0 + threadIdx.x;
     if (c >= D) break;
@@ -42,7 +45,7 @@ __global__ void __launch_bounds__(kWarpSize * kWarpsPerBlock)
       const float w = p.per_sample_weights ? __ldg(p.per_sample_weights + i) : 1.f;
       acc += w * __ldg(p.weights + int64_t{s} * cs + col);
     }
-    p.out[bag * p.out_stride + c] = divide ? acc / length : acc;
+    out[c] = divide ? acc / length : acc;
   }
 }
 

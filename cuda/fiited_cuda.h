@@ -36,6 +36,11 @@ struct FiitedLookupParams {
   int32_t num_chunks;                          // K
   int32_t chunk_size;
   int32_t mean;                                // divide each non-empty bag by its length
+  // Table-batched lookups: bag b is row b % bags_per_feature of feature b / bags_per_feature,
+  // written at column feature_cols[f] and divided where feature_mean[f]; nullptr: column 0, `mean`.
+  const int64_t* __restrict feature_cols;      // (F) or nullptr
+  const bool* __restrict feature_mean;         // (F) or nullptr
+  int64_t bags_per_feature;
 };
 
 struct FiitedBackwardParams {

@@ -5,6 +5,8 @@
 // Temporaries (the sort's outputs) come from torch's CUDA caching allocator, which reuses
 // blocks across steps, so they do not pay the first-touch cost they would on the CPU.
 
+#include <algorithm>
+
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
@@ -55,7 +57,9 @@ void pool_into(
     const at::Tensor& offsets,
     const std::optional<at::Tensor>& per_sample_weights,
     bool mean,
-    at::Tensor& out) {
+    at::Tensor& out,
+    const at::Tensor& feature_cols = at::Tensor(),
+    const at::Tensor& feature_mean = at::Tensor()) {
   const c10::cuda::CUDAGuard guard(weights.device());
   const auto w = weights.contiguous(), slots = chunk_slots.contiguous();
   const auto ids = entries.contiguous(), offs = offsets.contiguous();
@@ -66,7 +70,10 @@ void pool_into(
       w.data_ptr<float>(), slots.data_ptr<int32_t>(), ids.data_ptr<int64_t>(),
       offs.data_ptr<int64_t>(), psw.defined() ? psw.data_ptr<float>() : nullptr,
       out.data_ptr<float>(), out.stride(0), s.num_bags, s.num_entries, s.capacity,
-      static_cast<int32_t>(s.num_chunks), static_cast<int32_t>(s.chunk_size), mean ? 1 : 0};
+      static_cast<int32_t>(s.num_chunks), static_cast<int32_t>(s.chunk_size), mean ? 1 : 0,
+      feature_cols.defined() ? feature_cols.data_ptr<int64_t>() : nullptr,
+      feature_mean.defined() ? feature_mean.data_ptr<bool>() : nullptr,
+      feature_cols.defined() ? s.num_bags / feature_cols.numel() : std::max<int64_t>(s.num_bags, 1)};
   // The launch error is read (and cleared) by C10_CUDA_KERNEL_LAUNCH_CHECK.
   (void)fiited_lookup_forward_cuda(&params, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -98,6 +105,22 @@ void lookup_forward_out_cuda(
       check_lookup_inputs(weights, chunk_slots, entries, offsets, per_sample_weights);
   check_lookup_out(out, s, weights.device());
   pool_into(s, weights, chunk_slots, entries, offsets, per_sample_weights, mean, out);
+}
+
+void lookup_forward_batched_out_cuda(
+    const at::Tensor& weights,
+    const at::Tensor& chunk_slots,
+    const at::Tensor& entries,
+    const at::Tensor& offsets,
+    const std::optional<at::Tensor>& per_sample_weights,
+    const at::Tensor& feature_cols,
+    const at::Tensor& feature_mean,
+    at::Tensor& out) {
+  const LookupSizes s =
+      check_lookup_inputs(weights, chunk_slots, entries, offsets, per_sample_weights);
+  const auto cols = feature_cols.contiguous(), means = feature_mean.contiguous();
+  check_batched_out(out, cols, means, s, weights.device());
+  pool_into(s, weights, chunk_slots, entries, offsets, per_sample_weights, false, out, cols, means);
 }
 
 void fused_backward_cuda(
@@ -160,5 +183,6 @@ void fused_backward_cuda(
 TORCH_LIBRARY_IMPL(fiited, CUDA, m) {
   m.impl("lookup_forward", &fiited::lookup_forward_cuda);
   m.impl("lookup_forward_out", &fiited::lookup_forward_out_cuda);
+  m.impl("lookup_forward_batched_out", &fiited::lookup_forward_batched_out_cuda);
   m.impl("fused_backward", &fiited::fused_backward_cuda);
 }

@@ -29,6 +29,18 @@ TORCH_LIBRARY(fiited, m) {
       "lookup_forward_out(Tensor weights, Tensor chunk_slots, Tensor entries, Tensor offsets, "
       "Tensor? per_sample_weights, bool mean, Tensor(a!) out) -> ()");
 
+  // Table-batched lookup_forward_out: the bags of F features of one pool back to back, one
+  // call (one parallel region, one kernel) for all of them, each written into its column block
+  // of a collection's (B, sum D) output (KeyedTensor layout).
+  //   offsets       int64 (F * B + 1)   bag f * B + b is row b of feature f
+  //   feature_cols  int64 (F)           first column of feature f's D = K * chunk_size block
+  //   feature_mean  bool  (F)           divide feature f's non-empty bags by their length
+  //   out           fp32  (B, W)        unit column stride; columns outside the blocks untouched
+  m.def(
+      "lookup_forward_batched_out(Tensor weights, Tensor chunk_slots, Tensor entries, "
+      "Tensor offsets, Tensor? per_sample_weights, Tensor feature_cols, Tensor feature_mean, "
+      "Tensor(a!) out) -> ()");
+
   // Coalesce one table's id gradients per entry, update the utilities and last_step of every
   // chunk of each touched entry, then apply the optimizer to its live chunks, in place.
   //   grad_rows   fp32  (R, D)        pooled-output gradients of the table's bags

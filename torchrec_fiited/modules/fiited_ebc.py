@@ -1,7 +1,7 @@
 """FiitedEmbeddingBagCollection: a drop-in EmbeddingBagCollection backed by a VHPI store."""
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -15,9 +15,9 @@ from torchrec_fiited.modules import checkpoint, stats
 from torchrec_fiited.modules.dim_pruning import run_dim_pruning
 from torchrec_fiited.modules.layout_plan import TableShard, plan_pools
 from torchrec_fiited.modules.pruning import run_cycle
-from torchrec_fiited.modules.validation import check_ids, check_kjt
-from torchrec_fiited.modules.vbe import expand_bags, inverse_rows
-from torchrec_fiited.ops import FusedParams, fused_backward, lookup_forward_out
+from torchrec_fiited.modules.batch import Batch, PoolBatch, PoolFeatures, pool_features, resolve_batch
+from torchrec_fiited.modules.validation import check_kjt
+from torchrec_fiited.ops import FusedParams, fused_backward, lookup_forward_batched, lookup_forward_out
 from torchrec_fiited.optim import FiitedFusedOptimizer
 from torchrec_fiited.policy import (
     LocalCoordinator,
@@ -28,24 +28,7 @@ from torchrec_fiited.policy import (
     missed_gains,
     record_dim_utilities,
 )
-from torchrec_fiited.store import VHPIStore, hash_ids
-
-
-@dataclass
-class _FeatureLookup:
-    """One feature of a batch, resolved to its table's keys and (after admission) entries."""
-
-    feature: str
-    table: str
-    keys: torch.Tensor  # int64 [n], ``store.layout.entry_key``
-    offsets: torch.Tensor  # int64 [B + 1]
-    weights: Optional[torch.Tensor]  # fp32 [n] or None
-    mean: bool
-    entries: Optional[torch.Tensor] = None  # int64 [n] in the pool's EntryTable, null if absent
-    # Training: the pool's non-resident keys of this batch, and which of them each id is (-1
-    # where it has an entry): backward scores them for the sketch without another unique.
-    misses: Optional["_PoolMisses"] = None
-    miss_group: Optional[torch.Tensor] = None  # int64 [n]
+from torchrec_fiited.store import VHPIStore
 
 
 # Ids per fused backward call when tables of a pool are updated together (``_update_groups``).
@@ -153,6 +136,8 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
             plan.layouts, plan.sizes, plan.num_chunks, config.optimizer, device, config.seed,
             dim_pruning=config.dim_pruning.enabled,
         )
+        # Each pool's features in id order, for the table-batched ops (modules/batch.py).
+        self._pool_features = pool_features(self._features, self._col_of, self.store.layouts, device)
         self._rule = UtilityRule(config.utility, config.decay)
         self._coordinator = coordinator or LocalCoordinator()
         self.register_buffer("steps_done", torch.tensor(0, dtype=torch.int64, device=device))
@@ -245,50 +230,26 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
 
     # ---- internals --------------------------------------------------------------------------
 
-    def _resolve(self, features: KeyedJaggedTensor) -> List[_FeatureLookup]:
-        """Each feature's entries and bags; keys of other modules are ignored, and a VBE batch is
-        expanded to its padded equivalent (``modules/vbe.py``)."""
-        check_kjt(features, self._keys, self._is_weighted)
-        per_feature = features.to_dict()
-        inverse = inverse_rows(features)
-        batch = []
-        for feature, table in self._features:
-            jt = per_feature[feature]
-            ids = jt.values().to(torch.int64)
-            if self._config.hash_ids:
-                rows = hash_ids(ids, table.num_embeddings)
-            else:
-                check_ids(feature, table.name, ids, table.num_embeddings)
-                rows = ids
-            weights = jt.weights().to(torch.float32) if self._is_weighted else None
-            mean = table.pooling == PoolingType.MEAN
-            offsets = jt.offsets().to(torch.int64)
-            if inverse is not None:
-                rows, offsets, weights = expand_bags(rows, offsets, weights, inverse[feature])
-            keys = self.store.keys(table.name, rows)
-            batch.append(_FeatureLookup(feature, table.name, keys, offsets, weights, mean))
-        return batch
+    def _resolve(self, features: KeyedJaggedTensor) -> Batch:
+        """Each pool's keys and bags (``modules/batch.py``); keys of other modules are ignored,
+        and a VBE batch is expanded to its padded equivalent (``modules/vbe.py``)."""
+        B = check_kjt(features, self._keys, self._is_weighted)
+        return resolve_batch(features, self._pool_features, B, self._config.hash_ids,
+                             self._is_weighted)
 
-    def _resolve_entries(self, batch: List[_FeatureLookup], admit: bool) -> None:
-        """Resolve every feature's keys to entries (the null entry where not resident); with
+    def _resolve_entries(self, batch: Batch, admit: bool) -> None:
+        """Resolve every pool's keys to entries (the null entry where not resident); with
         ``admit``, first offer the non-resident keys of the batch an entry (``VHPIStore.admit``).
 
         One probe per id: an id admitted here takes its new entry from the admission, and an id
         whose entry an admission displaced reads the null entry, so no second probe is needed.
         """
         step = int(self.steps_done)
-        for pool, lookups in self._by_pool(batch).items():
-            et = self.store.entries[pool]
-            # The pool's features as one batch (one probe, one set of masks), split back below.
-            keys = torch.cat([fl.keys for fl in lookups]) if len(lookups) > 1 else lookups[0].keys
-            entries = et.lookup(keys)
-            sizes = [fl.keys.numel() for fl in lookups]
+        for pb in batch.pools:
+            entries = self.store.entries[pb.pool].lookup(pb.keys)
             if admit:
-                entries, group, misses = self._admit(pool, keys, entries, step)
-                for fl, g in zip(lookups, torch.split(group, sizes)):
-                    fl.miss_group, fl.misses = g, misses
-            for fl, e in zip(lookups, torch.split(entries, sizes)):
-                fl.entries = e
+                entries, pb.miss_group, pb.misses = self._admit(pb.pool, pb.keys, entries, step)
+            pb.entries = entries
 
     def _admit(self, pool: str, keys: torch.Tensor, entries: torch.Tensor, step: int):
         """Admission of the pool's batch ``keys`` int64 [n] resolved to ``entries`` int64 [n].
@@ -326,75 +287,73 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
         gains = torch.zeros(misses_keys.numel(), self.store.num_chunks, device=keys.device)
         return entries, group, _PoolMisses(pool, misses_keys, gains)
 
-    def _update_groups(self, batch: List[_FeatureLookup]) -> List[List[_FeatureLookup]]:
-        """The features each fused backward call takes: several tables of a pool at once (they
-        share the entry table and the chunk pool, so the result is the same as table by table),
-        up to ``_GROUP_IDS`` ids per call, or one table where it has a FIITED-2D column map, a
-        fallback or another width than the pool's other tables.
+    def _plain(self, spec: PoolFeatures) -> bool:
+        """Whether a pool's features go through the table-batched ops: no table of it has a
+        FIITED-2D column map or a fallback, and all have one width."""
+        store = self.store
+        tables = set(spec.tables)
+        return not any(t in store.dim_maps or t in store.fallbacks for t in tables) and (
+            len({store.layouts[t].dim for t in tables}) == 1
+        )
+
+    def _update_groups(self, pb: PoolBatch) -> List[Tuple[int, int]]:
+        """The feature ranges [first, end) each fused backward call takes: several tables of a
+        pool at once (they share the entry table and the chunk pool, so the result is the same
+        as table by table), up to ``_GROUP_IDS`` ids per call, or one table where the pool is
+        not plain (``_plain``). A pool's features are ordered by table, so a range's ids are
+        one slice.
 
         bench_lookup (8 tables, K=4, budget 0.25): one call per pool took a step at L=1 from
         1.15x to 1.30x TBE, but at L=20 (1.3M ids) from 1.09x to 0.93x: the sort and the
         entries of one table's 164k ids stay in cache, those of 1.3M do not."""
-        groups: List[List[_FeatureLookup]] = []
-        for lookups in self._by_pool(batch).values():
-            by_table = self._by_table(lookups)
-            tables = set(by_table)
-            alone = any(t in self.store.dim_maps or t in self.store.fallbacks for t in tables)
-            if alone or len({self.store.layouts[t].dim for t in tables}) > 1:
-                groups.extend(by_table.values())
-                continue
-            group: List[_FeatureLookup] = []
-            size = 0
-            for table_lookups in by_table.values():
-                n = sum(fl.keys.numel() for fl in table_lookups)
-                if group and size + n > _GROUP_IDS:
-                    groups.append(group)
-                    group, size = [], 0
-                group.extend(table_lookups)
-                size += n
-            if group:
-                groups.append(group)
+        runs = pb.spec.table_runs()
+        if not self._plain(pb.spec):
+            return [(first, end) for _, first, end in runs]
+        groups: List[Tuple[int, int]] = []
+        for _, first, end in runs:
+            if groups and pb.id_starts[end] - pb.id_starts[groups[-1][0]] <= _GROUP_IDS:
+                groups[-1] = (groups[-1][0], end)  # the run joins the group within the cap
+            else:
+                groups.append((first, end))
         return groups
 
-    def _by_table(self, batch: List[_FeatureLookup]) -> Dict[str, List[_FeatureLookup]]:
-        grouped: Dict[str, List[_FeatureLookup]] = {}
-        for fl in batch:
-            grouped.setdefault(fl.table, []).append(fl)
-        return grouped
-
-    def _by_pool(self, batch: List[_FeatureLookup]) -> Dict[str, List[_FeatureLookup]]:
-        grouped: Dict[str, List[_FeatureLookup]] = {}
-        for fl in batch:
-            grouped.setdefault(self.store.layouts[fl.table].pool, []).append(fl)
-        return grouped
-
-    def _pooled(self, batch: List[_FeatureLookup]) -> torch.Tensor:
-        # One [B, sum D] output written block by block: per-feature outputs plus a cat cost more
-        # than the lookups themselves at pooling factor 1 (bench_lookup: 2.0 -> 1.1 ms, K=4).
-        B = batch[0].offsets.numel() - 1
+    def _pooled(self, batch: Batch) -> torch.Tensor:
+        """Pooled values fp32 [B, sum D]: one table-batched op per plain pool, written straight
+        into the output's column blocks (no per-feature outputs, no concatenation)."""
+        B = batch.batch_size
         out = torch.empty(B, sum(self._dims), device=self.steps_done.device)
-        col_of = self._col_of
-        for fl in batch:
-            D = self.store.layouts[fl.table].dim
-            block = out[:, col_of[fl.feature] : col_of[fl.feature] + D]
-            stored = self.store.stored_columns(fl.table)  # None: whole chunks, write in place
-            target = block if stored is None else out.new_empty(B, stored.numel())
-            lookup_forward_out(
-                self.store.pool_of(fl.table).weights, self.store.entries_of(fl.table).chunk_slots,
-                fl.entries, fl.offsets, fl.weights, fl.mean, target,
-            )
-            if stored is not None:  # FIITED-2D: [B, D_active] into D columns, pruned ones zero
-                block.zero_()
-                block.index_copy_(1, stored, target)
-            if fl.table in self.store.fallbacks:  # miss="hashed": ids without an entry
-                miss = fl.entries == self.store.entries_of(fl.table).null_entry
-                if bool(miss.any()):
-                    block += self.store.fallbacks[fl.table].pooled(
-                        fl.keys, miss, fl.offsets, fl.weights, fl.mean
-                    )
+        for pb in batch.pools:
+            spec = pb.spec
+            pool, et = self.store.pools[pb.pool], self.store.entries[pb.pool]
+            if self._plain(spec):
+                lookup_forward_batched(
+                    pool.weights, et.chunk_slots, pb.entries, pb.offsets, pb.weights,
+                    spec.feature_cols, spec.feature_mean, out,
+                )
+                continue
+            for f, (feature, table) in enumerate(zip(spec.features, spec.tables)):
+                ids = pb.ids(f, f + 1)
+                offsets = pb.feature_offsets(f)
+                weights = None if pb.weights is None else pb.weights[ids]
+                mean = bool(spec.feature_mean[f])
+                col, D = self._col_of[feature], self.store.layouts[table].dim
+                block = out[:, col : col + D]
+                stored = self.store.stored_columns(table)  # None: whole chunks, write in place
+                target = block if stored is None else out.new_empty(B, stored.numel())
+                lookup_forward_out(pool.weights, et.chunk_slots, pb.entries[ids], offsets, weights,
+                                   mean, target)
+                if stored is not None:  # FIITED-2D: [B, D_active] into D columns, pruned ones zero
+                    block.zero_()
+                    block.index_copy_(1, stored, target)
+                if table in self.store.fallbacks:  # miss="hashed": ids without an entry
+                    miss = pb.entries[ids] == et.null_entry
+                    if bool(miss.any()):
+                        block += self.store.fallbacks[table].pooled(
+                            pb.keys[ids], miss, offsets, weights, mean
+                        )
         return out
 
-    def _fused_backward(self, batch: List[_FeatureLookup], grad: torch.Tensor) -> None:
+    def _fused_backward(self, batch: Batch, grad: torch.Tensor) -> None:
         self._apply_gradients(batch, grad)
         self._end_step()
 
@@ -407,68 +366,64 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
         if cycle_due(int(self.steps_done), cfg.schedule, cfg.prune_interval, cfg.warmup_steps):
             self.prune()
 
-    def _apply_gradients(self, batch: List[_FeatureLookup], grad: torch.Tensor) -> None:
+    def _apply_gradients(self, batch: Batch, grad: torch.Tensor) -> None:
         """Optimizer step on live chunks and utility update on all touched chunks, per pool."""
         hp = self._hparams_source.param_groups[0]
         params = FusedParams(
             hp["optimizer"], hp["lr"], hp["eps"], hp["weight_decay"], self._config.utility,
             self._config.decay, int(self.steps_done),
         )
-        col_of = self._col_of
-        for lookups in self._update_groups(batch):
-            table = lookups[0].table  # the group's only table where FIITED-2D or a fallback is on
-            D = self.store.layouts[table].dim
-            B = grad.shape[0]
-            # Stack the group's features' output gradients [F * B, D]; id i of feature j reads
-            # row j * B + bag(i).
-            grad_rows = torch.cat([grad[:, col_of[fl.feature] : col_of[fl.feature] + D] for fl in lookups])
-            grad_full = grad_rows
-            if table in self.store.dim_maps:  # FIITED-2D: every column scores, stored ones update
-                dims = self.store.dim_maps[table]
-                record_dim_utilities(dims.utilities, grad_rows, self._config.dim_pruning.decay)
-                grad_rows = self.store.narrow(table, grad_rows)
-            rows, scales = [], []
-            for j, fl in enumerate(lookups):
-                r, s = _bag_rows_and_scales(fl)
-                rows.append(r + j * B)
-                scales.append(s)
-            id_scale = None if all(s is None for s in scales) else torch.cat(
-                [s if s is not None else torch.ones_like(r, dtype=grad.dtype) for s, r in zip(scales, rows)]
-            )
-            et = self.store.entries_of(table)
-            pool = self.store.pool_of(table)
-            rows = torch.cat(rows)
-            entries = torch.cat([fl.entries for fl in lookups])
-            miss = entries == et.null_entry
-            num_miss = int(miss.sum())
-            # Ids with an entry: optimizer and utilities. Ids without: their utility for the
-            # sketch, by group (one per key). Two passes that skip (-1) each other's ids, so the
-            # null entry never becomes one segment of every miss (a serial sum on one thread).
-            hit_rows, hit_scale, hit_entries = _few_or_all(
-                rows, id_scale, torch.where(miss, -1, entries), ~miss, rows.numel() - num_miss
-            )
-            fused_backward(
-                grad_rows, hit_rows, hit_scale, hit_entries,
-                et.chunk_slots, et.utilities, et.last_step, pool.weights, pool.momentum, params,
-            )
-            if num_miss == 0:
-                continue
-            misses = lookups[0].misses
-            if self.store.sketches[misses.pool].width:
-                groups = torch.cat([fl.miss_group for fl in lookups])  # -1 where an entry
-                missed_gains(grad_rows, *_few_or_all(rows, id_scale, groups, miss, num_miss),
-                             misses.gains, params)
-            if table in self.store.fallbacks:
-                keys = torch.cat([fl.keys for fl in lookups])[miss]
-                g = grad_full[rows[miss]]  # every column: the fallback stores them all
-                if id_scale is not None:
-                    g = g * id_scale[miss].unsqueeze(1)
-                self.store.fallbacks[table].update(keys, g, params)
-        # One sketch update per pool, with every table's misses.
-        for misses in {id(fl.misses): fl.misses for fl in batch if fl.misses is not None}.values():
-            sketch = self.store.sketches[misses.pool]
-            if sketch.width and misses.keys.numel():
-                sketch.add(misses.keys, misses.gains)
+        B = grad.shape[0]
+        for pb in batch.pools:
+            spec = pb.spec
+            et, pool = self.store.entries[pb.pool], self.store.pools[pb.pool]
+            bag_of_id, id_scale_all = pb.bag_of_id(), pb.id_scale()
+            for first, end in self._update_groups(pb):
+                table = spec.tables[first]  # the group's only table unless the pool is plain
+                D = self.store.layouts[table].dim
+                ids = pb.ids(first, end)
+                # Stack the group's features' output gradients [F_g * B, D]; id i of feature
+                # first + j reads row j * B + bag(i).
+                grad_rows = torch.cat([
+                    grad[:, self._col_of[f] : self._col_of[f] + D] for f in spec.features[first:end]
+                ])
+                grad_full = grad_rows
+                if table in self.store.dim_maps:  # FIITED-2D: every column scores, stored ones update
+                    dims = self.store.dim_maps[table]
+                    record_dim_utilities(dims.utilities, grad_rows, self._config.dim_pruning.decay)
+                    grad_rows = self.store.narrow(table, grad_rows)
+                rows = bag_of_id[ids] - first * B
+                id_scale = None if id_scale_all is None else id_scale_all[ids]
+                entries = pb.entries[ids]
+                miss = entries == et.null_entry
+                num_miss = int(miss.sum())
+                # Ids with an entry: optimizer and utilities. Ids without: their utility for the
+                # sketch, by group (one per key). Two passes that skip (-1) each other's ids, so
+                # the null entry never becomes one segment of every miss (a serial sum on one
+                # thread).
+                hit_rows, hit_scale, hit_entries = _few_or_all(
+                    rows, id_scale, torch.where(miss, -1, entries), ~miss, rows.numel() - num_miss
+                )
+                fused_backward(
+                    grad_rows, hit_rows, hit_scale, hit_entries,
+                    et.chunk_slots, et.utilities, et.last_step, pool.weights, pool.momentum, params,
+                )
+                if num_miss == 0:
+                    continue
+                if self.store.sketches[pb.pool].width:
+                    groups = pb.miss_group[ids]  # -1 where an entry
+                    missed_gains(grad_rows, *_few_or_all(rows, id_scale, groups, miss, num_miss),
+                                 pb.misses.gains, params)
+                if table in self.store.fallbacks:
+                    keys = pb.keys[ids][miss]
+                    g = grad_full[rows[miss]]  # every column: the fallback stores them all
+                    if id_scale is not None:
+                        g = g * id_scale[miss].unsqueeze(1)
+                    self.store.fallbacks[table].update(keys, g, params)
+            # One sketch update per pool, with every table's misses.
+            sketch = self.store.sketches[pb.pool]
+            if pb.misses is not None and sketch.width and pb.misses.keys.numel():
+                sketch.add(pb.misses.keys, pb.misses.gains)
 
 
 @torch.fx.wrap
@@ -539,18 +494,6 @@ def _few_or_all(rows, id_scale, entries, keep, num_keep):
         return rows, id_scale, entries
     idx = keep.nonzero().squeeze(1)
     return rows[idx], None if id_scale is None else id_scale[idx], entries[idx]
-
-
-def _bag_rows_and_scales(fl: _FeatureLookup):
-    """Bag of each id, int64 [n], and its gradient scale fp32 [n] (weight, 1/len) or None."""
-    lengths = fl.offsets[1:] - fl.offsets[:-1]
-    rows = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
-    scale = None
-    if fl.mean:
-        scale = (1.0 / lengths.clamp(min=1).to(torch.float32))[rows]
-    if fl.weights is not None:
-        scale = fl.weights if scale is None else scale * fl.weights
-    return rows, scale
 
 
 class _FusedLookup(torch.autograd.Function):

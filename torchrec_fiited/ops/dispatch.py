@@ -69,6 +69,29 @@ def lookup_forward_out(
     out.copy_(pooled)
 
 
+def lookup_forward_batched(
+    weights: torch.Tensor,
+    chunk_slots: torch.Tensor,
+    entries: torch.Tensor,
+    offsets: torch.Tensor,
+    per_sample_weights: Optional[torch.Tensor],
+    feature_cols: torch.Tensor,
+    feature_mean: torch.Tensor,
+    out: torch.Tensor,
+) -> None:
+    """F features of one pool pooled into their column blocks of ``out`` fp32 [B, W], one call;
+    see ``reference.lookup_forward_batched`` for the args."""
+    if use_native(weights.device):
+        torch.ops.fiited.lookup_forward_batched_out(
+            weights, chunk_slots, entries, offsets, per_sample_weights, feature_cols,
+            feature_mean, out,
+        )
+        return
+    reference.lookup_forward_batched(
+        weights, chunk_slots, entries, offsets, per_sample_weights, feature_cols, feature_mean, out
+    )
+
+
 def fused_backward(
     grad_rows: torch.Tensor,
     row_of_id: torch.Tensor,

@@ -25,7 +25,7 @@ from typing import FrozenSet, Optional
 import torch
 
 _LIBRARY_GLOB = os.path.join(os.path.dirname(os.path.dirname(__file__)), "_C*.so")
-OPS = ("lookup_forward", "lookup_forward_out", "fused_backward")
+OPS = ("lookup_forward", "lookup_forward_out", "lookup_forward_batched_out", "fused_backward")
 HASH_OPS = ("hash_lookup", "hash_insert", "hash_erase")  # store/hash_table.py
 SKETCH_OPS = ("sketch_estimate", "sketch_raise")  # store/sketch.py
 # bench_lookup on 2 CPU cores: the native ops run at 1.04-1.75x FBGEMM TBE, the reference at 0.24-0.37x.
@@ -152,6 +152,30 @@ def _lookup_forward_out_fake(
     )
 
 
+def _lookup_forward_batched_out_fake(
+    weights: torch.Tensor,
+    chunk_slots: torch.Tensor,
+    entries: torch.Tensor,
+    offsets: torch.Tensor,
+    per_sample_weights: Optional[torch.Tensor],
+    feature_cols: torch.Tensor,
+    feature_mean: torch.Tensor,
+    out: torch.Tensor,
+) -> None:
+    """Checks dtypes and that ``out`` is fp32 [B, W] for offsets [F * B + 1]; written in place."""
+    op = "lookup_forward_batched_out"
+    _check_lookup_args(op, weights, chunk_slots, entries, offsets, per_sample_weights)
+    _check_dtype_dim(op, "feature_cols", feature_cols, torch.int64, 1)
+    _check_dtype_dim(op, "feature_mean", feature_mean, torch.bool, 1)
+    _check_dtype_dim(op, "out", out, torch.float32, 2)
+    F = feature_cols.shape[0]
+    torch._check(
+        F >= 1 and (offsets.shape[0] - 1) == F * out.shape[0],
+        lambda: f"[torchrec_fiited] fiited::{op}: offsets must hold F * B + 1 = {F} * "
+        f"{out.shape[0]} + 1 boundaries, got {offsets.shape[0]}",
+    )
+
+
 def _fused_backward_fake(
     grad_rows: torch.Tensor,
     row_of_id: torch.Tensor,
@@ -200,6 +224,7 @@ def _fused_backward_fake(
 if AVAILABLE:
     torch.library.register_fake("fiited::lookup_forward")(_lookup_forward_fake)
     torch.library.register_fake("fiited::lookup_forward_out")(_lookup_forward_out_fake)
+    torch.library.register_fake("fiited::lookup_forward_batched_out")(_lookup_forward_batched_out_fake)
     torch.library.register_fake("fiited::fused_backward")(_fused_backward_fake)
 
 

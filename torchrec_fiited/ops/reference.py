@@ -87,6 +87,37 @@ def lookup_forward(
     return pooled
 
 
+def lookup_forward_batched(
+    weights: torch.Tensor,
+    chunk_slots: torch.Tensor,
+    entries: torch.Tensor,
+    offsets: torch.Tensor,
+    per_sample_weights: Optional[torch.Tensor],
+    feature_cols: torch.Tensor,
+    feature_mean: torch.Tensor,
+    out: torch.Tensor,
+) -> None:
+    """``lookup_forward`` of F features of one pool in one call, written into ``out``.
+
+    Args:
+        weights, chunk_slots, entries, per_sample_weights: as ``lookup_forward``.
+        offsets: int64 [F * B + 1]; bag ``f * B + b`` is row b of feature f.
+        feature_cols: int64 [F], the first column of feature f's D = K * chunk_size block.
+        feature_mean: bool [F], divide feature f's bags by their length.
+        out: fp32 [B, W] (the collection's KeyedTensor values), written in place at the blocks.
+    """
+    F = feature_cols.numel()
+    B = (offsets.numel() - 1) // F
+    D = chunk_slots.shape[1] * weights.shape[1]
+    for f, (col, mean) in enumerate(zip(feature_cols.tolist(), feature_mean.tolist())):
+        bounds = offsets[f * B : (f + 1) * B + 1]
+        start, end = int(bounds[0]), int(bounds[-1])
+        psw = None if per_sample_weights is None else per_sample_weights[start:end]
+        out[:, col : col + D] = lookup_forward(
+            weights, chunk_slots, entries[start:end], bounds - start, psw, bool(mean)
+        )
+
+
 def fused_backward(
     grad_rows: torch.Tensor,
     row_of_id: torch.Tensor,

@@ -1,0 +1,261 @@
+"""A KJT batch resolved for the store, table-batched: each pool's features back to back.
+
+The hot path runs per pool, not per feature (issue 12): one concatenated key tensor, one offsets
+tensor of F * B + 1 bag boundaries and one set of masks per pool, so a collection of 26 features
+in one pool costs one probe, one forward op (``lookup_forward_batched``) and one bag-index pass,
+and host syncs per batch rather than per feature. A pool's features are ordered by table, so the
+ids of any run of whole tables (a fused backward group) are one contiguous slice.
+
+Layouts (per pool, F features, batch size B, n ids):
+
+    keys         int64 [n]        ``store.layout.entry_key`` of every id, feature after feature
+    lengths      int64 [F * B]    bag f * B + b is row b of feature f
+    offsets      int64 [F * B + 1]
+    weights      fp32  [n] or None
+    id_starts    host ints [F + 1], feature f's ids are keys[id_starts[f]:id_starts[f + 1]]
+"""
+
+from bisect import bisect_right
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from torchrec_fiited.modules.validation import check_ids
+from torchrec_fiited.modules.vbe import expand_bags, inverse_rows
+from torchrec_fiited.store.layout import ROW_BITS, _ROW_MASK, _mix64
+
+
+@dataclass
+class PoolFeatures:
+    """The features of one pool, in the order their ids are concatenated (grouped by table).
+
+    Args:
+        pool: the pool's name.
+        features: feature names.
+        tables: each feature's table.
+        num_entries: each feature's table's id space (host ints).
+        feature_cols: int64 [F], first column of each feature's block in the [B, sum D] output.
+        feature_mean: bool [F], MEAN pooling.
+        key_base: int64 [F], ``table_index << ROW_BITS`` of each feature's table.
+        row_offset: int64 [F], global row of local row 0 of each feature's table (row shards).
+        num_entries_t: int64 [F], ``num_entries`` as a tensor.
+    """
+
+    pool: str
+    features: List[str]
+    tables: List[str]
+    num_entries: List[int]
+    feature_cols: torch.Tensor
+    feature_mean: torch.Tensor
+    key_base: torch.Tensor
+    row_offset: torch.Tensor
+    num_entries_t: torch.Tensor
+    any_mean: bool = False
+    any_row_offset: bool = False
+
+    def table_runs(self) -> List[Tuple[str, int, int]]:
+        """(table, first feature, end feature) of each run of one table's features."""
+        runs: List[Tuple[str, int, int]] = []
+        for f, t in enumerate(self.tables):
+            if runs and runs[-1][0] == t:
+                runs[-1] = (t, runs[-1][1], f + 1)
+            else:
+                runs.append((t, f, f + 1))
+        return runs
+
+
+def pool_features(
+    features: Sequence[Tuple[str, EmbeddingBagConfig]],
+    column_of: Dict[str, int],
+    layouts,
+    device: torch.device,
+) -> List[PoolFeatures]:
+    """Each pool's ``PoolFeatures`` for a collection's (feature, table) pairs; ``layouts`` maps a
+    table name to its ``store.vhpi.TableLayout``."""
+    by_pool: Dict[str, Dict[str, List[Tuple[str, EmbeddingBagConfig]]]] = {}
+    for feature, table in features:
+        pool = layouts[table.name].pool
+        by_pool.setdefault(pool, {}).setdefault(table.name, []).append((feature, table))
+    out = []
+    for pool, by_table in by_pool.items():
+        pairs = [pair for table_pairs in by_table.values() for pair in table_pairs]
+        lay = [layouts[t.name] for _, t in pairs]
+        means = [t.pooling == PoolingType.MEAN for _, t in pairs]
+        offsets = [lo.row_offset for lo in lay]
+
+        def tensor(values, dtype=torch.int64):
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        out.append(PoolFeatures(
+            pool=pool,
+            features=[f for f, _ in pairs],
+            tables=[t.name for _, t in pairs],
+            num_entries=[t.num_embeddings for _, t in pairs],
+            feature_cols=tensor([column_of[f] for f, _ in pairs]),
+            feature_mean=tensor(means, torch.bool),
+            key_base=tensor([lo.table_index << ROW_BITS for lo in lay]),
+            row_offset=tensor(offsets),
+            num_entries_t=tensor([t.num_embeddings for _, t in pairs]),
+            any_mean=any(means),
+            any_row_offset=any(offsets),
+        ))
+    return out
+
+
+@dataclass
+class PoolBatch:
+    """One pool's part of a batch (module docstring for the layouts).
+
+    ``entries`` (int64 [n], the null entry where not resident) is set by the collection's
+    ``_resolve_entries``; in a training forward also ``miss_group`` (int64 [n], which of
+    ``misses.keys`` each id is, -1 where it has an entry) and ``misses``.
+    """
+
+    spec: PoolFeatures
+    batch_size: int
+    keys: torch.Tensor
+    lengths: torch.Tensor
+    offsets: torch.Tensor
+    weights: Optional[torch.Tensor]
+    id_starts: List[int]
+    entries: Optional[torch.Tensor] = None
+    miss_group: Optional[torch.Tensor] = None
+    misses: Optional[object] = None
+    _bag_of_id: Optional[torch.Tensor] = field(default=None, repr=False)
+    _id_scale: Optional[torch.Tensor] = field(default=None, repr=False)
+
+    @property
+    def pool(self) -> str:
+        return self.spec.pool
+
+    def ids(self, first: int, end: int) -> slice:
+        """The id range of features [first, end)."""
+        return slice(self.id_starts[first], self.id_starts[end])
+
+    def feature_offsets(self, f: int) -> torch.Tensor:
+        """Feature f's own offsets int64 [B + 1], starting at 0."""
+        B = self.batch_size
+        return self.offsets[f * B : (f + 1) * B + 1] - self.id_starts[f]
+
+    def bag_of_id(self) -> torch.Tensor:
+        """Bag int64 [n] in [0, F * B) of every id (computed once per batch)."""
+        if self._bag_of_id is None:
+            bags = torch.arange(self.lengths.numel(), device=self.lengths.device)
+            self._bag_of_id = torch.repeat_interleave(
+                bags, self.lengths, output_size=self.keys.numel()
+            )
+        return self._bag_of_id
+
+    def id_scale(self) -> Optional[torch.Tensor]:
+        """Gradient scale fp32 [n] of every id (its weight, times 1 / length in a MEAN feature),
+        or None when every scale is 1."""
+        if self._id_scale is None and (self.spec.any_mean or self.weights is not None):
+            scale = None
+            if self.spec.any_mean:
+                mean_bag = self.spec.feature_mean.repeat_interleave(self.batch_size)
+                inv = 1.0 / self.lengths.clamp(min=1).to(torch.float32)
+                scale = torch.where(mean_bag, inv, torch.ones_like(inv))[self.bag_of_id()]
+            if self.weights is not None:
+                scale = self.weights if scale is None else scale * self.weights
+            self._id_scale = scale
+        return self._id_scale
+
+
+@dataclass
+class Batch:
+    """A KJT resolved for one collection: batch size B and one ``PoolBatch`` per pool."""
+
+    batch_size: int
+    pools: List[PoolBatch]
+
+    def __len__(self) -> int:
+        return len(self.pools)
+
+
+def _segments(features: KeyedJaggedTensor, names: List[str]):
+    """(ids, lengths [B], weights) of each feature of ``names``; a VBE batch's bags written out."""
+    inverse = inverse_rows(features)
+    if inverse is not None:
+        per_key = features.to_dict()
+        out = []
+        for name in names:
+            jt = per_key[name]
+            v, offsets, w = expand_bags(
+                jt.values(), jt.offsets().to(torch.int64), jt.weights_or_none(), inverse[name]
+            )
+            out.append((v, offsets[1:] - offsets[:-1], w))
+        return out
+    position = {k: i for i, k in enumerate(features.keys())}
+    starts = features.offset_per_key()
+    stride = features.stride()
+    values, lengths, weights = features.values(), features.lengths(), features.weights_or_none()
+    out = []
+    for name in names:
+        i = position[name]
+        ids = slice(starts[i], starts[i + 1])
+        out.append((
+            values[ids], lengths[i * stride : (i + 1) * stride],
+            None if weights is None else weights[ids],
+        ))
+    return out
+
+
+def _cat(parts: List[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def resolve_pool(
+    spec: PoolFeatures, segments, batch_size: int, hash_ids: bool, weighted: bool
+) -> PoolBatch:
+    """``PoolBatch`` of one pool from its features' (ids, lengths, weights).
+
+    Raises:
+        ValueError: without ``hash_ids``, an id outside its table (naming feature and table).
+    """
+    counts = [int(ids.numel()) for ids, _, _ in segments]
+    id_starts = [0]
+    for c in counts:
+        id_starts.append(id_starts[-1] + c)
+    n = id_starts[-1]
+    ids = _cat([s[0] for s in segments]).to(torch.int64)
+    device = ids.device
+    feature_of_id = torch.repeat_interleave(
+        torch.arange(len(counts), device=device), torch.tensor(counts, device=device), output_size=n
+    )
+    num_entries = spec.num_entries_t[feature_of_id]
+    if hash_ids:
+        rows = torch.remainder(_mix64(ids), num_entries)
+    else:
+        bad = (ids < 0) | (ids >= num_entries)
+        if n and bool(bad.any()):
+            f = bisect_right(id_starts, int(bad.nonzero()[0])) - 1
+            check_ids(spec.features[f], spec.tables[f], ids[id_starts[f] : id_starts[f + 1]],
+                      spec.num_entries[f])
+        rows = ids
+    if spec.any_row_offset:
+        rows = rows + spec.row_offset[feature_of_id]
+    keys = (rows & _ROW_MASK) | spec.key_base[feature_of_id]
+    lengths = _cat([s[1] for s in segments]).to(torch.int64)
+    offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int64, device=device)
+    torch.cumsum(lengths, 0, out=offsets[1:])
+    weights = _cat([s[2] for s in segments]).to(torch.float32) if weighted else None
+    return PoolBatch(spec, batch_size, keys, lengths, offsets, weights, id_starts)
+
+
+def resolve_batch(
+    features: KeyedJaggedTensor,
+    pools: List[PoolFeatures],
+    batch_size: int,
+    hash_ids: bool,
+    weighted: bool,
+) -> Batch:
+    """Every pool's ``PoolBatch`` of a checked KJT (``validation.check_kjt``); keys of other
+    modules are ignored. Nothing is changed before every id is checked."""
+    out = []
+    for spec in pools:
+        segments = _segments(features, spec.features)
+        out.append(resolve_pool(spec, segments, batch_size, hash_ids, weighted))
+    return Batch(batch_size, out)
