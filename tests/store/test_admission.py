@@ -224,3 +224,30 @@ def test_an_id_going_in_and_out_keeps_its_estimate():
         assert _entries(store, [42]).tolist() == [et.null_entry]
     assert store.sketches[POOL].estimate(_keys(store, [42])).tolist() == [[1.5, 0.25]]
     assert store.invariant_errors() == []
+
+
+def test_allocate_across_tables_gives_each_chunk_its_per_table_init():
+    """allocate initialises all tables of a pool in one pass; every chunk must hold exactly what
+    init_values gives its table, global row, chunk and step (the per-table definition)."""
+    layouts = [
+        TableLayout("a", 1000, 4, 2, POOL, -0.1, 0.1, table_index=0),
+        TableLayout("b", 500, 4, 2, POOL, -0.3, 0.25, global_name="B", row_offset=100,
+                    chunk_offset=1, table_index=5),
+        TableLayout("c", 10**9, 4, 2, POOL, -1.0, 1.0, table_index=127),
+    ]
+    sizes = PoolSizes(slots=64, num_buckets=2, bucket_size=W, sketch_width=0)
+    store = VHPIStore(layouts, {POOL: sizes}, K, "rowwise_adagrad", torch.device("cpu"), seed=11)
+    keys = torch.cat([store.keys("a", torch.tensor([1, 999])), store.keys("b", torch.tensor([0, 7])),
+                      store.keys("c", torch.tensor([123456789]))])
+    slots, _ = store.admit(POOL, keys, 9, quota=[0, 0], decay=GAMMA)
+    entries = slots[slots >= 0]
+    assert entries.numel() == 5
+    chunk_ids = torch.tensor([0, 1, 1, 0, 1])
+    store.allocate(POOL, entries, chunk_ids, step=9)
+    et, cp = store.entries[POOL], store.pools[POOL]
+    for e, k in zip(entries.tolist(), chunk_ids.tolist()):
+        key = int(et.keys_of(torch.tensor([e])))
+        table = {0: "a", 5: "b", 127: "c"}[key >> 56]
+        row = torch.tensor([key & ((1 << 56) - 1)])
+        want = store.init_values(table, row, torch.tensor([k]), 9)[0]
+        assert torch.equal(cp.weights[int(et.chunk_slots[e, k])], want), (table, k)

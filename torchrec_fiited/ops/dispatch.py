@@ -7,7 +7,7 @@ same tensors; see ``ops/reference.py`` for the contracts.
 """
 
 import os
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -169,3 +169,17 @@ def use_native_sketch(device: torch.device) -> bool:
         and device.type in native.SKETCH_DEVICES
         and os.environ.get(NATIVE_ENV, "1") != "0"
     )
+
+
+def counter_uniform_grid(
+    prefix: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, tail: Sequence[int]
+) -> torch.Tensor:
+    """``store.layout.counter_uniform_from(prefix[:, None], [rows[:, None], cols, *tail])`` fp32
+    [n, w] for prefix and rows int64 [n], cols int64 [n, w], bitwise; the native op folds each
+    value in registers (chunk re-initialisation, ``VHPIStore.init_values`` / ``allocate``)."""
+    if native.AVAILABLE and rows.device.type in native.INIT_DEVICES and \
+            os.environ.get(NATIVE_ENV, "1") != "0":
+        return torch.ops.fiited.counter_uniform_grid(prefix, rows, cols, list(tail))
+    from torchrec_fiited.store.layout import counter_uniform_from
+
+    return counter_uniform_from(prefix.unsqueeze(1), [rows.unsqueeze(1), cols, *tail])

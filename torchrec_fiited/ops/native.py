@@ -28,6 +28,7 @@ _LIBRARY_GLOB = os.path.join(os.path.dirname(os.path.dirname(__file__)), "_C*.so
 OPS = ("lookup_forward", "lookup_forward_out", "lookup_forward_batched_out", "fused_backward")
 HASH_OPS = ("hash_lookup", "hash_insert", "hash_erase")  # store/hash_table.py
 SKETCH_OPS = ("sketch_estimate", "sketch_raise")  # store/sketch.py
+INIT_OPS = ("counter_uniform_grid",)  # store/vhpi.py init_values
 # bench_lookup on 2 CPU cores: the native ops run at 1.04-1.75x FBGEMM TBE, the reference at 0.24-0.37x.
 _SLOW_PATH = (
     "FiitedEmbeddingBagCollection falls back to the PyTorch reference ops (ops/reference.py), "
@@ -82,6 +83,7 @@ DEVICES: FrozenSet[str] = _devices_with_kernels() if AVAILABLE else frozenset()
 # The hash-table ops have their own set: a library built before them still serves the lookup ops.
 HASH_DEVICES: FrozenSet[str] = _devices_with_kernels(HASH_OPS) if AVAILABLE else frozenset()
 SKETCH_DEVICES: FrozenSet[str] = _devices_with_kernels(SKETCH_OPS) if AVAILABLE else frozenset()
+INIT_DEVICES: FrozenSet[str] = _devices_with_kernels(INIT_OPS) if AVAILABLE else frozenset()
 
 
 def _check_dtype_dim(op: str, name: str, t: torch.Tensor, dtype: torch.dtype, dim: int) -> None:
@@ -286,3 +288,18 @@ def _sketch_raise_fake(counts, keys, values, add, salts) -> None:
 if SKETCH_DEVICES:
     torch.library.register_fake("fiited::sketch_estimate")(_sketch_estimate_fake)
     torch.library.register_fake("fiited::sketch_raise")(_sketch_raise_fake)
+
+
+# ---- chunk initialisation (cuda/fiited_init_cpu.cpp; store/vhpi.py) ----------------------------
+
+
+def _counter_uniform_grid_fake(prefix: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                               tail) -> torch.Tensor:
+    """Uniforms fp32 [n, w] for prefix and rows int64 [n] and cols int64 [n, w]."""
+    _check_dtype_dim("counter_uniform_grid", "rows", rows, torch.int64, 1)
+    _check_dtype_dim("counter_uniform_grid", "cols", cols, torch.int64, 2)
+    return cols.new_empty(cols.shape, dtype=torch.float32)
+
+
+if INIT_DEVICES:
+    torch.library.register_fake("fiited::counter_uniform_grid")(_counter_uniform_grid_fake)

@@ -128,7 +128,21 @@ def counter_uniform(keys: Sequence[Union[int, torch.Tensor]]) -> torch.Tensor:
     in any process, plan or world size, which is what makes re-initialisation and sampling
     independent of where a row lives (and so reshardable and comparable across plans).
     """
+    return counter_uniform_from(torch.tensor(0, dtype=torch.int64), keys)
+
+
+def counter_state(keys: Sequence[Union[int, torch.Tensor]]) -> torch.Tensor:
+    """The generator's int64 state after folding ``keys``: ``counter_uniform(keys + rest)`` is
+    ``counter_uniform_from(counter_state(keys), rest)``."""
     x = torch.tensor(0, dtype=torch.int64)
+    for key in keys:
+        x = _mix64((x ^ as_int64(key)) + _GOLDEN)
+    return x
+
+
+def counter_uniform_from(state: torch.Tensor, keys: Sequence[Union[int, torch.Tensor]]) -> torch.Tensor:
+    """``counter_uniform`` continued from ``state`` (int64, broadcastable with ``keys``)."""
+    x = state
     for key in keys:
         x = _mix64((x ^ as_int64(key)) + _GOLDEN)
     # The top 24 bits give every fp32 in [0, 1) on a 2^-24 grid, never 1.0.

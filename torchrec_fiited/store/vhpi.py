@@ -8,11 +8,12 @@ counters consistent. Every tensor it holds is sized by ``store.sizing`` from the
 """
 
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
+from torchrec_fiited.ops import dispatch
 from torchrec_fiited.ops.hash_reference import EMPTY_KEY, bucket_of
 from torchrec_fiited.ops.reference import decayed_utilities
 from torchrec_fiited.store.chunk_pool import ChunkPool
@@ -22,7 +23,8 @@ from torchrec_fiited.store.fallback import HashedFallback
 from torchrec_fiited.store.layout import (
     NEVER_SEEN,
     PRUNED,
-    counter_uniform,
+    MAX_TABLES,
+    counter_state,
     entry_key,
     key_row,
     key_table,
@@ -33,6 +35,31 @@ from torchrec_fiited.store.sketch import UtilitySketch
 
 # Chunks initialised per block in ``VHPIStore.allocate``.
 _INIT_BLOCK = 8192
+
+
+class _InitLut(NamedTuple):
+    """A pool's chunk-init parameters by table index (``layout.MAX_TABLES`` rows each): the
+    generator state after (seed, logical table), the init range and the global chunk offset."""
+
+    state: torch.Tensor  # int64 [MAX_TABLES]
+    low: torch.Tensor  # fp32 [MAX_TABLES]
+    span: torch.Tensor  # fp32 [MAX_TABLES], init_high - init_low
+    chunk_offset: torch.Tensor  # int64 [MAX_TABLES]
+    chunk_size: int
+
+
+def _init_lut(store: "VHPIStore", pool: str, device: torch.device) -> _InitLut:
+    tables = [store.layouts[name] for name in store._by_index[pool].values()]
+    state = torch.zeros(MAX_TABLES, dtype=torch.int64)
+    low, span = torch.zeros(MAX_TABLES), torch.zeros(MAX_TABLES)
+    offset = torch.zeros(MAX_TABLES, dtype=torch.int64)
+    for t in tables:
+        state[t.table_index] = counter_state([store.seed, table_key(t.logical_name)])
+        # fp32 as the per-table init_values rounds its Python floats.
+        low[t.table_index], span[t.table_index] = t.init_low, t.init_high - t.init_low
+        offset[t.table_index] = t.chunk_offset
+    cs = tables[0].chunk_size if tables else 0
+    return _InitLut(state.to(device), low.to(device), span.to(device), offset.to(device), cs)
 
 
 @dataclass(frozen=True)
@@ -133,6 +160,7 @@ class VHPIStore(nn.Module):
                     f"table index {t.table_index}"
                 )
             mine[t.table_index] = t.name
+        self._init_luts = {p: _init_lut(self, p, device) for p in sizes}
 
     # ---- names and keys -----------------------------------------------------------------------
 
@@ -201,15 +229,19 @@ class VHPIStore(nn.Module):
         columns are drawn: ``kept`` (int64 [K, w]), by default the table's current column map.
         """
         layout = self.layouts[table]
-        cs = layout.chunk_size
-        rows = rows.to(torch.int64).unsqueeze(1)
-        first_col = (chunk_ids.to(torch.int64) + layout.chunk_offset) * cs
         if kept is None and table in self.dim_maps:
             kept = self.dim_maps[table].kept
-        in_chunk = torch.arange(cs, device=rows.device) if kept is None else kept[chunk_ids]
-        cols = first_col.unsqueeze(1) + in_chunk
-        u = counter_uniform([self.seed, table_key(layout.logical_name), rows, cols, step])
+        state = counter_state([self.seed, table_key(layout.logical_name)])
+        u = self._uniforms(state.expand(rows.numel()), rows, chunk_ids, layout.chunk_offset,
+                           layout.chunk_size, kept, step)
         return layout.init_low + (layout.init_high - layout.init_low) * u
+
+    def _uniforms(self, state, rows, chunk_ids, chunk_offset, cs: int, kept, step: int):
+        """The generator's fp32 [n, w] for (state[i], row, column of chunk_ids[i], step)."""
+        first_col = (chunk_ids.to(torch.int64) + chunk_offset) * cs
+        in_chunk = torch.arange(cs, device=rows.device) if kept is None else kept[chunk_ids]
+        cols = first_col.unsqueeze(1) + in_chunk  # int64 [n, w]
+        return dispatch.counter_uniform_grid(state.contiguous(), rows.to(torch.int64), cols, [step])
 
     # ---- slots --------------------------------------------------------------------------------
 
@@ -224,6 +256,20 @@ class VHPIStore(nn.Module):
         et, cp = self.entries[pool], self.pools[pool]
         slots = cp.pop(entries.numel())
         keys = et.keys_of(entries)
+        if not any(t in self.dim_maps for t in self._by_index[pool].values()):
+            # Every table of the pool at once: per-key generator state, init range and chunk
+            # offset from the key's table (bitwise the per-table init_values).
+            lut = self._init_luts[pool]
+            tidx = key_table(keys)
+            for lo in range(0, slots.numel(), _INIT_BLOCK):
+                hi = lo + _INIT_BLOCK
+                t = tidx[lo:hi]
+                u = self._uniforms(lut.state[t], key_row(keys[lo:hi]), chunk_ids[lo:hi],
+                                   lut.chunk_offset[t], lut.chunk_size, None, step)
+                cp.reset_slots(slots[lo:hi], lut.low[t].unsqueeze(1) + lut.span[t].unsqueeze(1) * u)
+            et.chunk_slots[entries, chunk_ids] = slots.to(torch.int32)
+            cp.live_per_chunk += torch.bincount(chunk_ids, minlength=self.num_chunks)
+            return
         for table, mask in self.table_masks(pool, keys):
             t_slots, t_rows, t_ks = slots[mask], key_row(keys[mask]), chunk_ids[mask]
             # In blocks: the counter-based init holds several int64 temporaries per float.
