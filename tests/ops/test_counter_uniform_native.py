@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from torchrec_fiited.ops import dispatch, native
-from torchrec_fiited.store.layout import counter_state, counter_uniform, table_key
+from torchrec_fiited.store.layout import counter_state, counter_state_int, counter_uniform, table_key
 
 pytestmark = pytest.mark.skipif(
     "cpu" not in native.INIT_DEVICES, reason="native ops not built: run `make ext`"
@@ -47,3 +47,8 @@ def test_bad_inputs_name_the_argument():
     with pytest.raises(RuntimeError, match=r"prefix must be an int64 \(n=4\)"):
         torch.ops.fiited.counter_uniform_grid(torch.zeros(3).long(), torch.arange(4),
                                               torch.zeros(4, 2).long(), [])
+
+
+def test_python_int_state_matches_the_tensor_state():
+    for keys in ([0], [12345, table_key("t")], [-1, 1 << 62, 7], [3, -(1 << 63)]):
+        assert counter_state_int(keys) == int(counter_state(keys))

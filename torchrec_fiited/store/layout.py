@@ -140,6 +140,19 @@ def counter_state(keys: Sequence[Union[int, torch.Tensor]]) -> torch.Tensor:
     return x
 
 
+def counter_state_int(keys: Sequence[int]) -> int:
+    """``counter_state`` of int keys as a Python int (signed int64), computed without tensors (a
+    module built under ``torch.device("meta")`` still gets real values)."""
+    m = (1 << 64) - 1
+    x = 0
+    for key in keys:
+        x = ((x ^ (key & m)) + (_GOLDEN & m)) & m
+        x = ((x ^ (x >> 30)) * (_MIX1 & m)) & m
+        x = ((x ^ (x >> 27)) * (_MIX2 & m)) & m
+        x ^= x >> 31
+    return x - (1 << 64) if x >> 63 else x
+
+
 def counter_uniform_from(state: torch.Tensor, keys: Sequence[Union[int, torch.Tensor]]) -> torch.Tensor:
     """``counter_uniform`` continued from ``state`` (int64, broadcastable with ``keys``)."""
     x = state

@@ -25,6 +25,7 @@ from torchrec_fiited.store.layout import (
     PRUNED,
     MAX_TABLES,
     counter_state,
+    counter_state_int,
     entry_key,
     key_row,
     key_table,
@@ -50,16 +51,20 @@ class _InitLut(NamedTuple):
 
 def _init_lut(store: "VHPIStore", pool: str, device: torch.device) -> _InitLut:
     tables = [store.layouts[name] for name in store._by_index[pool].values()]
-    state = torch.zeros(MAX_TABLES, dtype=torch.int64)
-    low, span = torch.zeros(MAX_TABLES), torch.zeros(MAX_TABLES)
-    offset = torch.zeros(MAX_TABLES, dtype=torch.int64)
+    state, low, span, offset = [0] * MAX_TABLES, [0.0] * MAX_TABLES, [0.0] * MAX_TABLES, [0] * MAX_TABLES
     for t in tables:
-        state[t.table_index] = counter_state([store.seed, table_key(t.logical_name)])
-        # fp32 as the per-table init_values rounds its Python floats.
+        state[t.table_index] = counter_state_int([store.seed, table_key(t.logical_name)])
+        # Rounded to fp32 as the per-table init_values rounds its Python floats.
         low[t.table_index], span[t.table_index] = t.init_low, t.init_high - t.init_low
         offset[t.table_index] = t.chunk_offset
     cs = tables[0].chunk_size if tables else 0
-    return _InitLut(state.to(device), low.to(device), span.to(device), offset.to(device), cs)
+    return _InitLut(
+        torch.tensor(state, dtype=torch.int64, device=device),
+        torch.tensor(low, dtype=torch.float32, device=device),
+        torch.tensor(span, dtype=torch.float32, device=device),
+        torch.tensor(offset, dtype=torch.int64, device=device),
+        cs,
+    )
 
 
 @dataclass(frozen=True)
