@@ -91,24 +91,26 @@ C10_ALWAYS_INLINE int64_t find_in_bucket(const TableView& t, int64_t key) {
 
 // slots[i] = slot of keys[i] or -1, in parallel over i.
 void find_slots(const char* op, const TableView& t, const int64_t* keys, int64_t n,
-                int64_t* slots) {
+                int64_t* slots, int64_t missing = -1) {
   at::parallel_for(0, n, kMinWorkPerTask, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       if (i + kBucketPrefetchDistance < end) prefetch_bucket(t, keys[i + kBucketPrefetchDistance]);
       if (keys[i] == kFiitedEmptyKey) fail_empty_key(op, i);
-      slots[i] = find_in_bucket(t, keys[i]);
+      const int64_t slot = find_in_bucket(t, keys[i]);
+      slots[i] = slot < 0 ? missing : slot;
     }
   });
 }
 
+// `missing` lets a caller read its own null entry for a miss without a second pass.
 at::Tensor hash_lookup_cpu(const at::Tensor& table_keys, int64_t bucket_size,
-                           const at::Tensor& keys) {
+                           const at::Tensor& keys, int64_t missing) {
   constexpr const char* op = "fiited::hash_lookup";
   const TableView t = check_table(op, table_keys, nullptr, bucket_size);
   check_keys(op, keys);
   const auto k = keys.contiguous();
   auto slots = at::empty({k.numel()}, k.options());
-  find_slots(op, t, k.data_ptr<int64_t>(), k.numel(), slots.data_ptr<int64_t>());
+  find_slots(op, t, k.data_ptr<int64_t>(), k.numel(), slots.data_ptr<int64_t>(), missing);
   return slots;
 }
 

@@ -7,11 +7,11 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(fiited, m) {
-  // Slot of each key, -1 where not resident.
+  // Slot of each key, `missing` (default -1) where not resident.
   //   table_keys  int64 (S)   kFiitedEmptyKey where free
   //   keys        int64 (n)   none equal to kFiitedEmptyKey
   //   returns     int64 (n)
-  m.def("hash_lookup(Tensor table_keys, int bucket_size, Tensor keys) -> Tensor");
+  m.def("hash_lookup(Tensor table_keys, int bucket_size, Tensor keys, int missing=-1) -> Tensor");
 
   // Insert the missing keys (dedupe by max score, residents pinned, per bucket in (score desc,
   // key asc) order: lowest free slot, else replace the min-score victim if strictly higher).

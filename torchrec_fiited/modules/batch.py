@@ -25,7 +25,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_fiited.modules.validation import check_ids
 from torchrec_fiited.modules.vbe import expand_bags, inverse_rows
-from torchrec_fiited.store.layout import ROW_BITS, _ROW_MASK, _mix64
+from torchrec_fiited.ops import dispatch
+from torchrec_fiited.store.layout import ROW_BITS
 
 
 @dataclass
@@ -54,7 +55,6 @@ class PoolFeatures:
     row_offset: torch.Tensor
     num_entries_t: torch.Tensor
     any_mean: bool = False
-    any_row_offset: bool = False
 
     def table_runs(self) -> List[Tuple[str, int, int]]:
         """(table, first feature, end feature) of each run of one table's features."""
@@ -100,7 +100,6 @@ def pool_features(
             row_offset=tensor(offsets),
             num_entries_t=tensor([t.num_embeddings for _, t in pairs]),
             any_mean=any(means),
-            any_row_offset=any(offsets),
         ))
     return out
 
@@ -219,25 +218,14 @@ def resolve_pool(
     id_starts = [0]
     for c in counts:
         id_starts.append(id_starts[-1] + c)
-    n = id_starts[-1]
-    ids = _cat([s[0] for s in segments]).to(torch.int64)
+    ids = _cat([s[0] for s in segments])
+    keys, first_bad = dispatch.feature_keys(ids, id_starts, spec.key_base, spec.row_offset,
+                                            spec.num_entries_t, hash_ids)
+    if first_bad >= 0:
+        f = bisect_right(id_starts, first_bad) - 1
+        check_ids(spec.features[f], spec.tables[f],
+                  ids[id_starts[f] : id_starts[f + 1]].to(torch.int64), spec.num_entries[f])
     device = ids.device
-    feature_of_id = torch.repeat_interleave(
-        torch.arange(len(counts), device=device), torch.tensor(counts, device=device), output_size=n
-    )
-    num_entries = spec.num_entries_t[feature_of_id]
-    if hash_ids:
-        rows = torch.remainder(_mix64(ids), num_entries)
-    else:
-        bad = (ids < 0) | (ids >= num_entries)
-        if n and bool(bad.any()):
-            f = bisect_right(id_starts, int(bad.nonzero()[0])) - 1
-            check_ids(spec.features[f], spec.tables[f], ids[id_starts[f] : id_starts[f + 1]],
-                      spec.num_entries[f])
-        rows = ids
-    if spec.any_row_offset:
-        rows = rows + spec.row_offset[feature_of_id]
-    keys = (rows & _ROW_MASK) | spec.key_base[feature_of_id]
     lengths = _cat([s[1] for s in segments]).to(torch.int64)
     offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int64, device=device)
     torch.cumsum(lengths, 0, out=offsets[1:])

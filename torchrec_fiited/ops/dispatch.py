@@ -130,11 +130,12 @@ def use_native_hash(device: torch.device) -> bool:
     )
 
 
-def hash_lookup(table_keys: torch.Tensor, bucket_size: int, keys: torch.Tensor) -> torch.Tensor:
-    """Slots int64 [n] (-1 = not resident); see ``hash_reference.lookup``."""
+def hash_lookup(table_keys: torch.Tensor, bucket_size: int, keys: torch.Tensor,
+                missing: int = -1) -> torch.Tensor:
+    """Slots int64 [n] (``missing`` where not resident); see ``hash_reference.lookup``."""
     if use_native_hash(table_keys.device):
-        return torch.ops.fiited.hash_lookup(table_keys, bucket_size, keys)
-    return hash_reference.lookup(table_keys, bucket_size, keys)
+        return torch.ops.fiited.hash_lookup(table_keys, bucket_size, keys, missing)
+    return hash_reference.lookup(table_keys, bucket_size, keys, missing)
 
 
 def hash_insert(
@@ -183,3 +184,42 @@ def counter_uniform_grid(
     from torchrec_fiited.store.layout import counter_uniform_from
 
     return counter_uniform_from(prefix.unsqueeze(1), [rows.unsqueeze(1), cols, *tail])
+
+
+def feature_keys(
+    ids: torch.Tensor,
+    id_starts: Sequence[int],
+    key_base: torch.Tensor,
+    row_offset: torch.Tensor,
+    num_entries: torch.Tensor,
+    hash_ids: bool,
+) -> Tuple[torch.Tensor, int]:
+    """Keys int64 [n] of F features' ids back to back (feature f: ``ids[id_starts[f]:id_starts[f
+    + 1]]``): row = the id (or ``store.layout.hash_ids`` of it), key = ``entry_key`` with
+    feature f's ``key_base`` (table_index << 56) after adding its ``row_offset``. Also the
+    position of the first id outside [0, num_entries[f]) without ``hash_ids`` (-1 when none;
+    the keys are then unspecified): the caller raises, naming the feature."""
+    device = ids.device
+    if native.AVAILABLE and device.type in native.KEYS_DEVICES and \
+            os.environ.get(NATIVE_ENV, "1") != "0":
+        starts = torch.tensor(list(id_starts), dtype=torch.int64)
+        keys, bad = torch.ops.fiited.feature_keys(ids, starts, key_base, row_offset, num_entries,
+                                                  hash_ids)
+        return keys, int(bad)
+    from torchrec_fiited.store.layout import ROW_BITS, _mix64
+
+    n, F = id_starts[-1], len(id_starts) - 1
+    counts = torch.tensor([id_starts[f + 1] - id_starts[f] for f in range(F)], device=device)
+    feature_of_id = torch.repeat_interleave(torch.arange(F, device=device), counts, output_size=n)
+    ids = ids.to(torch.int64)
+    entries = num_entries[feature_of_id]
+    first_bad = -1
+    if hash_ids:
+        rows = torch.remainder(_mix64(ids), entries)
+    else:
+        bad = (ids < 0) | (ids >= entries)
+        if n and bool(bad.any()):
+            first_bad = int(bad.nonzero()[0])
+        rows = ids
+    rows = rows + row_offset[feature_of_id]
+    return (rows & ((1 << ROW_BITS) - 1)) | key_base[feature_of_id], first_bad

@@ -50,14 +50,16 @@ def bucket_of(keys: torch.Tensor, num_buckets: int) -> torch.Tensor:
     return (_shr(mix64(keys), 32) * num_buckets) >> 32
 
 
-def lookup(table_keys: torch.Tensor, bucket_size: int, keys: torch.Tensor) -> torch.Tensor:
-    """Slot int64 [n] of each key of keys int64 [n], -1 where it is not resident. Read-only."""
+def lookup(table_keys: torch.Tensor, bucket_size: int, keys: torch.Tensor,
+           missing: int = -1) -> torch.Tensor:
+    """Slot int64 [n] of each key of keys int64 [n], ``missing`` where it is not resident.
+    Read-only."""
     num_buckets = table_keys.numel() // bucket_size
     buckets = bucket_of(keys, num_buckets)
     hit = table_keys.view(num_buckets, bucket_size)[buckets] == keys.unsqueeze(1)  # [n, W]
     found = hit.any(1)
     local = hit.to(torch.uint8).argmax(1)
-    return torch.where(found, buckets * bucket_size + local, torch.full_like(buckets, -1))
+    return torch.where(found, buckets * bucket_size + local, torch.full_like(buckets, missing))
 
 
 def insert(

@@ -29,6 +29,7 @@ OPS = ("lookup_forward", "lookup_forward_out", "lookup_forward_batched_out", "fu
 HASH_OPS = ("hash_lookup", "hash_insert", "hash_erase")  # store/hash_table.py
 SKETCH_OPS = ("sketch_estimate", "sketch_raise")  # store/sketch.py
 INIT_OPS = ("counter_uniform_grid",)  # store/vhpi.py init_values
+KEYS_OPS = ("feature_keys",)  # modules/batch.py
 # bench_lookup on 2 CPU cores: the native ops run at 1.04-1.75x FBGEMM TBE, the reference at 0.24-0.37x.
 _SLOW_PATH = (
     "FiitedEmbeddingBagCollection falls back to the PyTorch reference ops (ops/reference.py), "
@@ -84,6 +85,7 @@ DEVICES: FrozenSet[str] = _devices_with_kernels() if AVAILABLE else frozenset()
 HASH_DEVICES: FrozenSet[str] = _devices_with_kernels(HASH_OPS) if AVAILABLE else frozenset()
 SKETCH_DEVICES: FrozenSet[str] = _devices_with_kernels(SKETCH_OPS) if AVAILABLE else frozenset()
 INIT_DEVICES: FrozenSet[str] = _devices_with_kernels(INIT_OPS) if AVAILABLE else frozenset()
+KEYS_DEVICES: FrozenSet[str] = _devices_with_kernels(KEYS_OPS) if AVAILABLE else frozenset()
 
 
 def _check_dtype_dim(op: str, name: str, t: torch.Tensor, dtype: torch.dtype, dim: int) -> None:
@@ -234,7 +236,7 @@ if AVAILABLE:
 
 
 def _hash_lookup_fake(
-    table_keys: torch.Tensor, bucket_size: int, keys: torch.Tensor
+    table_keys: torch.Tensor, bucket_size: int, keys: torch.Tensor, missing: int = -1
 ) -> torch.Tensor:
     """Slots int64 [n] for keys int64 [n]; see ``hash_reference.lookup``."""
     _check_dtype_dim("hash_lookup", "table_keys", table_keys, torch.int64, 1)
@@ -303,3 +305,16 @@ def _counter_uniform_grid_fake(prefix: torch.Tensor, rows: torch.Tensor, cols: t
 
 if INIT_DEVICES:
     torch.library.register_fake("fiited::counter_uniform_grid")(_counter_uniform_grid_fake)
+
+
+def _feature_keys_fake(ids, id_starts, key_base, row_offset, num_entries, hash):
+    """(keys int64 [n], first_bad int64 [])."""
+    torch._check(
+        ids.dim() == 1 and ids.dtype in (torch.int32, torch.int64),
+        lambda: "[torchrec_fiited] fiited::feature_keys: ids must be a 1-D int32/int64 tensor",
+    )
+    return ids.new_empty(ids.shape, dtype=torch.int64), ids.new_empty((), dtype=torch.int64)
+
+
+if KEYS_DEVICES:
+    torch.library.register_fake("fiited::feature_keys")(_feature_keys_fake)

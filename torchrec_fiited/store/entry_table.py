@@ -61,8 +61,7 @@ class EntryTable(nn.Module):
 
     def lookup(self, keys: torch.Tensor) -> torch.Tensor:
         """Entry int64 [n] of each key of ``keys`` int64 [n]; ``null_entry`` where not resident."""
-        entries = self.index.lookup(keys)  # a fresh tensor: filled in place
-        return entries.masked_fill_(entries < 0, self.null_entry)
+        return self.index.lookup_entry_keys(keys, missing=self.null_entry)
 
     def seen(self) -> torch.Tensor:
         """Resident entries, int64 [num_seen], ascending."""

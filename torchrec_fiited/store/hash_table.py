@@ -149,10 +149,17 @@ class ResidentHashTable(nn.Module):
 
     # ---- batched ops ----------------------------------------------------------------------------
 
-    def lookup(self, keys: torch.Tensor) -> torch.Tensor:
-        """Slot int64 [n] of each key of ``keys`` int64 [n], -1 where not resident. Read-only."""
+    def lookup(self, keys: torch.Tensor, missing: int = -1) -> torch.Tensor:
+        """Slot int64 [n] of each key of ``keys`` int64 [n], ``missing`` where not resident.
+        Read-only."""
         keys = self._check_keys("keys", keys)
-        return dispatch.hash_lookup(self.keys, self.bucket_size, keys)
+        return dispatch.hash_lookup(self.keys, self.bucket_size, keys, missing)
+
+    def lookup_entry_keys(self, keys: torch.Tensor, missing: int) -> torch.Tensor:
+        """``lookup`` of keys made by ``store.layout.entry_key`` (the collection's hot path):
+        they are non-negative by construction, so the scan for the empty-key sentinel (a pass
+        and a sync over the batch) is skipped; the native op still refuses it."""
+        return dispatch.hash_lookup(self.keys, self.bucket_size, keys, missing)
 
     def insert(self, keys: torch.Tensor, scores: torch.Tensor) -> InsertResult:
         """Insert the missing keys of ``keys`` int64 [n] with ``scores`` fp32 [n].

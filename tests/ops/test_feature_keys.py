@@ -1,0 +1,66 @@
+"""``fiited::feature_keys`` (a batch's ids -> store keys in one pass) against its reference."""
+
+import pytest
+import torch
+
+from torchrec_fiited.ops import dispatch, native
+from torchrec_fiited.store.layout import ROW_BITS, entry_key, hash_ids
+
+pytestmark = pytest.mark.skipif(
+    "cpu" not in native.KEYS_DEVICES, reason="native ops not built: run `make ext`"
+)
+
+
+def _features(gen, dtype):
+    counts = [0, 700, 1, 5000, 33]  # a feature with no ids, one with one
+    num_entries = [10, 1000, 7, 10**9, 1 << 40]
+    top = (1 << 31) - 1  # ids representable as int32 too
+    ids = torch.cat([torch.randint(0, min(e, top), (c,), generator=gen)
+                     for c, e in zip(counts, num_entries)])
+    starts = [0]
+    for c in counts:
+        starts.append(starts[-1] + c)
+    tidx = torch.tensor([0, 3, 5, 127, 64])
+    return ids.to(dtype), starts, tidx << ROW_BITS, torch.tensor([0, 0, 100, 5, 0]), \
+        torch.tensor(num_entries), tidx
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("hashed", [False, True])
+def test_keys_match_the_reference_and_entry_key(dtype, hashed, monkeypatch):
+    gen = torch.Generator().manual_seed(7)
+    ids, starts, base, offset, entries, tidx = _features(gen, dtype)
+    if dtype == torch.int64 and hashed:
+        ids[::7] = torch.randint(-(1 << 62), 1 << 62, (ids[::7].numel(),), generator=gen)
+    got, bad = dispatch.feature_keys(ids, starts, base, offset, entries, hashed)
+    assert bad == -1
+    for f in range(len(starts) - 1):
+        part = ids[starts[f] : starts[f + 1]].to(torch.int64)
+        rows = hash_ids(part, int(entries[f])) if hashed else part
+        want = entry_key(int(tidx[f]), rows + int(offset[f]))
+        assert torch.equal(got[starts[f] : starts[f + 1]], want), f
+    monkeypatch.setenv(dispatch.NATIVE_ENV, "0")
+    ref, ref_bad = dispatch.feature_keys(ids, starts, base, offset, entries, hashed)
+    assert torch.equal(got, ref) and ref_bad == -1
+
+
+@pytest.mark.parametrize("native_on", ["1", "0"])
+def test_first_bad_id_is_found(native_on, monkeypatch):
+    monkeypatch.setenv(dispatch.NATIVE_ENV, native_on)
+    gen = torch.Generator().manual_seed(8)
+    ids, starts, base, offset, entries, _ = _features(gen, torch.int64)
+    ids[starts[3] + 4000] = 10**9  # == num_entries: outside
+    ids[starts[3] + 4500] = -1
+    _, bad = dispatch.feature_keys(ids, starts, base, offset, entries, False)
+    assert bad == starts[3] + 4000
+    _, bad = dispatch.feature_keys(ids, starts, base, offset, entries, True)
+    assert bad == -1  # hashing takes any id
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(RuntimeError, match=r"feature_keys: id_starts must run from 0 to ids.numel\(\)=3"):
+        torch.ops.fiited.feature_keys(torch.arange(3), torch.tensor([0, 2]), torch.zeros(1).long(),
+                                      torch.zeros(1).long(), torch.tensor([5]), False)
+    with pytest.raises(RuntimeError, match=r"num_entries must be an int64 \(1\) tensor"):
+        torch.ops.fiited.feature_keys(torch.arange(3), torch.tensor([0, 3]), torch.zeros(1).long(),
+                                      torch.zeros(1).long(), torch.tensor([5.0]), False)
