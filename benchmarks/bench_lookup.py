@@ -69,6 +69,8 @@ class BenchConfig:
     Args:
         num_tables: T tables, one feature each.
         num_embeddings: E rows per table.
+        table_rows: rows of each table, overriding ``num_tables`` x ``num_embeddings`` (mixed
+            sizes; ``--mixed``: the hard preset's 26 tables of 10 to 10^6 rows).
         embedding_dim: D.
         batch_size: B.
         zipf_alpha: ids are Zipf(alpha) over a random permutation of each table's rows.
@@ -92,6 +94,7 @@ class BenchConfig:
 
     num_tables: int = 8
     num_embeddings: int = 200_000
+    table_rows: Tuple[int, ...] = ()
     embedding_dim: int = 64
     batch_size: int = 8192
     zipf_alpha: float = 1.05
@@ -124,6 +127,20 @@ class BenchConfig:
                 raise ValueError(f"budgets must be in (0, 1], got {b}")
         if not self.zipf_alpha > 0:
             raise ValueError(f"zipf_alpha must be > 0, got {self.zipf_alpha}")
+        if self.table_rows and (len(self.table_rows) != self.num_tables
+                                or min(self.table_rows) < 1):
+            raise ValueError(f"table_rows must give num_tables={self.num_tables} sizes >= 1, "
+                             f"got {self.table_rows}")
+
+    def sizes(self) -> List[int]:
+        """Rows of each table."""
+        return list(self.table_rows) or [self.num_embeddings] * self.num_tables
+
+    def describe(self) -> str:
+        if not self.table_rows:
+            return f"{self.num_tables} tables x {self.num_embeddings} rows"
+        return (f"{self.num_tables} tables of {min(self.table_rows)} to {max(self.table_rows)} "
+                f"rows ({sum(self.table_rows):,} in all)")
 
 
 QUICK = BenchConfig(num_tables=2, num_embeddings=20_000, batch_size=512, num_chunks=(4,),
@@ -149,19 +166,20 @@ class ZipfIds:
     def __init__(self, cfg: BenchConfig) -> None:
         self.cfg = cfg
         self.gen = torch.Generator().manual_seed(cfg.seed)
-        ranks = torch.arange(1, cfg.num_embeddings + 1, dtype=torch.float64)
-        cdf = torch.cumsum(ranks.pow(-cfg.zipf_alpha), 0)
-        self.cdf = cdf / cdf[-1]
-        self.perms = [torch.randperm(cfg.num_embeddings, generator=self.gen)
-                      for _ in range(cfg.num_tables)]
+        cdfs: Dict[int, torch.Tensor] = {}
+        for E in set(cfg.sizes()):
+            cdf = torch.cumsum(torch.arange(1, E + 1, dtype=torch.float64).pow(-cfg.zipf_alpha), 0)
+            cdfs[E] = cdf / cdf[-1]
+        self.cdfs = [cdfs[E] for E in cfg.sizes()]
+        self.perms = [torch.randperm(E, generator=self.gen) for E in cfg.sizes()]
 
     def batch(self, L: int) -> Batch:
         cfg = self.cfg
         n = cfg.batch_size * L
         ids = []
-        for perm in self.perms:
+        for perm, cdf in zip(self.perms, self.cdfs):
             u = torch.rand(n, generator=self.gen, dtype=torch.float64)
-            ids.append(perm[torch.searchsorted(self.cdf, u).clamp(max=cfg.num_embeddings - 1)])
+            ids.append(perm[torch.searchsorted(cdf, u).clamp(max=perm.numel() - 1)])
         grad = torch.randn(cfg.batch_size, cfg.num_tables * cfg.embedding_dim, generator=self.gen)
         return Batch(ids, torch.arange(0, n + 1, L, dtype=torch.int64), grad)
 
@@ -197,9 +215,9 @@ def run_tbe(cfg: BenchConfig, batches: List[Batch]) -> Dict[str, float]:
         SplitTableBatchedEmbeddingBagsCodegen,
     )
 
-    spec = (cfg.num_embeddings, cfg.embedding_dim, EmbeddingLocation.HOST, ComputeDevice.CPU)
+    specs = [(E, cfg.embedding_dim, EmbeddingLocation.HOST, ComputeDevice.CPU) for E in cfg.sizes()]
     tbe = SplitTableBatchedEmbeddingBagsCodegen(
-        [spec] * cfg.num_tables, optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD,
+        specs, optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD,
         learning_rate=cfg.learning_rate, device="cpu",
     )
     inputs = []
@@ -221,8 +239,8 @@ def run_tbe(cfg: BenchConfig, batches: List[Batch]) -> Dict[str, float]:
 
 
 def run_embbag(cfg: BenchConfig, batches: List[Batch]) -> Dict[str, float]:
-    bags = [torch.nn.EmbeddingBag(cfg.num_embeddings, cfg.embedding_dim, mode="sum", sparse=True)
-            for _ in range(cfg.num_tables)]
+    bags = [torch.nn.EmbeddingBag(E, cfg.embedding_dim, mode="sum", sparse=True)
+            for E in cfg.sizes()]
     opt = torch.optim.SGD([p for bag in bags for p in bag.parameters()], lr=cfg.learning_rate)
 
     def pooled(b: Batch) -> torch.Tensor:
@@ -259,8 +277,8 @@ def build_fiited(cfg: BenchConfig, K: int, budget: float, zipf: ZipfIds, batches
     from torchrec_fiited import FiitedConfig, FiitedEmbeddingBagCollection
 
     tables = [EmbeddingBagConfig(name=f"t{t}", embedding_dim=cfg.embedding_dim,
-                                 num_embeddings=cfg.num_embeddings, feature_names=[f"f{t}"])
-              for t in range(cfg.num_tables)]
+                                 num_embeddings=E, feature_names=[f"f{t}"])
+              for t, E in enumerate(cfg.sizes())]
     config = FiitedConfig(num_chunks=K, budget=budget, prune_interval=0,
                           optimizer="rowwise_adagrad", learning_rate=cfg.learning_rate,
                           seed=cfg.seed)
@@ -424,7 +442,7 @@ def report(cfg: BenchConfig, L: int, rows: Sequence[Row]) -> None:
     """A markdown table: throughput and ratios to TBE from the best iteration, ms best/median."""
     lookups = cfg.num_tables * cfg.batch_size * L
     tbe = next(r.result for r in rows if r.path == "tbe")
-    print(f"\nL={L}: {cfg.num_tables} tables x {cfg.num_embeddings} rows x D={cfg.embedding_dim}, "
+    print(f"\nL={L}: {cfg.describe()} x D={cfg.embedding_dim}, "
           f"B={cfg.batch_size}, Zipf({cfg.zipf_alpha}); {lookups / 1e6:.2f} M lookups per step\n")
     print("| path | K | budget | live | resident | read | fwd M/s | fwd x TBE | fwd ms best/med "
           "| step M/s | step x TBE | step ms best/med | peak RSS MB | prune % of T steps "
@@ -530,6 +548,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--iterations", type=int)
     parser.add_argument("--num-tables", type=int)
     parser.add_argument("--num-embeddings", type=int)
+    parser.add_argument("--mixed", action="store_true",
+                        help="the hard preset's 26 tables of 10 to 10^6 rows (5.57M) instead of "
+                             "equal tables")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--fill-steps", type=int)
     parser.add_argument("--threads", type=int, help="intra-op threads (default: all cores)")
@@ -548,6 +569,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                  "fill_steps": args.fill_steps}
     cfg = dataclasses.replace(cfg, **{k: (tuple(v) if isinstance(v, list) else v)
                                       for k, v in overrides.items() if v})
+    if args.mixed:
+        from torchrec_fiited.data.clicklog import ClickLogConfig, clicklog_cardinalities
+
+        rows = clicklog_cardinalities(ClickLogConfig(cardinality_scale=0.02 if args.quick else 1.0))
+        cfg = dataclasses.replace(cfg, num_tables=len(rows), table_rows=tuple(rows))
     threads = cfg.num_threads or torch.get_num_threads()
     print(f"torch {torch.__version__}, {threads} threads; {cfg}")
     if args.profile:

@@ -55,6 +55,7 @@ class PoolFeatures:
     row_offset: torch.Tensor
     num_entries_t: torch.Tensor
     any_mean: bool = False
+    columns: List[int] = field(default_factory=list)  # feature_cols as host ints
 
     def table_runs(self) -> List[Tuple[str, int, int]]:
         """(table, first feature, end feature) of each run of one table's features."""
@@ -100,6 +101,7 @@ def pool_features(
             row_offset=tensor(offsets),
             num_entries_t=tensor([t.num_embeddings for _, t in pairs]),
             any_mean=any(means),
+            columns=[column_of[f] for f, _ in pairs],
         ))
     return out
 
@@ -147,6 +149,17 @@ class PoolBatch:
                 bags, self.lengths, output_size=self.keys.numel()
             )
         return self._bag_of_id
+
+    def grad_row_of_id(self, width: int, dim: int) -> torch.Tensor:
+        """Row int64 [n] of every id's output gradient in ``grad.view(-1, dim)`` of the
+        collection's gradient [B, width]: bag row r of feature f is row r * (width / dim) +
+        column_f / dim (every feature ``dim`` wide, at a column that is a multiple of it), so
+        the fused backward reads the gradient in place instead of a stacked copy."""
+        B = self.batch_size
+        cols = self.spec.feature_cols // dim
+        row_of_bag = (torch.arange(B, device=cols.device) * (width // dim)).unsqueeze(0) + cols.unsqueeze(1)
+        return torch.repeat_interleave(row_of_bag.reshape(-1), self.lengths,
+                                       output_size=self.keys.numel())
 
     def id_scale(self) -> Optional[torch.Tensor]:
         """Gradient scale fp32 [n] of every id (its weight, times 1 / length in a MEAN feature),

@@ -373,26 +373,43 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
             hp["optimizer"], hp["lr"], hp["eps"], hp["weight_decay"], self._config.utility,
             self._config.decay, int(self.steps_done),
         )
-        B = grad.shape[0]
+        B, W = grad.shape
         for pb in batch.pools:
             spec = pb.spec
             et, pool = self.store.entries[pb.pool], self.store.pools[pb.pool]
-            bag_of_id, id_scale_all = pb.bag_of_id(), pb.id_scale()
-            for first, end in self._update_groups(pb):
+            id_scale_all = pb.id_scale()
+            D0 = self.store.layouts[spec.tables[0]].dim
+            groups = self._update_groups(pb)
+            # A pool updated in one call whose blocks are whole D-wide rows of the gradient
+            # reads it in place (bench_lookup L=1, 26 tables: stacking the blocks cost 14 ms of
+            # a 63 ms step). Split into groups (many ids), each group's stacked copy is compact
+            # and stays in cache: 1.11-1.15x vs 1.06x TBE in place (L=20, 8 tables).
+            in_place = len(groups) == 1 and self._plain(spec) and W % D0 == 0 and all(
+                c % D0 == 0 for c in spec.columns
+            )
+            if in_place:
+                grad_view, row_all = grad.view(-1, D0), pb.grad_row_of_id(W, D0)
+            else:
+                bag_of_id = pb.bag_of_id()
+            for first, end in groups:
                 table = spec.tables[first]  # the group's only table unless the pool is plain
                 D = self.store.layouts[table].dim
                 ids = pb.ids(first, end)
-                # Stack the group's features' output gradients [F_g * B, D]; id i of feature
-                # first + j reads row j * B + bag(i).
-                grad_rows = torch.cat([
-                    grad[:, self._col_of[f] : self._col_of[f] + D] for f in spec.features[first:end]
-                ])
+                if in_place:
+                    grad_rows, rows = grad_view, row_all[ids]
+                else:
+                    # Stack the group's features' output gradients [F_g * B, D]; id i of
+                    # feature first + j reads row j * B + bag(i).
+                    grad_rows = torch.cat([
+                        grad[:, self._col_of[f] : self._col_of[f] + D]
+                        for f in spec.features[first:end]
+                    ])
+                    rows = bag_of_id[ids] - first * B
                 grad_full = grad_rows
                 if table in self.store.dim_maps:  # FIITED-2D: every column scores, stored ones update
                     dims = self.store.dim_maps[table]
                     record_dim_utilities(dims.utilities, grad_rows, self._config.dim_pruning.decay)
                     grad_rows = self.store.narrow(table, grad_rows)
-                rows = bag_of_id[ids] - first * B
                 id_scale = None if id_scale_all is None else id_scale_all[ids]
                 entries = pb.entries[ids]
                 miss = entries == et.null_entry
