@@ -138,6 +138,7 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
         )
         # Each pool's features in id order, for the table-batched ops (modules/batch.py).
         self._pool_features = pool_features(self._features, self._col_of, self.store.layouts, device)
+        self._plain_pools: Dict[str, bool] = {}
         self._rule = UtilityRule(config.utility, config.decay)
         self._coordinator = coordinator or LocalCoordinator()
         self.register_buffer("steps_done", torch.tensor(0, dtype=torch.int64, device=device))
@@ -289,12 +290,16 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
 
     def _plain(self, spec: PoolFeatures) -> bool:
         """Whether a pool's features go through the table-batched ops: no table of it has a
-        FIITED-2D column map or a fallback, and all have one width."""
-        store = self.store
-        tables = set(spec.tables)
-        return not any(t in store.dim_maps or t in store.fallbacks for t in tables) and (
-            len({store.layouts[t].dim for t in tables}) == 1
-        )
+        FIITED-2D column map or a fallback, and all have one width. Fixed at construction (the
+        store's dim maps and fallbacks are), so computed once per pool."""
+        plain = self._plain_pools.get(spec.pool)
+        if plain is None:
+            store, tables = self.store, set(spec.tables)
+            plain = not any(t in store.dim_maps or t in store.fallbacks for t in tables) and (
+                len({store.layouts[t].dim for t in tables}) == 1
+            )
+            self._plain_pools[spec.pool] = plain
+        return plain
 
     def _update_groups(self, pb: PoolBatch) -> List[Tuple[int, int]]:
         """The feature ranges [first, end) each fused backward call takes: several tables of a
