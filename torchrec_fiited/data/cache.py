@@ -353,11 +353,18 @@ def _committed(slot: CacheSlot, expected_files: FileShapes) -> dict[str, Any]:
     return meta
 
 
+# np.load parses the .npy header with ast.literal_eval, and CPython 3.11's compile() is not
+# thread-safe: two encoder threads opening arrays at once failed a fresh-clone `make test` with
+# "SystemError: AST constructor recursion depth mismatch" (a CPython 3.11 bug). One at a time.
+_NPY_HEADER_LOCK = threading.Lock()
+
+
 def open_array(path: str, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
     """A checked cached ``.npy`` array as a copy-on-write memory map (zeros if it is empty)."""
     if int(np.prod(shape)) == 0:
         return np.zeros(shape, dtype=dtype)
-    return np.load(path, mmap_mode="c")
+    with _NPY_HEADER_LOCK:
+        return np.load(path, mmap_mode="c")
 
 
 # ---- parsed files -------------------------------------------------------------------------------
