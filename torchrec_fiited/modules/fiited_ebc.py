@@ -255,8 +255,9 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
     def _admit(self, pool: str, keys: torch.Tensor, entries: torch.Tensor, step: int):
         """Admission of the pool's batch ``keys`` int64 [n] resolved to ``entries`` int64 [n].
 
-        Returns the entries after admission, each id's miss group int64 [n] (-1 where it has an
-        entry) and the pool's misses (``_PoolMisses``).
+        Returns the entries after admission (``entries`` itself, updated in place: the probe's
+        fresh output), each id's miss group int64 [n] (-1 where it has an entry) and the pool's
+        misses (``_PoolMisses``).
         """
         et = self.store.entries[pool]
         null = et.null_entry
@@ -271,14 +272,12 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
             was_displaced[displaced] = True
             lost_at = was_displaced[entries].nonzero().squeeze(1)
         # The pool's misses after admission: keys still out, then keys that lost their entry.
+        # Per distinct key first, then one gather per id (the misses outnumber their keys).
         stay_out = slots < 0
-        group_of_unique = torch.cumsum(stay_out, 0) - 1
-        new = slots[inverse]
-        placed = new >= 0
-        entries = entries.clone()
+        group_of_unique = torch.where(stay_out, torch.cumsum(stay_out, 0) - 1, -1)
         group = torch.full_like(entries, -1)
-        entries[miss_at] = torch.where(placed, new, null)
-        group[miss_at] = torch.where(placed, -1, group_of_unique[inverse])
+        entries[miss_at] = torch.where(stay_out, null, slots)[inverse]
+        group[miss_at] = group_of_unique[inverse]
         misses_keys = unique[stay_out]
         if lost_at is not None and lost_at.numel():
             lost_keys, lost_group = torch.unique(keys[lost_at], return_inverse=True)
