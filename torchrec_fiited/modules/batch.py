@@ -24,7 +24,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_fiited.modules.validation import check_ids
-from torchrec_fiited.modules.vbe import expand_bags, inverse_rows
+from torchrec_fiited.modules.vbe import written_out
 from torchrec_fiited.ops import dispatch
 from torchrec_fiited.store.layout import ROW_BITS
 
@@ -188,30 +188,22 @@ class Batch:
 
 
 def _segments(features: KeyedJaggedTensor, names: List[str]):
-    """(ids, lengths [B], weights) of each feature of ``names``; a VBE batch's bags written out."""
-    inverse = inverse_rows(features)
-    if inverse is not None:
-        per_key = features.to_dict()
-        out = []
-        for name in names:
-            jt = per_key[name]
-            v, offsets, w = expand_bags(
-                jt.values(), jt.offsets().to(torch.int64), jt.weights_or_none(), inverse[name]
-            )
-            out.append((v, offsets[1:] - offsets[:-1], w))
-        return out
+    """(ids, lengths [B], weights) of each feature of ``names``, by name; a VBE batch's bags are
+    written out first (``vbe.written_out``)."""
+    if features.variable_stride_per_key():
+        features = written_out(features, names)
     position = {k: i for i, k in enumerate(features.keys())}
     starts = features.offset_per_key()
     stride = features.stride()
     values, lengths, weights = features.values(), features.lengths(), features.weights_or_none()
-    out = []
+    out = {}
     for name in names:
         i = position[name]
         ids = slice(starts[i], starts[i + 1])
-        out.append((
+        out[name] = (
             values[ids], lengths[i * stride : (i + 1) * stride],
             None if weights is None else weights[ids],
-        ))
+        )
     return out
 
 
@@ -255,8 +247,8 @@ def resolve_batch(
 ) -> Batch:
     """Every pool's ``PoolBatch`` of a checked KJT (``validation.check_kjt``); keys of other
     modules are ignored. Nothing is changed before every id is checked."""
-    out = []
-    for spec in pools:
-        segments = _segments(features, spec.features)
-        out.append(resolve_pool(spec, segments, batch_size, hash_ids, weighted))
-    return Batch(batch_size, out)
+    segments = _segments(features, [f for spec in pools for f in spec.features])
+    return Batch(batch_size, [
+        resolve_pool(spec, [segments[f] for f in spec.features], batch_size, hash_ids, weighted)
+        for spec in pools
+    ])

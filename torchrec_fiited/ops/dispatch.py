@@ -17,13 +17,14 @@ from torchrec_fiited.ops.reference import FusedParams
 NATIVE_ENV = "TORCHREC_FIITED_NATIVE"
 
 
+def _serves(devices, device: torch.device) -> bool:
+    """Whether a native op family with kernels for ``devices`` serves tensors on ``device``."""
+    return native.AVAILABLE and device.type in devices and os.environ.get(NATIVE_ENV, "1") != "0"
+
+
 def use_native(device: torch.device) -> bool:
     """Whether the native ops serve tensors on ``device``."""
-    return (
-        native.AVAILABLE
-        and device.type in native.DEVICES
-        and os.environ.get(NATIVE_ENV, "1") != "0"
-    )
+    return _serves(native.DEVICES, device)
 
 
 def lookup_forward(
@@ -123,11 +124,7 @@ def fused_backward(
 
 def use_native_hash(device: torch.device) -> bool:
     """Whether the native hash-table ops serve tensors on ``device``."""
-    return (
-        native.AVAILABLE
-        and device.type in native.HASH_DEVICES
-        and os.environ.get(NATIVE_ENV, "1") != "0"
-    )
+    return _serves(native.HASH_DEVICES, device)
 
 
 def hash_lookup(table_keys: torch.Tensor, bucket_size: int, keys: torch.Tensor,
@@ -165,25 +162,17 @@ def hash_erase(
 
 def use_native_sketch(device: torch.device) -> bool:
     """Whether the native sketch ops serve tensors on ``device``."""
-    return (
-        native.AVAILABLE
-        and device.type in native.SKETCH_DEVICES
-        and os.environ.get(NATIVE_ENV, "1") != "0"
-    )
+    return _serves(native.SKETCH_DEVICES, device)
 
 
 def counter_uniform_grid(
     prefix: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, tail: Sequence[int]
 ) -> torch.Tensor:
-    """``store.layout.counter_uniform_from(prefix[:, None], [rows[:, None], cols, *tail])`` fp32
-    [n, w] for prefix and rows int64 [n], cols int64 [n, w], bitwise; the native op folds each
-    value in registers (chunk re-initialisation, ``VHPIStore.init_values`` / ``allocate``)."""
-    if native.AVAILABLE and rows.device.type in native.INIT_DEVICES and \
-            os.environ.get(NATIVE_ENV, "1") != "0":
+    """Counter-based uniforms fp32 [n, w], bitwise ``reference.counter_uniform_grid``; the
+    native op folds each value in registers (chunk re-initialisation, ``VHPIStore.allocate``)."""
+    if _serves(native.INIT_DEVICES, rows.device):
         return torch.ops.fiited.counter_uniform_grid(prefix, rows, cols, list(tail))
-    from torchrec_fiited.store.layout import counter_uniform_from
-
-    return counter_uniform_from(prefix.unsqueeze(1), [rows.unsqueeze(1), cols, *tail])
+    return reference.counter_uniform_grid(prefix, rows, cols, tail)
 
 
 def feature_keys(
@@ -194,32 +183,11 @@ def feature_keys(
     num_entries: torch.Tensor,
     hash_ids: bool,
 ) -> Tuple[torch.Tensor, int]:
-    """Keys int64 [n] of F features' ids back to back (feature f: ``ids[id_starts[f]:id_starts[f
-    + 1]]``): row = the id (or ``store.layout.hash_ids`` of it), key = ``entry_key`` with
-    feature f's ``key_base`` (table_index << 56) after adding its ``row_offset``. Also the
-    position of the first id outside [0, num_entries[f]) without ``hash_ids`` (-1 when none;
-    the keys are then unspecified): the caller raises, naming the feature."""
-    device = ids.device
-    if native.AVAILABLE and device.type in native.KEYS_DEVICES and \
-            os.environ.get(NATIVE_ENV, "1") != "0":
+    """(keys int64 [n], first out-of-range position or -1) of F features' ids back to back, in
+    one native pass; see ``reference.feature_keys`` for the contract."""
+    if _serves(native.KEYS_DEVICES, ids.device):
         starts = torch.tensor(list(id_starts), dtype=torch.int64)
         keys, bad = torch.ops.fiited.feature_keys(ids, starts, key_base, row_offset, num_entries,
                                                   hash_ids)
         return keys, int(bad)
-    from torchrec_fiited.store.layout import ROW_BITS, _mix64
-
-    n, F = id_starts[-1], len(id_starts) - 1
-    counts = torch.tensor([id_starts[f + 1] - id_starts[f] for f in range(F)], device=device)
-    feature_of_id = torch.repeat_interleave(torch.arange(F, device=device), counts, output_size=n)
-    ids = ids.to(torch.int64)
-    entries = num_entries[feature_of_id]
-    first_bad = -1
-    if hash_ids:
-        rows = torch.remainder(_mix64(ids), entries)
-    else:
-        bad = (ids < 0) | (ids >= entries)
-        if n and bool(bad.any()):
-            first_bad = int(bad.nonzero()[0])
-        rows = ids
-    rows = rows + row_offset[feature_of_id]
-    return (rows & ((1 << ROW_BITS) - 1)) | key_base[feature_of_id], first_bad
+    return reference.feature_keys(ids, id_starts, key_base, row_offset, num_entries, hash_ids)

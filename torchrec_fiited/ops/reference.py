@@ -6,7 +6,7 @@ C pool capacity. Terms (entry, chunk_slots, slot, ...) are defined in ``store/la
 """
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -220,3 +220,47 @@ def sparse_update(
         weights[slots] = w - (params.lr / (state.sqrt() + params.eps)).unsqueeze(1) * g
     else:
         raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {params.optimizer!r}")
+
+
+def counter_uniform_grid(
+    prefix: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, tail: Sequence[int]
+) -> torch.Tensor:
+    """``store.layout.counter_uniform_from(prefix[:, None], [rows[:, None], cols, *tail])``:
+    uniforms fp32 [n, w] for prefix and rows int64 [n], cols int64 [n, w]."""
+    # Imported here: store imports the ops (dispatch), so a module-level import would cycle.
+    from torchrec_fiited.store.layout import counter_uniform_from
+
+    return counter_uniform_from(prefix.unsqueeze(1), [rows.unsqueeze(1), cols, *tail])
+
+
+def feature_keys(
+    ids: torch.Tensor,
+    id_starts: Sequence[int],
+    key_base: torch.Tensor,
+    row_offset: torch.Tensor,
+    num_entries: torch.Tensor,
+    hash_ids: bool,
+) -> Tuple[torch.Tensor, int]:
+    """Keys int64 [n] of F features' ids back to back (feature f: ``ids[id_starts[f]:id_starts[f
+    + 1]]``): row = the id (or ``store.layout.hash_ids`` of it), key = ``entry_key`` with
+    feature f's ``key_base`` (table_index << 56) after adding its ``row_offset``. Also the
+    position of the first id outside [0, num_entries[f]) without ``hash_ids`` (-1 when none;
+    the keys are then unspecified): the caller raises, naming the feature."""
+    from torchrec_fiited.store.layout import _ROW_MASK, hash_ids as hashed
+
+    device = ids.device
+    n, F = id_starts[-1], len(id_starts) - 1
+    counts = torch.tensor([id_starts[f + 1] - id_starts[f] for f in range(F)], device=device)
+    feature_of_id = torch.repeat_interleave(torch.arange(F, device=device), counts, output_size=n)
+    ids = ids.to(torch.int64)
+    entries = num_entries[feature_of_id]
+    first_bad = -1
+    if hash_ids:
+        rows = hashed(ids, entries)
+    else:
+        bad = (ids < 0) | (ids >= entries)
+        if n and bool(bad.any()):
+            first_bad = int(bad.nonzero()[0])
+        rows = ids
+    rows = rows + row_offset[feature_of_id]
+    return (rows & _ROW_MASK) | key_base[feature_of_id], first_bad

@@ -131,18 +131,10 @@ def counter_uniform(keys: Sequence[Union[int, torch.Tensor]]) -> torch.Tensor:
     return counter_uniform_from(torch.tensor(0, dtype=torch.int64), keys)
 
 
-def counter_state(keys: Sequence[Union[int, torch.Tensor]]) -> torch.Tensor:
-    """The generator's int64 state after folding ``keys``: ``counter_uniform(keys + rest)`` is
-    ``counter_uniform_from(counter_state(keys), rest)``."""
-    x = torch.tensor(0, dtype=torch.int64)
-    for key in keys:
-        x = _mix64((x ^ as_int64(key)) + _GOLDEN)
-    return x
-
-
 def counter_state_int(keys: Sequence[int]) -> int:
-    """``counter_state`` of int keys as a Python int (signed int64), computed without tensors (a
-    module built under ``torch.device("meta")`` still gets real values)."""
+    """The generator's state after folding int ``keys``, as a Python int (signed int64):
+    ``counter_uniform(keys + rest)`` is ``counter_uniform_from(tensor(state), rest)``. Computed
+    without tensors, so a module built under ``torch.device("meta")`` still gets real values."""
     m = (1 << 64) - 1
     x = 0
     for key in keys:

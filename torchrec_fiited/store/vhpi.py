@@ -24,7 +24,6 @@ from torchrec_fiited.store.layout import (
     NEVER_SEEN,
     PRUNED,
     MAX_TABLES,
-    counter_state,
     counter_state_int,
     entry_key,
     key_row,
@@ -34,7 +33,8 @@ from torchrec_fiited.store.layout import (
 from torchrec_fiited.store.sizing import SKETCH_DEPTH, PoolSizes
 from torchrec_fiited.store.sketch import UtilitySketch
 
-# Chunks initialised per block in ``VHPIStore.allocate``.
+# Chunks initialised per block in ``VHPIStore.allocate``: the reference generator holds several
+# int64 temporaries per float.
 _INIT_BLOCK = 8192
 
 
@@ -236,9 +236,10 @@ class VHPIStore(nn.Module):
         layout = self.layouts[table]
         if kept is None and table in self.dim_maps:
             kept = self.dim_maps[table].kept
-        state = counter_state([self.seed, table_key(layout.logical_name)])
-        u = self._uniforms(state.expand(rows.numel()), rows, chunk_ids, layout.chunk_offset,
-                           layout.chunk_size, kept, step)
+        state = counter_state_int([self.seed, table_key(layout.logical_name)])
+        state = torch.full((rows.numel(),), state, dtype=torch.int64, device=rows.device)
+        u = self._uniforms(state, rows, chunk_ids, layout.chunk_offset, layout.chunk_size, kept,
+                           step)
         return layout.init_low + (layout.init_high - layout.init_low) * u
 
     def _uniforms(self, state, rows, chunk_ids, chunk_offset, cs: int, kept, step: int):
@@ -272,17 +273,14 @@ class VHPIStore(nn.Module):
                 u = self._uniforms(lut.state[t], key_row(keys[lo:hi]), chunk_ids[lo:hi],
                                    lut.chunk_offset[t], lut.chunk_size, None, step)
                 cp.reset_slots(slots[lo:hi], lut.low[t].unsqueeze(1) + lut.span[t].unsqueeze(1) * u)
-            et.chunk_slots[entries, chunk_ids] = slots.to(torch.int32)
-            cp.live_per_chunk += torch.bincount(chunk_ids, minlength=self.num_chunks)
-            return
-        for table, mask in self.table_masks(pool, keys):
-            t_slots, t_rows, t_ks = slots[mask], key_row(keys[mask]), chunk_ids[mask]
-            # In blocks: the counter-based init holds several int64 temporaries per float.
-            for lo in range(0, t_slots.numel(), _INIT_BLOCK):
-                hi = lo + _INIT_BLOCK
-                cp.reset_slots(
-                    t_slots[lo:hi], self.init_values(table, t_rows[lo:hi], t_ks[lo:hi], step)
-                )
+        else:  # FIITED-2D: each table stores its own columns
+            for table, mask in self.table_masks(pool, keys):
+                t_slots, t_rows, t_ks = slots[mask], key_row(keys[mask]), chunk_ids[mask]
+                for lo in range(0, t_slots.numel(), _INIT_BLOCK):
+                    hi = lo + _INIT_BLOCK
+                    cp.reset_slots(
+                        t_slots[lo:hi], self.init_values(table, t_rows[lo:hi], t_ks[lo:hi], step)
+                    )
         et.chunk_slots[entries, chunk_ids] = slots.to(torch.int32)
         cp.live_per_chunk += torch.bincount(chunk_ids, minlength=self.num_chunks)
 
