@@ -18,6 +18,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec_fiited import FiitedConfig, FiitedEmbeddingBagCollection
 from torchrec_fiited.distributed import FiitedEmbeddingBagCollectionSharder
 from torchrec_fiited.distributed.gather import gather_state_dict, logical_tables
+from torchrec_fiited.store import key_row, row_permutation
 from torchrec_fiited.store.sizing import full_table_bytes, slot_bytes
 
 FEATURES = ["f0", "f1", "f2", "f3"]
@@ -240,13 +241,18 @@ def dlrm_steps(rank: int, world_size: int, sharding_type: str, config: Dict[str,
         # This rank's FIITED bytes (every tensor of its lookups) and the full bytes of its shards.
         "local_bytes": sum(s["bytes"]["total"] for s in sharded.stats().values()),
         "local_full_bytes": sum(
-            full_table_bytes(l.num_entries, l.dim, lk.store.optimizer)
+            full_table_bytes(l.num_rows, l.dim, lk.store.optimizer)
             for lk in sharded._lookups for l in lk.store.layouts.values()
         ),
         "slot_bytes": [
             slot_bytes(p.chunk_size, p.optimizer)
             for lk in sharded._lookups for p in lk.store.pools.values()
         ],
+        # Global rows this rank holds resident, per table.
+        "resident_rows": {
+            l.logical_name: key_row(lk.store.entries_of(name).keys_of(lk.store.table_entries(name)))
+            for lk in sharded._lookups for name, l in lk.store.layouts.items()
+        },
     }
 
 

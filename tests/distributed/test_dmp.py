@@ -10,6 +10,7 @@ import torch
 
 from tests.distributed import cases
 from tests.distributed.harness import run_ranks
+from torchrec_fiited.store import row_permutation
 
 STEPS = 6
 # Own pools per table at budget 0.5: table-wise shards hold whole pools, so the budget binds,
@@ -88,6 +89,25 @@ def test_train_pipeline_sparse_dist_pipelines_and_matches():
     res = run_ranks(cases.dlrm_steps, 2, "table_wise", BINDING, STEPS, True)
     assert all(r["pipelined"] == ["ShardedFiitedEmbeddingBagCollection"] for r in res)
     _check_matches(res, cases.dlrm_single(BINDING, STEPS))
+
+
+def test_row_wise_shards_hold_the_hash_ranges_of_their_ids():
+    # Ids skewed to the low rows (rand ** 2, as the batches): a block split of [0, E) would send
+    # rank 0 about 70% of the lookups; hash ranges about half.
+    E = 100_000
+    ids = (torch.rand(200_000, generator=torch.Generator().manual_seed(0)) ** 2 * E).long()
+    assert float((ids < E // 2).float().mean()) > 0.7
+    assert 0.49 < float((row_permutation(ids, E) < E // 2).float().mean()) < 0.51
+    # Each rank holds exactly the rows of its range, keyed by the ids themselves, none twice.
+    res = run_ranks(cases.dlrm_steps, 2, "row_wise", ROOMY, STEPS, False, cases.ROOMY_STRIDE)
+    for t in cases.tables(cases.ROOMY_STRIDE):
+        block = t.num_embeddings // 2
+        rows = [r["resident_rows"][t.name] for r in res]
+        both = torch.cat(rows)
+        assert both.unique().numel() == both.numel() and all(r.numel() for r in rows)
+        for rank, mine in enumerate(rows):
+            hashed = row_permutation(mine, t.num_embeddings)
+            assert bool(((hashed >= rank * block) & (hashed < (rank + 1) * block)).all())
 
 
 def test_each_rank_pool_within_its_budget_and_same_thresholds():

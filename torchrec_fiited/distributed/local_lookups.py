@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Set, Tuple
 
 import torch
+from torchrec.distributed.sharding.rw_sharding import RwPooledEmbeddingSharding
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
@@ -17,6 +18,7 @@ from torchrec_fiited.config import FiitedConfig
 from torchrec_fiited.modules.fiited_ebc import FiitedEmbeddingBagCollection
 from torchrec_fiited.modules.layout_plan import TableShard
 from torchrec_fiited.policy import PruneCoordinator
+from torchrec_fiited.store import row_permutation
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,9 @@ class Part:
         positions: where those features sit among the local KJT's keys.
         dims: the output columns of each feature.
         num_keys: features in the local KJT.
+        row_blocks: per feature of a row-wise shard, (start of its hash range, rows of its
+            table): its local ids are permuted rows less the start, mapped back to the ids
+            (``store.row_permutation``); None for a lookup without row-wise shards.
     """
 
     index: int
@@ -36,6 +41,7 @@ class Part:
     positions: List[int]
     dims: List[int]
     num_keys: int
+    row_blocks: Optional[List[Tuple[int, int]]] = None
 
 
 def column_order(parts: List[Part]) -> Optional[torch.Tensor]:
@@ -71,8 +77,9 @@ def build_local_lookups(
         first_index: index of the first returned lookup in the module's list.
     """
     by_name = {t.name: t for t in tables}
-    by_chunks: Dict[int, Tuple[list, dict, List[str], List[int], List[int]]] = {}
+    by_chunks: Dict[int, Tuple[list, dict, List[str], List[int], List[int], list]] = {}
     position = 0
+    row_wise = isinstance(sharding, RwPooledEmbeddingSharding)
     for group in sharding._grouped_embedding_configs:
         for st in group.embedding_tables:
             g = by_name[st.name]
@@ -82,30 +89,64 @@ def build_local_lookups(
             feats = [f"{f}@c{col_off}" if column_shard else f for f in st.feature_names]
             split_bags = g.pooling == PoolingType.MEAN and g.name in split_mean_tables
             num_chunks = st.local_cols * config.num_chunks // g.embedding_dim
-            local_tables, shards, keys, positions, dims = by_chunks.setdefault(
-                num_chunks, ([], {}, [], [], [])
+            local_tables, shards, keys, positions, dims, blocks = by_chunks.setdefault(
+                num_chunks, ([], {}, [], [], [], [])
             )
+            # A row shard holds a block of permuted rows (a hash range of the ids) and keys
+            # them by the ids themselves: its id space is the global table's.
             local_tables.append(
                 EmbeddingBagConfig(
-                    num_embeddings=st.local_rows, embedding_dim=st.local_cols, name=name,
+                    num_embeddings=g.num_embeddings if row_wise else st.local_rows,
+                    embedding_dim=st.local_cols, name=name,
                     feature_names=feats, pooling=PoolingType.SUM if split_bags else g.pooling,
                     weight_init_min=g.get_weight_init_min(), weight_init_max=g.get_weight_init_max(),
                 )
             )
-            shards[name] = TableShard(st.name, int(row_off), int(col_off))
+            if row_wise:
+                block = (int(row_off), int(row_off) + st.local_rows)
+                shards[name] = TableShard(st.name, 0, int(col_off), block)
+                blocks += [(int(row_off), g.num_embeddings)] * len(feats)
+            else:
+                shards[name] = TableShard(st.name, int(row_off), int(col_off))
             keys += feats
             positions += range(position, position + len(feats))
             dims += [st.local_cols] * len(feats)
             position += len(feats)
     if not by_chunks:
-        by_chunks[config.num_chunks] = ([], {}, [], [], [])
+        by_chunks[config.num_chunks] = ([], {}, [], [], [], [])
     out = []
-    for local_tables, shards, keys, positions, dims in by_chunks.values():
+    for local_tables, shards, keys, positions, dims, blocks in by_chunks.values():
         lookup = FiitedEmbeddingBagCollection(
             local_tables, config, device, is_weighted, shards, tables, coordinator
         )
-        out.append((lookup, Part(first_index + len(out), keys, positions, dims, position)))
+        part = Part(first_index + len(out), keys, positions, dims, position, blocks or None)
+        out.append((lookup, part))
     return out
+
+
+def to_hash_ranges(kjt: KeyedJaggedTensor, num_rows: Dict[str, int]) -> KeyedJaggedTensor:
+    """The KJT with each id of a feature in ``num_rows`` (feature -> rows of its table)
+    replaced by its permuted row, so torchrec's row-wise bucketization by blocks sends every
+    rank the ids of its hash range."""
+    if not num_rows:
+        return kjt
+    parts = []
+    for key, ids in zip(kjt.keys(), torch.split(kjt.values(), kjt.length_per_key())):
+        n = num_rows.get(key)
+        parts.append(ids if n is None else row_permutation(ids.to(torch.int64), n))
+    values = torch.cat(parts) if parts else kjt.values()
+    return KeyedJaggedTensor(
+        kjt.keys(), values, kjt.weights_or_none(), lengths=kjt.lengths(), stride=kjt.stride()
+    )
+
+
+def _from_hash_ranges(values: torch.Tensor, per_key: List[int], blocks: List[Tuple[int, int]]):
+    """Local ids of row-wise features (permuted rows less their range's start) -> the ids."""
+    parts = [
+        row_permutation(ids.to(torch.int64) + start, n, inverse=True)
+        for ids, (start, n) in zip(torch.split(values, per_key), blocks)
+    ]
+    return torch.cat(parts) if parts else values
 
 
 def resolve(lookup: FiitedEmbeddingBagCollection, part: "Part", kjt: KeyedJaggedTensor):
@@ -120,7 +161,10 @@ def resolve(lookup: FiitedEmbeddingBagCollection, part: "Part", kjt: KeyedJagged
         kjt = kjt.permute(part.positions)
     # Column shards of one table on one rank arrive as repeated keys; rename them to the
     # lookup's per-shard features (same order: both follow the grouped configs).
+    values = kjt.values()
+    if part.row_blocks is not None:
+        values = _from_hash_ranges(values, kjt.length_per_key(), part.row_blocks)
     local = KeyedJaggedTensor(
-        part.keys, kjt.values(), kjt.weights_or_none(), lengths=kjt.lengths(), stride=kjt.stride()
+        part.keys, values, kjt.weights_or_none(), lengths=kjt.lengths(), stride=kjt.stride()
     )
     return lookup._resolve(local), kjt.stride()

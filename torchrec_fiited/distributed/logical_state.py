@@ -57,16 +57,17 @@ from torchrec_fiited.store.logical import (
 
 
 def shard_prefix(layout) -> str:
-    """Key prefix of a local table's shard: its global table, first global row and column."""
+    """Key prefix of a local table's shard: its global table, first global row (or start of
+    its hash range) and column."""
     col = layout.chunk_offset * layout.chunk_size
-    return f"embedding_bags.{layout.logical_name}.fiited_shard.{layout.row_offset}_{col}."
+    return f"embedding_bags.{layout.logical_name}.fiited_shard.{layout.shard_start}_{col}."
 
 
 def pool_prefix(store, pool: str) -> str:
     """Key prefix of a local pool's state, named by the pool and its first shard."""
     first = store.layouts[store.tables_of_pool(pool)[0]]
     col = first.chunk_offset * first.chunk_size
-    return f"fiited_pools.{pool}.{first.logical_name}.{first.row_offset}_{col}."
+    return f"fiited_pools.{pool}.{first.logical_name}.{first.shard_start}_{col}."
 
 
 class LogicalStateMixin:

@@ -39,7 +39,13 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingTabl
 from torchrec.optim.fused import FusedOptimizerModule
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from torchrec_fiited.distributed.local_lookups import Part, build_local_lookups, column_order, resolve
+from torchrec_fiited.distributed.local_lookups import (
+    Part,
+    build_local_lookups,
+    column_order,
+    resolve,
+    to_hash_ranges,
+)
 from torchrec_fiited.distributed.logical_state import LogicalStateMixin
 from torchrec_fiited.distributed.mean_pooling import bag_lengths, divide_by_bag_length
 from torchrec_fiited.distributed.optimizer import ShardedFiitedOptimizer
@@ -113,6 +119,10 @@ class ShardedFiitedEmbeddingBagCollection(
         infos = self._sharding_infos()
         # Features whose bags are split over ranks but must be averaged: pooled as SUM locally,
         # divided after the reduce-scatter.
+        # Row-wise tables are split by hash range: their ids travel permuted (local_lookups).
+        self._hash_range_rows = {
+            f: t.num_embeddings for t in self._tables for f in t.feature_names if self._row_wise(t.name)
+        }
         self._split_mean_features = [
             f for t in self._tables for f in t.feature_names
             if t.pooling == PoolingType.MEAN and self._row_wise(t.name)
@@ -257,11 +267,12 @@ class ShardedFiitedEmbeddingBagCollection(
             for key, ids in zip(keys, torch.split(values, per_key)):
                 parts.append(hash_ids(ids, self._feature_table[key].num_embeddings))
             values = torch.cat(parts) if parts else values.to(torch.int64)
-            return KeyedJaggedTensor(keys, values, features.weights_or_none(), lengths=lengths)
-        for key, ids in zip(keys, torch.split(values, per_key)):
-            t = self._feature_table[key]
-            check_ids(key, t.name, ids.to(torch.int64), t.num_embeddings)
-        return features
+            features = KeyedJaggedTensor(keys, values, features.weights_or_none(), lengths=lengths)
+        else:
+            for key, ids in zip(keys, torch.split(values, per_key)):
+                t = self._feature_table[key]
+                check_ids(key, t.name, ids.to(torch.int64), t.num_embeddings)
+        return to_hash_ranges(features, self._hash_range_rows)
 
     def compute(self, ctx: EmbeddingBagCollectionContext, dist_input: KJTList) -> List[torch.Tensor]:
         batches: List[Any] = [None] * len(self._lookups)

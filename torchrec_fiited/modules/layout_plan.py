@@ -37,11 +37,19 @@ class TableShard:
         global_name: the table it is a shard of.
         row_offset: global row of its row 0.
         col_offset: global column of its column 0 (a multiple of the chunk size).
+        row_block: a row-wise shard by hash range [lo, hi) of ``store.row_permutation`` over
+            the global table's rows (``row_offset`` 0; the local table's ``num_embeddings`` is
+            the global id space, and hi - lo rows size its pool).
     """
 
     global_name: str
     row_offset: int = 0
     col_offset: int = 0
+    row_block: Optional[Tuple[int, int]] = None
+
+    def rows_held(self, t: EmbeddingBagConfig) -> int:
+        """Rows of the local table ``t`` that the budget sizes."""
+        return self.row_block[1] - self.row_block[0] if self.row_block else t.num_embeddings
 
 
 @dataclass
@@ -217,14 +225,15 @@ def plan_pools(
             TableLayout(
                 t.name, t.num_embeddings, t.embedding_dim, cs, pool,
                 g.get_weight_init_min(), g.get_weight_init_max(),
-                g.name, shard.row_offset, chunk_offset, index_of[g.name],
+                g.name, shard.row_offset, chunk_offset, index_of[g.name], shard.row_block,
             )
         )
         fraction = shard_pool_fraction(logical, g.name, chunk_offset, k_local)
+        rows = shard.rows_held(t)
         local_bytes[pool] = local_bytes.get(pool, 0.0) + fraction * full_table_bytes(
-            t.num_embeddings, t.embedding_dim, config.optimizer
+            rows, t.embedding_dim, config.optimizer
         )
-        local_specs.setdefault(pool, []).append(_spec(t))
+        local_specs.setdefault(pool, []).append(TableSpec(t.name, rows, t.embedding_dim))
         local_policy[pool] = _local_policy(logical.pools[key][1], chunk_offset, k_local, config.enforce_ratio)
         logical_of[pool] = key
     if len(num_chunks_local) > 1:

@@ -47,7 +47,7 @@ def collect(module) -> Dict[str, Any]:
         seen = entries.numel()
         # Resident rows by how many of their K chunks are live: [rows with 0, 1, ..., K live].
         rows_by_live = torch.bincount(live_mask.sum(1), minlength=K + 1).tolist()
-        full += full_table_bytes(layout.num_entries, layout.dim, store.optimizer)
+        full += full_table_bytes(layout.num_rows, layout.dim, store.optimizer)
         width = store.pool_of(name).stored_width
         last = cycle_tables.get(name, {})
         tables[name] = {

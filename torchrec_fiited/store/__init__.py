@@ -11,6 +11,7 @@ from torchrec_fiited.store.layout import (
     PRUNED,
     entry_key,
     hash_ids,
+    row_permutation,
     key_row,
     key_table,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "VHPIStore",
     "entry_key",
     "hash_ids",
+    "row_permutation",
     "key_row",
     "key_table",
     "pool_bytes",

@@ -152,3 +152,40 @@ def counter_uniform_from(state: torch.Tensor, keys: Sequence[Union[int, torch.Te
         x = _mix64((x ^ as_int64(key)) + _GOLDEN)
     # The top 24 bits give every fp32 in [0, 1) on a 2^-24 grid, never 1.0.
     return _logical_shift_right(x, 40).to(torch.float32) * (1.0 / (1 << 24))
+
+
+# Round keys of the row permutation's Feistel network (arbitrary odd constants).
+_FEISTEL_KEYS = (0x2545F4914F6CDD1D, 0x1B873593CC9E2D51, 0x5BD1E9955BD1E995, 0x27D4EB2F165667C5)
+
+
+def _feistel(x: torch.Tensor, half: int, inverse: bool) -> torch.Tensor:
+    mask = (1 << half) - 1
+    left, right = x >> half, x & mask
+    for key in reversed(_FEISTEL_KEYS) if inverse else _FEISTEL_KEYS:
+        if inverse:  # undo (L, R) -> (R, L ^ F(R))
+            left, right = right ^ (_mix64(left ^ key) & mask), left
+        else:
+            left, right = right, left ^ (_mix64(right ^ key) & mask)
+    return (left << half) | right
+
+
+def row_permutation(rows: torch.Tensor, num_rows: int, inverse: bool = False) -> torch.Tensor:
+    """A fixed pseudo-random bijection of [0, num_rows) (int64 [n] -> [n]); ``inverse`` undoes it.
+
+    Row-wise shards own contiguous blocks of the permuted rows, i.e. hash ranges of the ids, so
+    hot ids (Criteo's low ids, say) spread over the ranks whatever their values, and every id
+    keeps its own key (the permutation is invertible, not a hash that collides). A 4-round
+    Feistel network on the smallest even number of bits covering ``num_rows``, cycle-walked
+    back into range (fewer than 4 rounds of walking on average). The same in every process.
+    """
+    if num_rows < 1:
+        raise ValueError(f"row_permutation needs num_rows >= 1, got {num_rows}")
+    bits = max(2, (num_rows - 1).bit_length())
+    half = (bits + 1) // 2
+    out = _feistel(rows.to(torch.int64), half, inverse)
+    out_of_range = torch.nonzero(out >= num_rows).squeeze(1)
+    while out_of_range.numel():
+        walked = _feistel(out[out_of_range], half, inverse)
+        out[out_of_range] = walked
+        out_of_range = out_of_range[walked >= num_rows]
+    return out

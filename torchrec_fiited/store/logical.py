@@ -75,7 +75,7 @@ def widths(store: VHPIStore, table: str) -> Dict[str, Optional[int]]:
 
 def capacity(store: VHPIStore, table: str) -> int:
     """Rows ``table`` can hold resident: its pool's entries, at most its rows."""
-    return min(store.entries_of(table).capacity, store.layouts[table].num_entries)
+    return min(store.entries_of(table).capacity, store.layouts[table].num_rows)
 
 
 def export_table(store: VHPIStore, table: str) -> Dict[str, torch.Tensor]:
@@ -158,10 +158,12 @@ def table_errors(store: VHPIStore, table: str, tensors: Mapping[str, torch.Tenso
         errors.append(f"{where}: unknown fields {unknown}")
     if errors:
         return errors
-    lo, hi = layout.row_offset, layout.row_offset + layout.num_entries
-    if n and (int(rows.min()) < lo or int(rows.max()) >= hi):
+    if n and not bool(layout.holds(rows).all()):
+        lo, hi = layout.row_offset, layout.row_offset + layout.num_entries
+        held = f"[{lo}, {hi})" if layout.row_block is None else (
+            f"the hash range {list(layout.row_block)} of row_permutation over {layout.num_entries}")
         errors.append(
-            f"{where}: rows must be in [{lo}, {hi}), got [{int(rows.min())}, {int(rows.max())}]"
+            f"{where}: rows must be in {held}, got [{int(rows.min())}, {int(rows.max())}]"
         )
     if torch.unique(rows).numel() != n:
         errors.append(f"{where}: a row appears twice")
@@ -499,7 +501,7 @@ def select_logical(store: VHPIStore, state: Mapping[str, torch.Tensor]):
         if short:
             errors.append(f"table {t!r}: {short} have too few columns for the shard at column {c0}")
             continue
-        keep = (rows >= layout.row_offset) & (rows < layout.row_offset + layout.num_entries)
+        keep = layout.holds(rows)
         form = {f: v[keep] for f, v in got.items()}
         for f, (lo, w) in cols.items():
             form[f] = form[f][:, lo : lo + w].contiguous()

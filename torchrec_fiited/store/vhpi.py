@@ -28,6 +28,7 @@ from torchrec_fiited.store.layout import (
     entry_key,
     key_row,
     key_table,
+    row_permutation,
     table_key,
 )
 from torchrec_fiited.store.sizing import SKETCH_DEPTH, PoolSizes
@@ -84,6 +85,9 @@ class TableLayout:
         chunk_offset: global chunk index of local chunk 0 (column-wise shards).
         table_index: position of the logical table among the collection's global tables (the
             top bits of its keys).
+        row_block: a row-wise shard by hash range: it holds the ids whose
+            ``row_permutation(id, num_entries)`` lies in [lo, hi), keyed by the id itself
+            (``row_offset`` 0); None for a table holding all its rows or a block of them.
     """
 
     name: str
@@ -97,10 +101,29 @@ class TableLayout:
     row_offset: int = 0
     chunk_offset: int = 0
     table_index: int = 0
+    row_block: Optional[Tuple[int, int]] = None
 
     @property
     def logical_name(self) -> str:
         return self.global_name or self.name
+
+    @property
+    def num_rows(self) -> int:
+        """Rows this table holds of its id space (its share, which the budget sizes)."""
+        return self.row_block[1] - self.row_block[0] if self.row_block else self.num_entries
+
+    def holds(self, rows: torch.Tensor) -> torch.Tensor:
+        """bool [n]: which global ``rows`` (int64 [n]) are this table's."""
+        if self.row_block is None:
+            return (rows >= self.row_offset) & (rows < self.row_offset + self.num_entries)
+        inside = (rows >= 0) & (rows < self.num_entries)
+        hashed = row_permutation(rows.clamp(0, self.num_entries - 1), self.num_entries)
+        return inside & (hashed >= self.row_block[0]) & (hashed < self.row_block[1])
+
+    @property
+    def shard_start(self) -> int:
+        """Where its rows start in the plan: row offset, or its hash range's start."""
+        return self.row_block[0] if self.row_block else self.row_offset
 
 
 class VHPIStore(nn.Module):
