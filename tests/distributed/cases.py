@@ -304,14 +304,16 @@ def _train_steps(dmp, rank: int, world_size: int, batches) -> None:
         (values * W[rank * b : (rank + 1) * b, : values.shape[1]]).sum().backward()
 
 
-def dcp_save(rank: int, world_size: int, kind: str, config: Dict[str, Any], path: str) -> torch.Tensor:
+def dcp_save(
+    rank: int, world_size: int, kind: str, config: Dict[str, Any], path: str, stride: int = 1
+) -> torch.Tensor:
     """Train a few steps, save with DCP, return the eval outputs on a fixed global batch."""
     import torch.distributed.checkpoint as dcp
 
-    dmp = _ebc_dmp(kind, world_size, config)
-    _train_steps(dmp, rank, world_size, global_batches(5, GLOBAL_BATCH))
+    dmp = _ebc_dmp(kind, world_size, config, stride)
+    _train_steps(dmp, rank, world_size, global_batches(5, GLOBAL_BATCH, stride=stride))
     dcp.save(dmp.state_dict(), checkpoint_id=path)
-    return _eval_outputs(dmp, rank, world_size)
+    return _eval_outputs(dmp, rank, world_size, stride)
 
 
 def dcp_load(rank: int, world_size: int, kind: str, config: Dict[str, Any], path: str) -> torch.Tensor:
@@ -323,6 +325,36 @@ def dcp_load(rank: int, world_size: int, kind: str, config: Dict[str, Any], path
     dcp.load(state, checkpoint_id=path)
     dmp.load_state_dict(state)
     return _eval_outputs(dmp, rank, world_size)
+
+
+def dcp_load_resharded(
+    rank: int, world_size: int, kind: str, config: Dict[str, Any], path: str, stride: int = 1
+) -> torch.Tensor:
+    """A fresh collection under any plan or world size, loaded with ``load_resharded``."""
+    from torchrec_fiited.distributed import load_resharded
+
+    dmp = _ebc_dmp(kind, world_size, config, stride)
+    sharded = [m for m in dmp.modules() if type(m).__name__ == "ShardedFiitedEmbeddingBagCollection"][0]
+    load_resharded(sharded, path)
+    return _eval_outputs(dmp, rank, world_size, stride)
+
+
+def dcp_load_resharded_errors(
+    rank: int, world_size: int, kind: str, config: Dict[str, Any], path: str
+) -> str:
+    """``load_resharded`` into pools too small: the error, and whether the state was left."""
+    from torchrec_fiited.distributed import load_resharded
+
+    dmp = _ebc_dmp(kind, world_size, config)
+    sharded = [m for m in dmp.modules() if type(m).__name__ == "ShardedFiitedEmbeddingBagCollection"][0]
+    before = {k: v.clone() for k, v in sharded.state_dict().items()}
+    try:
+        load_resharded(sharded, path)
+    except ValueError as e:
+        after = sharded.state_dict()
+        unchanged = all(torch.equal(after[k], v) for k, v in before.items())
+        return f"{e} unchanged={unchanged}"
+    return "loaded"
 
 
 def dcp_resume(
@@ -610,3 +642,81 @@ def drop_in_kjts(rank: int, world_size: int, kind: str) -> Dict[str, Any]:
     except ValueError as e:
         out["bare_vbe_error"] = str(e)
     return out
+
+
+# ---- a 10^9-row table: DCP save and resharded load without anything sized by the id space -------
+
+HUGE_ROWS, HUGE_DIM, HUGE_BATCH = 10**9, 16, 512
+
+
+def _huge_dmp(kind: str, world_size: int):
+    table = EmbeddingBagConfig(
+        name="big", num_embeddings=HUGE_ROWS, embedding_dim=HUGE_DIM, feature_names=["f"]
+    )
+    # miss="zeros": a resharded load restarts the hashed fallback (its rows follow the plan).
+    config = FiitedConfig(num_chunks=2, budget=1e-4, prune_interval=5, warmup_steps=0, miss="zeros")
+    module = FiitedEmbeddingBagCollection([table], config)
+    sharder = FiitedEmbeddingBagCollectionSharder()
+    per = {"big": row_wise() if kind == "row_wise" else table_wise(rank=0)}
+    plan = construct_module_sharding_plan(
+        module, per, world_size=world_size, device_type="cpu", sharder=sharder
+    )
+    return DistributedModelParallel(
+        module, env=ShardingEnv.from_process_group(dist.group.WORLD), device=torch.device("cpu"),
+        plan=ShardingPlan({"": plan}), sharders=[sharder],
+    )
+
+
+def _huge_batch(step: int, rank: int, world_size: int) -> KeyedJaggedTensor:
+    """This rank's slice of a global batch of skewed ids spread over all 10^9 rows."""
+    from torchrec_fiited.store import hash_ids
+
+    g = torch.Generator().manual_seed(1000 + step)
+    ranks = torch.exp(torch.rand(HUGE_BATCH, generator=g) * 13.0).long()  # log-uniform to ~4e5
+    ids = hash_ids(ranks, HUGE_ROWS)
+    b = HUGE_BATCH // world_size
+    mine = ids[rank * b : (rank + 1) * b]
+    return KeyedJaggedTensor.from_lengths_sync(["f"], mine, torch.ones(b, dtype=torch.int64))
+
+
+def _huge_outputs(dmp, rank: int, world_size: int) -> torch.Tensor:
+    dmp.eval()
+    with torch.no_grad():
+        mine = dmp(_huge_batch(-1, rank, world_size)).to_dict()["f"]
+    dmp.train()
+    every = [torch.empty_like(mine) for _ in range(world_size)]
+    dist.all_gather(every, mine)
+    return torch.cat(every)
+
+
+def _rss_peak_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def huge_table_dcp(rank: int, world_size: int, kind: str, path: str, save: bool) -> Dict[str, Any]:
+    """Train and save (``save``), or load resharded; outputs on a fixed batch, the peak RSS the
+    save or load added, and this rank's FIITED bytes."""
+    import torch.distributed.checkpoint as dcp
+
+    from torchrec_fiited.distributed import load_resharded
+
+    dmp = _huge_dmp(kind, world_size)
+    sharded = [m for m in dmp.modules() if type(m).__name__ == "ShardedFiitedEmbeddingBagCollection"][0]
+    if save:
+        for step in range(12):
+            dmp(_huge_batch(step, rank, world_size)).values().sum().backward()
+    before = _rss_peak_mb()
+    if save:
+        dcp.save(dmp.state_dict(), checkpoint_id=path)
+    else:
+        load_resharded(sharded, path)
+    added = _rss_peak_mb() - before
+    return {
+        "outputs": _huge_outputs(dmp, rank, world_size),
+        "rss_added_mb": added,
+        "bytes": sum(s["bytes"]["total"] for s in sharded.stats().values()),
+        "resident": sum(p["resident_entries"] for s in sharded.stats().values()
+                        for p in s["pools"].values()),
+    }

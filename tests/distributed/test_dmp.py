@@ -156,21 +156,32 @@ def test_dcp_save_at_two_ranks_load_at_one_with_the_same_shards(tmp_path):
     torch.testing.assert_close(at_one, saved, rtol=0, atol=0)
 
 
-@pytest.mark.skip(reason="issue 13: resharding of the sparse store-v2 state")
-def test_dcp_save_at_two_ranks_load_at_four_row_and_column_wise(tmp_path):
+@pytest.mark.parametrize("saved_as", ["row_wise", "table_wise", "column_wise"])
+def test_dcp_save_at_two_ranks_loads_at_one_and_four_under_any_plan(saved_as, tmp_path):
+    # Budget-bound tables (pruned chunks, evictions) with room for their rows under every plan.
+    path, S = str(tmp_path / "ckpt"), cases.ROOMY_STRIDE
+    saved = run_ranks(cases.dcp_save, 2, saved_as, BINDING, path, S)[0]
+    assert saved.abs().sum() > 0
+    loads = [(1, "table_wise", BINDING), (4, "row_wise", BINDING), (4, "table_wise", BINDING)]
+    if saved_as != "column_wise":
+        # Column shards' pools get the slots their chunk indices keep under budget-target
+        # ratios, fewer than these rows' live chunks; with fixed ratios each gets its budget.
+        loads.append((2, "column_wise", dict(BINDING, ratio_target="ratios",
+                                             chunk_prune_ratios=[0.25, 0.5, 0.75, 0.5])))
+    for world_size, kind, config in loads:
+        got = run_ranks(cases.dcp_load_resharded, world_size, kind, config, path, S)[0]
+        # Row-wise bags are sums of per-rank partial bags: equal up to fp32 summation order.
+        torch.testing.assert_close(got, saved, rtol=1e-6, atol=1e-7, msg=f"{world_size} {kind}")
+
+
+def test_a_resharded_load_that_does_not_fit_refuses_on_every_rank(tmp_path):
     path = str(tmp_path / "ckpt")
-    saved = run_ranks(cases.dcp_save, 2, "table_wise", BINDING, path)[0]
-    # Row-wise at 4 ranks gives rank 0 the hot low ids with a quarter of the budget: it needs a
-    # larger budget, and says so rather than dropping chunks.
-    with pytest.raises(RuntimeError, match=r"rank 0: pool 'own_t0' \(tables \['t0'\]\)"):
-        run_ranks(cases.dcp_load, 4, "row_wise", BINDING, path)
     roomier = dict(BINDING, table_budgets={"t0": 1.0, "t1": 1.0, "t2": 1.0})
-    at_four = run_ranks(cases.dcp_load, 4, "row_wise", roomier, path)[0]
-    # Column-wise at 4 ranks: t0 (dim 8) and t2 (dim 16) shards hold different chunk counts.
-    cw_four = run_ranks(cases.dcp_load, 4, "column_wise", roomier, path)[0]
-    # Row-wise pools sum partial bags across ranks: equal up to fp32 summation order.
-    torch.testing.assert_close(at_four, saved, rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(cw_four, saved, rtol=0, atol=0)
+    run_ranks(cases.dcp_save, 2, "row_wise", roomier, path)
+    # Two ranks' pools at budget 1.0 into one table-wise rank's pools at 0.5: no room.
+    for got in run_ranks(cases.dcp_load_resharded_errors, 2, "table_wise", BINDING, path):
+        assert "cannot load the FIITED checkpoint" in got and "pool 'own_t0'" in got, got
+        assert "rank 0:" in got and got.endswith("unchanged=True"), got
 
 
 def test_export_of_a_sharded_model_through_a_plan_independent_gather():

@@ -16,6 +16,7 @@ from torchrec_fiited.distributed.planner import (
     fiited_shard_bytes,
     make_fiited_planner,
 )
+from torchrec_fiited.distributed.reshard import load_resharded
 from torchrec_fiited.distributed.sharded_ebc import ShardedFiitedEmbeddingBagCollection
 from torchrec_fiited.distributed.sharder import FiitedEmbeddingBagCollectionSharder
 
@@ -35,6 +36,7 @@ __all__ = [
     "gather_state_dict",
     "gather_unsharded",
     "load_logical_tables",
+    "load_resharded",
     "logical_tables",
     "make_fiited_planner",
 ]

@@ -1,0 +1,119 @@
+"""Load a DCP checkpoint of FIITED collections saved under another plan or world size.
+
+A checkpoint holds each shard's resident rows (``logical_state.py``: ``...fiited_shard.<r>_<c>.*``,
+padded, with a ``count``), keyed by global row and column, so any rank can tell which saved rows
+it now owns: every rank reads the saved shards of the tables it holds, one shard at a time, keeps
+the rows its new shards hold (a block of rows, a hash range, or every row) and the columns of its
+column shards, and loads the merge through the plan-independent path of ``load_state_dict`` (all
+ranks load or none does, errors naming rank, table and pool). Memory: this rank's new resident
+rows plus one saved shard; nothing is sized by ``num_embeddings``. Reads: each rank reads the
+shards of its tables whole (DCP deserializes stored items whole), so I/O is at most world size x
+the FIITED part of the checkpoint.
+
+What belongs to a plan restarts: each pool's utility sketch (non-resident ids' estimates) and, with
+``miss="hashed"``, each shard's fallback table (its hash rows depend on the shard); the resident
+rows, their chunks, utilities, optimizer state and the step count carry over.
+"""
+
+import re
+from typing import Dict, List, Tuple
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from torchrec_fiited.store.logical import fields, merge_shards, state_key, unpad
+
+_SHARD = re.compile(r"^(.*)embedding_bags\.([^.]+)\.fiited_shard\.(\d+)_(\d+)\.(\w+)$")
+
+
+def saved_shards(checkpoint_id: str, prefix: str) -> Dict[str, List[Tuple[int, int, Dict[str, TensorStorageMetadata]]]]:
+    """Per table, the shards a checkpoint holds under ``prefix``: (first row or hash-range
+    start, first column, field -> storage metadata)."""
+    md = dcp.FileSystemReader(checkpoint_id).read_metadata().state_dict_metadata
+    shards: Dict[Tuple[str, int, int], Dict[str, TensorStorageMetadata]] = {}
+    for key, meta in md.items():
+        m = _SHARD.match(key)
+        if m and m.group(1) == prefix and isinstance(meta, TensorStorageMetadata):
+            shards.setdefault((m.group(2), int(m.group(3)), int(m.group(4))), {})[m.group(5)] = meta
+    out: Dict[str, list] = {}
+    for (table, row, col), metas in sorted(shards.items()):
+        out.setdefault(table, []).append((row, col, metas))
+    return out
+
+
+def _read(checkpoint_id: str, keys: Dict[str, TensorStorageMetadata]) -> Dict[str, torch.Tensor]:
+    """The saved tensors at ``keys``, read by this rank alone."""
+    state = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in keys.items()}
+    dcp.load(state, checkpoint_id=checkpoint_id, no_dist=True)
+    return state
+
+
+def resharded_state(sharded, checkpoint_id: str, prefix: str = "") -> Dict[str, torch.Tensor]:
+    """The plan-independent state (``state_key`` form) of the tables ``sharded`` (a
+    ``ShardedFiitedEmbeddingBagCollection``) holds on this rank, restricted to its rows, from a
+    checkpoint saved under any plan; ``prefix`` is the collection's key prefix in it.
+
+    Raises:
+        ValueError: a table of this rank that the checkpoint lacks, or a malformed saved shard
+            (naming the table and shard).
+    """
+    layouts = [lo for lookup in sharded._lookups for lo in lookup.store.layouts.values()]
+    mine: Dict[str, list] = {}
+    for lo in layouts:
+        mine.setdefault(lo.logical_name, []).append(lo)
+    saved = saved_shards(checkpoint_id, prefix)
+    names = fields(sharded._config.optimizer) + ["count"]
+    out: Dict[str, torch.Tensor] = {}
+    for table, held in mine.items():
+        if table not in saved:
+            raise ValueError(f"table {table!r}: the checkpoint at {checkpoint_id!r} holds no shard "
+                             f"of it under {prefix!r}")
+        parts = []
+        for row, col, metas in saved[table]:
+            where = f"table {table!r} shard {row}_{col}"
+            lacking = sorted(set(names) - set(metas))
+            if lacking:
+                raise ValueError(f"{where}: the checkpoint lacks {lacking}")
+            got = _read(checkpoint_id, {prefix + _shard_key(table, row, col, f): metas[f] for f in names})
+            form = unpad({f: got[prefix + _shard_key(table, row, col, f)] for f in names}, where)
+            keep = torch.zeros_like(form["rows"], dtype=torch.bool)
+            for lo in held:
+                keep |= lo.holds(form["rows"])
+            parts.append((col, {f: t[keep] for f, t in form.items()}))
+        for field, tensor in merge_shards(parts).items():
+            out[state_key(table, field)] = tensor
+    steps = prefix + "steps_done"
+    out["steps_done"] = _read(checkpoint_id, {steps: _steps_meta(checkpoint_id, steps)})[steps]
+    return out
+
+
+def load_resharded(sharded, checkpoint_id: str, prefix: str = "") -> None:
+    """Load into ``sharded`` (every rank calls this) the FIITED state a DCP checkpoint saved
+    under any plan or world size (see the module docstring for what restarts).
+
+    Raises:
+        ValueError: on every rank, naming rank, table and pool, when a rank's new pools cannot
+            hold its rows (and nothing is loaded anywhere), or the checkpoint lacks a table.
+    """
+    errors: List[str] = []
+    state: Dict[str, torch.Tensor] = {}
+    try:
+        state = resharded_state(sharded, checkpoint_id, prefix)
+    except ValueError as e:
+        errors.append(str(e))
+    errors = sharded._errors_of_all_ranks(errors)
+    if errors:
+        raise ValueError("cannot load the FIITED checkpoint: " + "; ".join(errors))
+    sharded.load_state_dict(state, strict=False)
+
+
+def _shard_key(table: str, row: int, col: int, field: str) -> str:
+    return f"embedding_bags.{table}.fiited_shard.{row}_{col}.{field}"
+
+
+def _steps_meta(checkpoint_id: str, key: str):
+    md = dcp.FileSystemReader(checkpoint_id).read_metadata().state_dict_metadata
+    if key not in md:
+        raise ValueError(f"the checkpoint at {checkpoint_id!r} has no {key!r}")
+    return md[key]
