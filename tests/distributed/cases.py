@@ -248,6 +248,11 @@ def dlrm_steps(rank: int, world_size: int, sharding_type: str, config: Dict[str,
             slot_bytes(p.chunk_size, p.optimizer)
             for lk in sharded._lookups for p in lk.store.pools.values()
         ],
+        # Each table's hashed fallback (miss="hashed") on this rank, by logical table.
+        "fallbacks": {
+            lk.store.layouts[name].logical_name: fb.weights.clone()
+            for lk in sharded._lookups for name, fb in lk.store.fallbacks.items()
+        },
         # Global rows this rank holds resident, per table.
         "resident_rows": {
             l.logical_name: key_row(lk.store.entries_of(name).keys_of(lk.store.table_entries(name)))
@@ -270,8 +275,9 @@ def dlrm_single(config: Dict[str, Any], num_steps: int, stride: int = 1) -> Dict
         logits_seen.append(logits.detach())
     ebc = model.sparse_arch.embedding_bag_collection
     sketch_mass = sum(float(sk.counts.sum()) for sk in ebc.store.sketches.values())
+    fallbacks = {name: fb.weights.clone() for name, fb in ebc.store.fallbacks.items()}
     return {"losses": losses, "logits": logits_seen, "last_cycle": ebc._last_cycle,
-            "state": logical_tables(ebc), "sketch_mass": sketch_mass}
+            "state": logical_tables(ebc), "sketch_mass": sketch_mass, "fallbacks": fallbacks}
 
 
 # ---- DCP: resume in the same plan, load in another world size -----------------------------------

@@ -19,6 +19,8 @@ BINDING = dict(
     num_chunks=4, budget=0.5, table_budgets={"t0": 0.5, "t1": 0.5, "t2": 0.5}, prune_interval=2,
     warmup_steps=0, sample_size=20, enforce_ratio=0.0, learning_rate=0.1,
 )
+# The same with the hashed fallback: ids without an entry read and train a shared hashed row.
+HASHED = dict(BINDING, miss="hashed")
 # Row- and column-wise shards have pools of their own, so where a full pool turns chunks away
 # (or a full hash bucket turns a row away) depends on the plan. With the paper's fixed ratios at
 # budget 1.0 on tables of 64x the rows the batches touch (cases.ROOMY_STRIDE), no pool and no
@@ -63,6 +65,7 @@ def _check_matches(res, ref):
     "sharding_type,config,stride",
     [
         ("table_wise", BINDING, 1),
+        ("table_wise", HASHED, 1),
         ("row_wise", ROOMY, cases.ROOMY_STRIDE),
         ("row_wise", ROOMY_SKETCH, cases.ROOMY_STRIDE),
         ("column_wise", ROOMY, cases.ROOMY_STRIDE),
@@ -75,6 +78,13 @@ def test_dlrm_on_two_ranks_matches_single_process(sharding_type, config, stride)
     if sharding_type != "table_wise":  # every table really split over the two ranks
         assert set(res[0]["num_shards"].values()) == {2}
     _check_matches(res, ref)
+    if config.get("miss") == "hashed":  # the fallbacks trained, as in one process
+        fresh = cases.dlrm_single(config, 0, stride)["fallbacks"]
+        got = {t: w for r in res for t, w in r["fallbacks"].items()}
+        assert got.keys() == ref["fallbacks"].keys() == {"t0", "t1", "t2"}
+        for t, want in ref["fallbacks"].items():
+            torch.testing.assert_close(got[t], want, rtol=1e-5, atol=1e-6)
+            assert not torch.equal(want, fresh[t]), t
     # Chunks were really pruned on the way.
     live = sum(int(v.sum()) for k, v in ref["state"].items() if k.endswith("fiited_live"))
     resident = sum(v.numel() * 4 for k, v in ref["state"].items() if k.endswith("fiited_rows"))
