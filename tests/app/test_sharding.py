@@ -28,3 +28,13 @@ def test_unknown_sharding_type_is_rejected():
     with pytest.raises(ValueError, match=r"train.sharding_type must be null or one of "
                                          r"\['table_wise', 'row_wise', 'column_wise'\], got 'twrw'"):
         TrainSpec(sharding_type="twrw")
+
+
+def test_column_wise_fiited_tables_split_into_whole_chunks():
+    # K=2, D=8: one chunk (4 columns) per rank on 2 ranks; on 1 rank the table stays whole.
+    two = sharding_constraints(TABLES, "column_wise", "cpu", world_size=2, num_chunks=2)
+    assert two["t0"].min_partition == 4
+    assert sharding_constraints(TABLES, "column_wise", "cpu", 1, 2)["t0"].min_partition == 8
+    # K=4 on 2 ranks: two chunks per shard; not FIITED (no K): torchrec's default.
+    assert sharding_constraints(TABLES, "column_wise", "cpu", 2, 4)["t0"].min_partition == 4
+    assert sharding_constraints(TABLES, "column_wise", "cpu", 2)["t0"].min_partition is None

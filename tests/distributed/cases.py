@@ -1,6 +1,6 @@
 """Per-rank bodies of the distributed tests (module level, so spawned ranks can import them)."""
 
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -509,19 +509,22 @@ def planner_tables() -> List[EmbeddingBagConfig]:
 
 
 def sharded_bytes(
-    rank: int, world_size: int, config: Dict[str, Any], plans: Dict[str, ShardingPlan]
+    rank: int, world_size: int, config: Dict[str, Any], plans: Dict[str, ShardingPlan],
+    table_list: Optional[List[EmbeddingBagConfig]] = None,
 ) -> Dict[str, Dict[str, int]]:
     """Per plan, after a training step on this rank: the bytes of the sharded module's tensors,
-    of its FIITED lookups' tensors, the sum of their ``stats()`` totals, and their number."""
+    of its FIITED lookups' tensors, the sum of their ``stats()`` totals, and their number
+    (tables: ``planner_tables()`` unless given)."""
     out = {}
     g = torch.Generator().manual_seed(rank)
+    table_list = table_list or planner_tables()
     for name, plan in plans.items():
-        module = FiitedEmbeddingBagCollection(planner_tables(), FiitedConfig(**config))
+        module = FiitedEmbeddingBagCollection(table_list, FiitedConfig(**config))
         sharded = FiitedEmbeddingBagCollectionSharder().shard(
             module, plan.plan[""], ShardingEnv.from_process_group(dist.group.WORLD), torch.device("cpu")
         )
-        keys = [t.feature_names[0] for t in planner_tables()]
-        rows = [t.num_embeddings for t in planner_tables()]
+        keys = [t.feature_names[0] for t in table_list]
+        rows = [t.num_embeddings for t in table_list]
         lengths = torch.randint(0, 4, (len(keys), 8), generator=g)
         ids = [torch.randint(0, r, (int(n),), generator=g) for r, n in zip(rows, lengths.sum(1))]
         kjt = KeyedJaggedTensor.from_lengths_sync(keys, torch.cat(ids), lengths.reshape(-1))

@@ -103,3 +103,12 @@ def all_gather_rows(env: DistEnv, rows: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(rows) for _ in range(env.world_size)]
     dist.all_gather(parts, rows)
     return torch.cat(parts).cpu()
+
+
+def gather_objects(env: DistEnv, obj: Any) -> list:
+    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` in one process."""
+    if not env.is_distributed:
+        return [obj]
+    out: list = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out

@@ -68,6 +68,8 @@ class TrainRecipe:
         self.train_spec = TrainSpec(**cfg["train"])
         self.env = parallel.DistEnv()
         self.allocation: List[Dict[str, Any]] = []
+        # Per pruning cycle: step and each logical pool's thresholds (this rank's view).
+        self.cycles: List[Dict[str, Any]] = []
         self.result = TrainResult()
         self.position = DataPosition()
         self.sharding_plan: Dict[str, Dict[str, Any]] = {}
@@ -178,6 +180,13 @@ class TrainRecipe:
         Unsharded modules only for now: a sharded one's stats are per rank and per sharding type.
         """
         emb = self.embeddings
+        cycle = getattr(emb, "last_cycle", None)
+        if cycle:
+            at = max(int(r["step"]) for r in cycle.values())
+            if not self.cycles or self.cycles[-1]["step"] != at:
+                self.cycles.append(
+                    {"step": at, "thresholds": {p: r["thresholds"] for p, r in sorted(cycle.items())}}
+                )
         if not (hasattr(emb, "stats") and hasattr(emb, "config")):
             return
         if step % emb.config.prune_interval == 0:
@@ -203,7 +212,8 @@ class TrainRecipe:
                         "global_losses": list(self.result.global_losses)},
             f"rank_{self.env.rank}": {"rng": rng_state(self.env.device),
                                       "losses": list(self.result.losses),
-                                      "allocation": json.dumps(self.allocation)},
+                                      "allocation": json.dumps(self.allocation),
+                                      "cycles": json.dumps(self.cycles)},
         }
         if self.fused_optimizer is not None:
             state["fused_optimizer"] = self.fused_optimizer.state_dict()
@@ -255,6 +265,7 @@ class TrainRecipe:
                                   global_losses=list(trainer["global_losses"]))
         self.position = DataPosition(int(trainer["epoch"]), int(trainer["batch_in_epoch"]))
         self.allocation = json.loads(mine["allocation"])
+        self.cycles = json.loads(mine["cycles"])
         set_rng_state(mine["rng"], self.env.device)
 
     def _refuse_stale_checkpoints(self) -> None:
@@ -311,6 +322,11 @@ class TrainRecipe:
         if hasattr(self.embeddings, "stats"):
             key = "fiited_stats_rank0" if self.env.is_distributed else "fiited_stats"
             out[key] = self.embeddings.stats()
+        if self.cycles:
+            every = parallel.gather_objects(self.env, self.cycles)
+            out["cycle_thresholds"] = self.cycles
+            # Coordinated decisions: every rank computed the same thresholds at every cycle.
+            out["thresholds_identical_across_ranks"] = all(c == every[0] for c in every)
         return out
 
     def run(self) -> Dict[str, Any]:

@@ -29,13 +29,26 @@ _PLANNER_CHOICE_ON_CPU = [t.value for t in ShardingType if t != ShardingType.DAT
 
 
 def sharding_constraints(tables: List[EmbeddingBagConfig], sharding_type: Optional[str],
-                         device_type: str) -> Optional[Dict[str, ParameterConstraints]]:
+                         device_type: str, world_size: int = 1, num_chunks: Optional[int] = None,
+                         ) -> Optional[Dict[str, ParameterConstraints]]:
     """Per-table planner constraints for ``train.sharding_type`` (one of ``SHARDING_TYPES`` or
-    None; ``TrainSpec`` validates it)."""
+    None; ``TrainSpec`` validates it).
+
+    Column-wise FIITED tables (``num_chunks`` K) are split into whole chunks over up to
+    ``world_size`` ranks: torchrec's default minimum column shard (32) would leave the app's
+    16-wide tables whole, i.e. table-wise.
+    """
     if sharding_type is None and device_type != "cpu":
         return None
     types = [sharding_type] if sharding_type else _PLANNER_CHOICE_ON_CPU
-    return {t.name: ParameterConstraints(sharding_types=list(types)) for t in tables}
+    out = {}
+    for t in tables:
+        min_partition = None
+        if sharding_type == ShardingType.COLUMN_WISE.value and num_chunks:
+            chunk = t.embedding_dim // num_chunks
+            min_partition = chunk * max(1, num_chunks // max(1, world_size))
+        out[t.name] = ParameterConstraints(sharding_types=list(types), min_partition=min_partition)
+    return out
 
 
 def shard_model(model: torch.nn.Module, embeddings: torch.nn.Module, env: DistEnv,
@@ -50,7 +63,10 @@ def shard_model(model: torch.nn.Module, embeddings: torch.nn.Module, env: DistEn
     tables = embeddings.embedding_bag_configs()
     planner = make_fiited_planner(
         world_size=env.world_size, compute_device=env.device.type, batch_size=local_batch_size,
-        constraints=sharding_constraints(tables, sharding_type, env.device.type),
+        constraints=sharding_constraints(
+            tables, sharding_type, env.device.type, env.world_size,
+            getattr(getattr(embeddings, "config", None), "num_chunks", None),
+        ),
     )
     sharders = fiited_sharders()
     try:

@@ -336,6 +336,11 @@ class ShardedFiitedEmbeddingBagCollection(
         return int(self._lookups[0].steps_done)
 
     @property
+    def last_cycle(self) -> Dict[str, Dict[str, Any]]:
+        """What the last coordinated cycle decided per logical pool (the same on every rank)."""
+        return self._lookups[0].last_cycle
+
+    @property
     def fused_optimizer(self) -> ShardedFiitedOptimizer:
         return self._fused_optimizer
 

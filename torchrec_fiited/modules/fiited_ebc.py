@@ -171,6 +171,11 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
     def config(self) -> FiitedConfig:
         return self._config
 
+    @property
+    def last_cycle(self) -> Dict[str, Dict[str, Any]]:
+        """What the last pruning cycle decided per logical pool (step, thresholds, ...)."""
+        return self._last_cycle
+
     # ---- pruning --------------------------------------------------------------------------
 
     def prune(self) -> Dict[str, Dict[str, Any]]:
