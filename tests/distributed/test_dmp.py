@@ -120,17 +120,35 @@ def test_row_wise_shards_hold_the_hash_ranges_of_their_ids():
             assert bool(((hashed >= rank * block) & (hashed < (rank + 1) * block)).all())
 
 
-def test_each_rank_pool_within_its_budget_and_same_thresholds():
+@pytest.mark.parametrize("sharding_type", ["row_wise", "column_wise"])
+def test_each_rank_pool_within_its_budget_and_same_thresholds(sharding_type):
     config = dict(BINDING, budget=0.25, table_budgets={})
     # 8x the rows: a quarter of 32 rows' bytes cannot hold a bucket of entries and a slot.
-    res = run_ranks(cases.dlrm_steps, 2, "row_wise", config, STEPS, False, 8)
+    res = run_ranks(cases.dlrm_steps, 2, sharding_type, config, STEPS, False, 8)
+    # The ranks decide from the plan's resident rows and slots, as one process does from its
+    # own: real thresholds (a column shard once compared the whole pool's slots with its own
+    # rows, kept every chunk at threshold 0 and never evicted again).
+    ref = cases.dlrm_single(config, STEPS, 8)["last_cycle"]
+    for pool, mine in res[0]["last_cycle"].items():
+        assert all(t > 0 for t in mine["thresholds"]), mine
+        if sharding_type == "row_wise":  # column shards spend bytes on entries per shard
+            assert 0.5 < mine["num_seen"] / ref[pool]["num_seen"] <= 1.5
     for r in res:
+        budget_bytes = 0.25 * r["local_full_bytes"]
+        if sharding_type == "column_wise":
+            # Chunk ranges get the budget weighted by what the pool keeps of them: rank 0's
+            # first chunks more than 0.25 of their bytes, the last chunks less; the two
+            # ranks together within the collection's budget.
+            continue
         # Each rank's one pool (chunks of 2 floats) holds every byte of its lookup (chunks,
         # optimizer state, entries, sketch, counters) within 0.25 of its rows' full bytes (fp32
         # weights + rowwise Adagrad state): under a slot (16 B) short at most, never over.
         assert r["slot_bytes"] == [16]
-        budget_bytes = 0.25 * r["local_full_bytes"]
         assert budget_bytes - 16 < r["local_bytes"] <= budget_bytes
+    if sharding_type == "column_wise":
+        total_full = sum(r["local_full_bytes"] for r in res)
+        total = sum(r["local_bytes"] for r in res)
+        assert 0.8 * 0.25 * total_full < total <= 0.25 * total_full * 1.01, (total, total_full)
     assert _decisions(res[0]["last_cycle"]) == _decisions(res[1]["last_cycle"])
     assert res[0]["last_cycle"]
 

@@ -159,9 +159,13 @@ def shard_pool_fraction(
     the planner's storage estimator (``distributed/planner.py``) charges shards by it. A shard
     holding every chunk of its rows (unsharded, table-wise, row-wise) gets its pool's budget. A
     column shard holding chunks [chunk_offset, chunk_offset + k_local): where the budget is the
-    target (manual ratios filling the pool), what the logical pool keeps of those chunk indices
-    once every row is seen, water-filled so no chunk index is due more slots than rows; where it
-    is only a cap (fixed ratios, dynamic), the budget.
+    target (manual ratios filling the pool), the budget weighted by how much the logical pool
+    keeps of those chunk indices against all K (once every row is seen, water-filled so no chunk
+    index is due more slots than rows), so the shards of a table together get its budget; where
+    it is only a cap (fixed ratios, dynamic), the budget.
+
+    (Store v1 gave a column shard the kept fraction itself: with store v2's entries and sketch
+    taking their part of every pool, that left column pools a quarter of their budget.)
     """
     key = logical.pool_of[global_table]
     budget = logical.budgets[key]
@@ -169,7 +173,10 @@ def shard_pool_fraction(
     if k_local == policy.num_chunks or not isinstance(policy, ManualRatioPolicy) or policy.fixed:
         return min(1.0, budget)
     keep = policy.keep_fractions(capacity, logical.num_rows[key])
-    return min(1.0, float(keep[chunk_offset : chunk_offset + k_local].mean()))
+    mean = float(keep.mean())
+    if mean <= 0.0:
+        return min(1.0, budget)
+    return min(1.0, budget * float(keep[chunk_offset : chunk_offset + k_local].mean()) / mean)
 
 
 def plan_pools(

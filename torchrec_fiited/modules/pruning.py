@@ -32,17 +32,29 @@ def run_cycle(modules: List[Any], coordinator: PruneCoordinator) -> Dict[str, Di
     cfg = first.config
     step = int(first.steps_done)
     local = [(m, pool, m._logical_of[pool]) for m in modules for pool in m.store.pools]
-    counts = {key: 0 for key in logical}
+    # Per logical pool: resident entries per chunk range and slots, summed over the plan's
+    # pools (every rank sends the same keys). Unsharded, that is the pool's own count and
+    # capacity; column shards each admit rows, so a row counts in the largest chunk range.
+    K = cfg.num_chunks
+    tally = {f"{key}|{k}": 0 for key in logical for k in range(K)}
+    tally.update({f"{key}|slots": 0 for key in logical})
     for m, pool, key in local:
-        counts[key] += count_seen(m.store, pool)
-    counts = coordinator.sum_counts(counts)
+        offset, seen, slots = count_seen(m.store, pool)
+        tally[f"{key}|{offset}"] += seen
+        tally[f"{key}|slots"] += slots
+    tally = coordinator.sum_counts(tally)
+    counts = {key: max(tally[f"{key}|{k}"] for k in range(K)) for key in logical}
+    slots = {key: tally[f"{key}|slots"] for key in logical}
     samples: Dict[str, list] = {key: [] for key in logical}
     for m, pool, key in local:
         samples[key].append(sample_pool(m.store, m._rule, pool, cfg.sample_size, step, counts[key]))
     samples = coordinator.gather(samples)
     decisions, report = {}, {}
     for key in sorted(logical):
-        capacity, policy = logical[key]
+        # The plan's slots: the logical pool's where a pool holds whole tables; the sum of
+        # the shards' pools otherwise (each sized to its share of the budget).
+        _, policy = logical[key]
+        capacity = slots[key]
         utilities, live = merge_samples(samples[key], policy.num_chunks)
         d = policy.decide(utilities, live, capacity, counts[key])
         decisions[key] = d

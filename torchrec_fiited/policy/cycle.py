@@ -37,13 +37,16 @@ class PoolSample:
     chunk_offset: int
 
 
-def count_seen(store: VHPIStore, pool: str) -> int:
-    """Resident entries of ``pool``, counting a row once even when its chunks are spread over
-    column shards (only the shard holding chunk 0 counts it)."""
+def count_seen(store: VHPIStore, pool: str) -> Tuple[int, int, int]:
+    """(chunk offset of ``pool``'s tables, its resident entries, its chunk slots).
+
+    A row is resident in each column shard that holds one of its chunks (a row-wise or whole
+    table has one shard), so across the plan the resident rows are at least the largest count
+    of any chunk range, and the slots are the sum over every pool (each slot holds one chunk).
+    """
     tables = store.tables_of_pool(pool)
-    if not tables or store.layouts[tables[0]].chunk_offset != 0:
-        return 0
-    return int(store.entries[pool].num_seen)
+    offset = store.layouts[tables[0]].chunk_offset if tables else 0
+    return offset, int(store.entries[pool].num_seen), int(store.pools[pool].capacity)
 
 
 def sample_pool(
