@@ -22,10 +22,11 @@ from torchrec_fiited.modules.fiited_ebc import FiitedEmbeddingBagCollection
 from torchrec_fiited.modules.layout_plan import (
     LogicalPools,
     logical_pools,
+    shard_full_bytes,
     shard_pool_fraction,
     sizing_options,
 )
-from torchrec_fiited.store.sizing import TableSpec, full_table_bytes, pool_bytes, size_pool
+from torchrec_fiited.store.sizing import TableSpec, pool_bytes, size_pool
 
 
 def fiited_shard_bytes(
@@ -60,7 +61,7 @@ def fiited_shard_bytes(
     k_local, chunk_offset = cols // chunk_size, int(offset[1]) // chunk_size
     fraction = shard_pool_fraction(logical, table, chunk_offset, k_local)
     spec = [TableSpec(table, rows, cols)]
-    budget_bytes = fraction * full_table_bytes(rows, cols, config.optimizer)
+    budget_bytes = fraction * shard_full_bytes(rows, cols, dim, config.optimizer)
     options = sizing_options(config)
     try:
         sizes = size_pool(

@@ -150,6 +150,13 @@ def logical_pools(global_tables: List[EmbeddingBagConfig], config: FiitedConfig)
     return LogicalPools(pool_of, budgets, num_rows, pools, sizes)
 
 
+def shard_full_bytes(rows: int, cols: int, dim: int, optimizer: str) -> float:
+    """A shard's part of its table's full bytes: ``cols`` of ``dim`` columns of ``rows`` rows.
+    A column shard's share of a per-row optimizer state (rowwise Adagrad) is its share of the
+    columns, so the shards of a table add up to the table (not to one state per shard)."""
+    return full_table_bytes(rows, dim, optimizer) * cols / dim
+
+
 def shard_pool_fraction(
     logical: LogicalPools, global_table: str, chunk_offset: int, k_local: int
 ) -> float:
@@ -237,8 +244,8 @@ def plan_pools(
         )
         fraction = shard_pool_fraction(logical, g.name, chunk_offset, k_local)
         rows = shard.rows_held(t)
-        local_bytes[pool] = local_bytes.get(pool, 0.0) + fraction * full_table_bytes(
-            rows, t.embedding_dim, config.optimizer
+        local_bytes[pool] = local_bytes.get(pool, 0.0) + fraction * shard_full_bytes(
+            rows, t.embedding_dim, g.embedding_dim, config.optimizer
         )
         local_specs.setdefault(pool, []).append(TableSpec(t.name, rows, t.embedding_dim))
         local_policy[pool] = _local_policy(logical.pools[key][1], chunk_offset, k_local, config.enforce_ratio)
