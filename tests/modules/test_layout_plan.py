@@ -13,6 +13,7 @@ from torchrec_fiited.modules.layout_plan import (
     TableShard,
     logical_pools,
     plan_pools,
+    shard_full_bytes,
     shard_pool_fraction,
     sizing_options,
 )
@@ -41,7 +42,7 @@ def _charged(plan, fraction, rows, dim, config):
     (pool, sizes), = plan.sizes.items()
     spec = [TableSpec(plan.layouts[0].name, rows, dim)]
     K = plan.num_chunks
-    charged = fraction * full_table_bytes(rows, dim, OPT)
+    charged = fraction * shard_full_bytes(rows, dim, TABLE.embedding_dim, OPT)
     assert sizes == size_pool(spec, 1.0, K, OPT, budget_bytes=charged, **sizing_options(config))
     assert pool_bytes(sizes, spec, K, OPT)["total"] <= charged
     assert plan.capacities[pool] == sizes.slots
@@ -62,7 +63,12 @@ def test_column_shards_get_the_slots_their_chunks_keep_once_every_row_is_seen():
     rest = (capacity - 1000) / 3000
     torch.testing.assert_close(keep, torch.tensor([1.0, rest, rest, rest], dtype=torch.float64))
     fractions = [shard_pool_fraction(logical, "t", 0, 2), shard_pool_fraction(logical, "t", 2, 2)]
-    assert fractions == pytest.approx([(1.0 + rest) / 2, rest])
+    # The budget weighted by what the pool keeps of each chunk range against all K: the two
+    # halves together get the table's budget (here 1.0, so the first half is capped at 1).
+    mean = (1.0 + 3 * rest) / 4
+    assert fractions == pytest.approx([min(1.0, (1.0 + rest) / 2 / mean), rest / mean])
+    half_full = full_table_bytes(1000, 16, OPT) / 2
+    assert sum(f * half_full for f in fractions) <= 1.0 * full_table_bytes(1000, 16, OPT)
     for plan, fraction in zip(plans, fractions):
         _charged(plan, fraction, 1000, 8, config)
     assert first > second
