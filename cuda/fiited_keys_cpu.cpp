@@ -29,6 +29,14 @@ TORCH_LIBRARY_FRAGMENT(fiited, m) {
   m.def(
       "feature_keys(Tensor ids, Tensor id_starts, Tensor key_base, Tensor row_offset, "
       "Tensor num_entries, bool hash) -> (Tensor, Tensor)");
+  // store.layout.row_permutation of F features' rows back to back, bit for bit: feature f's
+  // rows[id_starts[f]:id_starts[f + 1]] (+ shift[f] before an inverse) through the 4-round
+  // Feistel bijection of [0, num_rows[f]), cycle-walked. Row-wise shards route ids by it (hash
+  // ranges); 30 ms per direction for 164k ids in PyTorch (~40 passes plus the walk), one here.
+  //   rows int64 (n) in [0, num_rows[f]) (- shift[f]); id_starts, num_rows (> 0), shift int64
+  m.def(
+      "row_permutation(Tensor rows, Tensor id_starts, Tensor num_rows, Tensor shift, "
+      "bool inverse) -> Tensor");
 }
 
 namespace fiited {
@@ -105,9 +113,87 @@ std::tuple<at::Tensor, at::Tensor> feature_keys_cpu(
   return {keys, at::scalar_tensor(first_bad.load(), v.options().dtype(at::kLong))};
 }
 
+// Round keys of store.layout._FEISTEL_KEYS, in order.
+constexpr uint64_t kFeistelKeys[4] = {0x2545F4914F6CDD1Dull, 0x1B873593CC9E2D51ull,
+                                      0x5BD1E9955BD1E995ull, 0x27D4EB2F165667C5ull};
+
+inline uint64_t feistel(uint64_t x, int half, bool inverse) {
+  const uint64_t mask = (uint64_t{1} << half) - 1;
+  uint64_t left = x >> half, right = x & mask;
+  for (int r = 0; r < 4; ++r) {
+    if (inverse) {  // undo (L, R) -> (R, L ^ F(R))
+      const uint64_t prev_right = left;
+      left = right ^ (fiited_mix64(left ^ kFeistelKeys[3 - r]) & mask);
+      right = prev_right;
+    } else {
+      const uint64_t next_right = left ^ (fiited_mix64(right ^ kFeistelKeys[r]) & mask);
+      left = right;
+      right = next_right;
+    }
+  }
+  return (left << half) | right;
+}
+
+at::Tensor row_permutation_cpu(const at::Tensor& rows, const at::Tensor& id_starts,
+                               const at::Tensor& num_rows, const at::Tensor& shift, bool inverse) {
+  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.dim() == 1,
+              "[torchrec_fiited] fiited::row_permutation: rows must be a 1-D int64 tensor, got ",
+              rows.scalar_type(), " ", rows.sizes());
+  const int64_t F = num_rows.numel(), n = rows.numel();
+  TORCH_CHECK(id_starts.scalar_type() == at::kLong && id_starts.numel() == F + 1 &&
+                  num_rows.scalar_type() == at::kLong && shift.scalar_type() == at::kLong &&
+                  shift.numel() == F,
+              "[torchrec_fiited] fiited::row_permutation: id_starts (F + 1), num_rows and shift "
+              "(F) must be int64");
+  const auto st = id_starts.contiguous(), nr = num_rows.contiguous(), sh = shift.contiguous();
+  const int64_t *s = st.data_ptr<int64_t>(), *E = nr.data_ptr<int64_t>(),
+                *add = sh.data_ptr<int64_t>();
+  TORCH_CHECK(F >= 1 && s[0] == 0 && s[F] == n, "[torchrec_fiited] fiited::row_permutation: ",
+              "id_starts must run from 0 to rows.numel()=", n);
+  for (int64_t f = 0; f < F; ++f) {
+    TORCH_CHECK(s[f] <= s[f + 1] && E[f] > 0,
+                "[torchrec_fiited] fiited::row_permutation: id_starts must be non-decreasing and "
+                "num_rows positive, feature ", f);
+  }
+  const auto v = rows.contiguous();
+  const int64_t* in = v.data_ptr<int64_t>();
+  auto out = at::empty({n}, v.options());
+  int64_t* o = out.data_ptr<int64_t>();
+  std::atomic<int64_t> first_bad{-1};
+  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+    int64_t f = std::upper_bound(s, s + F + 1, begin) - s - 1, half_of = -1;
+    int half = 1;
+    for (int64_t i = begin; i < end; ++i) {
+      while (i >= s[f + 1]) ++f;
+      const int64_t rows_f = E[f], x = in[i] + add[f];
+      if (half_of != f) {  // the smallest even bit count (>= 2) covering the feature's rows
+        int bits = 2;
+        while (bits < 63 && (int64_t{1} << bits) < rows_f) ++bits;
+        half = (bits + 1) / 2;
+        half_of = f;
+      }
+      if (x < 0 || x >= rows_f) {
+        int64_t seen = first_bad.load();
+        while ((seen < 0 || i < seen) && !first_bad.compare_exchange_weak(seen, i)) {
+        }
+        o[i] = x;
+        continue;
+      }
+      uint64_t y = feistel(static_cast<uint64_t>(x), half, inverse);
+      while (y >= static_cast<uint64_t>(rows_f)) y = feistel(y, half, inverse);
+      o[i] = static_cast<int64_t>(y);
+    }
+  });
+  const int64_t bad = first_bad.load();
+  TORCH_CHECK(bad < 0, "[torchrec_fiited] fiited::row_permutation: row ", in[bad > 0 ? bad : 0],
+              " at position ", bad, " is outside [0, num_rows) of its feature");
+  return out;
+}
+
 }  // namespace
 }  // namespace fiited
 
 TORCH_LIBRARY_IMPL(fiited, CPU, m) {
   m.impl("feature_keys", &fiited::feature_keys_cpu);
+  m.impl("row_permutation", &fiited::row_permutation_cpu);
 }

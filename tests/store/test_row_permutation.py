@@ -41,3 +41,27 @@ def test_consecutive_ids_spread_over_every_block():
 def test_refuses_an_empty_id_space():
     with pytest.raises(ValueError, match="num_rows >= 1"):
         row_permutation(torch.arange(3), 0)
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+def test_the_native_op_is_the_reference_bit_for_bit(inverse):
+    from torchrec_fiited.ops import dispatch, native, reference
+
+    if "cpu" not in native.KEYS_DEVICES:
+        pytest.skip("native ops not built")
+    g = torch.Generator().manual_seed(3)
+    sizes = [1, 7, 100_000, 10**9 + 7, 4096]
+    counts = [3, 50, 20_000, 5_000, 0]
+    rows = torch.cat([torch.randint(0, n, (c,), generator=g) for n, c in zip(sizes, counts)])
+    starts = [0]
+    for c in counts:
+        starts.append(starts[-1] + c)
+    shift = [0, 2, 0, 11, 0] if inverse else [0] * 5
+    shifted = rows - torch.repeat_interleave(torch.tensor(shift), torch.tensor(counts))
+    got = dispatch.row_permutation(shifted, starts, sizes, shift, inverse)
+    want = reference.row_permutation(shifted, starts, sizes, shift, inverse)
+    assert torch.equal(got, want)
+    assert torch.equal(got[3:53], row_permutation(rows[3:53], 7, inverse))
+    with pytest.raises(RuntimeError, match=r"row 7 at position 0 is outside \[0, num_rows\)"):
+        torch.ops.fiited.row_permutation(torch.tensor([7]), torch.tensor([0, 1]),
+                                         torch.tensor([7]), torch.tensor([0]), inverse)

@@ -18,7 +18,7 @@ from torchrec_fiited.config import FiitedConfig
 from torchrec_fiited.modules.fiited_ebc import FiitedEmbeddingBagCollection
 from torchrec_fiited.modules.layout_plan import TableShard
 from torchrec_fiited.policy import PruneCoordinator
-from torchrec_fiited.store import row_permutation
+from torchrec_fiited.ops import dispatch
 
 
 @dataclass(frozen=True)
@@ -126,27 +126,39 @@ def build_local_lookups(
 
 def to_hash_ranges(kjt: KeyedJaggedTensor, num_rows: Dict[str, int]) -> KeyedJaggedTensor:
     """The KJT with each id of a feature in ``num_rows`` (feature -> rows of its table)
-    replaced by its permuted row, so torchrec's row-wise bucketization by blocks sends every
-    rank the ids of its hash range."""
+    replaced by its permuted row (``store.row_permutation``), so torchrec's row-wise
+    bucketization by blocks sends every rank the ids of its hash range. Ids must be in range."""
     if not num_rows:
         return kjt
-    parts = []
-    for key, ids in zip(kjt.keys(), torch.split(kjt.values(), kjt.length_per_key())):
-        n = num_rows.get(key)
-        parts.append(ids if n is None else row_permutation(ids.to(torch.int64), n))
-    values = torch.cat(parts) if parts else kjt.values()
+    keys = kjt.keys()
+    per_key = kjt.length_per_key()
+    starts = [0]
+    for c in per_key:
+        starts.append(starts[-1] + c)
+    routed = [k in num_rows for k in keys]  # the others (table-/column-wise) keep their ids
+    values = kjt.values().to(torch.int64)
+    if all(routed):
+        values = dispatch.row_permutation(values, starts, [num_rows[k] for k in keys],
+                                          [0] * len(keys), inverse=False)
+    else:
+        parts = list(torch.split(values, per_key))
+        for i, key in enumerate(keys):
+            if routed[i]:
+                parts[i] = dispatch.row_permutation(parts[i], [0, per_key[i]], [num_rows[key]],
+                                                    [0], inverse=False)
+        values = torch.cat(parts) if parts else values
     return KeyedJaggedTensor(
-        kjt.keys(), values, kjt.weights_or_none(), lengths=kjt.lengths(), stride=kjt.stride()
+        keys, values, kjt.weights_or_none(), lengths=kjt.lengths(), stride=kjt.stride()
     )
 
 
 def _from_hash_ranges(values: torch.Tensor, per_key: List[int], blocks: List[Tuple[int, int]]):
     """Local ids of row-wise features (permuted rows less their range's start) -> the ids."""
-    parts = [
-        row_permutation(ids.to(torch.int64) + start, n, inverse=True)
-        for ids, (start, n) in zip(torch.split(values, per_key), blocks)
-    ]
-    return torch.cat(parts) if parts else values
+    starts = [0]
+    for c in per_key:
+        starts.append(starts[-1] + c)
+    return dispatch.row_permutation(values, starts, [n for _, n in blocks],
+                                    [start for start, _ in blocks], inverse=True)
 
 
 def resolve(lookup: FiitedEmbeddingBagCollection, part: "Part", kjt: KeyedJaggedTensor):

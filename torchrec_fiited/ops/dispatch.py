@@ -191,3 +191,19 @@ def feature_keys(
                                                   hash_ids)
         return keys, int(bad)
     return reference.feature_keys(ids, id_starts, key_base, row_offset, num_entries, hash_ids)
+
+
+def row_permutation(
+    rows: torch.Tensor, id_starts: Sequence[int], num_rows: Sequence[int], shift: Sequence[int],
+    inverse: bool,
+) -> torch.Tensor:
+    """Row-wise shards' hash-range routing of F features' rows back to back, in one native pass;
+    see ``reference.row_permutation`` (bitwise ``store.layout.row_permutation``)."""
+    if _serves(native.KEYS_DEVICES, rows.device) and len(num_rows):
+        def long(values):
+            return torch.tensor(list(values), dtype=torch.int64)
+
+        return torch.ops.fiited.row_permutation(
+            rows.to(torch.int64), long(id_starts), long(num_rows), long(shift), inverse
+        )
+    return reference.row_permutation(rows, id_starts, num_rows, shift, inverse)

@@ -264,3 +264,24 @@ def feature_keys(
         rows = ids
     rows = rows + row_offset[feature_of_id]
     return (rows & _ROW_MASK) | key_base[feature_of_id], first_bad
+
+
+def row_permutation(
+    rows: torch.Tensor, id_starts: Sequence[int], num_rows: Sequence[int], shift: Sequence[int],
+    inverse: bool,
+) -> torch.Tensor:
+    """``store.layout.row_permutation`` of F features' rows back to back (feature f:
+    ``rows[id_starts[f]:id_starts[f + 1]] + shift[f]`` in [0, num_rows[f])), int64 [n].
+
+    Raises:
+        ValueError: a row outside [0, num_rows[f]) after the shift.
+    """
+    from torchrec_fiited.store.layout import row_permutation as permute
+
+    parts = []
+    for f in range(len(num_rows)):
+        x = rows[id_starts[f] : id_starts[f + 1]].to(torch.int64) + shift[f]
+        if x.numel() and (int(x.min()) < 0 or int(x.max()) >= num_rows[f]):
+            raise ValueError(f"row_permutation: feature {f} has rows outside [0, {num_rows[f]})")
+        parts.append(permute(x, num_rows[f], inverse))
+    return torch.cat(parts) if parts else rows.to(torch.int64)
