@@ -94,7 +94,13 @@ def _worker(rank: int, world_size: int, port: int, args, variant: str, sharding:
                                    device=torch.device("cpu"), plan=plan, sharders=sharders)
     batches = _batches(args, rank, world_size, args.warmup + args.steps)
     times: List[float] = []
+    profiler = None
     for i, kjt in enumerate(batches):
+        if args.profile and rank == 0 and i == args.warmup:
+            import cProfile
+
+            profiler = cProfile.Profile()
+            profiler.enable()
         dist.barrier()
         start = time.perf_counter()
         out = dmp(kjt)
@@ -102,6 +108,9 @@ def _worker(rank: int, world_size: int, port: int, args, variant: str, sharding:
         dist.barrier()
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
+    if profiler is not None:
+        profiler.disable()
+        profiler.dump_stats(f"{args.profile}.{variant}.{sharding}")
     if rank == 0:
         torch.save(times, out_path)
     dist.destroy_process_group()
@@ -134,6 +143,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="per rank")
     p.add_argument("--shardings", nargs="+", default=["table_wise", "row_wise"])
     p.add_argument("--quick", action="store_true", help="small sizes, few steps")
+    p.add_argument("--profile", help="cProfile rank 0's timed steps into <this>.<variant>.<sharding>")
     args = p.parse_args()
     if args.quick:
         args.rows, args.batch, args.steps, args.warmup, args.tables = 10_000, 256, 6, 2, 4

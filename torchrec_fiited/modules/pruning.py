@@ -40,10 +40,12 @@ def run_cycle(modules: List[Any], coordinator: PruneCoordinator) -> Dict[str, Di
     tally.update({f"{key}|slots": 0 for key in logical})
     for m, pool, key in local:
         offset, seen, slots = count_seen(m.store, pool)
-        tally[f"{key}|{offset}"] += seen
+        for k in range(offset, offset + m.store.num_chunks):
+            tally[f"{key}|{k}"] += seen
         tally[f"{key}|slots"] += slots
     tally = coordinator.sum_counts(tally)
-    counts = {key: max(tally[f"{key}|{k}"] for k in range(K)) for key in logical}
+    seen_per_chunk = {key: [tally[f"{key}|{k}"] for k in range(K)] for key in logical}
+    counts = {key: max(seen_per_chunk[key]) for key in logical}
     slots = {key: tally[f"{key}|slots"] for key in logical}
     samples: Dict[str, list] = {key: [] for key in logical}
     for m, pool, key in local:
@@ -55,8 +57,8 @@ def run_cycle(modules: List[Any], coordinator: PruneCoordinator) -> Dict[str, Di
         # the shards' pools otherwise (each sized to its share of the budget).
         _, policy = logical[key]
         capacity = slots[key]
-        utilities, live = merge_samples(samples[key], policy.num_chunks)
-        d = policy.decide(utilities, live, capacity, counts[key])
+        utilities, live, present = merge_samples(samples[key], policy.num_chunks)
+        d = policy.decide(utilities, live, capacity, counts[key], present, seen_per_chunk[key])
         decisions[key] = d
         report[key] = {
             "step": step,

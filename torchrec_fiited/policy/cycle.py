@@ -38,7 +38,8 @@ class PoolSample:
 
 
 def count_seen(store: VHPIStore, pool: str) -> Tuple[int, int, int]:
-    """(chunk offset of ``pool``'s tables, its resident entries, its chunk slots).
+    """(chunk offset of ``pool``'s tables, its resident entries, its chunk slots); the pool
+    holds chunks [offset, offset + store.num_chunks).
 
     A row is resident in each column shard that holds one of its chunks (a row-wise or whole
     table has one shard), so across the plan the resident rows are at least the largest count
@@ -76,24 +77,31 @@ def sample_pool(
     )
 
 
-def merge_samples(parts: Sequence[PoolSample], num_chunks: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """One [R, K] utility matrix (fp32) and live mask (bool) from samples of any plan.
+def merge_samples(
+    parts: Sequence[PoolSample], num_chunks: int
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One [R, K] utility matrix (fp32), live mask (bool) and present mask (bool: the sampled
+    row is resident in the shard holding that chunk) from samples of any plan.
 
     Rows are the distinct sampled keys in ascending order; a part fills the chunk columns it
     holds. Thresholds are order-free (quantiles, counts), so any plan gives the same decision.
+    Only column shards leave a row absent from some chunks.
     """
     parts = [p for p in parts if p.row_keys.numel()]
     if not parts:
-        return torch.zeros(0, num_chunks), torch.zeros(0, num_chunks, dtype=torch.bool)
+        empty = torch.zeros(0, num_chunks, dtype=torch.bool)
+        return torch.zeros(0, num_chunks), empty, empty.clone()
     keys = torch.unique(torch.cat([p.row_keys.cpu() for p in parts]))
     u = torch.zeros(keys.numel(), num_chunks)
     live = torch.zeros(keys.numel(), num_chunks, dtype=torch.bool)
+    present = torch.zeros(keys.numel(), num_chunks, dtype=torch.bool)
     for p in parts:
         rows = torch.searchsorted(keys, p.row_keys.cpu())
         cols = slice(p.chunk_offset, p.chunk_offset + p.utilities.shape[1])
         u[rows, cols] = p.utilities.cpu()
         live[rows, cols] = p.live.cpu()
-    return u, live
+        present[rows, cols] = True
+    return u, live, present
 
 
 @dataclass

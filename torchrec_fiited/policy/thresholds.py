@@ -8,7 +8,7 @@ exactly (1 - p_k) of chunk k, as in the paper; with fewer seen, the same shares 
 import abc
 import math
 from dataclasses import dataclass
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -57,12 +57,34 @@ class ThresholdPolicy(abc.ABC):
     def admission_quota(self, capacity: int) -> List[int]:
         """Live chunks per chunk index that first-touch admission may fill, [K]."""
 
+    def split_thresholds(self, sample: torch.Tensor, present: torch.Tensor,
+                         keep: torch.Tensor) -> torch.Tensor:
+        """Thresholds fp32 [K] over the ``present`` (bool [m, K]) samples of each chunk."""
+        return torch.stack(
+            [_quantile_threshold(sample[present[:, k], k], float(keep[k]))
+             for k in range(self.num_chunks)]
+        ).to(torch.float32)
+
     def decide(
-        self, sample: torch.Tensor, sample_live: torch.Tensor, capacity: int, num_seen: int
+        self, sample: torch.Tensor, sample_live: torch.Tensor, capacity: int, num_seen: int,
+        present: Optional[torch.Tensor] = None, seen_per_chunk: Optional[Sequence[int]] = None,
     ) -> PruneDecision:
-        """Thresholds and the enforced-pruning check for sampled chunks (fp32 / bool [m, K])."""
+        """Thresholds and the enforced-pruning check for sampled chunks (fp32 / bool [m, K]).
+
+        ``present`` (bool [m, K]) and ``seen_per_chunk`` ([K]) describe samples of column
+        shards, whose pools admit rows on their own: a sampled row absent from chunk k's shard
+        has no utility there (not zero), so chunk k's threshold is the quantile over the rows
+        its shards hold, at the fraction of them that keeps ``keep[k] x num_seen`` live.
+        """
         keep = self.keep_fractions(capacity, num_seen)
-        thr = self.thresholds(sample, keep)
+        if present is None or bool(present.all()):
+            thr = self.thresholds(sample, keep)
+        else:
+            seen = torch.tensor([max(1, int(n)) for n in seen_per_chunk], dtype=torch.float64)
+            thr = self.split_thresholds(sample, present, (keep * num_seen / seen).clamp(max=1.0))
+            sample_live = sample_live & present
+            # Absent chunks cross nothing: they are neither live nor due a slot here.
+            sample = torch.where(present, sample, thr.expand_as(sample))
         crossing = (sample_live & (sample < thr)) | (~sample_live & (sample > thr))
         # Counted exactly: a float32 mean makes 10 of 200 0.0500000007 > 0.05, enforcing at the ratio.
         churn = int(crossing.sum()) / crossing.numel() if crossing.numel() else 0.0
@@ -148,6 +170,14 @@ class DynamicThresholdPolicy(ThresholdPolicy):
 
     def thresholds(self, sample: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         thr = _quantile_threshold(sample.reshape(-1), float(keep[0]))
+        return thr.expand(self.num_chunks).to(torch.float32).clone()
+
+    def split_thresholds(self, sample: torch.Tensor, present: torch.Tensor,
+                         keep: torch.Tensor) -> torch.Tensor:
+        # One threshold over every present chunk, keeping the slots' share of them.
+        n = present.sum(0).to(torch.float64).clamp(min=1)
+        overall = float((keep * n).sum() / n.sum())
+        thr = _quantile_threshold(sample[present], overall)
         return thr.expand(self.num_chunks).to(torch.float32).clone()
 
     def admission_quota(self, capacity: int) -> List[int]:
