@@ -345,6 +345,23 @@ def dcp_load_resharded(
     return _eval_outputs(dmp, rank, world_size, stride)
 
 
+def dcp_load_resharded_fallbacks(
+    rank: int, world_size: int, kind: str, config: Dict[str, Any], path: str, stride: int = 1
+) -> Dict[str, Any]:
+    """``load_resharded``: the eval outputs, the tables whose fallback restarted, and whether
+    each fallback changed from a fresh one's."""
+    from torchrec_fiited.distributed import load_resharded
+
+    dmp = _ebc_dmp(kind, world_size, config, stride)
+    sharded = [m for m in dmp.modules() if type(m).__name__ == "ShardedFiitedEmbeddingBagCollection"][0]
+    fresh = {n: fb.weights.clone() for lk in sharded._lookups for n, fb in lk.store.fallbacks.items()}
+    restarted = load_resharded(sharded, path)
+    loaded = {n: not torch.equal(fb.weights, fresh[n])
+              for lk in sharded._lookups for n, fb in lk.store.fallbacks.items()}
+    return {"outputs": _eval_outputs(dmp, rank, world_size, stride), "restarted": restarted,
+            "loaded": loaded}
+
+
 def dcp_load_resharded_errors(
     rank: int, world_size: int, kind: str, config: Dict[str, Any], path: str
 ) -> str:

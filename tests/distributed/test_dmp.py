@@ -206,6 +206,20 @@ def test_dcp_save_at_two_ranks_loads_at_one_and_four_under_any_plan(saved_as, tm
         torch.testing.assert_close(got, saved, rtol=1e-6, atol=1e-7, msg=f"{world_size} {kind}")
 
 
+def test_hashed_fallbacks_survive_a_resharded_load_where_the_rows_stay_whole(tmp_path):
+    path, S = str(tmp_path / "ckpt"), 8
+    saved = run_ranks(cases.dcp_save, 2, "table_wise", HASHED, path, S)[0]
+    for world_size in (1, 4):  # every table whole on one rank, before and after
+        got = run_ranks(cases.dcp_load_resharded_fallbacks, world_size, "table_wise", HASHED, path, S)
+        assert all(r["restarted"] == [] for r in got)
+        assert any(any(r["loaded"].values()) for r in got)  # a trained fallback came back
+        torch.testing.assert_close(got[0]["outputs"], saved, rtol=0, atol=0)
+    # Row-wise, each rank's fallback rows hash differently: they restart, and say so.
+    roomier = dict(HASHED, table_budgets={"t0": 1.0, "t1": 1.0, "t2": 1.0})
+    got = run_ranks(cases.dcp_load_resharded_fallbacks, 2, "row_wise", roomier, path, S)
+    assert all(r["restarted"] == ["t0", "t1", "t2"] for r in got)
+
+
 def test_a_resharded_load_that_does_not_fit_refuses_on_every_rank(tmp_path):
     path = str(tmp_path / "ckpt")
     roomier = dict(BINDING, table_budgets={"t0": 1.0, "t1": 1.0, "t2": 1.0})

@@ -11,18 +11,30 @@ shards of its tables whole (DCP deserializes stored items whole), so I/O is at m
 the FIITED part of the checkpoint.
 
 What belongs to a plan restarts: each pool's utility sketch (non-resident ids' estimates) and, with
-``miss="hashed"``, each shard's fallback table (its hash rows depend on the shard); the resident
-rows, their chunks, utilities, optimizer state and the step count carry over.
+``miss="hashed"``, a fallback table whose rows were split differently (its hash rows depend on
+the shard's size): a table held whole before and after (table-wise or unsharded, or the same
+column shard) keeps its fallback bit for bit; a row-wise one restarts it (logged, and returned).
+The resident rows, their chunks, utilities, optimizer state and the step count carry over.
 """
 
+import logging
 import re
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from torchrec_fiited.store.logical import fields, merge_shards, state_key, unpad
+from torchrec_fiited.store.logical import (
+    fallback_state,
+    fields,
+    load_fallback_state,
+    merge_shards,
+    state_key,
+    unpad,
+)
+
+log = logging.getLogger(__name__)
 
 _SHARD = re.compile(r"^(.*)embedding_bags\.([^.]+)\.fiited_shard\.(\d+)_(\d+)\.(\w+)$")
 
@@ -88,9 +100,13 @@ def resharded_state(sharded, checkpoint_id: str, prefix: str = "") -> Dict[str, 
     return out
 
 
-def load_resharded(sharded, checkpoint_id: str, prefix: str = "") -> None:
+def load_resharded(sharded, checkpoint_id: str, prefix: str = "") -> List[str]:
     """Load into ``sharded`` (every rank calls this) the FIITED state a DCP checkpoint saved
     under any plan or world size (see the module docstring for what restarts).
+
+    Returns:
+        the tables of this rank whose hashed fallback restarted (their rows were split
+        differently), also logged as a warning.
 
     Raises:
         ValueError: on every rank, naming rank, table and pool, when a rank's new pools cannot
@@ -98,14 +114,54 @@ def load_resharded(sharded, checkpoint_id: str, prefix: str = "") -> None:
     """
     errors: List[str] = []
     state: Dict[str, torch.Tensor] = {}
+    fallbacks: List[Tuple[Any, str, Dict[str, torch.Tensor]]] = []
+    restarted: List[str] = []
     try:
         state = resharded_state(sharded, checkpoint_id, prefix)
+        fallbacks, restarted = _kept_fallbacks(sharded, checkpoint_id, prefix)
     except ValueError as e:
         errors.append(str(e))
     errors = sharded._errors_of_all_ranks(errors)
     if errors:
         raise ValueError("cannot load the FIITED checkpoint: " + "; ".join(errors))
     sharded.load_state_dict(state, strict=False)
+    for store, table, fallback in fallbacks:
+        load_fallback_state(store, table, fallback)
+    if restarted:
+        log.warning("hashed fallbacks restart under the new plan (their rows were split "
+                    "differently): tables %s", sorted(set(restarted)))
+    return sorted(set(restarted))
+
+
+def _kept_fallbacks(sharded, checkpoint_id: str, prefix: str):
+    """(store, local table, saved fallback state) for each local fallback the checkpoint holds
+    in the same shape for the same rows and columns (the table's rows not split, before or
+    now), and the logical tables whose fallback restarts."""
+    saved = saved_shards(checkpoint_id, prefix)
+    kept, restarted = [], []
+    for lookup in sharded._lookups:
+        store = lookup.store
+        for name, layout in store.layouts.items():
+            if name not in store.fallbacks:
+                continue
+            table = layout.logical_name
+            shards = saved.get(table, [])
+            whole = layout.row_block is None and layout.row_offset == 0 and \
+                len({row for row, _, _ in shards}) == 1
+            col = layout.chunk_offset * layout.chunk_size
+            mine = fallback_state(store, name)
+            match = [metas for row, c, metas in shards if c == col]
+            if whole and match and all(
+                f in match[0] and tuple(match[0][f].size) == tuple(t.shape) for f, t in mine.items()
+            ):
+                row = shards[0][0]
+                keys = {prefix + _shard_key(table, row, col, f): match[0][f] for f in mine}
+                got = _read(checkpoint_id, keys)
+                kept.append((store, name, {f: got[prefix + _shard_key(table, row, col, f)]
+                                           for f in mine}))
+            else:
+                restarted.append(table)
+    return kept, restarted
 
 
 def _shard_key(table: str, row: int, col: int, field: str) -> str:
