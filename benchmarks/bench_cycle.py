@@ -50,9 +50,15 @@ def measure(cfg: BenchConfig, budget: float, sample_sizes: List[int], fill_steps
     ebc = FiitedEmbeddingBagCollection(tables, config)
     zipf = ZipfIds(cfg)
 
+    seen_keys: List[torch.Tensor] = []
+
     def step() -> float:
         b = zipf.batch(1)
         kjt = to_kjt(cfg, b)
+        # Distinct (table, id) pairs the module has seen (untimed).
+        table = torch.repeat_interleave(torch.arange(len(tables)),
+                                        torch.tensor(kjt.length_per_key()))
+        seen_keys.append(torch.unique(table * (1 << 40) + kjt.values()))
         start = time.perf_counter()
         ebc(kjt).values().backward(b.grad)
         return time.perf_counter() - start
@@ -74,7 +80,9 @@ def measure(cfg: BenchConfig, budget: float, sample_sizes: List[int], fill_steps
         seen = sum(int(e.num_seen) for e in ebc.store.entries.values())
         sampled = sum(r["num_sampled"] for r in report.values())
         cycle_s = statistics.median(times)
-        rows.append({"budget": budget, "resident": seen, "m": m, "sampled": sampled,
+        distinct = int(torch.unique(torch.cat(seen_keys)).numel())
+        rows.append({"budget": budget, "resident": seen, "seen_ids": distinct, "m": m,
+                     "sampled": sampled,
                      "cycle_ms": 1e3 * cycle_s, "step_ms": 1e3 * step_s,
                      "pct_of_1000_steps": 100 * cycle_s / (1000 * step_s)})
     return rows
@@ -90,6 +98,10 @@ def main() -> int:
     parser.add_argument("--fill-steps", type=int, default=30)
     parser.add_argument("--gap", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--row-scales", nargs="+", type=float, default=None,
+                        help="instead of --budgets: every table's rows times each scale at the "
+                             "fixed bytes of the first budget at scale 1 (more ids seen, the same "
+                             "resident entries)")
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test")
     parser.add_argument("--out", help="write the measurements as JSON here")
     a = parser.parse_args()
@@ -101,15 +113,27 @@ def main() -> int:
     if a.quick:
         a.budgets, a.sample_sizes, a.fill_steps, a.repeats = [0.05, 0.25], [256, 1024], 4, 1
     rows = []
-    for budget in a.budgets:
-        rows.extend(measure(cfg, budget, a.sample_sizes, a.fill_steps, a.gap, a.repeats,
-                            a.num_chunks))
+    if a.row_scales:
+        # Fixed bytes: budget b at scale 1 is b / s at s times the rows (store v2 sizes nothing
+        # by the id space), so the pools and entries stay, and only the ids seen grow.
+        for scale in a.row_scales:
+            scaled = dataclasses.replace(
+                cfg, table_rows=tuple(max(1, int(r * scale)) for r in cfg.table_rows))
+            for r in measure(scaled, a.budgets[0] / scale, a.sample_sizes, a.fill_steps, a.gap,
+                             a.repeats, a.num_chunks):
+                rows.append(dict(r, row_scale=scale))
+    else:
+        for budget in a.budgets:
+            rows.extend(measure(cfg, budget, a.sample_sizes, a.fill_steps, a.gap, a.repeats,
+                                a.num_chunks))
     print(f"{cfg.describe()} x D={a.dim}, K={a.num_chunks}, batch {cfg.batch_size}, L=1\n")
-    print("| budget | resident entries | m | sampled | cycle ms | step ms | % of 1000 steps |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| rows x | budget | ids seen | resident entries | m | sampled | cycle ms | step ms "
+          "| % of 1000 steps |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['budget']} | {r['resident']:,} | {r['m']:,} | {r['sampled']:,} "
-              f"| {r['cycle_ms']:.1f} | {r['step_ms']:.1f} | {r['pct_of_1000_steps']:.3f} |")
+        print(f"| {r.get('row_scale', 1)} | {r['budget']:.4g} | {r['seen_ids']:,} "
+              f"| {r['resident']:,} | {r['m']:,} | {r['sampled']:,} | {r['cycle_ms']:.1f} "
+              f"| {r['step_ms']:.1f} | {r['pct_of_1000_steps']:.3f} |")
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"config": vars(a), "rows": rows}, f, indent=1)
