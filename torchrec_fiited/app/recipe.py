@@ -22,8 +22,8 @@ from torchrec_fiited.app.checkpoint import (
     Checkpointer, check_compatible, read_meta, rng_state, set_rng_state,
 )
 from torchrec_fiited.app.embeddings import (
-    SINGLE_PROCESS_METHODS, EmbeddingSpec, build_embeddings, embedding_bytes, fused_optimizer,
-    local_shard_bytes,
+    FIITED_METHODS, SINGLE_PROCESS_METHODS, EmbeddingSpec, build_embeddings, embedding_bytes,
+    fused_optimizer, local_shard_bytes,
 )
 from torchrec_fiited.app.loop import TrainResult, predict, train
 from torchrec_fiited.app.metrics import compute_metrics
@@ -235,18 +235,48 @@ class TrainRecipe:
         if path is None:
             log.warning("train.resume: no checkpoint under %s; starting fresh", self.checkpointer.root)
             return
-        check_compatible(path, read_meta(path), self._run_signature())
+        meta, run = read_meta(path), self._run_signature()
+        # FIITED's sparse state reshards (distributed/reshard.py): another world size resumes.
+        reshard = meta.get("world_size") != run["world_size"] and self.emb.method in FIITED_METHODS
+        check_compatible(path, meta, {k: v for k, v in run.items()
+                                      if not (reshard and k == "world_size")})
         self.dense_optimizer.init_state()  # Adam's state appears at its first step; DCP loads in place
         self._shape_embeddings_like(path)
         state = self._checkpoint_state()
+        mine = f"rank_{self.env.rank}"
+        if reshard:
+            prefix = self._embeddings_prefix()
+            state["model"] = {k: v for k, v in state["model"].items()
+                              if not k.startswith(prefix[len("model."):])}
+            # The fused optimizer's state is per chunk, in the collection (hyper-parameters
+            # come from this run's config); a new rank takes a saved rank's progress record.
+            state.pop("fused_optimizer", None)
+            source = f"rank_{self.env.rank % int(meta['world_size'])}"
+            state[source] = state.pop(mine)
+            mine = source
         self.checkpointer.load(path, state)
+        if reshard:  # the collection keeps its own (fresh) state until load_resharded
+            state["model"] = {**self.model.state_dict(), **state["model"]}
         self.model.load_state_dict(state["model"])
         self.dense_optimizer.load_state_dict(state["dense_optimizer"])
-        if self.fused_optimizer is not None:
+        if self.fused_optimizer is not None and "fused_optimizer" in state:
             self.fused_optimizer.load_state_dict(state["fused_optimizer"])
-        self._restore_progress(state["trainer"], state[f"rank_{self.env.rank}"])
+        if reshard:
+            from torchrec_fiited.distributed.reshard import load_resharded
+
+            load_resharded(self.embeddings, path, self._embeddings_prefix())
+            log.info("resharded %s from %s to %d processes", path, meta["world_size"],
+                     self.env.world_size)
+        self._restore_progress(state["trainer"], state[mine])
         self.resumed_from_step = self.result.steps
         log.info("resumed from %s (step %d)", path, self.result.steps)
+
+    def _embeddings_prefix(self) -> str:
+        """The embedding collection's key prefix in the checkpoint ("model.<path>."): the
+        model's state-dict keys drop DMP's and DDP's wrapper names, so it is found by key."""
+        own = max(self.embeddings.state_dict(), key=len)
+        key = next(k for k in self.model.state_dict() if k.endswith("." + own))
+        return "model." + key[: -len(own)]
 
     def _shape_embeddings_like(self, path: str) -> None:
         """DCP loads into the module's own tensors, so FIITED-2D pools that had shrunk when the

@@ -61,21 +61,23 @@ def _read(checkpoint_id: str, keys: Dict[str, TensorStorageMetadata]) -> Dict[st
     return state
 
 
-def resharded_state(sharded, checkpoint_id: str, prefix: str = "") -> Dict[str, torch.Tensor]:
-    """The plan-independent state (``state_key`` form) of the tables ``sharded`` (a
-    ``ShardedFiitedEmbeddingBagCollection``) holds on this rank, restricted to its rows, from a
-    checkpoint saved under any plan; ``prefix`` is the collection's key prefix in it.
+def resharded_state(module, checkpoint_id: str, prefix: str = "") -> Dict[str, torch.Tensor]:
+    """The plan-independent state (``state_key`` form) of the tables ``module`` (a
+    ``ShardedFiitedEmbeddingBagCollection``, or an unsharded ``FiitedEmbeddingBagCollection``)
+    holds on this rank, restricted to its rows, from a checkpoint saved under any plan;
+    ``prefix`` is the collection's key prefix in it.
 
     Raises:
         ValueError: a table of this rank that the checkpoint lacks, or a malformed saved shard
             (naming the table and shard).
     """
-    layouts = [lo for lookup in sharded._lookups for lo in lookup.store.layouts.values()]
+    stores = [lookup.store for lookup in getattr(module, "_lookups", [module])]
+    layouts = [lo for store in stores for lo in store.layouts.values()]
     mine: Dict[str, list] = {}
     for lo in layouts:
         mine.setdefault(lo.logical_name, []).append(lo)
     saved = saved_shards(checkpoint_id, prefix)
-    names = fields(sharded._config.optimizer) + ["count"]
+    names = fields(stores[0].optimizer) + ["count"]
     out: Dict[str, torch.Tensor] = {}
     for table, held in mine.items():
         if table not in saved:
@@ -101,8 +103,9 @@ def resharded_state(sharded, checkpoint_id: str, prefix: str = "") -> Dict[str, 
 
 
 def load_resharded(sharded, checkpoint_id: str, prefix: str = "") -> List[str]:
-    """Load into ``sharded`` (every rank calls this) the FIITED state a DCP checkpoint saved
-    under any plan or world size (see the module docstring for what restarts).
+    """Load into ``sharded`` (every rank calls this; or an unsharded collection in one
+    process) the FIITED state a DCP checkpoint saved under any plan or world size (see the
+    module docstring for what restarts).
 
     Returns:
         the tables of this rank whose hashed fallback restarted (their rows were split
@@ -117,14 +120,26 @@ def load_resharded(sharded, checkpoint_id: str, prefix: str = "") -> List[str]:
     fallbacks: List[Tuple[Any, str, Dict[str, torch.Tensor]]] = []
     restarted: List[str] = []
     try:
-        state = resharded_state(sharded, checkpoint_id, prefix)
-        fallbacks, restarted = _kept_fallbacks(sharded, checkpoint_id, prefix)
+        if saved_shards(checkpoint_id, prefix):
+            state = resharded_state(sharded, checkpoint_id, prefix)
+            fallbacks, restarted = _kept_fallbacks(sharded, checkpoint_id, prefix)
+        else:  # saved by an unsharded collection: its own store layout
+            state = _unsharded_state(sharded, checkpoint_id, prefix)
+            restarted = sorted({lo.logical_name for lookup in getattr(sharded, "_lookups", [])
+                                for name, lo in lookup.store.layouts.items()
+                                if name in lookup.store.fallbacks})
     except ValueError as e:
         errors.append(str(e))
-    errors = sharded._errors_of_all_ranks(errors)
+    if hasattr(sharded, "_errors_of_all_ranks"):
+        errors = sharded._errors_of_all_ranks(errors)
     if errors:
         raise ValueError("cannot load the FIITED checkpoint: " + "; ".join(errors))
-    sharded.load_state_dict(state, strict=False)
+    if hasattr(sharded, "_lookups"):
+        sharded.load_state_dict(state, strict=False)
+    else:  # one process: the plan-independent form straight into the store
+        from torchrec_fiited.distributed.gather import load_logical_tables
+
+        load_logical_tables(sharded, state)
     for store, table, fallback in fallbacks:
         load_fallback_state(store, table, fallback)
     if restarted:
@@ -133,13 +148,13 @@ def load_resharded(sharded, checkpoint_id: str, prefix: str = "") -> List[str]:
     return sorted(set(restarted))
 
 
-def _kept_fallbacks(sharded, checkpoint_id: str, prefix: str):
+def _kept_fallbacks(module, checkpoint_id: str, prefix: str):
     """(store, local table, saved fallback state) for each local fallback the checkpoint holds
     in the same shape for the same rows and columns (the table's rows not split, before or
     now), and the logical tables whose fallback restarts."""
     saved = saved_shards(checkpoint_id, prefix)
     kept, restarted = [], []
-    for lookup in sharded._lookups:
+    for lookup in getattr(module, "_lookups", [module]):
         store = lookup.store
         for name, layout in store.layouts.items():
             if name not in store.fallbacks:
@@ -173,3 +188,25 @@ def _steps_meta(checkpoint_id: str, key: str):
     if key not in md:
         raise ValueError(f"the checkpoint at {checkpoint_id!r} has no {key!r}")
     return md[key]
+
+
+def _unsharded_state(module, checkpoint_id: str, prefix: str) -> Dict[str, torch.Tensor]:
+    """The plan-independent state of a checkpoint an unsharded ``FiitedEmbeddingBagCollection``
+    saved under ``prefix``: read into a collection of the same tables and config (its budget's
+    bytes; nothing sized by the id space) and exported."""
+    from torchrec_fiited.distributed.gather import logical_tables
+    from torchrec_fiited.modules.fiited_ebc import FiitedEmbeddingBagCollection
+
+    tables = getattr(module, "_tables", None) or module.embedding_bag_configs()
+    config = getattr(module, "_config", None) or module.config
+    template = FiitedEmbeddingBagCollection(tables, config)
+    own = template.state_dict()
+    md = dcp.FileSystemReader(checkpoint_id).read_metadata().state_dict_metadata
+    lacking = sorted(k for k, v in own.items() if isinstance(v, torch.Tensor) and prefix + k not in md)
+    if lacking:
+        raise ValueError(f"the checkpoint at {checkpoint_id!r} holds neither FIITED shards nor an "
+                         f"unsharded collection under {prefix!r} (lacks {lacking[:3]})")
+    target = {prefix + k: v for k, v in own.items() if isinstance(v, torch.Tensor)}
+    dcp.load(target, checkpoint_id=checkpoint_id, no_dist=True)
+    template.load_state_dict({k: target.get(prefix + k, v) for k, v in own.items()})
+    return logical_tables(template)
