@@ -18,13 +18,13 @@ The resident rows, their chunks, utilities, optimizer state and the step count c
 """
 
 import logging
-import re
 from typing import Any, Dict, List, Tuple
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from torchrec_fiited.distributed.gather import SHARD_KEY
 from torchrec_fiited.store.logical import (
     fallback_state,
     fields,
@@ -36,16 +36,18 @@ from torchrec_fiited.store.logical import (
 
 log = logging.getLogger(__name__)
 
-_SHARD = re.compile(r"^(.*)embedding_bags\.([^.]+)\.fiited_shard\.(\d+)_(\d+)\.(\w+)$")
 
 
-def saved_shards(checkpoint_id: str, prefix: str) -> Dict[str, List[Tuple[int, int, Dict[str, TensorStorageMetadata]]]]:
+_SavedShard = Tuple[int, int, Dict[str, TensorStorageMetadata]]
+
+
+def saved_shards(checkpoint_id: str, prefix: str) -> Dict[str, List[_SavedShard]]:
     """Per table, the shards a checkpoint holds under ``prefix``: (first row or hash-range
     start, first column, field -> storage metadata)."""
     md = dcp.FileSystemReader(checkpoint_id).read_metadata().state_dict_metadata
     shards: Dict[Tuple[str, int, int], Dict[str, TensorStorageMetadata]] = {}
     for key, meta in md.items():
-        m = _SHARD.match(key)
+        m = SHARD_KEY.match(key)
         if m and m.group(1) == prefix and isinstance(meta, TensorStorageMetadata):
             shards.setdefault((m.group(2), int(m.group(3)), int(m.group(4))), {})[m.group(5)] = meta
     out: Dict[str, list] = {}
@@ -89,8 +91,9 @@ def resharded_state(module, checkpoint_id: str, prefix: str = "") -> Dict[str, t
             lacking = sorted(set(names) - set(metas))
             if lacking:
                 raise ValueError(f"{where}: the checkpoint lacks {lacking}")
-            got = _read(checkpoint_id, {prefix + _shard_key(table, row, col, f): metas[f] for f in names})
-            form = unpad({f: got[prefix + _shard_key(table, row, col, f)] for f in names}, where)
+            keys = {f: prefix + _shard_key(table, row, col, f) for f in names}
+            got = _read(checkpoint_id, {keys[f]: metas[f] for f in names})
+            form = unpad({f: got[keys[f]] for f in names}, where)
             keep = torch.zeros_like(form["rows"], dtype=torch.bool)
             for lo in held:
                 keep |= lo.holds(form["rows"])
@@ -202,7 +205,8 @@ def _unsharded_state(module, checkpoint_id: str, prefix: str) -> Dict[str, torch
     template = FiitedEmbeddingBagCollection(tables, config)
     own = template.state_dict()
     md = dcp.FileSystemReader(checkpoint_id).read_metadata().state_dict_metadata
-    lacking = sorted(k for k, v in own.items() if isinstance(v, torch.Tensor) and prefix + k not in md)
+    lacking = sorted(k for k, v in own.items()
+                     if isinstance(v, torch.Tensor) and prefix + k not in md)
     if lacking:
         raise ValueError(f"the checkpoint at {checkpoint_id!r} holds neither FIITED shards nor an "
                          f"unsharded collection under {prefix!r} (lacks {lacking[:3]})")

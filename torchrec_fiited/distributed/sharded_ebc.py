@@ -121,7 +121,8 @@ class ShardedFiitedEmbeddingBagCollection(
         # divided after the reduce-scatter.
         # Row-wise tables are split by hash range: their ids travel permuted (local_lookups).
         self._hash_range_rows = {
-            f: t.num_embeddings for t in self._tables for f in t.feature_names if self._row_wise(t.name)
+            f: t.num_embeddings
+            for t in self._tables if self._row_wise(t.name) for f in t.feature_names
         }
         self._split_mean_features = [
             f for t in self._tables for f in t.feature_names
