@@ -103,6 +103,11 @@ def plan_for(kind: str, world_size: int, module) -> ShardingPlan:
     return ShardingPlan({"": mod_plan})
 
 
+def sharded_collection(dmp):
+    """The ShardedFiitedEmbeddingBagCollection inside a DMP."""
+    return next(m for m in dmp.modules() if type(m).__name__ == "ShardedFiitedEmbeddingBagCollection")
+
+
 def loss_weights(seed: int = 1) -> torch.Tensor:
     return torch.randn(4096, 40, generator=torch.Generator().manual_seed(seed))
 
@@ -225,7 +230,7 @@ def dlrm_steps(rank: int, world_size: int, sharding_type: str, config: Dict[str,
             loss.backward()
             dense_opt.step()
             outputs.append(out)
-    sharded = [m for m in dmp.modules() if type(m).__name__ == "ShardedFiitedEmbeddingBagCollection"][0]
+    sharded = sharded_collection(dmp)
     prefix = "model.sparse_arch.embedding_bag_collection."
     state = gather_state_dict({k[len(prefix):]: v for k, v in dmp.state_dict().items() if k.startswith(prefix)})
     return {
@@ -340,7 +345,7 @@ def dcp_load_resharded(
     from torchrec_fiited.distributed import load_resharded
 
     dmp = _ebc_dmp(kind, world_size, config, stride)
-    sharded = [m for m in dmp.modules() if type(m).__name__ == "ShardedFiitedEmbeddingBagCollection"][0]
+    sharded = sharded_collection(dmp)
     load_resharded(sharded, path)
     return _eval_outputs(dmp, rank, world_size, stride)
 
@@ -353,7 +358,7 @@ def dcp_load_resharded_fallbacks(
     from torchrec_fiited.distributed import load_resharded
 
     dmp = _ebc_dmp(kind, world_size, config, stride)
-    sharded = [m for m in dmp.modules() if type(m).__name__ == "ShardedFiitedEmbeddingBagCollection"][0]
+    sharded = sharded_collection(dmp)
     fresh = {n: fb.weights.clone() for lk in sharded._lookups for n, fb in lk.store.fallbacks.items()}
     restarted = load_resharded(sharded, path)
     loaded = {n: not torch.equal(fb.weights, fresh[n])
@@ -369,7 +374,7 @@ def dcp_load_resharded_errors(
     from torchrec_fiited.distributed import load_resharded
 
     dmp = _ebc_dmp(kind, world_size, config)
-    sharded = [m for m in dmp.modules() if type(m).__name__ == "ShardedFiitedEmbeddingBagCollection"][0]
+    sharded = sharded_collection(dmp)
     before = {k: v.clone() for k, v in sharded.state_dict().items()}
     try:
         load_resharded(sharded, path)
@@ -729,7 +734,7 @@ def huge_table_dcp(rank: int, world_size: int, kind: str, path: str, save: bool)
     from torchrec_fiited.distributed import load_resharded
 
     dmp = _huge_dmp(kind, world_size)
-    sharded = [m for m in dmp.modules() if type(m).__name__ == "ShardedFiitedEmbeddingBagCollection"][0]
+    sharded = sharded_collection(dmp)
     if save:
         for step in range(12):
             dmp(_huge_batch(step, rank, world_size)).values().sum().backward()

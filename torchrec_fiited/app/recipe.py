@@ -245,9 +245,11 @@ class TrainRecipe:
         state = self._checkpoint_state()
         mine = f"rank_{self.env.rank}"
         if reshard:
-            prefix = self._embeddings_prefix()
-            state["model"] = {k: v for k, v in state["model"].items()
-                              if not k.startswith(prefix[len("model."):])}
+            prefix = self._embeddings_prefix(state["model"])
+            inner = prefix[len("model."):]
+            # The collection keeps its own (fresh) state until load_resharded.
+            own = {k: v for k, v in state["model"].items() if k.startswith(inner)}
+            state["model"] = {k: v for k, v in state["model"].items() if k not in own}
             # The fused optimizer's state is per chunk, in the collection (hyper-parameters
             # come from this run's config); a new rank takes a saved rank's progress record.
             state.pop("fused_optimizer", None)
@@ -255,34 +257,33 @@ class TrainRecipe:
             state[source] = state.pop(mine)
             mine = source
         self.checkpointer.load(path, state)
-        if reshard:  # the collection keeps its own (fresh) state until load_resharded
-            state["model"] = {**self.model.state_dict(), **state["model"]}
-        self.model.load_state_dict(state["model"])
+        self.model.load_state_dict({**own, **state["model"]} if reshard else state["model"])
         self.dense_optimizer.load_state_dict(state["dense_optimizer"])
         if self.fused_optimizer is not None and "fused_optimizer" in state:
             self.fused_optimizer.load_state_dict(state["fused_optimizer"])
         if reshard:
             from torchrec_fiited.distributed.reshard import load_resharded
 
-            load_resharded(self.embeddings, path, self._embeddings_prefix())
+            load_resharded(self.embeddings, path, prefix)
             log.info("resharded %s from %s to %d processes", path, meta["world_size"],
                      self.env.world_size)
         self._restore_progress(state["trainer"], state[mine])
         self.resumed_from_step = self.result.steps
         log.info("resumed from %s (step %d)", path, self.result.steps)
 
-    def _embeddings_prefix(self) -> str:
-        """The embedding collection's key prefix in the checkpoint ("model.<path>."): the
-        model's state-dict keys drop DMP's and DDP's wrapper names, so it is found by key."""
-        own = max(self.embeddings.state_dict(), key=len)
-        key = next(k for k in self.model.state_dict() if k.endswith("." + own))
-        return "model." + key[: -len(own)]
+    def _embeddings_prefix(self, model_state: Dict[str, Any]) -> str:
+        """The embedding collection's key prefix in the checkpoint ("model.<path>."), from the
+        model's state-dict keys: they drop DMP's and DDP's wrapper names, so it is found by key."""
+        longest = max(self.embeddings.state_dict(), key=len)
+        key = next(k for k in model_state if k.endswith("." + longest))
+        return "model." + key[: -len(longest)]
 
     def _shape_embeddings_like(self, path: str) -> None:
         """DCP loads into the module's own tensors, so FIITED-2D pools that had shrunk when the
         checkpoint was written must take its widths before the state is templated."""
         if not hasattr(self.embeddings, "shape_like"):
             return
+        # Only an unsharded collection reshapes, so its module path is its key prefix.
         name = next(n for n, m in self.model.named_modules() if m is self.embeddings)
         prefix = f"model.{name}."
         saved = self.checkpointer.metadata(path)

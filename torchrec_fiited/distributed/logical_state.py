@@ -56,11 +56,16 @@ from torchrec_fiited.store.logical import (
 )
 
 
+def shard_key_prefix(table: str, start: int, col: int) -> str:
+    """Key prefix of a shard of global ``table`` at first global row (or start of its hash
+    range) ``start`` and first column ``col`` (``gather.SHARD_KEY`` parses it back)."""
+    return f"embedding_bags.{table}.fiited_shard.{start}_{col}."
+
+
 def shard_prefix(layout) -> str:
-    """Key prefix of a local table's shard: its global table, first global row (or start of
-    its hash range) and column."""
+    """Key prefix of a local table's shard."""
     col = layout.chunk_offset * layout.chunk_size
-    return f"embedding_bags.{layout.logical_name}.fiited_shard.{layout.shard_start}_{col}."
+    return shard_key_prefix(layout.logical_name, layout.shard_start, col)
 
 
 def pool_prefix(store, pool: str) -> str:

@@ -25,6 +25,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from torchrec_fiited.distributed.gather import SHARD_KEY
+from torchrec_fiited.distributed.logical_state import shard_key_prefix
 from torchrec_fiited.store.logical import (
     fallback_state,
     fields,
@@ -36,15 +37,17 @@ from torchrec_fiited.store.logical import (
 
 log = logging.getLogger(__name__)
 
-
-
 _SavedShard = Tuple[int, int, Dict[str, TensorStorageMetadata]]
 
 
-def saved_shards(checkpoint_id: str, prefix: str) -> Dict[str, List[_SavedShard]]:
-    """Per table, the shards a checkpoint holds under ``prefix``: (first row or hash-range
-    start, first column, field -> storage metadata)."""
-    md = dcp.FileSystemReader(checkpoint_id).read_metadata().state_dict_metadata
+def checkpoint_metadata(checkpoint_id: str) -> Dict[str, Any]:
+    """DCP's per-key metadata of a checkpoint (read once per load)."""
+    return dict(dcp.FileSystemReader(checkpoint_id).read_metadata().state_dict_metadata)
+
+
+def saved_shards(md: Dict[str, Any], prefix: str) -> Dict[str, List[_SavedShard]]:
+    """Per table, the shards a checkpoint (its metadata ``md``) holds under ``prefix``: (first
+    row or hash-range start, first column, field -> storage metadata)."""
     shards: Dict[Tuple[str, int, int], Dict[str, TensorStorageMetadata]] = {}
     for key, meta in md.items():
         m = SHARD_KEY.match(key)
@@ -63,11 +66,13 @@ def _read(checkpoint_id: str, keys: Dict[str, TensorStorageMetadata]) -> Dict[st
     return state
 
 
-def resharded_state(module, checkpoint_id: str, prefix: str = "") -> Dict[str, torch.Tensor]:
+def resharded_state(
+    module, checkpoint_id: str, prefix: str, md: Dict[str, Any]
+) -> Dict[str, torch.Tensor]:
     """The plan-independent state (``state_key`` form) of the tables ``module`` (a
     ``ShardedFiitedEmbeddingBagCollection``, or an unsharded ``FiitedEmbeddingBagCollection``)
     holds on this rank, restricted to its rows, from a checkpoint saved under any plan;
-    ``prefix`` is the collection's key prefix in it.
+    ``prefix`` is the collection's key prefix in it, ``md`` its metadata.
 
     Raises:
         ValueError: a table of this rank that the checkpoint lacks, or a malformed saved shard
@@ -78,7 +83,7 @@ def resharded_state(module, checkpoint_id: str, prefix: str = "") -> Dict[str, t
     mine: Dict[str, list] = {}
     for lo in layouts:
         mine.setdefault(lo.logical_name, []).append(lo)
-    saved = saved_shards(checkpoint_id, prefix)
+    saved = saved_shards(md, prefix)
     names = fields(stores[0].optimizer) + ["count"]
     out: Dict[str, torch.Tensor] = {}
     for table, held in mine.items():
@@ -91,7 +96,7 @@ def resharded_state(module, checkpoint_id: str, prefix: str = "") -> Dict[str, t
             lacking = sorted(set(names) - set(metas))
             if lacking:
                 raise ValueError(f"{where}: the checkpoint lacks {lacking}")
-            keys = {f: prefix + _shard_key(table, row, col, f) for f in names}
+            keys = {f: prefix + shard_key_prefix(table, row, col) + f for f in names}
             got = _read(checkpoint_id, {keys[f]: metas[f] for f in names})
             form = unpad({f: got[keys[f]] for f in names}, where)
             keep = torch.zeros_like(form["rows"], dtype=torch.bool)
@@ -101,7 +106,9 @@ def resharded_state(module, checkpoint_id: str, prefix: str = "") -> Dict[str, t
         for field, tensor in merge_shards(parts).items():
             out[state_key(table, field)] = tensor
     steps = prefix + "steps_done"
-    out["steps_done"] = _read(checkpoint_id, {steps: _steps_meta(checkpoint_id, steps)})[steps]
+    if steps not in md:
+        raise ValueError(f"the checkpoint at {checkpoint_id!r} has no {steps!r}")
+    out["steps_done"] = _read(checkpoint_id, {steps: md[steps]})[steps]
     return out
 
 
@@ -123,11 +130,13 @@ def load_resharded(sharded, checkpoint_id: str, prefix: str = "") -> List[str]:
     fallbacks: List[Tuple[Any, str, Dict[str, torch.Tensor]]] = []
     restarted: List[str] = []
     try:
-        if saved_shards(checkpoint_id, prefix):
-            state = resharded_state(sharded, checkpoint_id, prefix)
-            fallbacks, restarted = _kept_fallbacks(sharded, checkpoint_id, prefix)
+        md = checkpoint_metadata(checkpoint_id)
+        saved = saved_shards(md, prefix)
+        if saved:
+            state = resharded_state(sharded, checkpoint_id, prefix, md)
+            fallbacks, restarted = _kept_fallbacks(sharded, checkpoint_id, prefix, saved)
         else:  # saved by an unsharded collection: its own store layout
-            state = _unsharded_state(sharded, checkpoint_id, prefix)
+            state = _unsharded_state(sharded, checkpoint_id, prefix, md)
             restarted = sorted({lo.logical_name for lookup in getattr(sharded, "_lookups", [])
                                 for name, lo in lookup.store.layouts.items()
                                 if name in lookup.store.fallbacks})
@@ -151,11 +160,10 @@ def load_resharded(sharded, checkpoint_id: str, prefix: str = "") -> List[str]:
     return sorted(set(restarted))
 
 
-def _kept_fallbacks(module, checkpoint_id: str, prefix: str):
-    """(store, local table, saved fallback state) for each local fallback the checkpoint holds
-    in the same shape for the same rows and columns (the table's rows not split, before or
-    now), and the logical tables whose fallback restarts."""
-    saved = saved_shards(checkpoint_id, prefix)
+def _kept_fallbacks(module, checkpoint_id: str, prefix: str, saved):
+    """(store, local table, saved fallback state) for each local fallback the checkpoint
+    (its ``saved_shards``) holds in the same shape for the same rows and columns (the table's
+    rows not split, before or now), and the logical tables whose fallback restarts."""
     kept, restarted = [], []
     for lookup in getattr(module, "_lookups", [module]):
         store = lookup.store
@@ -172,28 +180,17 @@ def _kept_fallbacks(module, checkpoint_id: str, prefix: str):
             if whole and match and all(
                 f in match[0] and tuple(match[0][f].size) == tuple(t.shape) for f, t in mine.items()
             ):
-                row = shards[0][0]
-                keys = {prefix + _shard_key(table, row, col, f): match[0][f] for f in mine}
-                got = _read(checkpoint_id, keys)
-                kept.append((store, name, {f: got[prefix + _shard_key(table, row, col, f)]
-                                           for f in mine}))
+                base = prefix + shard_key_prefix(table, shards[0][0], col)
+                got = _read(checkpoint_id, {base + f: match[0][f] for f in mine})
+                kept.append((store, name, {f: got[base + f] for f in mine}))
             else:
                 restarted.append(table)
     return kept, restarted
 
 
-def _shard_key(table: str, row: int, col: int, field: str) -> str:
-    return f"embedding_bags.{table}.fiited_shard.{row}_{col}.{field}"
-
-
-def _steps_meta(checkpoint_id: str, key: str):
-    md = dcp.FileSystemReader(checkpoint_id).read_metadata().state_dict_metadata
-    if key not in md:
-        raise ValueError(f"the checkpoint at {checkpoint_id!r} has no {key!r}")
-    return md[key]
-
-
-def _unsharded_state(module, checkpoint_id: str, prefix: str) -> Dict[str, torch.Tensor]:
+def _unsharded_state(
+    module, checkpoint_id: str, prefix: str, md: Dict[str, Any]
+) -> Dict[str, torch.Tensor]:
     """The plan-independent state of a checkpoint an unsharded ``FiitedEmbeddingBagCollection``
     saved under ``prefix``: read into a collection of the same tables and config (its budget's
     bytes; nothing sized by the id space) and exported."""
@@ -204,7 +201,6 @@ def _unsharded_state(module, checkpoint_id: str, prefix: str) -> Dict[str, torch
     config = getattr(module, "_config", None) or module.config
     template = FiitedEmbeddingBagCollection(tables, config)
     own = template.state_dict()
-    md = dcp.FileSystemReader(checkpoint_id).read_metadata().state_dict_metadata
     lacking = sorted(k for k, v in own.items()
                      if isinstance(v, torch.Tensor) and prefix + k not in md)
     if lacking:

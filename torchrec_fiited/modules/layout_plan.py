@@ -47,10 +47,6 @@ class TableShard:
     col_offset: int = 0
     row_block: Optional[Tuple[int, int]] = None
 
-    def rows_held(self, t: EmbeddingBagConfig) -> int:
-        """Rows of the local table ``t`` that the budget sizes."""
-        return self.row_block[1] - self.row_block[0] if self.row_block else t.num_embeddings
-
 
 @dataclass
 class PoolPlan:
@@ -243,7 +239,7 @@ def plan_pools(
             )
         )
         fraction = shard_pool_fraction(logical, g.name, chunk_offset, k_local)
-        rows = shard.rows_held(t)
+        rows = layouts[-1].num_rows  # the budget sizes the rows it holds, not its id space
         local_bytes[pool] = local_bytes.get(pool, 0.0) + fraction * shard_full_bytes(
             rows, t.embedding_dim, g.embedding_dim, config.optimizer
         )

@@ -28,7 +28,6 @@ from torchrec_fiited.store.layout import (
     entry_key,
     key_row,
     key_table,
-    row_permutation,
     table_key,
 )
 from torchrec_fiited.store.sizing import SKETCH_DEPTH, PoolSizes
@@ -117,7 +116,9 @@ class TableLayout:
         if self.row_block is None:
             return (rows >= self.row_offset) & (rows < self.row_offset + self.num_entries)
         inside = (rows >= 0) & (rows < self.num_entries)
-        hashed = row_permutation(rows.clamp(0, self.num_entries - 1), self.num_entries)
+        clamped = rows.clamp(0, self.num_entries - 1).to(torch.int64)
+        hashed = dispatch.row_permutation(clamped, [0, clamped.numel()], [self.num_entries], [0],
+                                          inverse=False)
         return inside & (hashed >= self.row_block[0]) & (hashed < self.row_block[1])
 
     @property
