@@ -211,18 +211,22 @@ def test_dcp_save_at_two_ranks_loads_at_one_and_four_under_any_plan(saved_as, lo
         torch.testing.assert_close(got, saved, rtol=1e-6, atol=1e-7, msg=f"{world_size} {kind}")
 
 
-def test_hashed_fallbacks_survive_a_resharded_load_where_the_rows_stay_whole(tmp_path):
-    path, S = str(tmp_path / "ckpt"), 8
-    saved = run_ranks(cases.dcp_save, 2, "table_wise", HASHED, path, S)[0]
-    for world_size in (1, 4):  # every table whole on one rank, before and after
-        got = run_ranks(cases.dcp_load_resharded_fallbacks, world_size, "table_wise", HASHED, path, S)
+def test_hashed_fallbacks_reshard_bucket_by_bucket(tmp_path):
+    # Row-wise at 2 ranks under a binding budget, every table's hashed fallback split over the
+    # ranks (the bucket at the boundary on both, trained as one), loaded whole at 1 and at 4
+    # ranks: every fallback comes back and every id reads what it read when saved. (Split into
+    # other splits: test_reshard_fallback.py; binding pools at 4 ranks would not fit here.)
+    # A few wide buckets, so both ranks' ids train the boundary bucket at every step.
+    config, path, S = dict(HASHED, fallback_fraction=0.01), str(tmp_path / "ckpt"), 8
+    saved = run_ranks(cases.dcp_save, 2, "row_wise", config, path, S)[0]
+    for world_size in (1, 4):
+        got = run_ranks(cases.dcp_load_resharded_fallbacks, world_size, "table_wise", config, path, S)
         assert all(r["restarted"] == [] for r in got)
-        assert any(any(r["loaded"].values()) for r in got)  # a trained fallback came back
-        torch.testing.assert_close(got[0]["outputs"], saved, rtol=0, atol=0)
-    # Row-wise, each rank's fallback rows hash differently: they restart, and say so.
-    roomier = dict(HASHED, table_budgets={"t0": 1.0, "t1": 1.0, "t2": 1.0})
-    got = run_ranks(cases.dcp_load_resharded_fallbacks, 2, "row_wise", roomier, path, S)
-    assert all(r["restarted"] == ["t0", "t1", "t2"] for r in got)
+        assert sum(len(r["loaded"]) for r in got) == 3  # every table's fallback
+        assert any(any(r["loaded"].values()) for r in got)  # trained ones came back
+        # Row-wise bags were sums of per-rank partial bags: equal up to fp32 summation order.
+        torch.testing.assert_close(got[0]["outputs"], saved, rtol=1e-6, atol=1e-7,
+                                   msg=f"{world_size} ranks")
 
 
 def test_a_resharded_load_that_does_not_fit_refuses_on_every_rank(tmp_path):

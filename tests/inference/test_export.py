@@ -454,10 +454,11 @@ def test_old_and_unknown_file_versions_are_refused(tmp_path):
     good = tmp_path / "good.pt"
     save_inference(export_for_inference(m), good)
     blob = torch.load(good, weights_only=True)
-    assert blob["format"] == FORMAT and blob["version"] == 2
+    assert blob["format"] == FORMAT and blob["version"] == 3
     for version, message in ((1, r"version 1 \(store v1: per-row chunk_slots \[E, K\]\) is no "
                                  r"longer supported.*Re-export"),
-                             (3, r"version 3 vs supported 2")):
+                             (2, r"version 2 read its hashed fallbacks by mix64.*Re-export"),
+                             (4, r"version 4 vs supported 3")):
         path = tmp_path / f"v{version}.pt"
         torch.save({**blob, "version": version}, path)
         with pytest.raises(ValueError, match=re.escape(str(path)) + ".*" + message):

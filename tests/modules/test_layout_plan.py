@@ -13,6 +13,7 @@ from torchrec_fiited.modules.layout_plan import (
     TableShard,
     logical_pools,
     plan_pools,
+    shard_budget,
     shard_full_bytes,
     shard_pool_fraction,
     sizing_options,
@@ -37,13 +38,23 @@ def _column_shards(config):
 
 
 def _charged(plan, fraction, rows, dim, config):
-    """The local pool's sizes are size_pool's for ``fraction`` of the shard's full bytes, and its
-    tensors fit those bytes."""
+    """The local pool's sizes are size_pool's for the shard's budget (``fraction`` of its full
+    bytes; a column shard with a sketch: its part of the logical sketch and the fraction of the
+    rest, ``shard_budget``), and its tensors fit those bytes."""
     (pool, sizes), = plan.sizes.items()
     spec = [TableSpec(plan.layouts[0].name, rows, dim)]
     K = plan.num_chunks
-    charged = fraction * shard_full_bytes(rows, dim, TABLE.embedding_dim, OPT)
-    assert sizes == size_pool(spec, 1.0, K, OPT, budget_bytes=charged, **sizing_options(config))
+    layout = plan.layouts[0]
+    logical = logical_pools([TABLE], config)
+    charged, cells = shard_budget(logical, "t", layout.chunk_offset, K, rows, dim,
+                                  TABLE.embedding_dim, OPT)
+    if cells is None:
+        assert charged == fraction * shard_full_bytes(rows, dim, TABLE.embedding_dim, OPT)
+    else:
+        assert cells == logical.sizes["shared_cs4"].sketch_width * rows / 1000
+    assert sizes == size_pool(spec, 1.0, K, OPT, budget_bytes=charged,
+                              sketch_width=None if cells is None else int(cells),
+                              **sizing_options(config))
     assert pool_bytes(sizes, spec, K, OPT)["total"] <= charged
     assert plan.capacities[pool] == sizes.slots
 

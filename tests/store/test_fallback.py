@@ -1,31 +1,78 @@
-"""store/fallback.py: the hashed fallback reads mix64(key ^ salt) % rows, pools only the ids
-marked missing, and takes one optimizer step per fallback row from the summed id gradients."""
+"""store/fallback.py: the hashed fallback reads bucket row_permutation(row, E) // width of the
+id's row, pools only the ids marked missing, takes one optimizer step per fallback row from the
+summed id gradients, and a shard's buckets are the unsharded table's (values and reads)."""
 
+import pytest
 import torch
 
 from torchrec_fiited.ops import FusedParams
-from torchrec_fiited.store import HashedFallback
+from torchrec_fiited.store import HashedFallback, row_permutation
+from torchrec_fiited.store.fallback import FallbackGrid, bucket_width
+from torchrec_fiited.store.layout import entry_key
 
-U64 = (1 << 64) - 1
+E = 1000
+
+
+def _fallback(rows: int = 7, dim: int = 4, optimizer: str = "sgd", seed: int = 11,
+              lo: int = 0, hi: int = E, col_offset: int = 0) -> HashedFallback:
+    grid = FallbackGrid(E, bucket_width(E, rows), lo, hi)
+    return HashedFallback(grid, dim, optimizer, (-0.5, 0.5), seed, torch.device("cpu"), col_offset)
 
 
 def _row(key: int, rows: int) -> int:
-    """The fallback row, re-implemented: splitmix64's finalizer of key ^ salt, as int64, mod rows."""
-    x = (key ^ 0x7F4A7C159E3779B9) & U64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & U64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & U64
-    x ^= x >> 31
-    return (x - (1 << 64) if x >= 1 << 63 else x) % rows
+    """The fallback row, re-implemented: the permuted row's bucket of width ceil(E / rows)."""
+    row = key & ((1 << 56) - 1)
+    return int(row_permutation(torch.tensor([row]), E)[0]) // -(-E // rows)
 
 
-def _fallback(rows: int = 7, dim: int = 4, optimizer: str = "sgd") -> HashedFallback:
-    return HashedFallback(rows, dim, optimizer, (-0.5, 0.5), 11, torch.device("cpu"))
-
-
-def test_rows_of_is_the_salted_splitmix_hash():
+def test_rows_of_is_the_bucket_of_the_permuted_row():
     fb = _fallback()
-    keys = [0, 1, 5, 2**56 + 3, 3 * 2**56 + 10**7 - 1, 2**62]
+    assert fb.rows == 7 and fb.grid.width == 143
+    keys = [0, 1, 5, 2**56 + 3, 3 * 2**56 + 999, 127 * 2**56 + 500]
     assert fb.rows_of(torch.tensor(keys)).tolist() == [_row(k, 7) for k in keys]
+    every = fb.rows_of(torch.arange(E))
+    assert torch.bincount(every).tolist() == [143] * 6 + [142]  # blocks of the permuted rows
+
+
+@pytest.mark.parametrize("bounds", [[0, 500, 1000], [0, 250, 500, 750, 1000], [0, 333, 334, 1000]])
+def test_a_row_shard_holds_the_whole_tables_buckets_that_meet_its_range(bounds):
+    whole = _fallback(rows=30, dim=3, optimizer="rowwise_adagrad", col_offset=2)
+    ids = torch.arange(E)
+    permuted = row_permutation(ids, E)
+    for lo, hi in zip(bounds, bounds[1:]):
+        shard = _fallback(rows=30, dim=3, optimizer="rowwise_adagrad", lo=lo, hi=hi, col_offset=2)
+        assert shard.grid.first == lo // 34 and shard.rows == (hi - 1) // 34 - lo // 34 + 1
+        assert torch.equal(shard.weights, whole.weights[shard.grid.first : shard.grid.first + shard.rows])
+        mine = ids[(permuted >= lo) & (permuted < hi)]
+        keys = entry_key(3, mine)
+        assert torch.equal(shard.rows_of(keys) + shard.grid.first, whole.rows_of(keys))
+        assert shard.grid.split == (lo > 0 or hi < E)
+
+
+def test_split_shards_sum_their_edge_gradients_like_one_table():
+    """Two shards cutting a bucket step it with the gradient summed over both, as the whole
+    table does, so their copies stay equal."""
+    params = FusedParams("rowwise_adagrad", 0.1, 1e-8, 0.0, "grad_access", 0.9, 0)
+    whole = _fallback(rows=30, optimizer="rowwise_adagrad")
+    left = _fallback(rows=30, optimizer="rowwise_adagrad", lo=0, hi=500)
+    right = _fallback(rows=30, optimizer="rowwise_adagrad", lo=500, hi=E)
+    ids = torch.arange(E)
+    permuted = row_permutation(ids, E)
+    g = torch.randn(E, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64).float()
+    for step in range(3):
+        pick = torch.randperm(E, generator=torch.Generator().manual_seed(step))[:400]
+        whole.update(ids[pick], g[pick], params)
+        for shard, side in ((left, permuted[pick] < 500), (right, permuted[pick] >= 500)):
+            shard.accumulate(ids[pick][side], g[pick][side])
+        every = torch.stack([left.edge_contribution(), right.edge_contribution()])
+        left.flush(params, every)
+        right.flush(params, every)
+    cut = 500 // 34  # the bucket both hold
+    assert left.grid.first + left.rows - 1 == cut == right.grid.first
+    torch.testing.assert_close(left.weights[-1], right.weights[0], rtol=0, atol=0)
+    torch.testing.assert_close(left.weights, whole.weights[: left.rows])
+    torch.testing.assert_close(right.weights, whole.weights[cut:])
+    torch.testing.assert_close(right.momentum, whole.momentum[cut:])
 
 
 def test_initial_values_are_in_range_and_reproducible():
@@ -33,7 +80,7 @@ def test_initial_values_are_in_range_and_reproducible():
     assert torch.equal(a.weights, b.weights)
     assert bool((a.weights >= -0.5).all()) and bool((a.weights < 0.5).all())
     assert a.weights.unique().numel() > 20  # drawn, not constant
-    assert not torch.equal(a.weights, HashedFallback(7, 4, "sgd", (-0.5, 0.5), 12, torch.device("cpu")).weights)
+    assert not torch.equal(a.weights, _fallback(seed=12).weights)
 
 
 def test_pooled_reads_only_missing_ids():
@@ -77,6 +124,6 @@ def test_rowwise_adagrad_state_is_per_fallback_row():
 
 
 def test_empty_fallback_reads_zeros():
-    fb = HashedFallback(0, 4, "sgd", (-0.5, 0.5), 0, torch.device("cpu"))
+    fb = _fallback(rows=0)
     assert fb.weights.shape == (0, 4)
     fb.update(torch.tensor([1]), torch.ones(1, 4), FusedParams("sgd", 0.1, 1e-8, 0.0, "grad_access", 0.9, 0))

@@ -23,12 +23,11 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_fiited import FiitedConfig, FiitedEmbeddingBagCollection
+from torchrec_fiited.store import row_permutation
 from torchrec_fiited.store.sizing import default_entries_per_slot, entry_bytes, slot_bytes
 
 BUDGETS = [0.5, 0.2, 0.05, 0.01, 0.002, 0.001]
 EMPTY = -(2**63)
-U64 = (1 << 64) - 1
-FALLBACK_SALT = 0x7F4A7C159E3779B9  # store/fallback.py's salt: part of the saved format
 TRAIN_BATCH, EVAL_BATCH, PROBES = 64, 8, 24
 # Mean ids per bag of each table's features in training batches: the large tables see hundreds
 # of new ids per step, so small pools fill within a few steps and admission, eviction and
@@ -82,17 +81,9 @@ def _batch(tables, gen, one_id_per_bag: bool = False, batch: int = TRAIN_BATCH) 
     return KeyedJaggedTensor.from_lengths_sync(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths))
 
 
-def _mix64(x: int) -> int:
-    """splitmix64's finalizer on a uint64."""
-    x &= U64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & U64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & U64
-    return x ^ (x >> 31)
-
-
-def _fallback_row(key: int, rows: int) -> int:
-    h = _mix64(key ^ FALLBACK_SALT)
-    return (h - (1 << 64) if h >= 1 << 63 else h) % rows
+def _fallback_row(row: int, num_rows: int, width: int) -> int:
+    """The bucket of the permuted row (row_permutation has its own pinned-value test)."""
+    return int(row_permutation(torch.tensor([row]), num_rows)[0]) // width
 
 
 def _expected_reads(m, tables, kjt) -> dict:
@@ -117,7 +108,7 @@ def _expected_reads(m, tables, kjt) -> dict:
                     rows.append(torch.cat([cp.weights[s] if s >= 0 else torch.zeros(cs) for s in slots]))
                 elif t.name in store.fallbacks:
                     fb = store.fallbacks[t.name]
-                    rows.append(fb.weights[_fallback_row(key, fb.rows)])
+                    rows.append(fb.weights[_fallback_row(row, t.num_embeddings, fb.grid.width)])
                 else:
                     rows.append(torch.zeros(t.embedding_dim))
             out[f] = torch.stack(rows) if rows else torch.zeros(0, t.embedding_dim)

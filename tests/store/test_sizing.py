@@ -1,6 +1,8 @@
 """store/sizing.py: the byte model is exact, ``size_pool`` fits the budget and spends it, and a
 budget too small for one bucket and one slot is refused naming the tables."""
 
+import math
+
 import pytest
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
@@ -135,10 +137,13 @@ def test_size_pool_fits_the_budget_and_spends_it(budget, num_chunks, optimizer, 
     assert got["sketch"] <= max(0.05 * B, min(sizes.entries * cell, 0.25 * B)) + spare
     if miss == "hashed":
         per_row = full_table_bytes(1, 16, optimizer)
-        assert 0.1 * B - len(specs) * per_row < got["fallback"] <= 0.1 * B
-        for t in specs:  # in proportion to each table's full bytes
+        assert got["fallback"] <= 0.1 * B
+        for t in specs:  # in proportion to each table's full bytes, in whole buckets
             share = 0.1 * B * full_table_bytes(t.num_rows, t.dim, optimizer) / full
-            assert share - per_row < sizes.fallback_rows[t.name] * per_row <= share
+            most = int(share // per_row)
+            rows = sizes.fallback_rows[t.name]
+            assert rows == (math.ceil(t.num_rows / math.ceil(t.num_rows / most)) if most else 0)
+            assert most * (1 - most / t.num_rows) - 1 < rows <= most
     else:
         assert got["fallback"] == 0 and not any(sizes.fallback_rows.values())
     alpha = default_entries_per_slot(num_chunks)

@@ -21,9 +21,10 @@ from torchrec_fiited.config import FiitedConfig
 from torchrec_fiited.modules.fiited_ebc import FiitedEmbeddingBagCollection
 from torchrec_fiited.modules.layout_plan import (
     LogicalPools,
+    fallback_widths,
     logical_pools,
-    shard_full_bytes,
-    shard_pool_fraction,
+    shard_budget,
+    shard_fallback_rows,
     sizing_options,
 )
 from torchrec_fiited.store.sizing import TableSpec, pool_bytes, size_pool
@@ -59,13 +60,18 @@ def fiited_shard_bytes(
     rows, cols = int(size[0]), int(size[1])
     chunk_size = dim // config.num_chunks
     k_local, chunk_offset = cols // chunk_size, int(offset[1]) // chunk_size
-    fraction = shard_pool_fraction(logical, table, chunk_offset, k_local)
     spec = [TableSpec(table, rows, cols)]
-    budget_bytes = fraction * shard_full_bytes(rows, cols, dim, config.optimizer)
+    budget_bytes, cells = shard_budget(logical, table, chunk_offset, k_local, rows, cols, dim,
+                                       config.optimizer)
     options = sizing_options(config)
+    width = fallback_widths(tables, logical)[table]
+    row = int(offset[0])  # a row-wise shard's hash range starts there
+    fallback = {table: shard_fallback_rows(width, {t.name: t.num_embeddings for t in tables}[table],
+                                           (row, row + rows))}
     try:
         sizes = size_pool(
-            spec, fraction, k_local, config.optimizer, budget_bytes=budget_bytes, **options
+            spec, 1.0, k_local, config.optimizer, budget_bytes=budget_bytes,
+            fallback_rows=fallback, sketch_width=None if cells is None else int(cells), **options,
         )
     except ValueError:
         return int(budget_bytes)

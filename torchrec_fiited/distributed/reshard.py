@@ -10,11 +10,12 @@ rows plus one saved shard; nothing is sized by ``num_embeddings``. Reads: each r
 shards of its tables whole (DCP deserializes stored items whole), so I/O is at most world size x
 the FIITED part of the checkpoint.
 
-What belongs to a plan restarts: each pool's utility sketch (non-resident ids' estimates) and, with
-``miss="hashed"``, a fallback table whose rows were split differently (its hash rows depend on
-the shard's size): a table held whole before and after (table-wise or unsharded, or the same
-column shard) keeps its fallback bit for bit; a row-wise one restarts it (logged, and returned).
-The resident rows, their chunks, utilities, optimizer state and the step count carry over.
+What belongs to a plan restarts: each pool's utility sketch (non-resident ids' estimates). With
+``miss="hashed"``, a table's fallback is one function of the id under every plan (buckets of the
+permuted id, ``store/fallback.py``): each new shard takes the buckets that meet its rows from
+the saved shards that hold them, bit for bit, whatever the old and new row splits; only a
+column split that differs (other column widths) restarts it (logged, and returned). The
+resident rows, their chunks, utilities, optimizer state and the step count carry over.
 """
 
 import logging
@@ -26,6 +27,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from torchrec_fiited.distributed.gather import SHARD_KEY
 from torchrec_fiited.distributed.logical_state import shard_key_prefix
+from torchrec_fiited.store.fallback import FallbackGrid
 from torchrec_fiited.store.logical import (
     fallback_state,
     fields,
@@ -118,7 +120,7 @@ def load_resharded(sharded, checkpoint_id: str, prefix: str = "") -> List[str]:
     module docstring for what restarts).
 
     Returns:
-        the tables of this rank whose hashed fallback restarted (their rows were split
+        the tables of this rank whose hashed fallback restarted (their columns were split
         differently), also logged as a warning.
 
     Raises:
@@ -132,14 +134,21 @@ def load_resharded(sharded, checkpoint_id: str, prefix: str = "") -> List[str]:
     try:
         md = checkpoint_metadata(checkpoint_id)
         saved = saved_shards(md, prefix)
+        layouts = [lo for lookup in getattr(sharded, "_lookups", [sharded])
+                   for lo in lookup.store.layouts.values()]
         if saved:
             state = resharded_state(sharded, checkpoint_id, prefix, md)
-            fallbacks, restarted = _kept_fallbacks(sharded, checkpoint_id, prefix, saved)
+            pieces = _saved_fallback_pieces(checkpoint_id, prefix, saved, layouts)
         else:  # saved by an unsharded collection: its own store layout
-            state = _unsharded_state(sharded, checkpoint_id, prefix, md)
-            restarted = sorted({lo.logical_name for lookup in getattr(sharded, "_lookups", [])
-                                for name, lo in lookup.store.layouts.items()
-                                if name in lookup.store.fallbacks})
+            state, template = _unsharded_state(sharded, checkpoint_id, prefix, md)
+            pieces = {
+                template.store.layouts[name].logical_name: [_FallbackPiece(
+                    fb.grid.first, fb.rows, 0, fb.weights.shape[1],
+                    lambda fb=fb: {"fallback_weights": fb.weights, "fallback_momentum": fb.momentum},
+                )]
+                for name, fb in template.store.fallbacks.items()
+            }
+        fallbacks, restarted = _assembled_fallbacks(sharded, pieces)
     except ValueError as e:
         errors.append(str(e))
     if hasattr(sharded, "_errors_of_all_ranks"):
@@ -155,34 +164,83 @@ def load_resharded(sharded, checkpoint_id: str, prefix: str = "") -> List[str]:
     for store, table, fallback in fallbacks:
         load_fallback_state(store, table, fallback)
     if restarted:
-        log.warning("hashed fallbacks restart under the new plan (their rows were split "
+        log.warning("hashed fallbacks restart under the new plan (their columns were split "
                     "differently): tables %s", sorted(set(restarted)))
     return sorted(set(restarted))
 
 
-def _kept_fallbacks(module, checkpoint_id: str, prefix: str, saved):
-    """(store, local table, saved fallback state) for each local fallback the checkpoint
-    (its ``saved_shards``) holds in the same shape for the same rows and columns (the table's
-    rows not split, before or now), and the logical tables whose fallback restarts."""
+class _FallbackPiece:
+    """A saved fallback's buckets [first, first + rows) of columns [col, col + width), read
+    on first use (``fallback_weights``, ``fallback_momentum``)."""
+
+    def __init__(self, first: int, rows: int, col: int, width: int, read) -> None:
+        self.first, self.rows, self.col, self.width = first, rows, col, width
+        self._read, self._state = read, None
+
+    def state(self) -> Dict[str, torch.Tensor]:
+        if self._state is None:
+            self._state = self._read()
+        return self._state
+
+
+def _saved_fallback_pieces(checkpoint_id: str, prefix: str, saved, layouts) -> Dict[str, list]:
+    """Per logical table with a fallback here, the saved shards' fallback pieces. A saved row
+    shard holds the hash range from its start to the next shard's (of its column), and the
+    buckets of width ``fallback_width`` that meet it; a piece whose rows disagree is left out
+    (the fallback then restarts)."""
+    pieces: Dict[str, list] = {}
+    for lo in layouts:
+        table, width = lo.logical_name, lo.fallback_width
+        if table in pieces or not width:
+            continue
+        pieces[table] = []
+        shards = saved.get(table, [])
+        for row, col, metas in shards:
+            meta = metas.get("fallback_weights")
+            if meta is None:
+                continue
+            ends = sorted(r for r, c, _ in shards if c == col and r > row)
+            grid = FallbackGrid(lo.num_entries, width, row, ends[0] if ends else lo.num_entries)
+            if grid.rows != meta.size[0]:
+                continue
+            base = prefix + shard_key_prefix(table, row, col)
+            keys = {f: base + f for f in ("fallback_weights", "fallback_momentum") if f in metas}
+
+            def read(keys=keys, metas=metas) -> Dict[str, torch.Tensor]:
+                got = _read(checkpoint_id, {k: metas[f] for f, k in keys.items()})
+                return {f: got[k] for f, k in keys.items()}
+
+            pieces[table].append(_FallbackPiece(grid.first, grid.rows, col, meta.size[1], read))
+    return pieces
+
+
+def _assembled_fallbacks(module, pieces: Dict[str, list]):
+    """(store, local table, fallback state) for each local fallback whose buckets and columns
+    the saved pieces cover (bucket by bucket: the copies of a bucket cut by a shard boundary
+    are equal, ``HashedFallback.flush``), and the logical tables whose fallback restarts."""
     kept, restarted = [], []
     for lookup in getattr(module, "_lookups", [module]):
         store = lookup.store
         for name, layout in store.layouts.items():
             if name not in store.fallbacks:
                 continue
-            table = layout.logical_name
-            shards = saved.get(table, [])
-            whole = layout.row_block is None and layout.row_offset == 0 and \
-                len({row for row, _, _ in shards}) == 1
-            col = layout.chunk_offset * layout.chunk_size
-            mine = fallback_state(store, name)
-            match = [metas for row, c, metas in shards if c == col]
-            if whole and match and all(
-                f in match[0] and tuple(match[0][f].size) == tuple(t.shape) for f, t in mine.items()
-            ):
-                base = prefix + shard_key_prefix(table, shards[0][0], col)
-                got = _read(checkpoint_id, {base + f: match[0][f] for f in mine})
-                kept.append((store, name, {f: got[base + f] for f in mine}))
+            table, mine = layout.logical_name, fallback_state(store, name)
+            grid = store.fallbacks[name].grid
+            col, width = layout.chunk_offset * layout.chunk_size, layout.dim
+            out = {f: t.clone() for f, t in mine.items()}
+            covered = torch.zeros(grid.rows, dtype=torch.bool)
+            for piece in pieces.get(table, []):
+                lo = max(grid.first, piece.first)
+                hi = min(grid.first + grid.rows, piece.first + piece.rows)
+                if piece.col != col or piece.width != width or lo >= hi:
+                    continue
+                theirs = piece.state()
+                for f, t in out.items():
+                    if t.numel():
+                        t[lo - grid.first : hi - grid.first] = theirs[f][lo - piece.first : hi - piece.first]
+                covered[lo - grid.first : hi - grid.first] = True
+            if bool(covered.all()):
+                kept.append((store, name, out))
             else:
                 restarted.append(table)
     return kept, restarted
@@ -193,7 +251,7 @@ def _unsharded_state(
 ) -> Dict[str, torch.Tensor]:
     """The plan-independent state of a checkpoint an unsharded ``FiitedEmbeddingBagCollection``
     saved under ``prefix``: read into a collection of the same tables and config (its budget's
-    bytes; nothing sized by the id space) and exported."""
+    bytes; nothing sized by the id space) and exported; and that collection (its fallbacks)."""
     from torchrec_fiited.distributed.gather import logical_tables
     from torchrec_fiited.modules.fiited_ebc import FiitedEmbeddingBagCollection
 
@@ -209,4 +267,4 @@ def _unsharded_state(
     target = {prefix + k: v for k, v in own.items() if isinstance(v, torch.Tensor)}
     dcp.load(target, checkpoint_id=checkpoint_id, no_dist=True)
     template.load_state_dict({k: target.get(prefix + k, v) for k, v in own.items()})
-    return logical_tables(template)
+    return logical_tables(template), template

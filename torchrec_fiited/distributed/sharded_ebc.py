@@ -320,6 +320,25 @@ class ShardedFiitedEmbeddingBagCollection(
     ) -> LazyAwaitable[KeyedTensor]:
         return self.output_dist(ctx, self.compute(ctx, input))
 
+    def _flush_fallbacks(self) -> None:
+        """Step every hashed fallback. A fallback bucket cut by a row shard boundary lives on
+        both shards: its gradient is summed over every rank that touched it (one all-gather of
+        each split fallback's edge buckets), so the copies stay equal and a checkpoint can
+        reshard the fallback bucket by bucket. Every rank calls this with the same split tables
+        (the plan's row-wise tables with a fallback)."""
+        split = [(i, name) for i, lookup in enumerate(self._lookups)
+                 for name, fb in sorted(lookup.store.fallbacks.items()) if fb.grid.split]
+        every_edge: List[Dict[str, torch.Tensor]] = [{} for _ in self._lookups]
+        if split:
+            parts = [self._lookups[i].store.fallbacks[name].edge_contribution() for i, name in split]
+            every = self._coordinator.gather_tensor(torch.cat([p.flatten() for p in parts]))
+            start = 0
+            for (i, name), part in zip(split, parts):
+                every_edge[i][name] = every[:, start : start + part.numel()].reshape(-1, *part.shape)
+                start += part.numel()
+        for lookup, edges in zip(self._lookups, every_edge):
+            lookup._flush_fallbacks(edges)
+
     def _end_step(self) -> None:
         """After every lookup's update: advance all lookups together, and cycle when due."""
         for lookup in self._lookups:
@@ -385,6 +404,7 @@ class _ShardedFusedLookup(torch.autograd.Function):
         module = ctx.module
         for lookup, (batch, _), grad in zip(module._lookups, ctx.batches, grads):
             if batch:
-                lookup._apply_gradients(batch, grad.contiguous())
+                lookup._apply_gradients(batch, grad.contiguous(), flush=False)
+        module._flush_fallbacks()
         module._end_step()
         return None, None, None

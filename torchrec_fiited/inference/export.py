@@ -28,7 +28,8 @@ File format (``save_inference``): ``torch.save`` of a dict holding only plain Py
 tensors, so ``load_inference`` reads it with ``torch.load(weights_only=True)`` (no pickled code):
 
     format       "torchrec_fiited.inference"
-    version      2 (1 was store v1's per-row ``chunk_slots`` [E, K]; refused, re-export)
+    version      3 (2 hashed fallback rows by mix64(key); 1 was store v1's per-row
+                 ``chunk_slots`` [E, K]; both refused, re-export)
     structure    JSON: how to rebuild the module ({"kind": "FiitedInferenceEBC", "spec": ...} or
                  {"kind": "DLRM", constructor args, "embedding_bag_collection": ...})
     state_dict   the module's tensors
@@ -64,24 +65,21 @@ from torchrec_fiited.modules.vbe import written_out
 from torchrec_fiited.ops import dispatch, lookup_forward
 from torchrec_fiited.ops.hash_reference import EMPTY_KEY, bucket_of
 from torchrec_fiited.store import PRUNED, VHPIStore, hash_ids
-from torchrec_fiited.store import fallback as _fallback
 from torchrec_fiited.store.hash_table import DEFAULT_BUCKET_SIZE, ResidentHashTable
-from torchrec_fiited.store.layout import MAX_TABLES, ROW_BITS, _mix64, key_table
+from torchrec_fiited.store.layout import MAX_TABLES, ROW_BITS, key_table
 
 FORMAT = "torchrec_fiited.inference"
-VERSION = 2
+VERSION = 3
 _DATA_TYPES = {"fp32": DataType.FP32, "fp16": DataType.FP16, "int8": DataType.INT8}
 PathLike = Union[str, "os.PathLike[str]"]
 # Served keys per probe slot at export: a bucket of 32 then overflows with probability ~1e-4
 # (Poisson(16) > 32); an overflowing build is retried with more buckets.
 PROBE_LOAD = 0.5
 MIN_BUCKET = 8
-# Written out as literals in _entry_keys and _fallback_rows (TorchScript cannot read int
+# Written out as a literal in _entry_keys and _fallback_rows (TorchScript cannot read int
 # globals); checked here against the store's.
 _ROW_MASK_LITERAL = 72057594037927935  # (1 << 56) - 1
-_FALLBACK_SALT_LITERAL = 0x7F4A7C159E3779B9
 assert _ROW_MASK_LITERAL == (1 << ROW_BITS) - 1 and ROW_BITS == 56
-assert _FALLBACK_SALT_LITERAL == _fallback._FALLBACK_SALT
 
 
 # ---- structure --------------------------------------------------------------------------------
@@ -103,6 +101,8 @@ class InferenceTable:
             the pool's chunk_size each, ascending; the other columns read zeros. None: all.
         fallback_rows: H, rows of its hashed fallback (``miss="hashed"``); 0: absent ids read
             zeros.
+        fallback_width: permuted rows per fallback bucket (``store.fallback``); an absent id
+            reads row ``row_permutation(id, E) // fallback_width``. H is ceil(E / width).
     """
 
     name: str
@@ -114,6 +114,7 @@ class InferenceTable:
     table_index: int
     kept_columns: Optional[Tuple[Tuple[int, ...], ...]] = None
     fallback_rows: int = 0
+    fallback_width: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "feature_names", tuple(self.feature_names))
@@ -132,6 +133,14 @@ class InferenceTable:
         if not (isinstance(self.fallback_rows, int) and self.fallback_rows >= 0):
             raise ValueError(
                 f"table {self.name!r}: fallback_rows must be an int >= 0, got {self.fallback_rows!r}"
+            )
+        if self.fallback_rows and not (
+            isinstance(self.fallback_width, int) and self.fallback_width > 0
+            and self.fallback_rows == -(-self.num_embeddings // self.fallback_width)
+        ):
+            raise ValueError(
+                f"table {self.name!r}: {self.fallback_rows} fallback rows need a fallback_width "
+                f"w > 0 with ceil({self.num_embeddings} / w) rows, got {self.fallback_width!r}"
             )
 
 
@@ -343,6 +352,7 @@ class FiitedInferenceEBC(EmbeddingBagCollectionInterface):
         self._feature_pools: List[str] = [t.pool for _, t in features]
         self._feature_rows: List[int] = [t.num_embeddings for _, t in features]
         self._feature_dims: List[int] = [t.embedding_dim for _, t in features]
+        self._feature_fallback_width: List[int] = [t.fallback_width for _, t in features]
         self._feature_mean: List[bool] = [t.pooling == "MEAN" for _, t in features]
         self._feature_table_index: List[int] = [t.table_index for _, t in features]
         self._feature_buckets: List[int] = [bucket_size[t.pool] for _, t in features]
@@ -391,6 +401,7 @@ class FiitedInferenceEBC(EmbeddingBagCollectionInterface):
             pooled.append(_pool(
                 stored[pool_name], self._dtype, slots[pool_name], found, jt.offsets().to(torch.int64), weights,
                 self._feature_mean[i], self._feature_dims[i], cols, fb, keys,
+                self._feature_rows[i], self._feature_fallback_width[i],
             ))
         return KeyedTensor(
             keys=self._feature_names, length_per_key=self._feature_dims, values=torch.cat(pooled, dim=1)
@@ -494,6 +505,7 @@ class FiitedInferenceEBC(EmbeddingBagCollectionInterface):
                 store.layouts[t.name].pool, store.layouts[t.name].table_index,
                 _kept_columns(store, t.name),
                 store.fallbacks[t.name].rows if t.name in store.fallbacks else 0,
+                store.fallbacks[t.name].grid.width if t.name in store.fallbacks else 0,
             )
             for t in module.embedding_bag_configs()
         )
@@ -585,9 +597,23 @@ def _eager_lookup(
     return lookup_forward(stored, chunk_slots, entries, offsets, weights, mean)
 
 
-def _fallback_rows(keys: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """``HashedFallback.rows_of``: the fallback row int64 [n] of each key."""
-    return torch.remainder(_mix64(keys ^ 0x7F4A7C159E3779B9), num_rows)  # _FALLBACK_SALT_LITERAL
+@torch.jit.unused
+def _eager_row_permutation(rows: torch.Tensor, num_rows: int) -> torch.Tensor:
+    return dispatch.row_permutation(rows, [0, rows.numel()], [num_rows], [0], inverse=False)
+
+
+def _fallback_rows(keys: torch.Tensor, num_rows: int, width: int) -> torch.Tensor:
+    """``HashedFallback.rows_of`` of a whole table: the fallback row int64 [n] of each key."""
+    rows = keys & 72057594037927935  # _ROW_MASK_LITERAL
+    if torch.jit.is_scripting():
+        one = torch.tensor([0, rows.numel()], dtype=torch.int64)
+        permuted = torch.ops.fiited.row_permutation(
+            rows, one, torch.tensor([num_rows], dtype=torch.int64), torch.zeros(1, dtype=torch.int64),
+            False,
+        )
+    else:
+        permuted = _eager_row_permutation(rows, num_rows)
+    return torch.div(permuted, width, rounding_mode="floor")
 
 
 @torch.fx.wrap
@@ -603,6 +629,8 @@ def _pool(
     stored_columns: Optional[torch.Tensor],
     fallback: Optional[torch.Tensor],
     keys: torch.Tensor,
+    num_rows: int,
+    fallback_width: int,
 ) -> torch.Tensor:
     """Pooled fp32 [B, D] of one feature: probe slots ``found`` int64 [n] (-1: absent) of its
     ``keys`` int64 [n], offsets int64 [B + 1].
@@ -635,7 +663,7 @@ def _pool(
         w = (found < 0).to(torch.float32)
         if weights is not None:
             w = w * weights
-        extra = pooled_rows(fallback, dtype, _fallback_rows(keys, fallback.shape[0]), w, offsets)
+        extra = pooled_rows(fallback, dtype, _fallback_rows(keys, num_rows, fallback_width), w, offsets)
         if mean:
             extra = extra / (offsets[1:] - offsets[:-1]).clamp(min=1).to(extra.dtype).unsqueeze(1)
         out = out + extra
@@ -988,6 +1016,12 @@ def _read_blob(path: str, device: torch.device) -> Dict[str, Any]:
         raise ValueError(
             f"{path}: inference file version 1 (store v1: per-row chunk_slots [E, K]) is no longer "
             f"supported; this build reads version {VERSION} (a compact key probe per pool). "
+            f"Re-export the trained model with export_for_inference and save_inference"
+        )
+    if version == 2:
+        raise ValueError(
+            f"{path}: inference file version 2 read its hashed fallbacks by mix64(key) % rows; "
+            f"this build reads version {VERSION} (fallback buckets of the permuted id). "
             f"Re-export the trained model with export_for_inference and save_inference"
         )
     if version != VERSION:

@@ -375,13 +375,25 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
         if cycle_due(int(self.steps_done), cfg.schedule, cfg.prune_interval, cfg.warmup_steps):
             self.prune()
 
-    def _apply_gradients(self, batch: Batch, grad: torch.Tensor) -> None:
-        """Optimizer step on live chunks and utility update on all touched chunks, per pool."""
+    def _fused_params(self) -> FusedParams:
         hp = self._hparams_source.param_groups[0]
-        params = FusedParams(
+        return FusedParams(
             hp["optimizer"], hp["lr"], hp["eps"], hp["weight_decay"], self._config.utility,
             self._config.decay, int(self.steps_done),
         )
+
+    def _flush_fallbacks(self, every_edge: Optional[Mapping[str, torch.Tensor]] = None) -> None:
+        """One optimizer step per hashed-fallback row touched since the last flush (``every_edge``:
+        per table whose rows are split over ranks, every shard's edge buckets; see
+        ``HashedFallback.flush``)."""
+        params = self._fused_params()
+        for name, fb in self.store.fallbacks.items():
+            fb.flush(params, None if every_edge is None else every_edge.get(name))
+
+    def _apply_gradients(self, batch: Batch, grad: torch.Tensor, flush: bool = True) -> None:
+        """Optimizer step on live chunks and utility update on all touched chunks, per pool (and,
+        with ``flush``, on the hashed fallbacks' rows; else at ``_flush_fallbacks``)."""
+        params = self._fused_params()
         B, W = grad.shape
         for pb in batch.pools:
             spec = pb.spec
@@ -445,11 +457,13 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
                     g = grad_full[rows[miss]]  # every column: the fallback stores them all
                     if id_scale is not None:
                         g = g * id_scale[miss].unsqueeze(1)
-                    self.store.fallbacks[table].update(keys, g, params)
+                    self.store.fallbacks[table].accumulate(keys, g)
             # One sketch update per pool, with every table's misses.
             sketch = self.store.sketches[pb.pool]
             if pb.misses is not None and sketch.width and pb.misses.keys.numel():
                 sketch.add(pb.misses.keys, pb.misses.gains)
+        if flush:
+            self._flush_fallbacks()
 
 
 @torch.fx.wrap

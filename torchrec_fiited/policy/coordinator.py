@@ -8,6 +8,7 @@ decision from the same merged sample, then evicts and allocates in its own pools
 import abc
 from typing import Dict, List, Optional
 
+import torch
 import torch.distributed as dist
 
 from torchrec_fiited.policy.cycle import PoolSample
@@ -24,6 +25,11 @@ class PruneCoordinator(abc.ABC):
     def gather(self, samples: Dict[str, List[PoolSample]]) -> Dict[str, List[PoolSample]]:
         """Every rank's samples per logical pool, in rank order."""
 
+    @abc.abstractmethod
+    def gather_tensor(self, local: torch.Tensor) -> torch.Tensor:
+        """[ranks, *local.shape]: every rank's ``local`` (a CPU tensor of one shape on every
+        rank), in rank order."""
+
 
 class LocalCoordinator(PruneCoordinator):
     """One process holds every shard: nothing to combine."""
@@ -33,6 +39,9 @@ class LocalCoordinator(PruneCoordinator):
 
     def gather(self, samples: Dict[str, List[PoolSample]]) -> Dict[str, List[PoolSample]]:
         return {k: list(v) for k, v in samples.items()}
+
+    def gather_tensor(self, local: torch.Tensor) -> torch.Tensor:
+        return local.unsqueeze(0)
 
 
 class ProcessGroupCoordinator(PruneCoordinator):
@@ -62,3 +71,8 @@ class ProcessGroupCoordinator(PruneCoordinator):
         }
         every = self._all_gather(on_cpu)
         return {k: [s for rank in every for s in rank[k]] for k in samples}
+
+    def gather_tensor(self, local: torch.Tensor) -> torch.Tensor:
+        out = [torch.empty_like(local) for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather(out, local.contiguous(), group=self.group)
+        return torch.stack(out)

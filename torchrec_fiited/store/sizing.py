@@ -20,7 +20,7 @@ leaves the rest of the budget unspent.
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 from torchrec_fiited.store.chunk_pool import OPTIMIZER_STATE_SHAPES
 
@@ -173,6 +173,8 @@ def size_pool(
     bucket_size: int = DEFAULT_BUCKET,
     dim_pruning: bool = False,
     budget_bytes: Optional[float] = None,
+    fallback_rows: Optional[Mapping[str, int]] = None,
+    sketch_width: Optional[int] = None,
 ) -> PoolSizes:
     """The largest sizes of one pool whose ``pool_bytes`` fit ``budget`` x its full bytes.
 
@@ -180,14 +182,20 @@ def size_pool(
         tables: the pool's tables (one chunk size).
         budget: fraction of the full bytes, in (0, 1].
         budget_bytes: the bytes to fit instead (a shard's share); overrides ``budget``.
+        fallback_rows: the fallback rows of each table, decided by the caller (a shard holds the
+            buckets of its table's fallback that meet its rows); overrides ``miss`` and
+            ``fallback_fraction``.
+        sketch_width: the sketch's width (at least; bytes the split leaves over widen it)
+            instead of its share of the budget (a column shard's part of its logical pool's).
 
     Raises:
         ValueError: naming the tables, if the budget cannot hold one bucket and one slot.
     """
-    if miss == "auto":
+    if miss == "auto" and fallback_rows is None:
         kwargs = dict(fallback_fraction=fallback_fraction, sketch_fraction=sketch_fraction,
                       entries_per_slot=entries_per_slot, bucket_size=bucket_size,
-                      dim_pruning=dim_pruning, budget_bytes=budget_bytes)
+                      dim_pruning=dim_pruning, budget_bytes=budget_bytes,
+                      sketch_width=sketch_width)
         zeros = size_pool(tables, budget, num_chunks, optimizer, miss="zeros", **kwargs)
         if zeros.entries >= AUTO_FALLBACK_COVERAGE * sum(t.num_rows for t in tables):
             return zeros
@@ -201,18 +209,31 @@ def size_pool(
     rows = sum(t.num_rows for t in tables)
     e, c = entry_bytes(K), slot_bytes(cs, optimizer)
 
-    fallback_rows: Dict[str, int] = {}
-    if miss == "hashed":
+    if fallback_rows is not None:
+        fallback_rows = {t.name: int(fallback_rows[t.name]) for t in tables
+                         if fallback_rows.get(t.name, 0) > 0}
+        left -= sum(full_table_bytes(fallback_rows.get(t.name, 0), t.dim, optimizer) for t in tables)
+        if left < MIN_BUCKET * e + c:
+            raise ValueError(
+                f"budget {budget:g} ({B:.0f} bytes) cannot hold the hashed fallback rows "
+                f"{fallback_rows} and one bucket and slot for tables {names}"
+            )
+    elif miss == "hashed":
+        fallback_rows = {}
         spend = fallback_fraction * B
         for t in tables:
             share = spend * full_table_bytes(t.num_rows, t.dim, optimizer) / full
             per_row = full_table_bytes(1, t.dim, optimizer)
-            fallback_rows[t.name] = min(t.num_rows, int(share // per_row))
+            most = min(t.num_rows, int(share // per_row))
+            # Whole buckets of the permuted rows (store.fallback): ceil(E / width) <= most.
+            fallback_rows[t.name] = math.ceil(t.num_rows / math.ceil(t.num_rows / most)) if most else 0
         spent = sum(full_table_bytes(fallback_rows[t.name], t.dim, optimizer) for t in tables)
         if left - spent < MIN_BUCKET * e + c:  # the fallback would leave no entry or slot
             fallback_rows = {t.name: 0 for t in tables}
             spent = 0
         left -= spent
+    else:
+        fallback_rows = {}
 
     # Everything fits: entries for every row at load <= FULL_LOAD and a slot for every chunk.
     W = bucket_size
@@ -222,8 +243,10 @@ def size_pool(
 
     alpha = default_entries_per_slot(K) if entries_per_slot is None else entries_per_slot
     cell = FP32 * SKETCH_DEPTH * K  # bytes per unit of sketch width
-    sketch_width = int(sketch_fraction * B // cell)
-    if sketch_width:
+    given = sketch_width is not None
+    if not given:
+        sketch_width = int(sketch_fraction * B // cell)
+    if sketch_width and not given:
         # At least one cell per entry in each row (within MAX_SKETCH_FRACTION of the budget):
         # the entries with E = left / (e + c / alpha + cell). A byte share alone left FIITED at
         # 1000x 23 cells for 111k ids and blind admission (-0.119 AUC; one cell per entry,

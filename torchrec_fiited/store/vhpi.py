@@ -19,7 +19,7 @@ from torchrec_fiited.ops.reference import decayed_utilities
 from torchrec_fiited.store.chunk_pool import ChunkPool
 from torchrec_fiited.store.dim_map import DimMap, kept_errors, restrict_columns
 from torchrec_fiited.store.entry_table import EntryTable
-from torchrec_fiited.store.fallback import HashedFallback
+from torchrec_fiited.store.fallback import FallbackGrid, HashedFallback
 from torchrec_fiited.store.layout import (
     NEVER_SEEN,
     PRUNED,
@@ -87,6 +87,8 @@ class TableLayout:
         row_block: a row-wise shard by hash range: it holds the ids whose
             ``row_permutation(id, num_entries)`` lies in [lo, hi), keyed by the id itself
             (``row_offset`` 0); None for a table holding all its rows or a block of them.
+        fallback_width: permuted rows per hashed-fallback bucket of the logical table (the same
+            for each of its shards; ``store.fallback``); 0: absent ids read zeros.
     """
 
     name: str
@@ -101,6 +103,7 @@ class TableLayout:
     chunk_offset: int = 0
     table_index: int = 0
     row_block: Optional[Tuple[int, int]] = None
+    fallback_width: int = 0
 
     @property
     def logical_name(self) -> str:
@@ -120,6 +123,13 @@ class TableLayout:
         hashed = dispatch.row_permutation(clamped, [0, clamped.numel()], [self.num_entries], [0],
                                           inverse=False)
         return inside & (hashed >= self.row_block[0]) & (hashed < self.row_block[1])
+
+    @property
+    def fallback_grid(self) -> FallbackGrid:
+        """The buckets of its table's hashed fallback that meet its rows (``fallback_width`` 0:
+        none). A block of rows (``row_offset``) holds every bucket, as a whole table does."""
+        lo, hi = self.row_block if self.row_block else (0, self.num_entries)
+        return FallbackGrid(self.num_entries, self.fallback_width, lo, hi)
 
     @property
     def shard_start(self) -> int:
@@ -169,11 +179,11 @@ class VHPIStore(nn.Module):
         self.fallbacks = nn.ModuleDict(
             {
                 t.name: HashedFallback(
-                    sizes[t.pool].fallback_rows[t.name], t.dim, optimizer,
-                    (t.init_low, t.init_high), seed, device,
+                    t.fallback_grid, t.dim, optimizer, (t.init_low, t.init_high), seed, device,
+                    t.chunk_offset * t.chunk_size,
                 )
                 for t in layouts
-                if sizes[t.pool].fallback_rows.get(t.name, 0) > 0
+                if t.fallback_grid.rows > 0
             }
         )
         # Empty without dimension pruning, so such a store's state_dict keys stay as they were.
