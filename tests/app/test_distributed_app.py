@@ -78,7 +78,9 @@ def test_torchrun_two_processes_write_metrics(emb, sharding_type, tmp_path):
         assert {t["sharding_type"] for t in m["sharding_plan"].values()} == {sharding_type}
 
 
-@pytest.mark.parametrize("emb", EMBS)
+# FIITED only: its run checkpoints the dense model, optimizer and data position as emb=full's
+# does, plus the sharded store (emb=full's kill-and-resume is the one-process test's; 38 s here).
+@pytest.mark.parametrize("emb", EMBS[1:])
 def test_killed_and_resumed_run_repeats_the_uninterrupted_one(emb, tmp_path):
     epochs = ["train.epochs=2", "train.shuffle=true"]  # 23 steps an epoch, a new order in each
     whole = _torchrun(tmp_path / "whole", emb, *epochs)
