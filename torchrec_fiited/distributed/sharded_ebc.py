@@ -326,11 +326,14 @@ class ShardedFiitedEmbeddingBagCollection(
         each split fallback's edge buckets), so the copies stay equal and a checkpoint can
         reshard the fallback bucket by bucket. Every rank calls this with the same split tables
         (the plan's row-wise tables with a fallback)."""
+        # From the layouts, not the fallbacks: a rank whose hash range is empty (E < world
+        # size) holds no fallback rows but must still take part.
         split = [(i, name) for i, lookup in enumerate(self._lookups)
-                 for name, fb in sorted(lookup.store.fallbacks.items()) if fb.grid.split]
+                 for name, lo in sorted(lookup.store.layouts.items())
+                 if lo.fallback_width and lo.row_block is not None]
         every_edge: List[Dict[str, torch.Tensor]] = [{} for _ in self._lookups]
         if split:
-            parts = [self._lookups[i].store.fallbacks[name].edge_contribution() for i, name in split]
+            parts = [_edge_contribution(self._lookups[i].store, name) for i, name in split]
             every = self._coordinator.gather_tensor(torch.cat([p.flatten() for p in parts]))
             start = 0
             for (i, name), part in zip(split, parts):
@@ -380,6 +383,16 @@ class ShardedFiitedEmbeddingBagCollection(
     @property
     def unsharded_module_type(self):
         return FiitedEmbeddingBagCollection
+
+
+def _edge_contribution(store, table: str) -> torch.Tensor:
+    """``HashedFallback.edge_contribution`` of a row shard's fallback; none (no bucket, -1) for
+    a shard holding no rows."""
+    if table in store.fallbacks:
+        return store.fallbacks[table].edge_contribution()
+    none = torch.zeros(2, 2 + store.layouts[table].dim, dtype=torch.float64)
+    none[:, 0] = -1
+    return none
 
 
 def _pooled(lookup, batch, stride: int) -> torch.Tensor:
