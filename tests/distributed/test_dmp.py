@@ -239,12 +239,16 @@ def test_a_resharded_load_that_does_not_fit_refuses_on_every_rank(tmp_path):
         assert "rank 0:" in got and got.endswith("unchanged=True"), got
 
 
-def test_export_of_a_sharded_model_through_a_plan_independent_gather():
+@pytest.mark.parametrize("config,stride", [
     # The unsharded pools must hold every row the shards hold: tables with room for every
     # touched row (the shards' pools, sized separately, could together hold more).
-    sharded_out, exported_out = run_ranks(
-        cases.export_sharded, 2, "row_wise", BINDING, cases.ROOMY_STRIDE
-    )[0]
+    (BINDING, cases.ROOMY_STRIDE),
+    # Trained hashed fallbacks split over the ranks (wide buckets: both train the boundary one)
+    # come along bucket by bucket.
+    (dict(HASHED, fallback_fraction=0.01), 8),
+])
+def test_export_of_a_sharded_model_through_a_plan_independent_gather(config, stride):
+    sharded_out, exported_out = run_ranks(cases.export_sharded, 2, "row_wise", config, stride)[0]
     assert sharded_out.abs().sum() > 0
     # Row-wise outputs are sums of per-rank partial bags: equal up to fp32 summation order.
     torch.testing.assert_close(exported_out, sharded_out, rtol=1e-6, atol=1e-7)

@@ -1,4 +1,4 @@
-"""distributed/reshard.py: a hashed fallback saved split one way loads split any other way,
+"""distributed/fallback_pieces.py: a hashed fallback saved split one way loads split any other way,
 bucket by bucket (the pieces a checkpoint's shards hold, cut and joined at new boundaries)."""
 
 from types import SimpleNamespace
@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from torchrec_fiited.distributed.reshard import _assembled_fallbacks, _FallbackPiece
+from torchrec_fiited.distributed.fallback_pieces import FallbackPiece, assemble_fallbacks
 from torchrec_fiited.store import TableLayout
 from torchrec_fiited.store.fallback import FallbackGrid, HashedFallback, bucket_width
 
@@ -40,7 +40,7 @@ def _trained(bounds):
 
 
 def _pieces(shards):
-    return {"t": [_FallbackPiece(s.store.fallbacks["t"].grid.first, s.store.fallbacks["t"].rows, 0, D,
+    return {"t": [FallbackPiece(s.store.fallbacks["t"].grid.first, s.store.fallbacks["t"].rows, 0, D,
                                  lambda fb=s.store.fallbacks["t"]: {"fallback_weights": fb.weights,
                                                                     "fallback_momentum": fb.momentum})
                   for s in shards]}
@@ -54,7 +54,7 @@ def _pieces(shards):
 def test_a_split_fallback_loads_into_any_other_split(saved, loaded):
     pieces = _pieces(_trained(saved))
     targets = _shards(loaded)
-    kept, restarted = _assembled_fallbacks(SimpleNamespace(_lookups=targets), pieces)
+    kept, restarted = assemble_fallbacks(SimpleNamespace(_lookups=targets), pieces)
     assert restarted == [] and len(kept) == len(targets)
     for (_, name, state), target in zip(kept, targets):
         grid = target.store.fallbacks[name].grid
@@ -67,9 +67,9 @@ def test_a_split_fallback_loads_into_any_other_split(saved, loaded):
 def test_a_fallback_whose_buckets_or_columns_are_not_saved_restarts():
     pieces = _pieces(_trained([0, 5000, E]))
     pieces["t"] = pieces["t"][:1]  # the second half's buckets are missing
-    kept, restarted = _assembled_fallbacks(SimpleNamespace(_lookups=_shards([0, E])), pieces)
+    kept, restarted = assemble_fallbacks(SimpleNamespace(_lookups=_shards([0, E])), pieces)
     assert kept == [] and restarted == ["t"]
     # Other columns (a column shard of width 2 at column 2) than the saved pieces hold.
     narrow = _shards([0, E], col_offset=2, dim=2)
-    kept, restarted = _assembled_fallbacks(SimpleNamespace(_lookups=narrow), _pieces(_trained([0, E])))
+    kept, restarted = assemble_fallbacks(SimpleNamespace(_lookups=narrow), _pieces(_trained([0, E])))
     assert kept == [] and restarted == ["t"]

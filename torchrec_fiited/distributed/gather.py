@@ -1,6 +1,7 @@
 """Plan-independent views of a FIITED collection's state: each logical table's resident rows
 (``store/logical.py``'s sparse form, merged over its shards) in one process."""
 
+import logging
 import re
 from typing import Any, Dict, List, Optional
 
@@ -8,14 +9,18 @@ import torch
 import torch.distributed as dist
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
+from torchrec_fiited.distributed.fallback_pieces import FallbackPiece, assemble_fallbacks
 from torchrec_fiited.store.logical import (
     export_logical,
     import_tables,
+    load_fallback_state,
     merge_shards,
     select_logical,
     state_key,
     unpad,
 )
+
+log = logging.getLogger(__name__)
 
 # Keys of a sharded collection's state_dict (``distributed/logical_state.py``).
 SHARD_KEY = re.compile(r"^(.*)embedding_bags\.([^.]+)\.fiited_shard\.(\d+)_(\d+)\.(\w+)$")
@@ -90,14 +95,42 @@ def gather_unsharded(sharded, dst: int = 0):
     """The whole collection as one unsharded ``FiitedEmbeddingBagCollection`` on rank ``dst``
     (None elsewhere; every rank must call this). Plan-independent: the tables' resident rows
     are gathered and loaded into fresh pools, e.g. for ``export_for_inference``; the unsharded
-    pools must hold them (``ValueError`` naming the pool otherwise)."""
+    pools must hold them (``ValueError`` naming the pool otherwise). Hashed fallbacks come along
+    bucket by bucket (a column-split one stays fresh, logged); sketches are the plan's."""
     from torchrec_fiited.modules.fiited_ebc import FiitedEmbeddingBagCollection
 
     state = gather_state_dict(sharded.state_dict(), dst)
+    pieces = _gather_fallbacks(sharded, dst)
     if state is None:
         return None
     module = FiitedEmbeddingBagCollection(
         sharded._tables, sharded._config, is_weighted=sharded._is_weighted
     )
     load_logical_tables(module, state)
+    kept, restarted = assemble_fallbacks(module, pieces)
+    for store, table, fallback in kept:
+        load_fallback_state(store, table, fallback)
+    if restarted:
+        log.warning("hashed fallbacks of column-split tables are left fresh in the unsharded "
+                    "collection: %s", sorted(set(restarted)))
     return module
+
+
+def _gather_fallbacks(sharded, dst: int):
+    """On rank ``dst``, every rank's hashed-fallback buckets per logical table (``reshard``'s
+    pieces: the copies of a bucket cut by a row shard boundary are equal); None elsewhere."""
+    local = [
+        (lookup.store.layouts[name].logical_name, fb.grid.first, fb.rows,
+         lookup.store.layouts[name].chunk_offset * lookup.store.layouts[name].chunk_size,
+         {"fallback_weights": fb.weights.detach().cpu(), "fallback_momentum": fb.momentum.detach().cpu()})
+        for lookup in sharded._lookups for name, fb in lookup.store.fallbacks.items()
+    ]
+    every: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, local)
+    if dist.get_rank() != dst:
+        return None
+    pieces: Dict[str, list] = {}
+    for table, first, rows, col, state in (p for per_rank in every for p in per_rank):
+        pieces.setdefault(table, []).append(FallbackPiece(
+            first, rows, col, state["fallback_weights"].shape[1], lambda state=state: state))
+    return pieces

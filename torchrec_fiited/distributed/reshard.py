@@ -25,11 +25,11 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from torchrec_fiited.distributed.fallback_pieces import FallbackPiece, assemble_fallbacks
 from torchrec_fiited.distributed.gather import SHARD_KEY
 from torchrec_fiited.distributed.logical_state import shard_key_prefix
 from torchrec_fiited.store.fallback import FallbackGrid
 from torchrec_fiited.store.logical import (
-    fallback_state,
     fields,
     load_fallback_state,
     merge_shards,
@@ -142,13 +142,13 @@ def load_resharded(sharded, checkpoint_id: str, prefix: str = "") -> List[str]:
         else:  # saved by an unsharded collection: its own store layout
             state, template = _unsharded_state(sharded, checkpoint_id, prefix, md)
             pieces = {
-                template.store.layouts[name].logical_name: [_FallbackPiece(
+                template.store.layouts[name].logical_name: [FallbackPiece(
                     fb.grid.first, fb.rows, 0, fb.weights.shape[1],
                     lambda fb=fb: {"fallback_weights": fb.weights, "fallback_momentum": fb.momentum},
                 )]
                 for name, fb in template.store.fallbacks.items()
             }
-        fallbacks, restarted = _assembled_fallbacks(sharded, pieces)
+        fallbacks, restarted = assemble_fallbacks(sharded, pieces)
     except ValueError as e:
         errors.append(str(e))
     if hasattr(sharded, "_errors_of_all_ranks"):
@@ -167,20 +167,6 @@ def load_resharded(sharded, checkpoint_id: str, prefix: str = "") -> List[str]:
         log.warning("hashed fallbacks restart under the new plan (their columns were split "
                     "differently): tables %s", sorted(set(restarted)))
     return sorted(set(restarted))
-
-
-class _FallbackPiece:
-    """A saved fallback's buckets [first, first + rows) of columns [col, col + width), read
-    on first use (``fallback_weights``, ``fallback_momentum``)."""
-
-    def __init__(self, first: int, rows: int, col: int, width: int, read) -> None:
-        self.first, self.rows, self.col, self.width = first, rows, col, width
-        self._read, self._state = read, None
-
-    def state(self) -> Dict[str, torch.Tensor]:
-        if self._state is None:
-            self._state = self._read()
-        return self._state
 
 
 def _saved_fallback_pieces(checkpoint_id: str, prefix: str, saved, layouts) -> Dict[str, list]:
@@ -210,40 +196,8 @@ def _saved_fallback_pieces(checkpoint_id: str, prefix: str, saved, layouts) -> D
                 got = _read(checkpoint_id, {k: metas[f] for f, k in keys.items()})
                 return {f: got[k] for f, k in keys.items()}
 
-            pieces[table].append(_FallbackPiece(grid.first, grid.rows, col, meta.size[1], read))
+            pieces[table].append(FallbackPiece(grid.first, grid.rows, col, meta.size[1], read))
     return pieces
-
-
-def _assembled_fallbacks(module, pieces: Dict[str, list]):
-    """(store, local table, fallback state) for each local fallback whose buckets and columns
-    the saved pieces cover (bucket by bucket: the copies of a bucket cut by a shard boundary
-    are equal, ``HashedFallback.flush``), and the logical tables whose fallback restarts."""
-    kept, restarted = [], []
-    for lookup in getattr(module, "_lookups", [module]):
-        store = lookup.store
-        for name, layout in store.layouts.items():
-            if name not in store.fallbacks:
-                continue
-            table, mine = layout.logical_name, fallback_state(store, name)
-            grid = store.fallbacks[name].grid
-            col, width = layout.chunk_offset * layout.chunk_size, layout.dim
-            out = {f: t.clone() for f, t in mine.items()}
-            covered = torch.zeros(grid.rows, dtype=torch.bool)
-            for piece in pieces.get(table, []):
-                lo = max(grid.first, piece.first)
-                hi = min(grid.first + grid.rows, piece.first + piece.rows)
-                if piece.col != col or piece.width != width or lo >= hi:
-                    continue
-                theirs = piece.state()
-                for f, t in out.items():
-                    if t.numel():
-                        t[lo - grid.first : hi - grid.first] = theirs[f][lo - piece.first : hi - piece.first]
-                covered[lo - grid.first : hi - grid.first] = True
-            if bool(covered.all()):
-                kept.append((store, name, out))
-            else:
-                restarted.append(table)
-    return kept, restarted
 
 
 def _unsharded_state(
