@@ -64,7 +64,11 @@ def _tensor_estimates(module, constraints):
     }
 
 
-def test_estimate_equals_the_bytes_the_sharded_module_allocates():
+# With miss="hashed" every shard also holds its buckets of its table's fallback (a row shard:
+# those that meet its hash range, one more where a boundary cuts a bucket).
+@pytest.mark.parametrize("config", [PLANNER_CONFIG, dict(PLANNER_CONFIG, miss="hashed")],
+                         ids=["zeros", "hashed"])
+def test_estimate_equals_the_bytes_the_sharded_module_allocates(config):
     """Table-, row- and column-wise plans from the FIITED planner, sharded on 2 gloo ranks: each
     rank's FIITED tensors (after a training step) are what the estimator charged its shards.
 
@@ -73,7 +77,7 @@ def test_estimate_equals_the_bytes_the_sharded_module_allocates():
     per shard), and each local lookup has an 8 B step counter.
     """
     tables = cases.planner_tables()
-    module = _meta_module(tables, PLANNER_CONFIG)
+    module = _meta_module(tables, config)
     sharders = [FiitedEmbeddingBagCollectionSharder()]
     plans, estimates, placements = {}, {}, {}
     for st in SHARDING_TYPES:
@@ -88,7 +92,7 @@ def test_estimate_equals_the_bytes_the_sharded_module_allocates():
         assert {ps.sharding_type for ps in plans[st].plan[""].values()} == {st}
     dims = {t.name: t.embedding_dim for t in tables}
     assert all(size[1] == dims[t] // 2 for t, _, size, _ in placements["column_wise"])
-    got = run_ranks(cases.sharded_bytes, 2, PLANNER_CONFIG, plans)
+    got = run_ranks(cases.sharded_bytes, 2, config, plans)
     for st in SHARDING_TYPES:
         for rank in range(2):
             mine = [p for p in placements[st] if p[3] == rank]

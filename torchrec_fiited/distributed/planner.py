@@ -56,7 +56,8 @@ def fiited_shard_bytes(
         logical: ``logical_pools(tables, config)``, when the caller already has it.
     """
     logical = logical or logical_pools(tables, config)
-    dim = {t.name: t.embedding_dim for t in tables}[table]
+    config_of = {t.name: t for t in tables}[table]
+    dim, id_space = config_of.embedding_dim, config_of.num_embeddings
     rows, cols = int(size[0]), int(size[1])
     chunk_size = dim // config.num_chunks
     k_local, chunk_offset = cols // chunk_size, int(offset[1]) // chunk_size
@@ -64,10 +65,9 @@ def fiited_shard_bytes(
     budget_bytes, cells = shard_budget(logical, table, chunk_offset, k_local, rows, cols, dim,
                                        config.optimizer)
     options = sizing_options(config)
+    row = int(offset[0])  # a row-wise shard's hash range starts there (0 for a whole table)
     width = fallback_widths(tables, logical)[table]
-    row = int(offset[0])  # a row-wise shard's hash range starts there
-    fallback = {table: shard_fallback_rows(width, {t.name: t.num_embeddings for t in tables}[table],
-                                           (row, row + rows))}
+    fallback = {table: shard_fallback_rows(width, id_space, (row, row + rows))}
     try:
         sizes = size_pool(
             spec, 1.0, k_local, config.optimizer, budget_bytes=budget_bytes,

@@ -90,9 +90,12 @@ class HashedFallback(nn.Module):
         super().__init__()
         self.grid = grid
         self.rows = grid.rows
-        bucket = torch.arange(grid.first, grid.first + self.rows, dtype=torch.int64).unsqueeze(1)
-        cols = torch.arange(col_offset, col_offset + dim, dtype=torch.int64)
-        u = counter_uniform([seed, _FALLBACK_SALT, bucket, cols]) if self.rows else torch.zeros(0, dim)
+        # Drawn on the CPU whatever the default device: a collection built under
+        # ``torch.device("meta")`` (planning) still gets real values, as its pools do.
+        with torch.device("cpu"):
+            bucket = torch.arange(grid.first, grid.first + self.rows, dtype=torch.int64).unsqueeze(1)
+            cols = torch.arange(col_offset, col_offset + dim, dtype=torch.int64)
+            u = counter_uniform([seed, _FALLBACK_SALT, bucket, cols]) if self.rows else torch.zeros(0, dim)
         self.register_buffer("weights", (init[0] + (init[1] - init[0]) * u).to(device))
         self.register_buffer(
             "momentum", torch.zeros(OPTIMIZER_STATE_SHAPES[optimizer](self.rows, dim), device=device)
