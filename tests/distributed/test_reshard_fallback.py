@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from torchrec_fiited.distributed.fallback_pieces import FallbackPiece, assemble_fallbacks
+from torchrec_fiited.distributed.fallback_pieces import assemble_fallbacks, held_pieces
 from torchrec_fiited.store import TableLayout
 from torchrec_fiited.store.fallback import FallbackGrid, HashedFallback, bucket_width
 
@@ -40,10 +40,7 @@ def _trained(bounds):
 
 
 def _pieces(shards):
-    return {"t": [FallbackPiece(s.store.fallbacks["t"].grid.first, s.store.fallbacks["t"].rows, 0, D,
-                                 lambda fb=s.store.fallbacks["t"]: {"fallback_weights": fb.weights,
-                                                                    "fallback_momentum": fb.momentum})
-                  for s in shards]}
+    return held_pieces(SimpleNamespace(_lookups=shards))
 
 
 @pytest.mark.parametrize("saved,loaded", [

@@ -2,7 +2,7 @@
 plan's (or an unsharded collection's) fallbacks assembled from them bucket by bucket
 (``store/fallback.py``: a table's fallback is one function of the id under every plan)."""
 
-from typing import Dict
+from typing import Dict, List, Optional
 
 import torch
 
@@ -10,17 +10,33 @@ from torchrec_fiited.store.logical import fallback_state
 
 
 class FallbackPiece:
-    """A saved fallback's buckets [first, first + rows) of columns [col, col + width), read
-    on first use (``fallback_weights``, ``fallback_momentum``)."""
+    """A fallback's buckets [first, first + rows) of columns [col, col + width): its ``state``
+    (``fallback_weights``, ``fallback_momentum``), or ``read`` to load it on first use."""
 
-    def __init__(self, first: int, rows: int, col: int, width: int, read) -> None:
+    def __init__(self, first: int, rows: int, col: int, width: int, read=None,
+                 state: Optional[Dict[str, torch.Tensor]] = None) -> None:
         self.first, self.rows, self.col, self.width = first, rows, col, width
-        self._read, self._state = read, None
+        self._read, self._state = read, state
 
     def state(self) -> Dict[str, torch.Tensor]:
         if self._state is None:
             self._state = self._read()
         return self._state
+
+
+def held_pieces(module) -> Dict[str, List[FallbackPiece]]:
+    """Per logical table, the fallbacks ``module`` (a collection, or a sharded one: its local
+    lookups) holds, as pieces with their state on the CPU (picklable: they travel between
+    ranks)."""
+    pieces: Dict[str, List[FallbackPiece]] = {}
+    for lookup in getattr(module, "_lookups", [module]):
+        for name, fb in lookup.store.fallbacks.items():
+            layout = lookup.store.layouts[name]
+            state = {f: t.detach().cpu() for f, t in fallback_state(lookup.store, name).items()}
+            pieces.setdefault(layout.logical_name, []).append(FallbackPiece(
+                fb.grid.first, fb.rows, layout.chunk_offset * layout.chunk_size,
+                fb.weights.shape[1], state=state))
+    return pieces
 
 
 def assemble_fallbacks(module, pieces: Dict[str, list]):

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
-from torchrec_fiited.distributed.fallback_pieces import FallbackPiece, assemble_fallbacks
+from torchrec_fiited.distributed.fallback_pieces import assemble_fallbacks, held_pieces
 from torchrec_fiited.store.logical import (
     export_logical,
     import_tables,
@@ -100,13 +100,18 @@ def gather_unsharded(sharded, dst: int = 0):
     from torchrec_fiited.modules.fiited_ebc import FiitedEmbeddingBagCollection
 
     state = gather_state_dict(sharded.state_dict(), dst)
-    pieces = _gather_fallbacks(sharded, dst)
+    every: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, held_pieces(sharded))
     if state is None:
         return None
     module = FiitedEmbeddingBagCollection(
         sharded._tables, sharded._config, is_weighted=sharded._is_weighted
     )
     load_logical_tables(module, state)
+    pieces: Dict[str, list] = {}
+    for per_rank in every:
+        for table, held in per_rank.items():
+            pieces.setdefault(table, []).extend(held)
     kept, restarted = assemble_fallbacks(module, pieces)
     for store, table, fallback in kept:
         load_fallback_state(store, table, fallback)
@@ -114,23 +119,3 @@ def gather_unsharded(sharded, dst: int = 0):
         log.warning("hashed fallbacks of column-split tables are left fresh in the unsharded "
                     "collection: %s", sorted(set(restarted)))
     return module
-
-
-def _gather_fallbacks(sharded, dst: int):
-    """On rank ``dst``, every rank's hashed-fallback buckets per logical table (``reshard``'s
-    pieces: the copies of a bucket cut by a row shard boundary are equal); None elsewhere."""
-    local = [
-        (lookup.store.layouts[name].logical_name, fb.grid.first, fb.rows,
-         lookup.store.layouts[name].chunk_offset * lookup.store.layouts[name].chunk_size,
-         {"fallback_weights": fb.weights.detach().cpu(), "fallback_momentum": fb.momentum.detach().cpu()})
-        for lookup in sharded._lookups for name, fb in lookup.store.fallbacks.items()
-    ]
-    every: List[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(every, local)
-    if dist.get_rank() != dst:
-        return None
-    pieces: Dict[str, list] = {}
-    for table, first, rows, col, state in (p for per_rank in every for p in per_rank):
-        pieces.setdefault(table, []).append(FallbackPiece(
-            first, rows, col, state["fallback_weights"].shape[1], lambda state=state: state))
-    return pieces

@@ -24,9 +24,9 @@ from torchrec_fiited.modules.layout_plan import (
     fallback_widths,
     logical_pools,
     shard_budget,
-    shard_fallback_rows,
     sizing_options,
 )
+from torchrec_fiited.store.fallback import FallbackGrid
 from torchrec_fiited.store.sizing import TableSpec, pool_bytes, size_pool
 
 
@@ -67,7 +67,7 @@ def fiited_shard_bytes(
     options = sizing_options(config)
     row = int(offset[0])  # a row-wise shard's hash range starts there (0 for a whole table)
     width = fallback_widths(tables, logical)[table]
-    fallback = {table: shard_fallback_rows(width, id_space, (row, row + rows))}
+    fallback = {table: FallbackGrid(id_space, width, row, row + rows).rows}
     try:
         sizes = size_pool(
             spec, 1.0, k_local, config.optimizer, budget_bytes=budget_bytes,

@@ -25,7 +25,11 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from torchrec_fiited.distributed.fallback_pieces import FallbackPiece, assemble_fallbacks
+from torchrec_fiited.distributed.fallback_pieces import (
+    FallbackPiece,
+    assemble_fallbacks,
+    held_pieces,
+)
 from torchrec_fiited.distributed.gather import SHARD_KEY
 from torchrec_fiited.distributed.logical_state import shard_key_prefix
 from torchrec_fiited.store.fallback import FallbackGrid
@@ -141,13 +145,7 @@ def load_resharded(sharded, checkpoint_id: str, prefix: str = "") -> List[str]:
             pieces = _saved_fallback_pieces(checkpoint_id, prefix, saved, layouts)
         else:  # saved by an unsharded collection: its own store layout
             state, template = _unsharded_state(sharded, checkpoint_id, prefix, md)
-            pieces = {
-                template.store.layouts[name].logical_name: [FallbackPiece(
-                    fb.grid.first, fb.rows, 0, fb.weights.shape[1],
-                    lambda fb=fb: {"fallback_weights": fb.weights, "fallback_momentum": fb.momentum},
-                )]
-                for name, fb in template.store.fallbacks.items()
-            }
+            pieces = held_pieces(template)
         fallbacks, restarted = assemble_fallbacks(sharded, pieces)
     except ValueError as e:
         errors.append(str(e))

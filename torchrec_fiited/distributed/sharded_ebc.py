@@ -54,7 +54,7 @@ from torchrec_fiited.modules.pruning import run_cycle
 from torchrec_fiited.modules.validation import check_ids, vbe_batch_size
 from torchrec_fiited.modules.vbe import written_out
 from torchrec_fiited.policy import ProcessGroupCoordinator, cycle_due
-from torchrec_fiited.store import hash_ids
+from torchrec_fiited.store import HashedFallback, hash_ids
 
 _SHARDINGS = {
     ShardingType.TABLE_WISE.value: lambda infos, env, device, codecs: TwPooledEmbeddingSharding(
@@ -390,9 +390,7 @@ def _edge_contribution(store, table: str) -> torch.Tensor:
     a shard holding no rows."""
     if table in store.fallbacks:
         return store.fallbacks[table].edge_contribution()
-    none = torch.zeros(2, 2 + store.layouts[table].dim, dtype=torch.float64)
-    none[:, 0] = -1
-    return none
+    return HashedFallback.no_edges(store.layouts[table].dim)
 
 
 def _pooled(lookup, batch, stride: int) -> torch.Tensor:

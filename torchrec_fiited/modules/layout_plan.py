@@ -20,7 +20,7 @@ from torchrec_fiited.policy import (
     fit_chunk_prune_ratios,
 )
 from torchrec_fiited.store import TableLayout
-from torchrec_fiited.store.fallback import FallbackGrid, bucket_width
+from torchrec_fiited.store.fallback import bucket_width
 from torchrec_fiited.store.sizing import (
     FP32,
     SKETCH_DEPTH,
@@ -158,13 +158,6 @@ def fallback_widths(global_tables: List[EmbeddingBagConfig], logical: LogicalPoo
         )
         for g in global_tables
     }
-
-
-def shard_fallback_rows(width: int, num_rows: int, row_block: Optional[Tuple[int, int]]) -> int:
-    """Fallback rows a shard holding ``row_block`` (a hash range; None: every row) of a table of
-    ``num_rows`` allocates: the buckets of width ``width`` that meet its rows."""
-    lo, hi = row_block if row_block else (0, num_rows)
-    return FallbackGrid(num_rows, width, lo, hi).rows
 
 
 def shard_full_bytes(rows: int, cols: int, dim: int, optimizer: str) -> float:

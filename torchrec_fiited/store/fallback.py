@@ -100,8 +100,10 @@ class HashedFallback(nn.Module):
         self.register_buffer(
             "momentum", torch.zeros(OPTIMIZER_STATE_SHAPES[optimizer](self.rows, dim), device=device)
         )
-        # (fallback rows, per-id gradients) of this step, applied at ``flush``.
+        # (fallback rows, per-id gradients) of this step, applied at ``flush``; their sum per
+        # row once computed (``_summed``: read by ``edge_contribution``, then by ``flush``).
         self._pending: List[Tuple[torch.Tensor, torch.Tensor]] = []
+        self._sum: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
     def rows_of(self, keys: torch.Tensor) -> torch.Tensor:
         """Fallback row int64 [n] of each key (keys of this shard's ids)."""
@@ -129,28 +131,42 @@ class HashedFallback(nn.Module):
         """Record per-id gradients ``grads`` fp32 [n, D] of missing ``keys`` for ``flush``."""
         if self.rows and keys.numel():
             self._pending.append((self.rows_of(keys), grads))
+            self._sum = None
 
     def _summed(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """(distinct rows int64 [r], their summed gradients fp32 [r, D]) of the pending ids."""
-        if not self._pending:
-            return (torch.empty(0, dtype=torch.int64, device=self.weights.device),
-                    self.weights.new_zeros(0, self.weights.shape[1]))
-        rows = torch.cat([r for r, _ in self._pending])
-        grads = torch.cat([g for _, g in self._pending])
-        rows, inverse = torch.unique(rows, return_inverse=True)
-        return rows, grads.new_zeros(rows.numel(), grads.shape[1]).index_add_(0, inverse, grads)
+        if self._sum is None:
+            if not self._pending:
+                self._sum = (torch.empty(0, dtype=torch.int64, device=self.weights.device),
+                             self.weights.new_zeros(0, self.weights.shape[1]))
+            else:
+                rows = torch.cat([r for r, _ in self._pending])
+                grads = torch.cat([g for _, g in self._pending])
+                rows, inverse = torch.unique(rows, return_inverse=True)
+                self._sum = (rows, grads.new_zeros(rows.numel(), grads.shape[1]).index_add_(
+                    0, inverse, grads))
+        return self._sum
+
+    def _edges(self) -> List[int]:
+        """Local rows of the edge buckets (first and last held; one where they coincide)."""
+        return sorted({0, self.rows - 1})
+
+    @staticmethod
+    def no_edges(dim: int) -> torch.Tensor:
+        """An ``edge_contribution`` naming no bucket (-1): a shard holding no rows."""
+        out = torch.zeros(2, 2 + dim, dtype=torch.float64)
+        out[:, 0] = -1
+        return out
 
     def edge_contribution(self) -> torch.Tensor:
         """fp64 [2, 2 + D]: per edge bucket (first, last held), its global index, whether this
         shard's ids touched it this step, and their summed gradient (the last row is absent, -1,
         where first and last are one bucket)."""
-        D = self.weights.shape[1]
-        out = torch.zeros(2, 2 + D, dtype=torch.float64)
-        out[:, 0] = -1
+        out = self.no_edges(self.weights.shape[1])
         if self.rows == 0:
             return out
         rows, summed = self._summed()
-        for side, local in enumerate(sorted({0, self.rows - 1})):
+        for side, local in enumerate(self._edges()):
             out[side, 0] = self.grid.first + local
             hit = (rows == local).nonzero().flatten()
             if hit.numel():
@@ -168,8 +184,9 @@ class HashedFallback(nn.Module):
         """
         rows, summed = self._summed()
         self._pending.clear()
+        self._sum = None
         if every_edge is not None and self.rows:
-            edges = sorted({0, self.rows - 1})
+            edges = self._edges()
             keep = ~torch.isin(rows, torch.tensor(edges, device=rows.device))
             rows, summed = rows[keep], summed[keep]
             flat = every_edge.reshape(-1, every_edge.shape[-1])

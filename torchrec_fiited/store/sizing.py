@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence
 
 from torchrec_fiited.store.chunk_pool import OPTIMIZER_STATE_SHAPES
+from torchrec_fiited.store.fallback import FallbackGrid, bucket_width
 
 INT64, FP32, INT32 = 8, 4, 4
 SKETCH_DEPTH = 2
@@ -226,7 +227,8 @@ def size_pool(
             per_row = full_table_bytes(1, t.dim, optimizer)
             most = min(t.num_rows, int(share // per_row))
             # Whole buckets of the permuted rows (store.fallback): ceil(E / width) <= most.
-            fallback_rows[t.name] = math.ceil(t.num_rows / math.ceil(t.num_rows / most)) if most else 0
+            width = bucket_width(t.num_rows, most)
+            fallback_rows[t.name] = FallbackGrid(t.num_rows, width, 0, t.num_rows).rows
         spent = sum(full_table_bytes(fallback_rows[t.name], t.dim, optimizer) for t in tables)
         if left - spent < MIN_BUCKET * e + c:  # the fallback would leave no entry or slot
             fallback_rows = {t.name: 0 for t in tables}
