@@ -1,7 +1,8 @@
 // CPU kernels and schemas of the utility sketch ops (torchrec_fiited/store/sketch.py; the
 // PyTorch reference and the contract are ops/reference.py's sketch_estimate / sketch_raise).
 //
-// The sketch is fp32 counts (depth, width, K); a key's cell in row r is
+// The sketch is bf16 counts (depth, width, K), every value stored rounded up to bf16 (ceil_bf16:
+// an estimate never falls below the truth); a key's cell in row r is
 // mix64(key ^ salts[r]) mod width, the mix as Python's store.layout._mix64 (splitmix64's
 // finalizer) and the mod as torch.remainder (non-negative). Estimates read the minimum over the
 // rows; a raise first computes every key's target from the counts as they were (so keys that
@@ -13,6 +14,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "fiited_cpu_utils.h"
@@ -20,11 +22,11 @@
 
 TORCH_LIBRARY_FRAGMENT(fiited, m) {
   // Over-estimated utility of each key: min over the rows of its cells.
-  //   counts  fp32 (depth, width, K), width > 0;  keys int64 (n);  salts: depth ints
+  //   counts  bf16 (depth, width, K), width > 0;  keys int64 (n);  salts: depth ints
   //   returns fp32 (n, K)
   m.def("sketch_estimate(Tensor counts, Tensor keys, int[] salts) -> Tensor");
   // Raise each key's cells (every row) to at least its target: estimate + values when `add`
-  // (conservative update), values otherwise. values fp32 (n, K), >= 0.
+  // (conservative update), values otherwise, rounded up to bf16. values fp32 (n, K), >= 0.
   m.def("sketch_raise(Tensor(a!) counts, Tensor keys, Tensor values, bool add, int[] salts) -> ()");
 }
 
@@ -32,15 +34,15 @@ namespace fiited {
 namespace {
 
 struct SketchView {
-  float* counts;
+  c10::BFloat16* counts;
   int64_t depth, width, K;
 };
 
 SketchView check_sketch(const char* op, const at::Tensor& counts, const at::Tensor& keys,
                         c10::IntArrayRef salts) {
-  TORCH_CHECK(counts.device().is_cpu() && counts.scalar_type() == at::kFloat && counts.dim() == 3
-                  && counts.is_contiguous(),
-              "[torchrec_fiited] ", op, ": counts must be a contiguous 3-D fp32 CPU tensor, got ",
+  TORCH_CHECK(counts.device().is_cpu() && counts.scalar_type() == at::kBFloat16
+                  && counts.dim() == 3 && counts.is_contiguous(),
+              "[torchrec_fiited] ", op, ": counts must be a contiguous 3-D bf16 CPU tensor, got ",
               counts.scalar_type(), " of shape ", counts.sizes());
   TORCH_CHECK(keys.device().is_cpu() && keys.scalar_type() == at::kLong && keys.dim() == 1,
               "[torchrec_fiited] ", op, ": keys must be a 1-D int64 CPU tensor, got ",
@@ -48,7 +50,15 @@ SketchView check_sketch(const char* op, const at::Tensor& counts, const at::Tens
   TORCH_CHECK(counts.size(1) > 0, "[torchrec_fiited] ", op, ": the sketch has no cells");
   TORCH_CHECK(static_cast<int64_t>(salts.size()) == counts.size(0), "[torchrec_fiited] ", op,
               ": one salt per row, got ", salts.size(), " salts for ", counts.size(0), " rows");
-  return {counts.data_ptr<float>(), counts.size(0), counts.size(1), counts.size(2)};
+  return {counts.data_ptr<c10::BFloat16>(), counts.size(0), counts.size(1), counts.size(2)};
+}
+
+// The smallest bf16 >= x (x >= 0, not NaN), as store/sketch.py's ceil_bf16.
+inline c10::BFloat16 ceil_bf16(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  bits = (bits + 0xFFFFu) & 0xFFFF0000u;
+  return c10::BFloat16(static_cast<uint16_t>(bits >> 16), c10::BFloat16::from_bits());
 }
 
 inline int64_t cell_of(int64_t key, int64_t salt, int64_t width) {
@@ -64,8 +74,12 @@ void estimate_into(const SketchView& s, const int64_t* keys, int64_t n, c10::Int
     for (int64_t i = begin; i < end; ++i) {
       float* o = out + i * s.K;
       for (int64_t r = 0; r < s.depth; ++r) {
-        const float* c = s.counts + (r * s.width + cell_of(keys[i], salts[r], s.width)) * s.K;
-        for (int64_t k = 0; k < s.K; ++k) o[k] = r == 0 ? c[k] : std::min(o[k], c[k]);
+        const c10::BFloat16* c =
+            s.counts + (r * s.width + cell_of(keys[i], salts[r], s.width)) * s.K;
+        for (int64_t k = 0; k < s.K; ++k) {
+          const float v = static_cast<float>(c[k]);
+          o[k] = r == 0 ? v : std::min(o[k], v);
+        }
       }
     }
   });
@@ -75,7 +89,7 @@ at::Tensor sketch_estimate_cpu(const at::Tensor& counts, const at::Tensor& keys,
                                c10::IntArrayRef salts) {
   const SketchView s = check_sketch("fiited::sketch_estimate", counts, keys, salts);
   const auto k = keys.contiguous();
-  auto out = at::empty({k.numel(), s.K}, counts.options());
+  auto out = at::empty({k.numel(), s.K}, counts.options().dtype(at::kFloat));
   estimate_into(s, k.data_ptr<int64_t>(), k.numel(), salts, out.data_ptr<float>());
   return out;
 }
@@ -94,7 +108,7 @@ void sketch_raise_cpu(at::Tensor& counts, const at::Tensor& keys, const at::Tens
   const int64_t* kp = k.data_ptr<int64_t>();
   at::Tensor target = values.contiguous();
   if (add) {
-    auto est = at::empty({n, s.K}, counts.options());
+    auto est = at::empty({n, s.K}, counts.options().dtype(at::kFloat));
     estimate_into(s, kp, n, salts, est.data_ptr<float>());
     target = est.add_(target);  // fp32 est + value, as the reference
   }
@@ -102,10 +116,13 @@ void sketch_raise_cpu(at::Tensor& counts, const at::Tensor& keys, const at::Tens
   // One task per row: rows own disjoint cells.
   at::parallel_for(0, s.depth, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      float* row = s.counts + r * s.width * s.K;
+      c10::BFloat16* row = s.counts + r * s.width * s.K;
       for (int64_t i = 0; i < n; ++i) {
-        float* c = row + cell_of(kp[i], salts[r], s.width) * s.K;
-        for (int64_t j = 0; j < s.K; ++j) c[j] = std::max(c[j], t[i * s.K + j]);
+        c10::BFloat16* c = row + cell_of(kp[i], salts[r], s.width) * s.K;
+        for (int64_t j = 0; j < s.K; ++j) {
+          const c10::BFloat16 v = ceil_bf16(t[i * s.K + j]);
+          if (static_cast<float>(v) > static_cast<float>(c[j])) c[j] = v;
+        }
       }
     }
   });

@@ -98,7 +98,8 @@ def _check_bytes(m, cfg, tables):
         # per entry, the sketch, the fallback rows.
         p, et = m.store.pools[pool], m.store.entries[pool]
         assert p.capacity == sizes.slots and et.capacity == sizes.entries
-        assert m.store.sketches[pool].counts.numel() * 4 == model["sketch"]
+        counts = m.store.sketches[pool].counts
+        assert counts.numel() * counts.element_size() == model["sketch"]
         full_total += full
         model_total += model["total"]
     assert stats["bytes_full"] == full_total

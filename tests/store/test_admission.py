@@ -182,10 +182,10 @@ def test_cycle_erases_chunkless_entries_only_when_the_pool_has_a_sketch(sketch_w
     if sketch_width:
         assert counts.erased == {"t": 2}
         assert _resident_rows(store) == [0, 1] and int(et.num_seen) == 2
-        torch.testing.assert_close(
-            store.sketches[POOL].estimate(_keys(store, [2, 3])),
-            torch.tensor([[0.125, 0.025], [0.05, 0.05]]),
-        )
+        est = store.sketches[POOL].estimate(_keys(store, [2, 3]))
+        want = torch.tensor([[0.125, 0.025], [0.05, 0.05]])
+        assert bool((est >= want).all())  # bf16 cells, rounded up
+        torch.testing.assert_close(est, want, rtol=2**-7, atol=0)
         assert int(store.sketches[POOL].decayed_to) == 2
     else:
         assert counts.erased == {"t": 0}

@@ -30,7 +30,8 @@ K = 2
 def test_estimates_never_fall_below_the_decayed_truth(width, depth, gamma, rounds, pool, seed):
     """A model keeps each key's exact utility: additions, then at every decay_to everything times
     gamma ** age. The sketch (with collisions: width as small as 1) is >= it for every key, added
-    or not, and equal to it with one key (no collision possible)."""
+    or not, and with one key (no collision possible) equal to it up to bf16's rounding up: each
+    add and decay rounds up by less than 2^-7 of the value (7 fraction bits)."""
     g = torch.Generator().manual_seed(seed)
     sketch = UtilitySketch(width, depth, K, torch.device("cpu"))
     truth = {}
@@ -53,10 +54,11 @@ def test_estimates_never_fall_below_the_decayed_truth(width, depth, gamma, round
     assert est.shape == (len(probe), K)
     for i, k in enumerate(probe):
         want = truth.get(k, torch.zeros(K, dtype=torch.float64))
-        assert bool((est[i] >= want * (1 - 1e-5) - 1e-6).all()), (k, est[i], want)
+        assert bool((est[i] >= want * (1 - 1e-6) - 1e-9).all()), (k, est[i], want)
     if len(truth) == 1:
         (k, v), = truth.items()
-        torch.testing.assert_close(est[probe.index(k)], v, rtol=1e-5, atol=1e-6)
+        roundings = 2 * len(rounds)
+        assert bool((est[probe.index(k)] <= v * (1 + 2**-7) ** roundings + 1e-9).all())
 
 
 def test_estimate_is_the_minimum_over_rows():

@@ -22,7 +22,7 @@ from torchrec_fiited.policy import (
 from torchrec_fiited.store import TableLayout
 from torchrec_fiited.store.fallback import bucket_width
 from torchrec_fiited.store.sizing import (
-    FP32,
+    SKETCH_CELL_BYTES,
     SKETCH_DEPTH,
     PoolSizes,
     TableSpec,
@@ -221,7 +221,7 @@ def shard_budget(
     if k_local == policy.num_chunks or not width:
         return fraction * full, None
     cells = width * rows / logical.num_rows[key]  # the logical sketch's cells for these rows
-    sketch = FP32 * SKETCH_DEPTH * cells  # per chunk index
+    sketch = SKETCH_CELL_BYTES * SKETCH_DEPTH * cells  # per chunk index
     budget = min(1.0, logical.budgets[key])
     weight = fraction / budget if budget > 0 else 1.0  # keep[range].mean() / keep.mean()
     rest = max(0.0, budget * full - sketch * k_local)

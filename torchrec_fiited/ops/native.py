@@ -276,13 +276,13 @@ if HASH_DEVICES:
 
 def _sketch_estimate_fake(counts: torch.Tensor, keys: torch.Tensor, salts) -> torch.Tensor:
     """Estimates fp32 [n, K] for keys int64 [n]."""
-    _check_dtype_dim("sketch_estimate", "counts", counts, torch.float32, 3)
+    _check_dtype_dim("sketch_estimate", "counts", counts, torch.bfloat16, 3)
     _check_dtype_dim("sketch_estimate", "keys", keys, torch.int64, 1)
-    return counts.new_empty((keys.shape[0], counts.shape[2]))
+    return counts.new_empty((keys.shape[0], counts.shape[2]), dtype=torch.float32)
 
 
 def _sketch_raise_fake(counts, keys, values, add, salts) -> None:
-    _check_dtype_dim("sketch_raise", "counts", counts, torch.float32, 3)
+    _check_dtype_dim("sketch_raise", "counts", counts, torch.bfloat16, 3)
     _check_dtype_dim("sketch_raise", "keys", keys, torch.int64, 1)
     _check_dtype_dim("sketch_raise", "values", values, torch.float32, 2)
 

@@ -24,6 +24,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 from torchrec_fiited.store.chunk_pool import OPTIMIZER_STATE_SHAPES
 from torchrec_fiited.store.fallback import FallbackGrid, bucket_width
+from torchrec_fiited.store.sketch import SKETCH_CELL_BYTES  # noqa: F401 (layout_plan imports it here)
 
 INT64, FP32, INT32 = 8, 4, 4
 SKETCH_DEPTH = 2
@@ -127,7 +128,7 @@ def pool_bytes(sizes: PoolSizes, tables: Sequence[TableSpec], num_chunks: int, o
     out = {
         "chunks": sizes.slots * slot_bytes(cs, optimizer),
         "entries": sizes.entries * entry_bytes(K),
-        "sketch": FP32 * SKETCH_DEPTH * sizes.sketch_width * K if sizes.sketch_width else 0,
+        "sketch": SKETCH_CELL_BYTES * SKETCH_DEPTH * sizes.sketch_width * K if sizes.sketch_width else 0,
         "fallback": fallback,
         "fixed": fixed_bytes(tables, K, optimizer, dim_pruning),
     }
@@ -244,7 +245,7 @@ def size_pool(
         return PoolSizes(rows * K, all_buckets, W, 0, fallback_rows)
 
     alpha = default_entries_per_slot(K) if entries_per_slot is None else entries_per_slot
-    cell = FP32 * SKETCH_DEPTH * K  # bytes per unit of sketch width
+    cell = SKETCH_CELL_BYTES * SKETCH_DEPTH * K  # bytes per unit of sketch width
     given = sketch_width is not None
     if not given:
         sketch_width = int(sketch_fraction * B // cell)

@@ -11,12 +11,19 @@ from torch import nn
 from torchrec_fiited.ops.dispatch import use_native_sketch
 from torchrec_fiited.store.layout import _mix64
 
+# Cells are bf16: half of fp32's bytes, fp32's range (a utility is a gradient norm times an access
+# count: 1e-6 at batch 8192 for a tail id, fp16 would flush it to zero). Every value is rounded
+# *up* to bf16 (``ceil_bf16``), so an estimate still never falls below the true decayed sum; it
+# over-estimates by less than 2^-7 of itself per rounding (7 fraction bits).
+SKETCH_DTYPE = torch.bfloat16
+SKETCH_CELL_BYTES = 2
+
 # Per-row salts of the depth hash functions (arbitrary odd 63-bit constants).
 _SALTS = (0x2545F4914F6CDD1D, 0x5851F42D4C957F2D, 0x14057B7EF767814F, 0x3C6EF372FE94F82B)
 
 
 class UtilitySketch(nn.Module):
-    """``depth`` rows of ``width`` cells, each a K-vector of utilities (fp32 [depth, width, K]).
+    """``depth`` rows of ``width`` cells, each a K-vector of utilities (bf16 [depth, width, K]).
 
     ``add`` raises one cell per row (conservative update), ``estimate`` takes the minimum over
     the rows (per chunk), so an estimate never falls below the true decayed sum of what was added
@@ -38,7 +45,9 @@ class UtilitySketch(nn.Module):
         self.width = int(width)
         self.depth = depth if width > 0 else 0
         self.num_chunks = num_chunks
-        self.register_buffer("counts", torch.zeros(self.depth, self.width, num_chunks, device=device))
+        self.register_buffer(
+            "counts", torch.zeros(self.depth, self.width, num_chunks, dtype=SKETCH_DTYPE, device=device)
+        )
         self.register_buffer("decayed_to", torch.tensor(0, dtype=torch.int64, device=device))
 
     # The reference of the native sketch ops (cuda/fiited_sketch_cpu.cpp), used without them.
@@ -70,7 +79,7 @@ class UtilitySketch(nn.Module):
         """Raise each key's cells to its target: estimate + ``values`` (``add``) or ``values``."""
         if self.width == 0 or keys.numel() == 0:
             return
-        values = values.to(self.counts.dtype)
+        values = values.to(torch.float32)
         if use_native_sketch(self.counts.device):
             torch.ops.fiited.sketch_raise(self.counts, keys, values, add, self._salts())
             return
@@ -78,15 +87,17 @@ class UtilitySketch(nn.Module):
         self._raise(cells, self._min_over_rows(cells) + values if add else values)
 
     def _raise(self, cells: torch.Tensor, target: torch.Tensor) -> None:
+        target = ceil_bf16(target)
         for r in range(self.depth):
             index = cells[r].unsqueeze(1).expand(-1, self.num_chunks)
             self.counts[r].scatter_reduce_(0, index, target, reduce="amax")
 
     def _min_over_rows(self, cells: torch.Tensor) -> torch.Tensor:
+        """fp32 [n, K]."""
         est = self.counts[0][cells[0]]
         for r in range(1, self.depth):
             est = torch.minimum(est, self.counts[r][cells[r]])
-        return est
+        return est.float()
 
     def estimate(self, keys: torch.Tensor) -> torch.Tensor:
         """Over-estimated utilities fp32 [n, K] of ``keys`` int64 [n]."""
@@ -103,5 +114,13 @@ class UtilitySketch(nn.Module):
         """Bring every cell to ``step``: multiply by gamma ** (step - the last decay's step)."""
         age = step - int(self.decayed_to)
         if self.width and age > 0 and gamma != 1.0:
-            self.counts.mul_(gamma**age)
+            self.counts.copy_(ceil_bf16(self.counts.float() * gamma**age))
         self.decayed_to.fill_(max(step, int(self.decayed_to)))
+
+
+def ceil_bf16(x: torch.Tensor) -> torch.Tensor:
+    """The smallest bf16 >= each of ``x`` (fp32, >= 0, not NaN): bf16 is fp32's top 16 bits, so
+    adding 0xFFFF before truncating rounds any value between two bf16s up to the larger."""
+    bits = x.to(torch.float32).contiguous().view(torch.int32)
+    up = torch.bitwise_and(bits + 0xFFFF, -0x10000)  # stays below 2^31 for x <= inf
+    return up.view(torch.float32).to(SKETCH_DTYPE)
