@@ -370,8 +370,8 @@ def run_fiited_ops(cfg: BenchConfig, batches: List[Batch], zipf: ZipfIds, K: int
         for t, ((pool, et), e) in enumerate(zip(tables, entries)):
             hits = torch.where(e == et.null_entry, -1, e)  # as the module: misses skipped
             fused_backward(b.grad[:, t * D:(t + 1) * D].contiguous(), rows, None, hits,
-                           et.chunk_slots, et.utilities, et.last_step, pool.weights,
-                           pool.momentum, params)
+                           et.chunk_slots, et.utilities, pool.weights, pool.momentum, params,
+                           et.addition_scale(params.step))
 
     result = timings(cfg, forward, step)
     result.update(live_fractions(ebc, batches))

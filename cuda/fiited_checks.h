@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <cmath>
 #include <limits>
 #include <optional>
 #include <string_view>
@@ -174,12 +175,11 @@ inline BackwardSizes check_backward_inputs(
     const at::Tensor& entries,     // (n)
     const at::Tensor& chunk_slots, // (E, K)
     const at::Tensor& utilities,   // (E, K)
-    const at::Tensor& last_step,   // (E)
     const at::Tensor& weights,     // (C, chunk_size)
     const at::Tensor& momentum,    // (C, chunk_size) | (C) | (0)
     std::string_view optimizer,
     std::string_view utility,
-    int64_t step) {
+    double utility_scale) {
   constexpr const char* op = "fiited::fused_backward";
   const auto device = weights.device();
   check_tensor(op, "grad_rows", grad_rows, at::kFloat, 2, device);
@@ -187,7 +187,6 @@ inline BackwardSizes check_backward_inputs(
   check_tensor(op, "entries", entries, at::kLong, 1, device);
   check_tensor(op, "chunk_slots", chunk_slots, at::kInt, 2, device);
   check_tensor(op, "utilities", utilities, at::kFloat, 2, device);
-  check_tensor(op, "last_step", last_step, at::kInt, 1, device);
   check_tensor(op, "weights", weights, at::kFloat, 2, device);
   check_tensor(op, "momentum", momentum, at::kFloat, momentum.dim() == 2 ? 2 : 1, device);
   const int64_t n = entries.numel(), E = chunk_slots.size(0), K = chunk_slots.size(1);
@@ -200,14 +199,13 @@ inline BackwardSizes check_backward_inputs(
   check_size(op, "grad_rows", grad_rows, 1, K * cs, "D = K * chunk_size");
   check_size(op, "utilities", utilities, 0, E, "chunk_slots.size(0)");
   check_size(op, "utilities", utilities, 1, K, "chunk_slots.size(1)");
-  check_size(op, "last_step", last_step, 0, E, "chunk_slots.size(0)");
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"utilities", utilities},
-                                {"last_step", last_step}, {"weights", weights}}) {
+                                {"weights", weights}}) {
     check_contiguous(op, name, t);
   }
   TORCH_CHECK(
-      step >= 0 && step <= std::numeric_limits<int32_t>::max(), "[torchrec_fiited] ", op,
-      ": step must fit last_step's int32, i.e. be in [0, 2^31), got ", step);
+      std::isfinite(static_cast<float>(utility_scale)) && utility_scale > 0, "[torchrec_fiited] ",
+      op, ": utility_scale must be finite and > 0 in fp32, got ", utility_scale);
   TORCH_CHECK(
       n < std::numeric_limits<int32_t>::max(), "[torchrec_fiited] ", op,
       ": at most 2^31 - 1 entries per call, got ", n);

@@ -230,15 +230,13 @@ struct BackwardArgs {
   const float* __restrict id_scale;           // (n) or nullptr
   const int32_t* __restrict chunk_slots;      // (E, K)
   float* __restrict utilities;                // (E, K)
-  int32_t* __restrict last_step;              // (E)
   float* __restrict weights;                  // (C, chunk_size)
   float* __restrict momentum;                 // (C, chunk_size) | (C) | (0)
   const uint32_t* __restrict sorted_entries;  // (n) entries in ascending order
   const int32_t* __restrict sorted_ids;       // (n) id of each sorted entry
   const int32_t* __restrict segment_starts;   // (U + 1)
   BackwardSizes sizes;
-  float lr, eps, weight_decay, decay;
-  int32_t step;
+  float lr, eps, weight_decay, utility_scale;
 };
 
 // acc (D) = sum over the ids of unique entry u of id_scale[i] * grad_rows[row_of_id[i]], summed
@@ -260,13 +258,12 @@ void coalesce(const BackwardArgs& a, int64_t u, int64_t D, Accumulator<S>& acc) 
   }
 }
 
-// u = decay^age * u + accesses * (||g_chunk|| or 1) for all K chunks; last_step = step.
+// u += accesses * (||g_chunk|| or 1) * utility_scale for all K chunks (utilities are stored
+// against the table's base step; see the schema).
 template <typename S>
 void update_utilities(const BackwardArgs& a, int64_t e, int64_t K, int64_t V, int64_t accesses,
                       Accumulator<S>& acc) {
   constexpr int W = S::W;
-  const int64_t age = std::max<int64_t>(int64_t{a.step} - a.last_step[e], 0);
-  const float factor = std::pow(a.decay, static_cast<float>(age));
   const float count = static_cast<float>(accesses);
   for (int64_t k = 0; k < K; ++k) {
     float gain = 1.f;
@@ -275,9 +272,9 @@ void update_utilities(const BackwardArgs& a, int64_t e, int64_t K, int64_t V, in
       for (int64_t v = 0; v < V; ++v) sq += acc[k * V + v] * acc[k * V + v];
       gain = std::sqrt(hsum<W>(sq));
     }
-    a.utilities[e * K + k] = a.utilities[e * K + k] * factor + count * gain;
+    const float add = count * gain * a.utility_scale;
+    a.utilities[e * K + k] += add;
   }
-  a.last_step[e] = a.step;
 }
 
 // One optimizer step on the live chunk at `slot` with gradient g (V vectors of W floats), plus
@@ -319,7 +316,6 @@ C10_ALWAYS_INLINE void prefetch_update(
     const int64_t e = a.sorted_entries[a.segment_starts[u + kSlotsPrefetchDistance]];
     prefetch_read(a.chunk_slots + e * K);
     prefetch_write(a.utilities + e * K);
-    prefetch_write(a.last_step + e);
   }
   if (u + kChunkPrefetchDistance >= u_end) return;
   const int64_t e = a.sorted_entries[a.segment_starts[u + kChunkPrefetchDistance]];
@@ -359,7 +355,6 @@ void fused_backward_cpu(
     const at::Tensor& entries,
     const at::Tensor& chunk_slots,
     at::Tensor& utilities,
-    at::Tensor& last_step,
     at::Tensor& weights,
     at::Tensor& momentum,
     c10::string_view optimizer,
@@ -367,11 +362,10 @@ void fused_backward_cpu(
     double eps,
     double weight_decay,
     c10::string_view utility,
-    double decay,
-    int64_t step) {
+    double utility_scale) {
   const BackwardSizes sizes = check_backward_inputs(
-      grad_rows, row_of_id, id_scale, entries, chunk_slots, utilities, last_step, weights,
-      momentum, optimizer, utility, step);
+      grad_rows, row_of_id, id_scale, entries, chunk_slots, utilities, weights, momentum,
+      optimizer, utility, utility_scale);
   if (sizes.num_ids == 0) return;
   const auto grads = grad_rows.contiguous(), rows = row_of_id.contiguous();
   const auto ids = entries.contiguous(), slots = chunk_slots.contiguous();
@@ -382,10 +376,10 @@ void fused_backward_cpu(
   const BackwardArgs args{
       grads.data_ptr<float>(), rows.data_ptr<int64_t>(),
       scale.defined() ? scale.data_ptr<float>() : nullptr, slots.data_ptr<int32_t>(),
-      utilities.data_ptr<float>(), last_step.data_ptr<int32_t>(), weights.data_ptr<float>(),
-      momentum.data_ptr<float>(), ws.keys[src].data(), ws.ids[src].data(),
-      ws.segment_starts.data(), sizes, static_cast<float>(lr), static_cast<float>(eps),
-      static_cast<float>(weight_decay), static_cast<float>(decay), static_cast<int32_t>(step)};
+      utilities.data_ptr<float>(), weights.data_ptr<float>(), momentum.data_ptr<float>(),
+      ws.keys[src].data(), ws.ids[src].data(), ws.segment_starts.data(), sizes,
+      static_cast<float>(lr), static_cast<float>(eps), static_cast<float>(weight_decay),
+      static_cast<float>(utility_scale)};
   const int64_t num_unique = static_cast<int64_t>(ws.segment_starts.size()) - 1;
   const int32_t* starts = args.segment_starts;
   dispatch_shape(sizes.num_chunks, sizes.chunk_size, [&](auto shape) {

@@ -1,7 +1,7 @@
 // Dedupe for the CPU fused backward: a stable, parallel LSD radix sort of the ids by entry.
 //
-// Sorting (rather than hashing) makes the per-entry pass walk chunk_slots, utilities and
-// last_step in ascending order, keeps each entry's ids in their original order (the reference's
+// Sorting (rather than hashing) makes the per-entry pass walk chunk_slots and utilities
+// in ascending order, keeps each entry's ids in their original order (the reference's
 // summation order) and is deterministic. FBGEMM's CPU TBE backward sorts too.
 #pragma once
 

@@ -101,19 +101,17 @@ __global__ void __launch_bounds__(kWarpSize * kWarpsPerBlock)
   }
   __syncwarp();
 
-  /* Step 2: u = decay^age * u + accesses * (||g_k|| or 1) for every chunk; last_step = step. */
+  /* Step 2: u += accesses * (||g_k|| or 1) * utility_scale for every chunk. */
   const int64_t e = p.unique_entries[u];
-  const int age = max(p.step - p.last_step[e], 0);
-  const float factor = powf(p.decay, static_cast<float>(age));
   const float accesses = static_cast<float>(last - first);
   for (int k = 0; k < K; ++k) {
     float sq = 0.f;
     for (int c = lane; c < cs; c += kWarpSize) sq += acc[k * cs + c] * acc[k * cs + c];
     sq = warp_sum(sq);
     const float gain = p.grad_access ? sqrtf(sq) : 1.f;
-    if (lane == 0) p.utilities[e * K + k] = p.utilities[e * K + k] * factor + accesses * gain;
+    const float add = accesses * gain * p.utility_scale;
+    if (lane == 0) p.utilities[e * K + k] += add;
   }
-  if (lane == 0) p.last_step[e] = p.step;
 
   /* Step 3: the optimizer on live chunks only (warp-uniform branch on the slot). */
   for (int k = 0; k < K; ++k) {

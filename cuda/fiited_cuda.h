@@ -51,8 +51,7 @@ struct FiitedBackwardParams {
   const int64_t* __restrict unique_entries; // (U) ascending
   const int64_t* __restrict segment_starts; // (U + 1) sorted position of each entry's first id
   const int32_t* __restrict chunk_slots;    // (E, K)
-  float* __restrict utilities;              // (E, K)
-  int32_t* __restrict last_step;            // (E)
+  float* __restrict utilities;              // (E, K), stored against the table's base step
   float* __restrict weights;                // (C, chunk_size)
   float* __restrict momentum;               // (C, chunk_size) | (C) | (0)
   int64_t num_unique;                       // U
@@ -64,8 +63,7 @@ struct FiitedBackwardParams {
   float lr;
   float eps;
   float weight_decay;
-  float decay;
-  int32_t step;
+  float utility_scale;                      // decay^(base - step)
 };
 
 // Pooled lookup on `stream`; returns the launch error (cudaSuccess when B == 0).

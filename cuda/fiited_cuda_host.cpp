@@ -130,7 +130,6 @@ void fused_backward_cuda(
     const at::Tensor& entries,
     const at::Tensor& chunk_slots,
     at::Tensor& utilities,
-    at::Tensor& last_step,
     at::Tensor& weights,
     at::Tensor& momentum,
     c10::string_view optimizer,
@@ -138,12 +137,11 @@ void fused_backward_cuda(
     double eps,
     double weight_decay,
     c10::string_view utility,
-    double decay,
-    int64_t step) {
+    double utility_scale) {
   constexpr const char* op = "fiited::fused_backward";
   const BackwardSizes s = check_backward_inputs(
-      grad_rows, row_of_id, id_scale, entries, chunk_slots, utilities, last_step, weights,
-      momentum, optimizer, utility, step);
+      grad_rows, row_of_id, id_scale, entries, chunk_slots, utilities, weights, momentum,
+      optimizer, utility, utility_scale);
   TORCH_CHECK(
       s.num_chunks * s.chunk_size <= FIITED_CUDA_MAX_DIM, "[torchrec_fiited] ", op,
       ": the CUDA kernel takes D = K * chunk_size <= ", FIITED_CUDA_MAX_DIM, ", got ",
@@ -167,12 +165,12 @@ void fused_backward_cuda(
       grads.data_ptr<float>(), rows.data_ptr<int64_t>(),
       scale.defined() ? scale.data_ptr<float>() : nullptr, order.data_ptr<int64_t>(),
       unique.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), slots.data_ptr<int32_t>(),
-      utilities.data_ptr<float>(), last_step.data_ptr<int32_t>(), weights.data_ptr<float>(),
+      utilities.data_ptr<float>(), weights.data_ptr<float>(),
       momentum.data_ptr<float>(), unique.numel(), s.capacity,
       static_cast<int32_t>(s.num_chunks), static_cast<int32_t>(s.chunk_size),
       static_cast<int32_t>(s.optimizer), s.grad_access ? 1 : 0, static_cast<float>(lr),
-      static_cast<float>(eps), static_cast<float>(weight_decay), static_cast<float>(decay),
-      static_cast<int32_t>(step)};
+      static_cast<float>(eps), static_cast<float>(weight_decay),
+      static_cast<float>(utility_scale)};
   (void)fiited_fused_backward_cuda(&params, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

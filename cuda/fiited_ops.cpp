@@ -41,20 +41,21 @@ TORCH_LIBRARY(fiited, m) {
       "Tensor offsets, Tensor? per_sample_weights, Tensor feature_cols, Tensor feature_mean, "
       "Tensor(a!) out) -> ()");
 
-  // Coalesce one table's id gradients per entry, update the utilities and last_step of every
-  // chunk of each touched entry, then apply the optimizer to its live chunks, in place.
+  // Coalesce one table's id gradients per entry, add to the utilities of every chunk of each
+  // touched entry, then apply the optimizer to its live chunks, in place. Utilities are stored
+  // against the entry table's base step (store/entry_table.py): u += a * g * utility_scale with
+  // utility_scale = decay^(base - step), so no entry keeps a step of its own.
   //   grad_rows   fp32  (R, D)        pooled-output gradients of the table's bags
   //   row_of_id   int64 (n)           bag row of each id, in [0, R)
   //   id_scale    fp32  (n) or None   per-id gradient scale (sample weight, 1 / length)
   //   entries     int64 (n)           each in [0, E), or -1: the id is skipped
   //   chunk_slots int32 (E, K)        read only
   //   utilities   fp32  (E, K)        updated
-  //   last_step   int32 (E)           set to step for touched entries
   //   weights     fp32  (C, chunk_size)  updated at live slots
   //   momentum    fp32  (C, chunk_size) adagrad | (C) rowwise_adagrad | (0) sgd
   m.def(
       "fused_backward(Tensor grad_rows, Tensor row_of_id, Tensor? id_scale, Tensor entries, "
-      "Tensor chunk_slots, Tensor(a!) utilities, Tensor(b!) last_step, Tensor(c!) weights, "
-      "Tensor(d!) momentum, str optimizer, float lr, float eps, float weight_decay, "
-      "str utility, float decay, int step) -> ()");
+      "Tensor chunk_slots, Tensor(a!) utilities, Tensor(b!) weights, Tensor(c!) momentum, "
+      "str optimizer, float lr, float eps, float weight_decay, str utility, "
+      "float utility_scale) -> ()");
 }

@@ -216,8 +216,10 @@ def test_hashed_fallbacks_reshard_bucket_by_bucket(tmp_path):
     # ranks (the bucket at the boundary on both, trained as one), loaded whole at 1 and at 4
     # ranks: every fallback comes back and every id reads what it read when saved. (Split into
     # other splits: test_reshard_fallback.py; binding pools at 4 ranks would not fit here.)
-    # A few wide buckets, so both ranks' ids train the boundary bucket at every step.
-    config, path, S = dict(HASHED, fallback_fraction=0.01), str(tmp_path / "ckpt"), 8
+    # A few wide buckets, so both ranks' ids train the boundary bucket at every step. Stride 6:
+    # the one-rank pools hold every row the two shards hold (at 8 the 2-rank shards' pools,
+    # sized apart, together hold 181 live chunks of t0 against the whole pool's 150 slots).
+    config, path, S = dict(HASHED, fallback_fraction=0.01), str(tmp_path / "ckpt"), 6
     saved = run_ranks(cases.dcp_save, 2, "row_wise", config, path, S)[0]
     for world_size in (1, 4):
         got = run_ranks(cases.dcp_load_resharded_fallbacks, world_size, "table_wise", config, path, S)
@@ -245,7 +247,7 @@ def test_a_resharded_load_that_does_not_fit_refuses_on_every_rank(tmp_path):
     (BINDING, cases.ROOMY_STRIDE),
     # Trained hashed fallbacks split over the ranks (wide buckets: both train the boundary one)
     # come along bucket by bucket.
-    (dict(HASHED, fallback_fraction=0.01), 8),
+    (dict(HASHED, fallback_fraction=0.01), 6),
 ])
 def test_export_of_a_sharded_model_through_a_plan_independent_gather(config, stride):
     sharded_out, exported_out = run_ranks(cases.export_sharded, 2, "row_wise", config, stride)[0]
@@ -282,9 +284,12 @@ def test_single_process_state_loads_into_a_sharded_collection():
     # pool's slots, which store v2's metadata makes a small share (issue 13 redoes that sizing);
     # with the paper's fixed ratios each shard's pool gets its budget.
     fixed = dict(roomier, ratio_target="ratios", chunk_prune_ratios=[0.25, 0.5, 0.75, 0.5])
-    loads = (("table_wise", BINDING), ("column_wise", fixed), ("row_wise", roomier))
+    # The source at 0.35: at 0.5 it holds 30 live chunks of t0, more than the two column shards'
+    # pools (11 slots each at 1.0: each keeps entries and a sketch for all its rows) can take.
+    source = dict(BINDING, budget=0.35, table_budgets={"t0": 0.35, "t1": 0.35, "t2": 0.35})
+    loads = (("table_wise", source), ("column_wise", fixed), ("row_wise", roomier))
     for kind, load_config in loads:
-        want, got = run_ranks(cases.load_single_process_state, 2, kind, BINDING, load_config)[0]
+        want, got = run_ranks(cases.load_single_process_state, 2, kind, source, load_config)[0]
         # Row-wise bags are summed per rank: equal up to fp32 summation order.
         tol = dict(rtol=1e-6, atol=1e-7) if kind == "row_wise" else dict(rtol=0, atol=0)
         torch.testing.assert_close(got, want, **tol)

@@ -198,19 +198,24 @@ def _null_holds_slot(sd):
     sd[E4 + "chunk_slots"][e, k] = -1  # the slot is referenced once, by the null entry
 
 
-def _null_seen(sd):
-    sd[E4 + "last_step"][-1] = 2
+def _null_scored(sd):
+    sd[E4 + "utilities"][-1] = 2.0
 
 
-def _resident_never_seen(sd):
-    sd[E4 + "last_step"][int(_resident(sd)[0])] = -1
+def _free_entry_with_utilities(sd):
+    """An entry whose key is gone (and counted so), holding no chunk but still its utilities."""
+    resident = sd[E4 + "index.keys"] != EMPTY_KEY
+    chunkless = resident & (sd[E4 + "chunk_slots"][:-1] < 0).all(1)
+    slot = int(chunkless.nonzero()[0, 0])
+    assert bool((sd[E4 + "utilities"][slot] > 0).any())
+    sd[E4 + "index.keys"][slot] = EMPTY_KEY
+    sd[E4 + "num_seen"] -= 1
 
 
 def _free_entry_with_chunks(sd):
     """An entry whose key is gone (and counted so) but which still holds its chunks."""
     slot = int(_resident(sd)[0])
     sd[E4 + "index.keys"][slot] = EMPTY_KEY
-    sd[E4 + "last_step"][slot] = -1
     sd[E4 + "num_seen"] -= 1
 
 
@@ -229,8 +234,8 @@ CORRUPTIONS = [
     (_slot_twice, "exactly once"),
     (_free_slot_also_live, "exactly once"),
     (_null_holds_slot, "the null entry holds state"),
-    (_null_seen, "the null entry holds state"),
-    (_resident_never_seen, "resident keys disagree with last_step"),
+    (_null_scored, "the null entry holds state"),
+    (_free_entry_with_utilities, "a free entry holds utilities"),
     (_free_entry_with_chunks, "a free entry holds live chunks"),
     (lambda sd: sd[E4 + "num_seen"].add_(1), "num_seen="),
     (lambda sd: sd["store.pools.shared_cs4.live_per_chunk"].add_(1), "live_per_chunk disagrees"),

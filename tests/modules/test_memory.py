@@ -105,7 +105,8 @@ def _check_bytes(m, cfg, tables):
     assert stats["bytes_full"] == full_total
     # stats() puts each tensor in its component: the byte model's, with its fixed bytes where
     # they live (per pool num_free and live_per_chunk with the free stack; the null entry, the
-    # last thresholds, num_seen and the last cycle's two counts with the entries; the sketch's
+    # last thresholds, the utility base, num_seen and the last cycle's two counts with the
+    # entries; the sketch's
     # decay step).
     Kc, pools = cfg.num_chunks, list(m.store.sizes.values())
     sizes_total = {k: sum(pool_bytes(z, [TableSpec("x", 1, 16)], Kc, cfg.optimizer)[k] for z in pools)
@@ -113,7 +114,7 @@ def _check_bytes(m, cfg, tables):
     assert b["chunks"] == sum(p.weights.numel() * 4 for p in m.store.pools.values())
     assert b["chunks"] == sum(z.slots * p.stored_width * 4 for z, p in zip(pools, m.store.pools.values()))
     assert b["free_stacks"] == sum(4 * z.slots + 8 + 8 * Kc for z in pools)
-    assert b["entries"] == sizes_total["entries"] + len(pools) * ((8 * Kc + 4) + 4 * Kc + 3 * 8)
+    assert b["entries"] == sizes_total["entries"] + len(pools) * (8 * Kc + 8 + 4 * Kc + 3 * 8)
     assert b["sketch"] == sizes_total["sketch"] + 8 * len(pools)
     assert b["fallback"] == sum(f.weights.numel() * 4 + f.momentum.numel() * 4 for f in m.store.fallbacks.values())
     assert b["fallback"] == sum(full_table_bytes(z.fallback_rows.get(t.name, 0), t.embedding_dim, cfg.optimizer)

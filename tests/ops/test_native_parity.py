@@ -34,8 +34,7 @@ class Store:
     """A table's slice of the VHPI store (terms as in ``store/layout.py``)."""
 
     chunk_slots: torch.Tensor  # int32 [E, K]
-    utilities: torch.Tensor  # fp32 [E, K]
-    last_step: torch.Tensor  # int32 [E]
+    utilities: torch.Tensor  # fp32 [E, K], against a base step
     weights: torch.Tensor  # fp32 [C, chunk_size]
     momentum: torch.Tensor  # per optimizer
 
@@ -43,7 +42,7 @@ class Store:
         return Store(*(t.clone() for t in self.tensors()))
 
     def tensors(self):
-        return self.chunk_slots, self.utilities, self.last_step, self.weights, self.momentum
+        return self.chunk_slots, self.utilities, self.weights, self.momentum
 
     def to(self, device) -> "Store":
         return Store(*(t.to(device) for t in self.tensors()))
@@ -70,7 +69,6 @@ def make_store(E, K, cs, pruned, optimizer, step, gen) -> Store:
     return Store(
         chunk_slots=slots,
         utilities=torch.rand(E, K, generator=gen) * 3,
-        last_step=torch.randint(-1, step + 1, (E,), generator=gen, dtype=torch.int32),
         weights=torch.randn(C, cs, generator=gen),
         momentum=torch.rand(momentum_shape, generator=gen),
     )
@@ -138,19 +136,23 @@ def _backward_both(store, batch, grad_rows, params, device="cpu"):
     torch.ops.fiited.fused_backward(
         grad_rows.to(device), batch.row_of_id.to(device),
         None if batch.id_scale is None else batch.id_scale.to(device), batch.entries.to(device),
-        got.chunk_slots, got.utilities, got.last_step, got.weights, got.momentum,
+        got.chunk_slots, got.utilities, got.weights, got.momentum,
         params.optimizer, params.lr, params.eps, params.weight_decay, params.utility,
-        params.decay, params.step,
+        utility_scale(params),
     )
     reference.fused_backward(
         grad_rows, batch.row_of_id, batch.id_scale, batch.entries, want.chunk_slots,
-        want.utilities, want.last_step, want.weights, want.momentum, params,
+        want.utilities, want.weights, want.momentum, params, utility_scale(params),
     )
     return got.to("cpu"), want
 
 
+def utility_scale(params: FusedParams) -> float:
+    """gamma^(base - step) for a table whose base step is 2 (not 1: the scale must show)."""
+    return params.decay ** (2 - params.step)
+
+
 def _assert_same_state(got: Store, want: Store, context: str) -> None:
-    assert torch.equal(got.last_step, want.last_step), context
     assert torch.equal(got.chunk_slots, want.chunk_slots), context
     for name in ("utilities", "weights", "momentum"):
         torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=RTOL, atol=ATOL,
@@ -213,12 +215,12 @@ def test_fused_backward_skips_minus_one_ids(native_op):
        torch.where(skip, -1, batch.entries), params)
     keep = ~skip
     op(without, grad_rows, batch.row_of_id[keep], batch.id_scale[keep], batch.entries[keep], params)
-    for name in ("chunk_slots", "utilities", "last_step", "weights", "momentum"):
+    for name in ("chunk_slots", "utilities", "weights", "momentum"):
         assert torch.equal(getattr(with_skips, name), getattr(without, name)), name
     untouched = store.clone()
     op(untouched, grad_rows, batch.row_of_id, batch.id_scale,
        torch.full_like(batch.entries, -1), params)
-    for name in ("utilities", "last_step", "weights", "momentum"):
+    for name in ("utilities", "weights", "momentum"):
         assert torch.equal(getattr(untouched, name), getattr(store, name)), name
     if native_op:
         with pytest.raises(RuntimeError, match=r"entries\[0\] must be in \[0, E=300\), got -2"):
@@ -228,15 +230,15 @@ def test_fused_backward_skips_minus_one_ids(native_op):
 
 def _native_backward(st: Store, grad_rows, rows, scale, entries, params) -> None:
     torch.ops.fiited.fused_backward(
-        grad_rows, rows, scale, entries, st.chunk_slots, st.utilities, st.last_step, st.weights,
-        st.momentum, params.optimizer, params.lr, params.eps, params.weight_decay,
-        params.utility, params.decay, params.step,
+        grad_rows, rows, scale, entries, st.chunk_slots, st.utilities, st.weights, st.momentum,
+        params.optimizer, params.lr, params.eps, params.weight_decay, params.utility,
+        utility_scale(params),
     )
 
 
 def _reference_backward(st: Store, grad_rows, rows, scale, entries, params) -> None:
     reference.fused_backward(grad_rows, rows, scale, entries, st.chunk_slots, st.utilities,
-                             st.last_step, st.weights, st.momentum, params)
+                             st.weights, st.momentum, params, utility_scale(params))
 
 
 def test_fused_backward_no_ids_is_a_no_op():
@@ -246,8 +248,8 @@ def test_fused_backward_no_ids_is_a_no_op():
     empty = torch.zeros(0, dtype=torch.int64)
     got = store.clone()
     torch.ops.fiited.fused_backward(
-        torch.randn(4, 8), empty, None, empty, got.chunk_slots, got.utilities, got.last_step,
-        got.weights, got.momentum, "rowwise_adagrad", 0.1, 1e-8, 0.0, "grad_access", 0.9, 3,
+        torch.randn(4, 8), empty, None, empty, got.chunk_slots, got.utilities, got.weights,
+        got.momentum, "rowwise_adagrad", 0.1, 1e-8, 0.0, "grad_access", 0.9,
     )
     _assert_same_state(got, store, "no ids")
     assert batch.entries.numel() > 0
@@ -272,7 +274,7 @@ def _opcheck_inputs(optimizer="rowwise_adagrad"):
     lookup = (store.weights, store.chunk_slots, batch.entries, batch.offsets, batch.weights, True)
     backward = (
         torch.randn(6, 16, generator=gen), batch.row_of_id, batch.id_scale, batch.entries,
-        *store.tensors(), optimizer, 0.1, 1e-8, 0.01, "grad_access", 0.9, 7,
+        *store.tensors(), optimizer, 0.1, 1e-8, 0.01, "grad_access", 1.5,
     )
     return lookup, backward
 
@@ -303,14 +305,19 @@ def test_bad_inputs_name_the_argument():
     with pytest.raises(RuntimeError, match=r"offsets\[0\] must be 0, got 1"):
         torch.ops.fiited.lookup_forward(weights, slots, entries, offsets + 1, psw, mean)
     bad = list(backward)
-    bad[9] = "adam"
+    bad[8] = "adam"
     with pytest.raises(RuntimeError, match="optimizer must be one of sgd, adagrad, "
                                            "rowwise_adagrad, got 'adam'"):
         torch.ops.fiited.fused_backward(*bad)
     bad = list(backward)
-    bad[8] = torch.zeros(3)
+    bad[7] = torch.zeros(3)
     with pytest.raises(RuntimeError, match=r"momentum must have shape \(C\) for rowwise_adagrad"):
         torch.ops.fiited.fused_backward(*bad)
+    for scale in (0.0, float("inf"), 1e39):  # 1e39 overflows fp32
+        bad = list(backward)
+        bad[13] = scale
+        with pytest.raises(RuntimeError, match=r"utility_scale must be finite and > 0 in fp32"):
+            torch.ops.fiited.fused_backward(*bad)
 
 
 def test_bad_row_leaves_the_state_untouched():
@@ -318,10 +325,10 @@ def test_bad_row_leaves_the_state_untouched():
     bad = list(backward)
     bad[1] = bad[1].clone()
     bad[1][-1] = 6  # grad_rows has 6 rows
-    before = [t.clone() for t in bad[4:9]]
+    before = [t.clone() for t in bad[4:8]]
     with pytest.raises(RuntimeError, match=r"row_of_id\[\d+\] must be in \[0, R=grad_rows"):
         torch.ops.fiited.fused_backward(*bad)
-    for b, a in zip(before, bad[4:9]):
+    for b, a in zip(before, bad[4:8]):
         assert torch.equal(a, b)
 
 

@@ -40,7 +40,6 @@ def _pool_with_wrong_chunks(j: int, enforce_ratio: float) -> FiitedEmbeddingBagC
     assert bool((e != et.null_entry).all()) and int(et.num_seen) == ROWS
     assert bool((et.chunk_slots[e] >= 0).all())
     et.utilities[e] = torch.arange(ROWS, dtype=torch.float32).unsqueeze(1).expand(ROWS, 2)
-    et.last_step[e] = int(m.steps_done)
     m.store.evict(POOL, e[:50], torch.zeros(50, dtype=torch.int64))
     pruned_1 = e[torch.cat([rows[j:50], rows[ROWS - j :]])]
     m.store.evict(POOL, pruned_1, torch.ones_like(pruned_1))

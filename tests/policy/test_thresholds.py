@@ -22,7 +22,7 @@ def _population(seed: int = 0):
     sizes = PoolSizes(slots=1, num_buckets=N // 16, bucket_size=64, sketch_width=0)
     store = VHPIStore([layout], {"p": sizes}, K, "sgd", torch.device("cpu"), seed=seed)
     keys = store.keys("t", torch.arange(N))
-    store.admit("p", keys, 0, quota=[0] * K, decay=0.99)  # resident, no chunk allocated
+    store.admit("p", keys, 0, quota=[0] * K)  # resident, no chunk allocated
     et = store.entries["p"]
     entries = et.lookup(keys)
     assert int(et.num_seen) == N and bool((entries != et.null_entry).all())

@@ -13,8 +13,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec_fiited import FiitedConfig, FiitedEmbeddingBagCollection
 from torchrec_fiited.ops import FusedParams, fused_backward, native
 from torchrec_fiited.ops.dispatch import NATIVE_ENV
-from torchrec_fiited.policy import UtilityRule, sample_pool
-from torchrec_fiited.store import NEVER_SEEN
+from torchrec_fiited.policy import sample_pool
 
 # Values of TORCHREC_FIITED_NATIVE: the native CPU kernels (when built) and the reference.
 IMPLS = [
@@ -74,8 +73,9 @@ def test_grad_access_utilities_by_hand(impl):
              step 2 a=1, g=([0,0], [3,4]) -> 0.25 * (10, 6) + (0, 5) = (2.5, 6.5)
       row 2: step 1 a=1, g=([1,0], [0,0]) -> (1, 0)
       row 3: never seen.
-    Scored at step 3 (the cycle after these steps), each row is decayed by gamma**(3 - last_step):
+    Scored at step 3 (the cycle after these steps), each row is decayed by gamma**(3 - its step):
       row 0: 0.25 * (13.5, 16.5); row 1: 0.5 * (2.5, 6.5); row 2: 0.25 * (1, 0).
+    The table stores them against its base step 0 (no cycle yet): row 0 as (27, 33).
     """
     with mock.patch.dict(os.environ, {NATIVE_ENV: impl}):
         m = _train("grad_access")
@@ -83,11 +83,12 @@ def test_grad_access_utilities_by_hand(impl):
         assert int(e[3]) == et.null_entry and bool((e[:3] != et.null_entry).all())
         assert (et.chunk_slots[e[:3], 0] >= 0).all() and et.chunk_slots[e[0], 1] >= 0
         assert et.chunk_slots[e[1], 1] < 0 and et.chunk_slots[e[2], 1] < 0  # pruned, yet scored
-        torch.testing.assert_close(
-            et.utilities[e], torch.tensor([[13.5, 16.5], [2.5, 6.5], [1.0, 0.0], [0.0, 0.0]]),
-            rtol=0, atol=1e-6,
-        )
-        assert et.last_step[e].tolist() == [1, 2, 1, NEVER_SEEN]
+        assert int(et.utility_base) == 0
+        torch.testing.assert_close(et.utilities[e[0]], torch.tensor([27.0, 33.0]), rtol=0, atol=1e-6)
+        for row, step, want in [(0, 1, [13.5, 16.5]), (1, 2, [2.5, 6.5]), (2, 1, [1.0, 0.0])]:
+            torch.testing.assert_close(et.utilities_at(e[row : row + 1], step),
+                                       torch.tensor([want]), rtol=0, atol=1e-6)
+        assert et.utilities[e[3]].tolist() == [0.0, 0.0]
         # The scoring path of a cycle: every seen row sampled (m >= seen), brought to step 3.
         sample = sample_pool(m.store, m._rule, POOL, 100, int(m.steps_done), 3)
         assert int(m.steps_done) == 3
@@ -105,10 +106,9 @@ def test_access_utilities_by_hand(impl):
     then 0.25 * 2 + 1 = 1.5 (step 2); row 2: 1 (step 1)."""
     with mock.patch.dict(os.environ, {NATIVE_ENV: impl}):
         e, et = _rows(_train("access"))
-        torch.testing.assert_close(
-            et.utilities[e], torch.tensor([[2.5, 2.5], [1.5, 1.5], [1.0, 1.0], [0.0, 0.0]]),
-            rtol=0, atol=1e-6,
-        )
+        for row, step, want in [(0, 1, 2.5), (1, 2, 1.5), (2, 1, 1.0), (3, 0, 0.0)]:
+            torch.testing.assert_close(et.utilities_at(e[row : row + 1], step),
+                                       torch.full((1, 2), want), rtol=0, atol=1e-6)
 
 
 E, K, CS = 12, 2, 3
@@ -125,18 +125,18 @@ E, K, CS = 12, 2, 3
     impl=st.sampled_from(BUILT_IMPLS),
 )
 def test_lazy_decay_equals_eager_decay(gamma, steps, seed, impl):
-    """The store keeps u as of last_step and decays by gamma**(t - last_step) when an entry is
-    next touched (fused_backward) or scored (UtilityRule.decayed); an eager reference decays every
-    entry at every step. Each drawn step: a gap of 1-4 steps (untouched steps still decay), the
-    ids touched (repeats count as accesses), and whether the state is scored afterwards."""
+    """The store keeps u against a base step: an addition at step t is scaled by
+    gamma**(base - t) (fused_backward's utility_scale) and a score multiplies by gamma**(t - base),
+    as does a rebase (a cycle); an eager reference decays every entry at every step. Each drawn
+    step: a gap of 1-4 steps (untouched steps still decay), the ids touched (repeats count as
+    accesses), and whether the state is scored (and rebased) afterwards."""
     gen = torch.Generator().manual_seed(seed)
     utilities = torch.zeros(E, K)
-    last_step = torch.full((E,), NEVER_SEEN, dtype=torch.int32)
+    base = 0
     # Half the chunks live in a tiny pool; lr 0 so only the utilities move.
     chunk_slots = torch.full((E, K), -1, dtype=torch.int32)
     chunk_slots[: E // 2, 0] = torch.arange(E // 2, dtype=torch.int32)
     weights, momentum = torch.zeros(E // 2, CS), torch.zeros(0)
-    rule = UtilityRule("grad_access", gamma)
     eager = torch.zeros(E, K, dtype=torch.float64)
     t = -1
     with mock.patch.dict(os.environ, {NATIVE_ENV: impl}):
@@ -153,13 +153,15 @@ def test_lazy_decay_equals_eager_decay(gamma, steps, seed, impl):
             params = FusedParams("sgd", 0.0, 1e-8, 0.0, "grad_access", gamma, t)
             fused_backward(
                 grads, torch.arange(len(ids)), None, torch.tensor(ids, dtype=torch.int64),
-                chunk_slots, utilities, last_step, weights, momentum, params,
+                chunk_slots, utilities, weights, momentum, params, gamma ** (base - t),
             )
-            if score:
+            if score:  # a cycle: scored, then stored as of now
                 torch.testing.assert_close(
-                    rule.decayed(utilities, last_step, t).double(), eager, rtol=2e-5, atol=1e-5
+                    (utilities * gamma ** (t - base)).double(), eager, rtol=2e-5, atol=1e-5
                 )
+                utilities.mul_(gamma ** (t - base))
+                base = t
         later = t + 3  # scored after idle steps: everything decays by gamma**3 more
         torch.testing.assert_close(
-            rule.decayed(utilities, last_step, later).double(), eager * gamma**3, rtol=2e-5, atol=1e-5
+            (utilities * gamma ** (later - base)).double(), eager * gamma**3, rtol=2e-5, atol=1e-5
         )

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from torchrec_fiited.policy import PruneDecision, UtilityRule, apply_decision
-from torchrec_fiited.store import NEVER_SEEN, PRUNED, PoolSizes, TableLayout, VHPIStore
+from torchrec_fiited.store import PRUNED, PoolSizes, TableLayout, VHPIStore
 
 K, POOL, W = 2, "p", 8
 GAMMA = 0.5
@@ -16,7 +16,8 @@ GAMMA = 0.5
 def _store(slots: int = 16, sketch_width: int = 4096) -> VHPIStore:
     layout = TableLayout("t", 10**6, 4, 2, POOL, -0.1, 0.1)
     sizes = PoolSizes(slots=slots, num_buckets=1, bucket_size=W, sketch_width=sketch_width)
-    return VHPIStore([layout], {POOL: sizes}, K, "sgd", torch.device("cpu"), seed=3)
+    return VHPIStore([layout], {POOL: sizes}, K, "sgd", torch.device("cpu"), seed=3,
+                     utility_decay=GAMMA)
 
 
 def _keys(store: VHPIStore, rows) -> torch.Tensor:
@@ -36,7 +37,7 @@ def _resident_rows(store: VHPIStore):
 def _fill_with_candidates(store: VHPIStore, scores):
     """Rows 0..7 resident without chunks (quota 0), hash-table scores ``scores`` (as a cycle
     sets them: row utility), utilities (2, 3) as of step 0."""
-    store.admit(POOL, _keys(store, range(W)), 0, quota=[0] * K, decay=GAMMA)
+    store.admit(POOL, _keys(store, range(W)), 0, quota=[0] * K)
     et = store.entries[POOL]
     e = _entries(store, range(W))
     assert bool((e != et.null_entry).all()) and int(et.num_seen) == W
@@ -52,11 +53,10 @@ def _estimate(store: VHPIStore, rows, values) -> None:
 
 def test_a_free_slot_takes_any_key():
     store = _store()
-    store.admit(POOL, _keys(store, [5, 6, 7]), 4, quota=[0] * K, decay=GAMMA)
+    store.admit(POOL, _keys(store, [5, 6, 7]), 4, quota=[0] * K)
     et = store.entries[POOL]
     e = _entries(store, [5, 6, 7])
     assert bool((e != et.null_entry).all()) and int(et.num_seen) == 3
-    assert et.last_step[e].tolist() == [4, 4, 4]
     assert store.invariant_errors() == []
 
 
@@ -67,7 +67,7 @@ def test_a_key_that_does_not_beat_the_weakest_stays_out(estimate):
     e = _fill_with_candidates(store, [3, 1, 4, 1.5, 9, 2, 6, 5])
     before = {k: v.clone() for k, v in store.state_dict().items()}
     _estimate(store, [100], [estimate])
-    store.admit(POOL, _keys(store, [100]), 2, quota=[K] * K, decay=GAMMA)
+    store.admit(POOL, _keys(store, [100]), 2, quota=[K] * K)
     assert int(_entries(store, [100])[0]) == store.entries[POOL].null_entry
     assert _resident_rows(store) == list(range(W))
     after = store.state_dict()
@@ -86,11 +86,13 @@ def test_a_key_that_beats_the_weakest_displaces_exactly_it():
     cells = sketch._cells(_keys(store, [1, 100]))
     assert bool((cells[:, 0] != cells[:, 1]).all())  # no collision: estimates below are exact
     _estimate(store, [100], [[1.0, 0.5]])
-    store.admit(POOL, _keys(store, [100]), 2, quota=[0] * K, decay=GAMMA)
+    store.admit(POOL, _keys(store, [100]), 2, quota=[0] * K)
     assert _resident_rows(store) == [0] + list(range(2, W)) + [100]
     new = int(_entries(store, [100])[0])
     assert new == int(e[1])  # the displaced entry's slot
-    assert et.utilities[new].tolist() == [1.0, 0.5] and int(et.last_step[new]) == 2
+    # Stored against the table's base step 0: x 0.5^-2; read back as of step 2.
+    assert et.utilities[new].tolist() == [4.0, 2.0]
+    assert et.utilities_at(torch.tensor([new]), 2).tolist() == [[1.0, 0.5]]
     torch.testing.assert_close(sketch.estimate(_keys(store, [1])), torch.tensor([[0.5, 0.75]]))
     assert int(et.num_seen) == W
     assert store.invariant_errors() == []
@@ -106,14 +108,14 @@ def test_a_displaced_entry_frees_its_chunks():
     cp.weights[et.chunk_slots[e[1]].long()] = 7.0  # trained values that must not leak
     assert cp.free_count() == 1 and cp.live_per_chunk.tolist() == [2, 1]
     _estimate(store, [100], [[2.0, 0.0]])
-    store.admit(POOL, _keys(store, [100]), 2, quota=[0] * K, decay=GAMMA)
+    store.admit(POOL, _keys(store, [100]), 2, quota=[0] * K)
     assert int(_entries(store, [100])[0]) == int(e[1])
     assert cp.free_count() == 3 and cp.live_per_chunk.tolist() == [1, 0]
     assert bool((et.chunk_slots[e[1]] == PRUNED).all())
     assert store.invariant_errors() == []
     # Next admission of another newcomer with a quota: its chunks come from the freed slots.
     _estimate(store, [101], [[9.0, 0.0]])
-    store.admit(POOL, _keys(store, [101]), 3, quota=[4, 4], decay=GAMMA)
+    store.admit(POOL, _keys(store, [101]), 3, quota=[4, 4])
     new = int(_entries(store, [101])[0])
     assert new != et.null_entry and bool((et.chunk_slots[new] >= 0).all())
     slots = et.chunk_slots[new].long()
@@ -124,13 +126,13 @@ def test_a_displaced_entry_frees_its_chunks():
 
 def test_entries_holding_chunks_are_protected_from_admission():
     store = _store(slots=16)
-    store.admit(POOL, _keys(store, range(W)), 0, quota=[W, W], decay=GAMMA)
+    store.admit(POOL, _keys(store, range(W)), 0, quota=[W, W])
     et = store.entries[POOL]
     e = _entries(store, range(W))
     assert bool((et.chunk_slots[e] >= 0).all())
     assert bool(torch.isinf(et.index.scores[e]).all())
     _estimate(store, [100], [[1e30, 1e30]])
-    store.admit(POOL, _keys(store, [100]), 1, quota=[W, W], decay=GAMMA)
+    store.admit(POOL, _keys(store, [100]), 1, quota=[W, W])
     assert _resident_rows(store) == list(range(W))
     assert store.invariant_errors() == []
 
@@ -141,14 +143,14 @@ def test_new_entries_get_chunks_by_descending_estimate_within_quota_and_free_slo
     and none is left for chunk 1."""
     store = _store(slots=16)
     _estimate(store, [10, 11, 12], [[1.0, 0.0], [1.0, 2.0], [2.0, 0.0]])
-    store.admit(POOL, _keys(store, [10, 11, 12]), 0, quota=[2, 1], decay=GAMMA)
+    store.admit(POOL, _keys(store, [10, 11, 12]), 0, quota=[2, 1])
     et = store.entries[POOL]
     live = (et.chunk_slots[_entries(store, [10, 11, 12])] >= 0).tolist()
     assert live == [[False, False], [True, True], [True, False]]
 
     store = _store(slots=2)
     _estimate(store, [20, 21, 22], [[5.0, 0.0], [1.0, 0.0], [7.0, 0.0]])
-    store.admit(POOL, _keys(store, [20, 21, 22]), 0, quota=[8, 8], decay=GAMMA)
+    store.admit(POOL, _keys(store, [20, 21, 22]), 0, quota=[8, 8])
     et = store.entries[POOL]
     live = (et.chunk_slots[_entries(store, [20, 21, 22])] >= 0).tolist()
     assert live == [[True, False], [False, False], [True, False]]
@@ -158,7 +160,7 @@ def test_new_entries_get_chunks_by_descending_estimate_within_quota_and_free_slo
 def _cycle_store(sketch_width: int) -> VHPIStore:
     """Rows 0, 1 hold chunk 0; rows 2, 3 hold nothing. Utilities as of step 0."""
     store = _store(slots=16, sketch_width=sketch_width)
-    store.admit(POOL, _keys(store, [0, 1, 2, 3]), 0, quota=[0] * K, decay=GAMMA)
+    store.admit(POOL, _keys(store, [0, 1, 2, 3]), 0, quota=[0] * K)
     e = _entries(store, [0, 1, 2, 3])
     store.allocate(POOL, e[:2], torch.zeros(2, dtype=torch.int64), 0)
     store.entries[POOL].utilities[e] = torch.tensor([[5.0, 1.0], [4.0, 1.0], [0.5, 0.1], [0.2, 0.2]])
@@ -201,7 +203,7 @@ def test_erase_frees_chunks_and_forgets_the_entry():
     e = _entries(store, [0])
     store.erase(POOL, e, torch.tensor([[1.0, 2.0]]))
     assert int(_entries(store, [0])[0]) == et.null_entry
-    assert int(et.last_step[e]) == NEVER_SEEN and bool((et.chunk_slots[e] == PRUNED).all())
+    assert bool((et.utilities[e] == 0).all()) and bool((et.chunk_slots[e] == PRUNED).all())
     assert cp.free_count() == 15 and cp.live_per_chunk.tolist() == [1, 0]
     torch.testing.assert_close(store.sketches[POOL].estimate(_keys(store, [0])), torch.tensor([[1.0, 2.0]]))
     assert store.invariant_errors() == []
@@ -216,11 +218,11 @@ def test_an_id_going_in_and_out_keeps_its_estimate():
     _estimate(store, [42], [[1.5, 0.25]])
     et = store.entries[POOL]
     for step in range(5):
-        store.admit(POOL, _keys(store, [42]), step, quota=[0] * K, decay=GAMMA)
+        store.admit(POOL, _keys(store, [42]), step, quota=[0] * K)
         e = _entries(store, [42])
         assert bool((e != et.null_entry).all())
-        assert et.utilities[e].tolist() == [[1.5, 0.25]]
-        store.erase(POOL, e, et.utilities[e].clone())  # no decay: same step, no new gradient
+        assert et.utilities_at(e, step).tolist() == [[1.5, 0.25]]
+        store.erase(POOL, e, et.utilities_at(e, step))  # no decay: same step, no new gradient
         assert _entries(store, [42]).tolist() == [et.null_entry]
     assert store.sketches[POOL].estimate(_keys(store, [42])).tolist() == [[1.5, 0.25]]
     assert store.invariant_errors() == []
@@ -239,7 +241,7 @@ def test_allocate_across_tables_gives_each_chunk_its_per_table_init():
     store = VHPIStore(layouts, {POOL: sizes}, K, "rowwise_adagrad", torch.device("cpu"), seed=11)
     keys = torch.cat([store.keys("a", torch.tensor([1, 999])), store.keys("b", torch.tensor([0, 7])),
                       store.keys("c", torch.tensor([123456789]))])
-    slots, _ = store.admit(POOL, keys, 9, quota=[0, 0], decay=GAMMA)
+    slots, _ = store.admit(POOL, keys, 9, quota=[0, 0])
     entries = slots[slots >= 0]
     assert entries.numel() == 5
     chunk_ids = torch.tensor([0, 1, 1, 0, 1])

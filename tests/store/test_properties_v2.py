@@ -186,7 +186,7 @@ def _check_store(m) -> None:
         keys = et.index.keys
         resident = keys != EMPTY
         assert torch.unique(keys[resident]).numel() == int(resident.sum()), "a key resident twice"
-        assert torch.equal(resident, et.last_step[:-1] != -1)
+        assert bool((et.utilities[:-1][~resident] == 0).all()), "a free entry holds utilities"
         cs = et.chunk_slots.to(torch.int64)
         assert bool((cs[-1] == -1).all()) and bool((cs[:-1][~resident] == -1).all())
         cp = store.pools[pool]

@@ -8,7 +8,7 @@ of ``store/logical.py``, padded to the rows its pool can hold (``capacity``):
     embedding_bags.<t>.fiited_shard.<r>_<c>.weight      fp32  [cap, D_shard]
     embedding_bags.<t>.fiited_shard.<r>_<c>.live        uint8 [cap, K_shard]
     embedding_bags.<t>.fiited_shard.<r>_<c>.utilities   fp32  [cap, K_shard]
-    embedding_bags.<t>.fiited_shard.<r>_<c>.last_step   int32 [cap]
+    embedding_bags.<t>.fiited_shard.<r>_<c>.last_step   int32 [cap]     the step utilities are as of
     embedding_bags.<t>.fiited_shard.<r>_<c>.scores      fp32  [cap]
     embedding_bags.<t>.fiited_shard.<r>_<c>.momentum    fp32  [cap, K_shard] / [cap, D_shard]
     embedding_bags.<t>.fiited_shard.<r>_<c>.entries     int64 [cap]     hash-table slot of each row

@@ -17,7 +17,7 @@ A served key is a resident key with at least one live chunk; with ``miss="hashed
 resident key of the table is served (a resident key with no live chunk reads zeros, an absent
 one reads the table's hashed fallback, as in training). Per table with a fallback,
 ``fallbacks[t].weights`` holds its H rows of D (same dtype as the pools), read by
-``HashedFallback.rows_of``. Utilities, ``last_step``, scores, the sketch, the free stack and the
+``HashedFallback.rows_of``. Utilities and their base step, scores, the sketch, the free stack and the
 optimizer state are training-only and are dropped.
 
 Without ``hash_ids`` an id outside [0, E) is refused in every form: eagerly (and in an FX trace)

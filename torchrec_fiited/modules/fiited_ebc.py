@@ -134,7 +134,7 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
         self._logical_of = plan.logical_of
         self.store = VHPIStore(
             plan.layouts, plan.sizes, plan.num_chunks, config.optimizer, device, config.seed,
-            dim_pruning=config.dim_pruning.enabled,
+            dim_pruning=config.dim_pruning.enabled, utility_decay=config.decay,
         )
         # Each pool's features in id order, for the table-batched ops (modules/batch.py).
         self._pool_features = pool_features(self._features, self._col_of, self.store.layouts, device)
@@ -269,7 +269,7 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
         miss_at = (entries == null).nonzero().squeeze(1)
         unique, inverse = torch.unique(keys[miss_at], return_inverse=True)
         quota = self._policies[pool].admission_quota(self._capacities[pool])
-        slots, displaced = self.store.admit(pool, unique, step, quota, self._config.decay)
+        slots, displaced = self.store.admit(pool, unique, step, quota)
         # Hits whose entry this admission displaced now miss (their slot may hold a new key).
         lost_at = None
         if displaced.numel():
@@ -443,8 +443,8 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
                     rows, id_scale, torch.where(miss, -1, entries), ~miss, rows.numel() - num_miss
                 )
                 fused_backward(
-                    grad_rows, hit_rows, hit_scale, hit_entries,
-                    et.chunk_slots, et.utilities, et.last_step, pool.weights, pool.momentum, params,
+                    grad_rows, hit_rows, hit_scale, hit_entries, et.chunk_slots, et.utilities,
+                    pool.weights, pool.momentum, params, et.addition_scale(params.step),
                 )
                 if num_miss == 0:
                     continue

@@ -100,22 +100,22 @@ def fused_backward(
     entries: torch.Tensor,
     chunk_slots: torch.Tensor,
     utilities: torch.Tensor,
-    last_step: torch.Tensor,
     weights: torch.Tensor,
     momentum: torch.Tensor,
     params: FusedParams,
+    utility_scale: float = 1.0,
 ) -> None:
     """In-place utility and optimizer update; see ``reference.fused_backward`` for the args."""
     if use_native(weights.device):
         torch.ops.fiited.fused_backward(
-            grad_rows, row_of_id, id_scale, entries, chunk_slots, utilities, last_step, weights,
-            momentum, params.optimizer, params.lr, params.eps, params.weight_decay,
-            params.utility, params.decay, params.step,
+            grad_rows, row_of_id, id_scale, entries, chunk_slots, utilities, weights, momentum,
+            params.optimizer, params.lr, params.eps, params.weight_decay, params.utility,
+            utility_scale,
         )
         return
     reference.fused_backward(
-        grad_rows, row_of_id, id_scale, entries, chunk_slots, utilities, last_step, weights,
-        momentum, params,
+        grad_rows, row_of_id, id_scale, entries, chunk_slots, utilities, weights, momentum,
+        params, utility_scale,
     )
 
 

@@ -187,7 +187,6 @@ def _fused_backward_fake(
     entries: torch.Tensor,
     chunk_slots: torch.Tensor,
     utilities: torch.Tensor,
-    last_step: torch.Tensor,
     weights: torch.Tensor,
     momentum: torch.Tensor,
     optimizer: str,
@@ -195,8 +194,7 @@ def _fused_backward_fake(
     eps: float,
     weight_decay: float,
     utility: str,
-    decay: float,
-    step: int,
+    utility_scale: float,
 ) -> None:
     """Checks shapes and dtypes only; the op mutates its inputs and returns nothing."""
     op = "fused_backward"
@@ -205,7 +203,6 @@ def _fused_backward_fake(
     _check_dtype_dim(op, "entries", entries, torch.int64, 1)
     _check_dtype_dim(op, "chunk_slots", chunk_slots, torch.int32, 2)
     _check_dtype_dim(op, "utilities", utilities, torch.float32, 2)
-    _check_dtype_dim(op, "last_step", last_step, torch.int32, 1)
     _check_dtype_dim(op, "weights", weights, torch.float32, 2)
     K, cs = chunk_slots.shape[1], weights.shape[1]
     torch._check(

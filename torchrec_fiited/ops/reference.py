@@ -39,7 +39,8 @@ class FusedParams:
 
 
 def decayed_utilities(utilities: torch.Tensor, last_step: torch.Tensor, step: int, decay: float) -> torch.Tensor:
-    """Utilities fp32 [n, K] stored as of ``last_step`` int32 [n], brought to ``step``."""
+    """Utilities fp32 [n, K] as of ``last_step`` int32 [n] (a logical form's rows), brought to
+    ``step``."""
     age = (step - last_step.to(torch.int64)).clamp(min=0).to(utilities.dtype)
     return utilities * torch.pow(decay, age).unsqueeze(-1)
 
@@ -125,17 +126,19 @@ def fused_backward(
     entries: torch.Tensor,
     chunk_slots: torch.Tensor,
     utilities: torch.Tensor,
-    last_step: torch.Tensor,
     weights: torch.Tensor,
     momentum: torch.Tensor,
     params: FusedParams,
+    utility_scale: float = 1.0,
 ) -> None:
     """Coalesce one table's id gradients, update utilities and apply the optimizer, in place.
 
     The gradient of id i is ``id_scale[i] * grad_rows[row_of_id[i]]`` (the scale folds in
     per-sample weights and 1/length for MEAN pooling). Repeated entries are summed; a = their
-    count. Every chunk of a touched entry gets u = gamma^age * u + a * ||g_chunk|| (pruned chunks
+    count. Every chunk of a touched entry gets u += a * ||g_chunk|| * utility_scale (pruned chunks
     too: their gradient is the one at the zero-padded slice); only live chunks are updated.
+    Utilities are stored against a base step (``store.EntryTable``): the true utility at step t
+    is u * gamma^(t - base), so an addition at step t is scaled by gamma^(base - t).
 
     Args:
         grad_rows: fp32 [R, D], the pooled-output gradients of the table's bags.
@@ -145,10 +148,10 @@ def fused_backward(
             table, e.g. a miss scored by ``policy.missed_gains`` in the same batch).
         chunk_slots: int32 [E, K] (read).
         utilities: fp32 [E, K] (updated for touched entries).
-        last_step: int32 [E] (set to ``params.step`` for touched entries).
         weights: fp32 [C, chunk_size] (updated at live slots).
         momentum: fp32 [C, chunk_size] (adagrad), [C] (rowwise_adagrad) or [0] (sgd).
         params: hyper-parameters.
+        utility_scale: gamma^(base - step), fp32-finite and > 0.
     """
     skip = entries < 0
     if bool(skip.any()):
@@ -164,9 +167,7 @@ def fused_backward(
     K = chunk_slots.shape[1]
     g_chunks = summed.view(unique.numel(), K, grad_rows.shape[1] // K)  # [U, K, chunk_size]
 
-    u = decayed_utilities(utilities[unique], last_step[unique], params.step, params.decay)
-    utilities[unique] = u + gains
-    last_step[unique] = params.step
+    utilities[unique] = utilities[unique] + gains * utility_scale
 
     slots = chunk_slots[unique].to(torch.int64)
     live = slots >= 0

@@ -70,7 +70,7 @@ def sample_pool(
         picked = counter_uniform([store.seed, _SAMPLE_SALT, keys, step]) < p
         entries, keys = entries[picked], keys[picked]
     return PoolSample(
-        rule.decayed(et.utilities[entries], et.last_step[entries], step),
+        et.utilities_at(entries, step),
         et.chunk_slots[entries] >= 0,
         keys,
         offsets.pop() if offsets else 0,
@@ -143,8 +143,9 @@ def apply_decision(
     off = store.layouts[tables[0]].chunk_offset if tables else 0
     thr = decision.thresholds[off : off + K].to(et.utilities.device)
     et.thresholds.copy_(thr)
+    et.rebase(step)  # stored utilities are now as of this step
     entries = et.seen()
-    u = rule.decayed(et.utilities[entries], et.last_step[entries], step)
+    u = et.utilities[entries]
     live = et.chunk_slots[entries] >= 0
     keys = et.keys_of(entries)
     evict = live & (u < thr) if decision.enforce else torch.zeros_like(live)

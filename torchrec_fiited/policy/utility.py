@@ -1,15 +1,16 @@
 """Chunk utility u = gamma * u + a * g, with the decay applied lazily.
 
-An entry's utilities are stored as of ``last_step[e]``; bringing them to step t multiplies by
-gamma ** (t - last_step[e]). That is exact, and it means a training step only touches the
-entries in its batch: no O(table) decay pass.
+An entry table's utilities are stored against its base step (``store.EntryTable``): the true
+utility at step t is u * gamma ** (t - base), and an addition at step t is scaled by
+gamma ** (base - t). That is exact, a training step only touches the entries in its batch (no
+O(table) decay pass), and no entry keeps a step of its own (4 bytes each).
 """
 
 from typing import Optional
 
 import torch
 
-from torchrec_fiited.ops import FusedParams, decayed_utilities, fused_backward
+from torchrec_fiited.ops import FusedParams, fused_backward
 from torchrec_fiited.store.chunk_pool import OPTIMIZER_STATE_SHAPES
 from torchrec_fiited.store.layout import PRUNED
 
@@ -26,10 +27,6 @@ class UtilityRule:
     def __init__(self, kind: str, decay: float) -> None:
         self.kind = kind
         self.decay = decay
-
-    def decayed(self, utilities: torch.Tensor, last_step: torch.Tensor, step: int) -> torch.Tensor:
-        """Utilities fp32 [n, K] stored at ``last_step`` int32 [n], brought to ``step``."""
-        return decayed_utilities(utilities, last_step, step, self.decay)
 
 
 def missed_gains(
@@ -54,13 +51,10 @@ def missed_gains(
         return
     cs = grad_rows.shape[1] // K
     no_chunks = torch.full((G, K), PRUNED, dtype=torch.int32, device=gains.device)
-    as_of_now = torch.full((G,), params.step, dtype=torch.int32, device=gains.device)
     no_weights = grad_rows.new_empty(0, cs)
     no_state = grad_rows.new_zeros(OPTIMIZER_STATE_SHAPES[params.optimizer](0, cs))
-    fused_backward(
-        grad_rows, row_of_id, id_scale, groups, no_chunks, gains, as_of_now, no_weights,
-        no_state, params,
-    )
+    fused_backward(grad_rows, row_of_id, id_scale, groups, no_chunks, gains, no_weights, no_state,
+                   params)  # utility_scale 1: the gains are as of now
 
 
 def record_missed_utilities(sketch, keys: torch.Tensor, grads: torch.Tensor, params) -> None:

@@ -4,11 +4,18 @@ Store v2 (issue 11): an entry exists only for a resident key, so these tensors s
 budget, not with ``num_embeddings``. Terms are ``store.layout``'s.
 """
 
+import math
+
 import torch
 from torch import nn
 
+from torchrec_fiited.ops.hash_reference import EMPTY_KEY
 from torchrec_fiited.store.hash_table import ResidentHashTable
-from torchrec_fiited.store.layout import NEVER_SEEN, PRUNED
+from torchrec_fiited.store.layout import PRUNED
+
+# A rebase is due when an addition's scale gamma^(base - step) would pass this: stored utilities
+# stay far inside fp32's range whatever the decay and the pruning interval.
+_MAX_LOG_SCALE = 32 * math.log(2)
 
 
 class EntryTable(nn.Module):
@@ -17,21 +24,31 @@ class EntryTable(nn.Module):
     ``index`` maps a key to an entry in [0, S); entry S (``null_entry``) is what every
     non-resident key resolves to: it holds no chunk, so it reads as zeros, and the backward
     skips it (its ids are scored for the sketch instead). Bytes per entry slot:
-    8 (key) + 4 (score) + 4K (chunk_slots) + 4K (utilities) + 4 (last_step) = 8K + 16,
-    plus the null entry, the last thresholds and three counters per pool.
+    8 (key) + 4 (score) + 4K (chunk_slots) + 4K (utilities) = 8K + 12, plus the null entry, the
+    last thresholds, the utility base and three counters per pool.
 
-    An entry is resident iff ``last_step != NEVER_SEEN`` iff its key is in ``index``. The store
-    mutates it only through ``VHPIStore`` so that keys, slots and pool counters stay consistent.
+    Utilities are stored against one base step for the whole table (``utility_base``), not a
+    step per entry: the true utility of chunk k of entry e at step t is
+    ``utilities[e, k] * gamma ** (t - utility_base)``. A pruning cycle (and an addition whose
+    scale would grow past 2^32) rebases: one multiply over the table, cheaper than 4 bytes per
+    entry (a tenth of a K=2 entry).
+
+    An entry is resident iff its key is in ``index``; a free entry holds no chunk and zero
+    utilities. The store mutates it only through ``VHPIStore`` so that keys, slots and pool
+    counters stay consistent.
 
     Args:
         num_buckets: buckets of the hash index.
         bucket_size: W, slots per bucket (a power of two in [8, 128]).
         num_chunks: K.
         device: where the tensors live.
+        decay: gamma in (0, 1], the utilities' decay per step.
     """
 
-    def __init__(self, num_buckets: int, bucket_size: int, num_chunks: int, device: torch.device) -> None:
+    def __init__(self, num_buckets: int, bucket_size: int, num_chunks: int, device: torch.device,
+                 decay: float = 1.0) -> None:
         super().__init__()
+        self.decay = float(decay)
         self.index = ResidentHashTable(num_buckets, bucket_size, device)
         S = self.index.capacity
         self.num_chunks = num_chunks
@@ -39,9 +56,7 @@ class EntryTable(nn.Module):
             "chunk_slots", torch.full((S + 1, num_chunks), PRUNED, dtype=torch.int32, device=device)
         )
         self.register_buffer("utilities", torch.zeros(S + 1, num_chunks, device=device))
-        self.register_buffer(
-            "last_step", torch.full((S + 1,), NEVER_SEEN, dtype=torch.int32, device=device)
-        )
+        self.register_buffer("utility_base", torch.tensor(0, dtype=torch.int64, device=device))
         self.register_buffer("num_seen", torch.tensor(0, dtype=torch.int64, device=device))
         # Last pruning cycle's thresholds: the bar an admitted id's estimate must clear to get a
         # chunk before the next cycle (0 until the first cycle: first touch takes free slots).
@@ -65,7 +80,36 @@ class EntryTable(nn.Module):
 
     def seen(self) -> torch.Tensor:
         """Resident entries, int64 [num_seen], ascending."""
-        return (self.last_step[:-1] != NEVER_SEEN).nonzero().squeeze(1)
+        return (self.index.keys != EMPTY_KEY).nonzero().squeeze(1)
+
+    # ---- utilities against the base step ------------------------------------------------------
+
+    def utilities_at(self, entries: torch.Tensor, step: int) -> torch.Tensor:
+        """True utilities fp32 [n, K] of ``entries`` int64 [n] at ``step``."""
+        return self.utilities[entries] * self.decay ** (step - int(self.utility_base))
+
+    def set_utilities(self, entries: torch.Tensor, values: torch.Tensor, as_of) -> None:
+        """Make the utilities of ``entries`` be ``values`` fp32 [n, K] as of step ``as_of`` (an
+        int, or int [n] per entry: a logical form's ``last_step``)."""
+        age = torch.as_tensor(as_of, device=values.device).to(torch.float64) - int(self.utility_base)
+        scale = torch.pow(self.decay, -age).to(torch.float32)
+        if scale.dim():
+            scale = scale.unsqueeze(-1)
+        self.utilities[entries] = values.to(self.utilities) * scale
+
+    def addition_scale(self, step: int) -> float:
+        """gamma^(base - step): what an addition at ``step`` is stored as (``ops.fused_backward``'s
+        ``utility_scale``). Rebases first if it would pass 2^32."""
+        if self.decay != 1.0 and (step - int(self.utility_base)) * -math.log(self.decay) > _MAX_LOG_SCALE:
+            self.rebase(step)
+        return self.decay ** (int(self.utility_base) - step)
+
+    def rebase(self, step: int) -> None:
+        """Store the utilities as of ``step`` (every entry times gamma^(step - base))."""
+        age = step - int(self.utility_base)
+        if age != 0 and self.decay != 1.0:
+            self.utilities.mul_(self.decay**age)
+        self.utility_base.fill_(step)
 
     def keys_of(self, entries: torch.Tensor) -> torch.Tensor:
         """Key int64 [n] of each resident entry of ``entries`` int64 [n]."""

@@ -13,9 +13,9 @@ table per pool, shared by the pool's tables, keyed by (table, row) as in the pap
     entry             slot of a key in the pool's ResidentHashTable, in [0, S); S is the null
                       entry that every non-resident id reads (no chunk, never updated)
     chunk_slots       int32 [S + 1, K]  pool slot of chunk k of entry e, or PRUNED (-1)
-    utilities         fp32  [S + 1, K]  u = gamma * u + a * g, stored as of step last_step[e]
-    last_step         int32 [S + 1]     step the entry's utilities were last brought up to date;
-                                        NEVER_SEEN (-1) for a free entry
+    utilities         fp32  [S + 1, K]  u = gamma * u + a * g, stored against the table's base
+                                        step (``EntryTable.utility_base``): the true utility
+                                        at step t is u * gamma ** (t - base); 0 for a free entry
 
 Non-resident ids (no entry) accumulate their utility in a count-min sketch (``UtilitySketch``)
 and read zeros, or a small hashed fallback table (``HashedFallback``) with ``miss="hashed"``.
@@ -47,7 +47,7 @@ from typing import Sequence, Union
 import torch
 
 PRUNED = -1
-NEVER_SEEN = -1
+NEVER_SEEN = -1  # a logical form's last_step where no shard holds the row (store.logical)
 
 
 ROW_BITS = 56  # rows of a key: ids below 2^56; the top 7 bits name the table (< 128 tables)

@@ -7,7 +7,8 @@ is, with D and K the columns and chunks it holds:
     weight     fp32  [n, D]  pruned chunks and dimensions as zeros
     live       uint8 [n, K]  1 where the chunk holds a slot
     utilities  fp32  [n, K]  as of last_step
-    last_step  int32 [n]     the step the row's utilities are as of (>= 0: it is resident)
+    last_step  int32 [n]     the step the row's utilities are as of (>= 0: it is resident;
+                             a store exports its utility base for every row)
     scores     fp32  [n]     its hash-table score: the row utility as of the last pruning
                              cycle, +inf for a row holding chunks (``VHPIStore.protect``)
     momentum   fp32  [n, K] (rowwise_adagrad) or [n, D] (adagrad); absent for sgd
@@ -93,7 +94,7 @@ def export_table(store: VHPIStore, table: str) -> Dict[str, torch.Tensor]:
         "weight": store.widen(table, weight),
         "live": live.to(torch.uint8),
         "utilities": et.utilities[entries].clone(),
-        "last_step": et.last_step[entries].clone(),
+        "last_step": et.utility_base.to(torch.int32).expand(n).clone(),
         "scores": et.index.scores[entries].clone(),
         "entries": entries.clone(),
     }
@@ -259,7 +260,7 @@ def _kept_entries(store: VHPIStore, pool: str, replaced: List[str]) -> torch.Ten
     et = store.entries[pool]
     kept = [store.table_entries(t) for t in store.tables_of_pool(pool) if t not in replaced]
     if not kept:
-        return torch.zeros(0, dtype=torch.int64, device=et.last_step.device)
+        return torch.zeros(0, dtype=torch.int64, device=et.utilities.device)
     return torch.cat(kept)
 
 
@@ -272,7 +273,6 @@ def _clear(store: VHPIStore, pool: str, entries: torch.Tensor) -> None:
     et.index.keys[entries] = EMPTY_KEY
     et.index.scores[entries] = 0.0
     et.utilities[entries] = 0.0
-    et.last_step[entries] = NEVER_SEEN
     et.num_seen -= entries.numel()
 
 
@@ -300,7 +300,7 @@ def _import_pool(
     store: VHPIStore, pool: str, tables: Mapping[str, Mapping[str, torch.Tensor]]
 ) -> None:
     et, cp = store.entries[pool], store.pools[pool]
-    device = et.last_step.device
+    device = et.utilities.device
     names = list(tables)
     _clear(store, pool, torch.cat([store.table_entries(t) for t in names]))
     forms = [{k: v.to(device) for k, v in tables[t].items()} for t in names]
@@ -314,8 +314,12 @@ def _import_pool(
     else:
         et.index.keys[entries] = keys
         et.index.scores[entries] = scores
-    et.utilities[entries] = torch.cat([f["utilities"] for f in forms])
-    et.last_step[entries] = torch.cat([f["last_step"] for f in forms])
+    as_of = torch.cat([f["last_step"] for f in forms])
+    if as_of.numel():
+        # Stored against the rows' latest step: the scales stay <= 1 (no overflow for a form
+        # saved long after the store's base), and a form of one base loads bitwise.
+        et.rebase(int(as_of.max()))
+    et.set_utilities(entries, torch.cat([f["utilities"] for f in forms]), as_of)
     et.num_seen += entries.numel()
     at = 0
     for table, f in zip(names, forms):

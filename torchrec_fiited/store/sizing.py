@@ -49,8 +49,8 @@ def full_table_bytes(num_rows: int, dim: int, optimizer: str) -> int:
 
 
 def entry_bytes(num_chunks: int) -> int:
-    """Bytes per hash-table slot: key, score, K chunk slots, K utilities, last_step."""
-    return INT64 + FP32 + INT32 * num_chunks + FP32 * num_chunks + INT32
+    """Bytes per hash-table slot: key, score, K chunk slots, K utilities."""
+    return INT64 + FP32 + INT32 * num_chunks + FP32 * num_chunks
 
 
 def slot_bytes(chunk_size: int, optimizer: str) -> int:
@@ -95,7 +95,8 @@ def fixed_bytes(tables: Sequence[TableSpec], num_chunks: int, optimizer: str, di
     module's step counter (charged to every pool, so each pool's total stays within budget)."""
     K = num_chunks
     pool = INT64 + INT64 * K  # num_free, live_per_chunk
-    entries = INT32 * K + FP32 * K + INT32 + 3 * INT64  # null entry, num_seen, last-cycle counts
+    entries = INT32 * K + FP32 * K + 3 * INT64  # null entry, num_seen, last-cycle counts
+    entries += INT64  # the utility base step
     entries += FP32 * K  # last thresholds
     entries += INT64  # the sketch's decay step
     dims = 0

@@ -15,13 +15,11 @@ from torch import nn
 
 from torchrec_fiited.ops import dispatch
 from torchrec_fiited.ops.hash_reference import EMPTY_KEY, bucket_of
-from torchrec_fiited.ops.reference import decayed_utilities
 from torchrec_fiited.store.chunk_pool import ChunkPool
 from torchrec_fiited.store.dim_map import DimMap, kept_errors, restrict_columns
 from torchrec_fiited.store.entry_table import EntryTable
 from torchrec_fiited.store.fallback import FallbackGrid, HashedFallback
 from torchrec_fiited.store.layout import (
-    NEVER_SEEN,
     PRUNED,
     MAX_TABLES,
     counter_state_int,
@@ -148,6 +146,7 @@ class VHPIStore(nn.Module):
         device: where the tensors live.
         seed: keys the initial values of allocated chunks (see ``init_values``).
         dim_pruning: give every table a ``DimMap`` (FIITED-2D).
+        utility_decay: gamma, how the entries' utilities decay per step (``EntryTable``).
     """
 
     def __init__(
@@ -159,6 +158,7 @@ class VHPIStore(nn.Module):
         device: torch.device,
         seed: int = 0,
         dim_pruning: bool = False,
+        utility_decay: float = 1.0,
     ) -> None:
         super().__init__()
         self.num_chunks = num_chunks
@@ -171,7 +171,8 @@ class VHPIStore(nn.Module):
             {p: ChunkPool(s.slots, chunk_size[p], num_chunks, optimizer, device) for p, s in sizes.items()}
         )
         self.entries = nn.ModuleDict(
-            {p: EntryTable(s.num_buckets, s.bucket_size, num_chunks, device) for p, s in sizes.items()}
+            {p: EntryTable(s.num_buckets, s.bucket_size, num_chunks, device, utility_decay)
+             for p, s in sizes.items()}
         )
         self.sketches = nn.ModuleDict(
             {p: UtilitySketch(s.sketch_width, SKETCH_DEPTH, num_chunks, device) for p, s in sizes.items()}
@@ -337,7 +338,6 @@ class VHPIStore(nn.Module):
         self.evict(pool, entries[rows], ks)
         self.sketches[pool].raise_to(keys, utilities)
         et.utilities[entries] = 0.0
-        et.last_step[entries] = NEVER_SEEN
 
     def erase(self, pool: str, entries: torch.Tensor, utilities: torch.Tensor) -> None:
         """Make resident ``entries`` (distinct int64 [n]) non-resident; their chunks are freed and
@@ -356,7 +356,6 @@ class VHPIStore(nn.Module):
         keys: torch.Tensor,
         step: int,
         quota: Sequence[int],
-        decay: float,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Try to make non-resident ``keys`` (distinct int64 [n]) of a training batch resident.
 
@@ -382,15 +381,14 @@ class VHPIStore(nn.Module):
         score = estimate.sum(1)
         slots, evicted_keys, evicted = et.index.insert(keys, score)
         if evicted.numel():
-            u = decayed_utilities(et.utilities[evicted], et.last_step[evicted], step, decay)
+            u = et.utilities_at(evicted, step)
             self._release(pool, evicted, evicted_keys, u)
             et.num_seen -= evicted.numel()
         placed = slots >= 0
         new, estimate, score = slots[placed], estimate[placed], score[placed]
         if new.numel() == 0:
             return slots, evicted
-        et.utilities[new] = estimate
-        et.last_step[new] = step
+        et.set_utilities(new, estimate, step)
         et.num_seen += new.numel()
         order = torch.sort(score, descending=True, stable=True).indices
         new, estimate = new[order], estimate[order]
@@ -474,7 +472,6 @@ class VHPIStore(nn.Module):
             raise ValueError(
                 f"table {table!r}: the pool's hash table cannot hold all {E} rows (raise the budget)"
             )
-        et.last_step[slots] = 0
         et.num_seen += E
         entries = slots.repeat_interleave(K)
         chunk_ids = torch.arange(K, device=rows.device).repeat(E)
@@ -490,7 +487,7 @@ class VHPIStore(nn.Module):
 
         Per pool: every slot referenced exactly once by live chunks and the free stack together,
         live counts agree with chunk_slots; resident keys unique, in their bucket and of this
-        pool's tables, residency agrees with last_step, the null entry holds nothing.
+        pool's tables, free entries and the null entry hold nothing.
         """
         state = self.state_dict() if state is None else state
         errors: List[str] = []
@@ -518,15 +515,15 @@ class VHPIStore(nn.Module):
     def _entry_errors(self, pool_name: str, state) -> List[str]:
         e = f"entries.{pool_name}."
         keys = state[e + "index.keys"]
-        last = state[e + "last_step"]
+        u = state[e + "utilities"]
         resident = keys != EMPTY_KEY
         errors: List[str] = []
-        if not torch.equal(resident, last[:-1] != NEVER_SEEN):
-            errors.append(f"pool {pool_name!r}: resident keys disagree with last_step")
-        if bool((state[e + "chunk_slots"][-1] != PRUNED).any()) or int(last[-1]) != NEVER_SEEN:
+        if bool((state[e + "chunk_slots"][-1] != PRUNED).any()) or bool((u[-1] != 0).any()):
             errors.append(f"pool {pool_name!r}: the null entry holds state")
         if bool((state[e + "chunk_slots"][:-1][~resident] != PRUNED).any()):
             errors.append(f"pool {pool_name!r}: a free entry holds live chunks")
+        if bool((u[:-1][~resident] != 0).any()):
+            errors.append(f"pool {pool_name!r}: a free entry holds utilities")
         if int(state[e + "num_seen"]) != int(resident.sum()):
             errors.append(f"pool {pool_name!r}: num_seen={int(state[e + 'num_seen'])} but "
                           f"{int(resident.sum())} keys are resident")
@@ -540,7 +537,6 @@ class VHPIStore(nn.Module):
         known = torch.tensor(sorted(self._by_index[pool_name]), dtype=torch.int64)
         if k.numel() and not bool(torch.isin(key_table(k).cpu(), known).all()):
             errors.append(f"pool {pool_name!r}: a key names a table outside the pool")
-        u = state[e + "utilities"]
         if not bool(torch.isfinite(u).all()) or bool((u < 0).any()):
             errors.append(f"pool {pool_name!r}: utilities must be finite and >= 0")
         return errors
