@@ -50,6 +50,15 @@ inline void check_tensor(
       device, ", got a ", t.dim(), "-D ", t.scalar_type(), " tensor on ", t.device());
 }
 
+// chunk_slots: int16 in a pool of at most 2^15 slots (store/layout.py's slot_dtype), int32 above.
+inline void check_slots_tensor(const char* op, const at::Tensor& t, const at::Device& device) {
+  TORCH_CHECK(
+      (t.scalar_type() == at::kShort || t.scalar_type() == at::kInt) && t.dim() == 2
+          && t.device() == device,
+      "[torchrec_fiited] ", op, ": chunk_slots must be a 2-D Short or Int tensor on ", device,
+      ", got a ", t.dim(), "-D ", t.scalar_type(), " tensor on ", t.device());
+}
+
 inline void check_size(
     const char* op,
     const char* name,
@@ -78,7 +87,7 @@ inline LookupSizes check_lookup_inputs(
   constexpr const char* op = "fiited::lookup_forward";
   const auto device = weights.device();
   check_tensor(op, "weights", weights, at::kFloat, 2, device);
-  check_tensor(op, "chunk_slots", chunk_slots, at::kInt, 2, device);
+  check_slots_tensor(op, chunk_slots, device);
   check_tensor(op, "entries", entries, at::kLong, 1, device);
   check_tensor(op, "offsets", offsets, at::kLong, 1, device);
   TORCH_CHECK(
@@ -185,7 +194,7 @@ inline BackwardSizes check_backward_inputs(
   check_tensor(op, "grad_rows", grad_rows, at::kFloat, 2, device);
   check_tensor(op, "row_of_id", row_of_id, at::kLong, 1, device);
   check_tensor(op, "entries", entries, at::kLong, 1, device);
-  check_tensor(op, "chunk_slots", chunk_slots, at::kInt, 2, device);
+  check_slots_tensor(op, chunk_slots, device);
   check_tensor(op, "utilities", utilities, at::kFloat, 2, device);
   check_tensor(op, "weights", weights, at::kFloat, 2, device);
   check_tensor(op, "momentum", momentum, at::kFloat, momentum.dim() == 2 ? 2 : 1, device);

@@ -36,9 +36,10 @@ constexpr int64_t kGradRowPrefetchDistance = 12;
 
 // ---- lookup_forward ---------------------------------------------------------------------------
 
+template <typename SlotT>  // int16_t or int32_t: chunk_slots' dtype
 struct LookupArgs {
   const float* __restrict weights;             // (C, chunk_size)
-  const int32_t* __restrict chunk_slots;       // (E, K)
+  const SlotT* __restrict chunk_slots;         // (E, K)
   const int64_t* __restrict entries;           // (n)
   const int64_t* __restrict offsets;           // (B + 1)
   const float* __restrict per_sample_weights;  // (n) or nullptr
@@ -59,8 +60,9 @@ constexpr const char* kBackward = "fiited::fused_backward";
 
 // Prefetches the chunk_slots row of id i + kSlotsPrefetchDistance and the live chunks of id
 // i + kChunkPrefetchDistance (ids past id_end or out of range are skipped).
+template <typename SlotT>
 C10_ALWAYS_INLINE void prefetch_lookup(
-    const LookupArgs& a, int64_t i, int64_t id_end, int64_t K, int64_t cs) {
+    const LookupArgs<SlotT>& a, int64_t i, int64_t id_end, int64_t K, int64_t cs) {
   const int64_t E = a.sizes.num_entries;
   if (i + kSlotsPrefetchDistance < id_end) {
     const int64_t e = a.entries[i + kSlotsPrefetchDistance];
@@ -76,8 +78,8 @@ C10_ALWAYS_INLINE void prefetch_lookup(
 }
 
 // Pools bags [bag_begin, bag_end) into a.out; S fixes K and chunk_size when they are common.
-template <typename S>
-void pool_bags(const LookupArgs& a, int64_t bag_begin, int64_t bag_end) {
+template <typename S, typename SlotT>
+void pool_bags(const LookupArgs<SlotT>& a, int64_t bag_begin, int64_t bag_end) {
   constexpr int W = S::W;
   const int64_t K = S::D ? S::K : a.sizes.num_chunks;
   const int64_t cs = S::D ? S::cs : a.sizes.chunk_size, V = cs / W, D = K * cs;
@@ -128,6 +130,38 @@ void check_offsets(const at::Tensor& offsets, int64_t num_ids) {
 
 // Pools into `out` (validated by the caller: (B, D) fp32, unit column stride; for batched
 // lookups (B / F, W) with feature f's block at columns [feature_cols[f], + D)).
+template <typename SlotT>
+void pool_into_typed(
+    const LookupSizes& sizes,
+    const at::Tensor& weights,
+    const at::Tensor& chunk_slots,
+    const at::Tensor& entries,
+    const at::Tensor& offsets,
+    const std::optional<at::Tensor>& per_sample_weights,
+    bool mean,
+    at::Tensor& out,
+    const at::Tensor& feature_cols,
+    const at::Tensor& feature_mean) {
+  const auto w = weights.contiguous(), slots = chunk_slots.contiguous();
+  const auto ids = entries.contiguous(), offs = offsets.contiguous();
+  const auto psw = per_sample_weights.has_value() ? per_sample_weights->contiguous() : at::Tensor();
+  check_offsets(offs, sizes.num_ids);
+  const bool batched = feature_cols.defined();
+  const LookupArgs<SlotT> args{
+      w.data_ptr<float>(), slots.data_ptr<SlotT>(), ids.data_ptr<int64_t>(),
+      offs.data_ptr<int64_t>(), psw.defined() ? psw.data_ptr<float>() : nullptr,
+      out.data_ptr<float>(), out.stride(0), sizes, mean,
+      batched ? feature_cols.data_ptr<int64_t>() : nullptr,
+      batched ? feature_mean.data_ptr<bool>() : nullptr,
+      batched ? sizes.num_bags / feature_cols.numel() : std::max<int64_t>(sizes.num_bags, 1)};
+  const int64_t* o = args.offsets;
+  dispatch_shape(sizes.num_chunks, sizes.chunk_size, [&](auto shape) {
+    parallel_balanced(
+        sizes.num_bags, [o](int64_t b) { return o[b]; },
+        [&](int64_t begin, int64_t end) { pool_bags<decltype(shape), SlotT>(args, begin, end); });
+  });
+}
+
 void pool_into(
     const LookupSizes& sizes,
     const at::Tensor& weights,
@@ -139,24 +173,13 @@ void pool_into(
     at::Tensor& out,
     const at::Tensor& feature_cols = at::Tensor(),
     const at::Tensor& feature_mean = at::Tensor()) {
-  const auto w = weights.contiguous(), slots = chunk_slots.contiguous();
-  const auto ids = entries.contiguous(), offs = offsets.contiguous();
-  const auto psw = per_sample_weights.has_value() ? per_sample_weights->contiguous() : at::Tensor();
-  check_offsets(offs, sizes.num_ids);
-  const bool batched = feature_cols.defined();
-  const LookupArgs args{
-      w.data_ptr<float>(), slots.data_ptr<int32_t>(), ids.data_ptr<int64_t>(),
-      offs.data_ptr<int64_t>(), psw.defined() ? psw.data_ptr<float>() : nullptr,
-      out.data_ptr<float>(), out.stride(0), sizes, mean,
-      batched ? feature_cols.data_ptr<int64_t>() : nullptr,
-      batched ? feature_mean.data_ptr<bool>() : nullptr,
-      batched ? sizes.num_bags / feature_cols.numel() : std::max<int64_t>(sizes.num_bags, 1)};
-  const int64_t* o = args.offsets;
-  dispatch_shape(sizes.num_chunks, sizes.chunk_size, [&](auto shape) {
-    parallel_balanced(
-        sizes.num_bags, [o](int64_t b) { return o[b]; },
-        [&](int64_t begin, int64_t end) { pool_bags<decltype(shape)>(args, begin, end); });
-  });
+  if (chunk_slots.scalar_type() == at::kShort) {
+    pool_into_typed<int16_t>(sizes, weights, chunk_slots, entries, offsets, per_sample_weights,
+                             mean, out, feature_cols, feature_mean);
+  } else {
+    pool_into_typed<int32_t>(sizes, weights, chunk_slots, entries, offsets, per_sample_weights,
+                             mean, out, feature_cols, feature_mean);
+  }
 }
 
 at::Tensor lookup_forward_cpu(
@@ -224,11 +247,12 @@ void check_backward_ids(const int64_t* entries, const int64_t* row_of_id, const 
   });
 }
 
+template <typename SlotT>  // int16_t or int32_t: chunk_slots' dtype
 struct BackwardArgs {
   const float* __restrict grad_rows;          // (R, D)
   const int64_t* __restrict row_of_id;        // (n)
   const float* __restrict id_scale;           // (n) or nullptr
-  const int32_t* __restrict chunk_slots;      // (E, K)
+  const SlotT* __restrict chunk_slots;        // (E, K)
   float* __restrict utilities;                // (E, K)
   float* __restrict weights;                  // (C, chunk_size)
   float* __restrict momentum;                 // (C, chunk_size) | (C) | (0)
@@ -241,8 +265,8 @@ struct BackwardArgs {
 
 // acc (D) = sum over the ids of unique entry u of id_scale[i] * grad_rows[row_of_id[i]], summed
 // in id order like the reference's index_add_.
-template <typename S>
-void coalesce(const BackwardArgs& a, int64_t u, int64_t D, Accumulator<S>& acc) {
+template <typename S, typename SlotT>
+void coalesce(const BackwardArgs<SlotT>& a, int64_t u, int64_t D, Accumulator<S>& acc) {
   constexpr int W = S::W;
   acc.zero();
   for (int64_t j = a.segment_starts[u]; j < a.segment_starts[u + 1]; ++j) {
@@ -260,8 +284,8 @@ void coalesce(const BackwardArgs& a, int64_t u, int64_t D, Accumulator<S>& acc) 
 
 // u += accesses * (||g_chunk|| or 1) * utility_scale for all K chunks (utilities are stored
 // against the table's base step; see the schema).
-template <typename S>
-void update_utilities(const BackwardArgs& a, int64_t e, int64_t K, int64_t V, int64_t accesses,
+template <typename S, typename SlotT>
+void update_utilities(const BackwardArgs<SlotT>& a, int64_t e, int64_t K, int64_t V, int64_t accesses,
                       Accumulator<S>& acc) {
   constexpr int W = S::W;
   const float count = static_cast<float>(accesses);
@@ -279,8 +303,8 @@ void update_utilities(const BackwardArgs& a, int64_t e, int64_t K, int64_t V, in
 
 // One optimizer step on the live chunk at `slot` with gradient g (V vectors of W floats), plus
 // weight decay. Formulas follow FBGEMM's EXACT_(ROWWISE_)ADAGRAD.
-template <int W>
-void apply_optimizer(const BackwardArgs& a, int64_t slot, int64_t V, Vec<W>* g) {
+template <int W, typename SlotT>
+void apply_optimizer(const BackwardArgs<SlotT>& a, int64_t slot, int64_t V, Vec<W>* g) {
   const int64_t cs = V * W;
   float* w = a.weights + slot * cs;
   if (a.weight_decay != 0.f) {
@@ -310,8 +334,9 @@ void apply_optimizer(const BackwardArgs& a, int64_t slot, int64_t V, Vec<W>* g) 
 
 // Prefetches the metadata of unique entry u + kSlotsPrefetchDistance and the live chunks (and
 // their rowwise state) of entry u + kChunkPrefetchDistance.
+template <typename SlotT>
 C10_ALWAYS_INLINE void prefetch_update(
-    const BackwardArgs& a, int64_t u, int64_t u_end, int64_t K, int64_t cs) {
+    const BackwardArgs<SlotT>& a, int64_t u, int64_t u_end, int64_t K, int64_t cs) {
   if (u + kSlotsPrefetchDistance < u_end) {
     const int64_t e = a.sorted_entries[a.segment_starts[u + kSlotsPrefetchDistance]];
     prefetch_read(a.chunk_slots + e * K);
@@ -327,8 +352,8 @@ C10_ALWAYS_INLINE void prefetch_update(
   }
 }
 
-template <typename S>
-void update_entries(const BackwardArgs& a, int64_t u_begin, int64_t u_end) {
+template <typename S, typename SlotT>
+void update_entries(const BackwardArgs<SlotT>& a, int64_t u_begin, int64_t u_end) {
   constexpr int W = S::W;
   const int64_t K = S::D ? S::K : a.sizes.num_chunks;
   const int64_t cs = S::D ? S::cs : a.sizes.chunk_size, V = cs / W, C = a.sizes.capacity;
@@ -373,20 +398,30 @@ void fused_backward_cpu(
   check_backward_ids(ids.data_ptr<int64_t>(), rows.data_ptr<int64_t>(), sizes);
   SortWorkspace& ws = sort_workspace(sizes.num_ids);
   const int src = sort_by_entry(ws, ids.data_ptr<int64_t>(), sizes.num_ids, sizes.num_entries);
-  const BackwardArgs args{
-      grads.data_ptr<float>(), rows.data_ptr<int64_t>(),
-      scale.defined() ? scale.data_ptr<float>() : nullptr, slots.data_ptr<int32_t>(),
-      utilities.data_ptr<float>(), weights.data_ptr<float>(), momentum.data_ptr<float>(),
-      ws.keys[src].data(), ws.ids[src].data(), ws.segment_starts.data(), sizes,
-      static_cast<float>(lr), static_cast<float>(eps), static_cast<float>(weight_decay),
-      static_cast<float>(utility_scale)};
-  const int64_t num_unique = static_cast<int64_t>(ws.segment_starts.size()) - 1;
-  const int32_t* starts = args.segment_starts;
-  dispatch_shape(sizes.num_chunks, sizes.chunk_size, [&](auto shape) {
-    parallel_balanced(
-        num_unique, [starts](int64_t u) { return int64_t{starts[u]}; },
-        [&](int64_t begin, int64_t end) { update_entries<decltype(shape)>(args, begin, end); });
-  });
+  const float* scale_ptr = scale.defined() ? scale.data_ptr<float>() : nullptr;
+  const auto run = [&](auto slot_type) {
+    using SlotT = decltype(slot_type);
+    const BackwardArgs<SlotT> args{
+        grads.data_ptr<float>(), rows.data_ptr<int64_t>(), scale_ptr, slots.data_ptr<SlotT>(),
+        utilities.data_ptr<float>(), weights.data_ptr<float>(), momentum.data_ptr<float>(),
+        ws.keys[src].data(), ws.ids[src].data(), ws.segment_starts.data(), sizes,
+        static_cast<float>(lr), static_cast<float>(eps), static_cast<float>(weight_decay),
+        static_cast<float>(utility_scale)};
+    const int64_t num_unique = static_cast<int64_t>(ws.segment_starts.size()) - 1;
+    const int32_t* starts = args.segment_starts;
+    dispatch_shape(sizes.num_chunks, sizes.chunk_size, [&](auto shape) {
+      parallel_balanced(
+          num_unique, [starts](int64_t u) { return int64_t{starts[u]}; },
+          [&](int64_t begin, int64_t end) {
+            update_entries<decltype(shape), SlotT>(args, begin, end);
+          });
+    });
+  };
+  if (slots.scalar_type() == at::kShort) {
+    run(int16_t{});
+  } else {
+    run(int32_t{});
+  }
 }
 
 }  // namespace

@@ -18,6 +18,12 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// Slot i of chunk_slots, int16 or int32 (a pool of at most 2^15 slots has int16 indices).
+__device__ __forceinline__ int32_t slot_at(const void* slots, int32_t index_bytes, int64_t i) {
+  return index_bytes == 2 ? int32_t{__ldg(static_cast<const int16_t*>(slots) + i)}
+                          : __ldg(static_cast<const int32_t*>(slots) + i);
+}
+
 // Thread mapping: one warp per bag (blockDim = (32, kWarpsPerBlock)); lane l owns columns
 // c0 + l of each 32-column tile of the bag's D = K * chunk_size outputs, so the lanes read
 // consecutive floats of a chunk (coalesced). Pruned chunks are skipped without a load.
@@ -40,7 +46,7 @@ __global__ void __launch_bounds__(kWarpSize * kWarpsPerBlock)
     float acc = 0.f;
     for (int64_t i = start; i < end; ++i) {
       const int64_t e = __ldg(p.entries + i);
-      const int32_t s = __ldg(p.chunk_slots + e * K + k);
+      const int32_t s = slot_at(p.chunk_slots, p.slot_index_bytes, e * K + k);
       if (s < 0 || s >= p.capacity) continue;
       const float w = p.per_sample_weights ? __ldg(p.per_sample_weights + i) : 1.f;
       acc += w * __ldg(p.weights + int64_t{s} * cs + col);
@@ -115,7 +121,7 @@ __global__ void __launch_bounds__(kWarpSize * kWarpsPerBlock)
 
   /* Step 3: the optimizer on live chunks only (warp-uniform branch on the slot). */
   for (int k = 0; k < K; ++k) {
-    const int32_t s = p.chunk_slots[e * K + k];
+    const int32_t s = slot_at(p.chunk_slots, p.slot_index_bytes, e * K + k);
     if (s < 0 || s >= p.capacity) continue;
     apply_optimizer(p, s, acc + k * cs);
   }

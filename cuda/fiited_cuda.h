@@ -24,7 +24,8 @@ enum FiitedOptimizer { FIITED_SGD = 0, FIITED_ADAGRAD = 1, FIITED_ROWWISE_ADAGRA
 
 struct FiitedLookupParams {
   const float* __restrict weights;             // (C, chunk_size)
-  const int32_t* __restrict chunk_slots;       // (E, K), -1 where pruned
+  const void* __restrict chunk_slots;          // (E, K) int16 or int32, -1 where pruned
+  int32_t slot_index_bytes;                    // 2 (int16) or 4 (int32)
   const int64_t* __restrict entries;           // (n), validated in [0, E) by the host
   const int64_t* __restrict offsets;           // (B + 1)
   const float* __restrict per_sample_weights;  // (n) or nullptr
@@ -50,7 +51,8 @@ struct FiitedBackwardParams {
   const int64_t* __restrict sorted_ids;     // (n) ids ordered by entry (stable)
   const int64_t* __restrict unique_entries; // (U) ascending
   const int64_t* __restrict segment_starts; // (U + 1) sorted position of each entry's first id
-  const int32_t* __restrict chunk_slots;    // (E, K)
+  const void* __restrict chunk_slots;       // (E, K) int16 or int32
+  int32_t slot_index_bytes;                 // 2 (int16) or 4 (int32)
   float* __restrict utilities;              // (E, K), stored against the table's base step
   float* __restrict weights;                // (C, chunk_size)
   float* __restrict momentum;               // (C, chunk_size) | (C) | (0)

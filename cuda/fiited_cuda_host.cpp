@@ -67,7 +67,8 @@ void pool_into(
   check_range("fiited::lookup_forward", "entries", ids, s.num_entries, "E");
   check_offsets(offs, s.num_ids);
   const FiitedLookupParams params{
-      w.data_ptr<float>(), slots.data_ptr<int32_t>(), ids.data_ptr<int64_t>(),
+      w.data_ptr<float>(), slots.data_ptr(), static_cast<int32_t>(slots.element_size()),
+      ids.data_ptr<int64_t>(),
       offs.data_ptr<int64_t>(), psw.defined() ? psw.data_ptr<float>() : nullptr,
       out.data_ptr<float>(), out.stride(0), s.num_bags, s.num_entries, s.capacity,
       static_cast<int32_t>(s.num_chunks), static_cast<int32_t>(s.chunk_size), mean ? 1 : 0,
@@ -164,7 +165,8 @@ void fused_backward_cuda(
   const FiitedBackwardParams params{
       grads.data_ptr<float>(), rows.data_ptr<int64_t>(),
       scale.defined() ? scale.data_ptr<float>() : nullptr, order.data_ptr<int64_t>(),
-      unique.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), slots.data_ptr<int32_t>(),
+      unique.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), slots.data_ptr(),
+      static_cast<int32_t>(slots.element_size()),
       utilities.data_ptr<float>(), weights.data_ptr<float>(),
       momentum.data_ptr<float>(), unique.numel(), s.capacity,
       static_cast<int32_t>(s.num_chunks), static_cast<int32_t>(s.chunk_size),

@@ -250,7 +250,7 @@ def dlrm_steps(rank: int, world_size: int, sharding_type: str, config: Dict[str,
             for lk in sharded._lookups for l in lk.store.layouts.values()
         ),
         "slot_bytes": [
-            slot_bytes(p.chunk_size, p.optimizer)
+            slot_bytes(p.chunk_size, p.optimizer, p.capacity)
             for lk in sharded._lookups for p in lk.store.pools.values()
         ],
         # Each table's hashed fallback (miss="hashed") on this rank, by logical table.

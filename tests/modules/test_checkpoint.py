@@ -226,7 +226,7 @@ def _nan_at_resident(field):
 
 
 CORRUPTIONS = [
-    (lambda sd: sd[E4 + "chunk_slots"].__setitem__(_live_chunk(sd), 10**6), "chunk_slots outside"),
+    (lambda sd: sd[E4 + "chunk_slots"].__setitem__(_live_chunk(sd), 30_000), "chunk_slots outside"),
     (lambda sd: sd["store.pools.shared_cs4.num_free"].fill_(-3), "num_free=-3"),
     (_duplicate_key, "a key is resident twice"),
     (_swap_buckets, "a key sits outside its hash bucket"),

@@ -16,6 +16,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from tests.conftest import module_bytes
 from torchrec_fiited import DimPruningConfig, FiitedConfig, FiitedEmbeddingBagCollection
 from torchrec_fiited.modules.layout_plan import sizing_options
+from torchrec_fiited.store.layout import slot_index_bytes
 from torchrec_fiited.store.sizing import (
     TableSpec,
     full_table_bytes,
@@ -113,8 +114,10 @@ def _check_bytes(m, cfg, tables):
                    for k in ("entries", "sketch")}
     assert b["chunks"] == sum(p.weights.numel() * 4 for p in m.store.pools.values())
     assert b["chunks"] == sum(z.slots * p.stored_width * 4 for z, p in zip(pools, m.store.pools.values()))
-    assert b["free_stacks"] == sum(4 * z.slots + 8 + 8 * Kc for z in pools)
-    assert b["entries"] == sizes_total["entries"] + len(pools) * (8 * Kc + 8 + 4 * Kc + 3 * 8)
+    idx = [slot_index_bytes(z.slots) for z in pools]  # int16 slot indices up to 2^15 slots
+    assert b["free_stacks"] == sum(i * z.slots + 8 + 8 * Kc for i, z in zip(idx, pools))
+    # Null entry (slots, utilities), base step, thresholds, num_seen and two cycle counts.
+    assert b["entries"] == sizes_total["entries"] + sum((i + 4) * Kc + 8 + 4 * Kc + 3 * 8 for i in idx)
     assert b["sketch"] == sizes_total["sketch"] + 8 * len(pools)
     assert b["fallback"] == sum(f.weights.numel() * 4 + f.momentum.numel() * 4 for f in m.store.fallbacks.values())
     assert b["fallback"] == sum(full_table_bytes(z.fallback_rows.get(t.name, 0), t.embedding_dim, cfg.optimizer)

@@ -59,7 +59,7 @@ class Batch:
     id_scale: Optional[torch.Tensor]  # fp32 [n]
 
 
-def make_store(E, K, cs, pruned, optimizer, step, gen) -> Store:
+def make_store(E, K, cs, pruned, optimizer, step, gen, slots_dtype=torch.int32) -> Store:
     live = torch.rand(E, K, generator=gen) >= pruned
     n_live = int(live.sum())
     C = n_live + 5  # a few free slots, as in a real pool
@@ -67,7 +67,7 @@ def make_store(E, K, cs, pruned, optimizer, step, gen) -> Store:
     slots[live] = torch.randperm(C, generator=gen)[:n_live].to(torch.int32)
     momentum_shape = {"sgd": (0,), "adagrad": (C, cs), "rowwise_adagrad": (C,)}[optimizer]
     return Store(
-        chunk_slots=slots,
+        chunk_slots=slots.to(slots_dtype),  # int16 in a pool of at most 2^15 slots
         utilities=torch.rand(E, K, generator=gen) * 3,
         weights=torch.randn(C, cs, generator=gen),
         momentum=torch.rand(momentum_shape, generator=gen),
@@ -99,12 +99,13 @@ FORWARD_CASES = [
 ]
 
 
+@pytest.mark.parametrize("slots_dtype", [torch.int32, torch.int16])
 @pytest.mark.parametrize("K,D", SHAPES)
-def test_lookup_forward_matches_reference(K, D):
+def test_lookup_forward_matches_reference(K, D, slots_dtype):
     gen = torch.Generator().manual_seed(K * 1000 + D)
     for _, _, mean, weighted, L, pruned in (c for c in FORWARD_CASES if c[:2] == (K, D)):
         E = 300
-        store = make_store(E, K, D // K, pruned, "sgd", 10, gen)
+        store = make_store(E, K, D // K, pruned, "sgd", 10, gen, slots_dtype)
         batch = make_batch(E, 33, L, weighted, mean, gen)
         args = (store.weights, store.chunk_slots, batch.entries, batch.offsets, batch.weights, mean)
         got = torch.ops.fiited.lookup_forward(*args)
@@ -159,7 +160,7 @@ def _assert_same_state(got: Store, want: Store, context: str) -> None:
                                    msg=lambda m: f"{name} ({context}): {m}")
 
 
-def _backward_cases(K, D, optimizer, device="cpu", E=300, B=33):
+def _backward_cases(K, D, optimizer, device="cpu", E=300, B=33, slots_dtype=torch.int32):
     """(weighted, MEAN) x L x pruned fraction; utility and weight decay alternate."""
     gen = torch.Generator().manual_seed(K * 7919 + D * 31 + len(optimizer))
     cases = itertools.product([(False, False), (True, False), (True, True)], [1, 20],
@@ -167,7 +168,7 @@ def _backward_cases(K, D, optimizer, device="cpu", E=300, B=33):
     for i, ((weighted, mean), L, pruned) in enumerate(cases):
         step = 50
         utility = ("grad_access", "access")[i % 2]
-        store = make_store(E, K, D // K, pruned, optimizer, step, gen)
+        store = make_store(E, K, D // K, pruned, optimizer, step, gen, slots_dtype)
         batch = make_batch(E, B, L, weighted, mean, gen)
         if i % 3 == 2:  # ids skipped with entry -1 (the collection's misses)
             batch.entries[torch.rand(batch.entries.numel(), generator=gen) < 0.3] = -1
@@ -178,10 +179,11 @@ def _backward_cases(K, D, optimizer, device="cpu", E=300, B=33):
                                       f"utility={utility} wd={params.weight_decay}")
 
 
+@pytest.mark.parametrize("slots_dtype", [torch.int32, torch.int16])
 @pytest.mark.parametrize("optimizer", reference.OPTIMIZERS)
 @pytest.mark.parametrize("K,D", SHAPES)
-def test_fused_backward_matches_reference(K, D, optimizer):
-    _backward_cases(K, D, optimizer)
+def test_fused_backward_matches_reference(K, D, optimizer, slots_dtype):
+    _backward_cases(K, D, optimizer, slots_dtype=slots_dtype)
 
 
 def test_multithreaded_paths_match_reference():
@@ -296,8 +298,8 @@ def test_bad_inputs_name_the_argument():
     lookup, backward = _opcheck_inputs()
     weights, slots, entries, offsets, psw, mean = lookup
     with pytest.raises(RuntimeError, match=r"\[torchrec_fiited\] fiited::lookup_forward: "
-                                           r"chunk_slots must be a 2-D Int tensor on cpu, got a "
-                                           r"2-D Long tensor"):
+                                           r"chunk_slots must be a 2-D Short or Int tensor on cpu, "
+                                           r"got a 2-D Long tensor"):
         torch.ops.fiited.lookup_forward(weights, slots.long(), entries, offsets, psw, mean)
     with pytest.raises(RuntimeError, match=r"entries\[0\] must be in \[0, E=50\), got 50"):
         torch.ops.fiited.lookup_forward(weights, slots, torch.full_like(entries, 50), offsets,
@@ -378,13 +380,13 @@ def test_module_training_matches_reference(monkeypatch):
 @pytest.mark.parametrize("K,D", [(1, 64), (4, 64), (8, 128), (2, 16)])
 def test_cuda_matches_reference(K, D):
     gen = torch.Generator().manual_seed(K + D)
-    for mean, weighted, L, pruned in itertools.product([False, True], [False, True], [1, 20],
-                                                       [0.0, 0.5]):
-        store = make_store(300, K, D // K, pruned, "sgd", 10, gen)
+    for mean, weighted, L, pruned, slots_dtype in itertools.product(
+            [False, True], [False, True], [1, 20], [0.0, 0.5], [torch.int32, torch.int16]):
+        store = make_store(300, K, D // K, pruned, "sgd", 10, gen, slots_dtype)
         batch = make_batch(300, 33, L, weighted, mean, gen)
         args = (store.weights, store.chunk_slots, batch.entries, batch.offsets, batch.weights, mean)
         on_gpu = [a.cuda() if torch.is_tensor(a) else a for a in args]
         got = torch.ops.fiited.lookup_forward(*on_gpu)
         torch.testing.assert_close(got.cpu(), reference.lookup_forward(*args), rtol=RTOL, atol=ATOL)
-    for optimizer in reference.OPTIMIZERS:
-        _backward_cases(K, D, optimizer, device="cuda")
+    for optimizer, slots_dtype in itertools.product(reference.OPTIMIZERS, [torch.int32, torch.int16]):
+        _backward_cases(K, D, optimizer, device="cuda", slots_dtype=slots_dtype)

@@ -170,13 +170,13 @@ def _check_bytes(m, tables, budget: float) -> None:
     assert s["bytes_full"] == sum(full.values())
     assert s["bytes"]["total"] == total <= budget * s["bytes_full"]
     for pool, b in _pool_bytes(m).items():
-        slot = slot_bytes(m.store.pools[pool].chunk_size, opt)
+        slot = slot_bytes(m.store.pools[pool].chunk_size, opt, m.store.pools[pool].capacity)
         K = m.store.num_chunks
         unspent = max(slot, 4 * 2 * K)  # a slot, or a sketch column (depth 2 x K floats)
         if m.store.sketches[pool].width == 0:  # no sketch takes what whole buckets leave over
             W = m.store.entries[pool].index.bucket_size
             alpha = m.config.entries_per_slot or default_entries_per_slot(K)
-            unspent += W * (entry_bytes(K) + slot / alpha)
+            unspent += W * (entry_bytes(K, m.store.pools[pool].capacity) + slot / alpha)
         assert budget * full[pool] - unspent < b <= budget * full[pool], (pool, b, budget * full[pool])
 
 

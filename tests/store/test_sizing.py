@@ -77,7 +77,9 @@ def test_pool_bytes_equals_the_constructed_tensors(num_chunks, optimizer, miss):
         assert (miss == "hashed") == (want["fallback"] > 0)
         cp, et = m.store.pools[pool], m.store.entries[pool]
         per_slot = sum(t.numel() * t.element_size() for t in (cp.weights, cp.momentum, cp.free_stack))
-        assert per_slot == want["chunks"] == sizes.slots * slot_bytes(cp.chunk_size, optimizer)
+        assert per_slot == want["chunks"] == sizes.slots * slot_bytes(cp.chunk_size, optimizer, sizes.slots)
+        assert cp.free_stack.element_size() == (2 if sizes.slots <= 2**15 else 4)
+        assert et.chunk_slots.dtype == cp.free_stack.dtype
         assert et.capacity == sizes.entries
         seen |= {n for n in all_names if n.startswith((f"store.pools.{pool}.", f"store.entries.{pool}.",
                                                          f"store.sketches.{pool}."))}
@@ -204,7 +206,7 @@ def test_too_small_budget_names_the_tables():
     assert "budget 0.01" in str(err.value)
     # One byte short of one bucket of 8 entries and one slot, and exactly that.
     fixed = pool_bytes(PoolSizes(0, 0, 8, 0), specs, 2, "rowwise_adagrad")["fixed"]
-    need = fixed + MIN_BUCKET * entry_bytes(2) + slot_bytes(4, "rowwise_adagrad")
+    need = fixed + MIN_BUCKET * entry_bytes(2, 1) + slot_bytes(4, "rowwise_adagrad", 1)
     with pytest.raises(ValueError, match="user_id"):
         size_pool(specs, 1.0, 2, "rowwise_adagrad", sketch_fraction=0.0, budget_bytes=need - 1)
     ok = size_pool(specs, 1.0, 2, "rowwise_adagrad", sketch_fraction=0.0, budget_bytes=need)

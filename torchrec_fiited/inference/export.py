@@ -725,7 +725,7 @@ def _compact_pool(store: VHPIStore, pool: str, fallback_tables) -> Dict[str, Any
     new = torch.full_like(old_slots, PRUNED)
     new[live] = torch.arange(n_live, dtype=new.dtype, device=device)  # row-major: key, chunk_id
     chunk_slots = torch.full((table.capacity + 1, K), PRUNED, dtype=torch.int32, device=device)
-    chunk_slots[probe_slots] = new
+    chunk_slots[probe_slots] = new.to(torch.int32)
     rows = cp.weights[old_slots[live].to(torch.int64)]
     return {"keys": table.keys, "chunk_slots": chunk_slots, "rows": rows.detach(),
             "num_buckets": table.num_buckets, "bucket_size": table.bucket_size}

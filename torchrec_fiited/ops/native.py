@@ -12,7 +12,7 @@ Example::
 
     from torchrec_fiited.ops import native
     if native.AVAILABLE:
-        # weights fp32 [C, cs], chunk_slots int32 [E, K], entries int64 [n], offsets int64 [B+1]
+        # weights fp32 [C, cs], chunk_slots int16/int32 [E, K], entries int64 [n], offsets int64 [B+1]
         out = torch.ops.fiited.lookup_forward(weights, chunk_slots, entries, offsets, None, False)
         out.shape  # (B, K * cs)
 """
@@ -96,6 +96,14 @@ def _check_dtype_dim(op: str, name: str, t: torch.Tensor, dtype: torch.dtype, di
     )
 
 
+def _check_slots(op: str, chunk_slots: torch.Tensor) -> None:
+    torch._check(
+        chunk_slots.dtype in (torch.int16, torch.int32) and chunk_slots.dim() == 2,
+        lambda: f"[torchrec_fiited] fiited::{op}: chunk_slots must be a 2-D int16 or int32 "
+        f"tensor, got a {chunk_slots.dim()}-D {chunk_slots.dtype} tensor",
+    )
+
+
 def _check_lookup_args(
     op: str,
     weights: torch.Tensor,
@@ -105,7 +113,7 @@ def _check_lookup_args(
     per_sample_weights: Optional[torch.Tensor],
 ) -> None:
     _check_dtype_dim(op, "weights", weights, torch.float32, 2)
-    _check_dtype_dim(op, "chunk_slots", chunk_slots, torch.int32, 2)
+    _check_slots(op, chunk_slots)
     _check_dtype_dim(op, "entries", entries, torch.int64, 1)
     _check_dtype_dim(op, "offsets", offsets, torch.int64, 1)
     torch._check(
@@ -201,7 +209,7 @@ def _fused_backward_fake(
     _check_dtype_dim(op, "grad_rows", grad_rows, torch.float32, 2)
     _check_dtype_dim(op, "row_of_id", row_of_id, torch.int64, 1)
     _check_dtype_dim(op, "entries", entries, torch.int64, 1)
-    _check_dtype_dim(op, "chunk_slots", chunk_slots, torch.int32, 2)
+    _check_slots(op, chunk_slots)
     _check_dtype_dim(op, "utilities", utilities, torch.float32, 2)
     _check_dtype_dim(op, "weights", weights, torch.float32, 2)
     K, cs = chunk_slots.shape[1], weights.shape[1]

@@ -3,6 +3,8 @@
 import torch
 from torch import nn
 
+from torchrec_fiited.store.layout import slot_dtype
+
 OPTIMIZER_STATE_SHAPES = {
     "sgd": lambda capacity, chunk_size: (0,),
     "adagrad": lambda capacity, chunk_size: (capacity, chunk_size),
@@ -46,7 +48,7 @@ class ChunkPool(nn.Module):
         momentum_shape = OPTIMIZER_STATE_SHAPES[optimizer](capacity, chunk_size)
         self.register_buffer("momentum", torch.zeros(momentum_shape, device=device))
         # Reversed so that the first pops hand out slots 0, 1, 2, ...
-        stack = torch.arange(capacity - 1, -1, -1, dtype=torch.int32, device=device)
+        stack = torch.arange(capacity - 1, -1, -1, dtype=slot_dtype(capacity), device=device)
         self.register_buffer("free_stack", stack)
         self.register_buffer("num_free", torch.tensor(capacity, dtype=torch.int64, device=device))
         self.register_buffer(
@@ -86,7 +88,7 @@ class ChunkPool(nn.Module):
         """Return ``slots`` (int [n]) to the free stack; their state is reset when re-allocated."""
         n = slots.numel()
         top = int(self.num_free)
-        self.free_stack[top : top + n] = slots.to(torch.int32)
+        self.free_stack[top : top + n] = slots.to(self.free_stack.dtype)
         self.num_free += n
 
     def reset_slots(self, slots: torch.Tensor, weights: torch.Tensor) -> None:

@@ -24,8 +24,9 @@ class EntryTable(nn.Module):
     ``index`` maps a key to an entry in [0, S); entry S (``null_entry``) is what every
     non-resident key resolves to: it holds no chunk, so it reads as zeros, and the backward
     skips it (its ids are scored for the sketch instead). Bytes per entry slot:
-    8 (key) + 4 (score) + 4K (chunk_slots) + 4K (utilities) = 8K + 12, plus the null entry, the
-    last thresholds, the utility base and three counters per pool.
+    8 (key) + 4 (score) + 2K or 4K (chunk_slots: int16 in a pool of at most 2^15 slots) +
+    4K (utilities) = 6K + 12 or 8K + 12, plus the null entry, the last thresholds, the utility
+    base and three counters per pool.
 
     Utilities are stored against one base step for the whole table (``utility_base``), not a
     step per entry: the true utility of chunk k of entry e at step t is
@@ -43,17 +44,18 @@ class EntryTable(nn.Module):
         num_chunks: K.
         device: where the tensors live.
         decay: gamma in (0, 1], the utilities' decay per step.
+        slots_dtype: of ``chunk_slots``: the pool's ``layout.slot_dtype``.
     """
 
     def __init__(self, num_buckets: int, bucket_size: int, num_chunks: int, device: torch.device,
-                 decay: float = 1.0) -> None:
+                 decay: float = 1.0, slots_dtype: torch.dtype = torch.int32) -> None:
         super().__init__()
         self.decay = float(decay)
         self.index = ResidentHashTable(num_buckets, bucket_size, device)
         S = self.index.capacity
         self.num_chunks = num_chunks
         self.register_buffer(
-            "chunk_slots", torch.full((S + 1, num_chunks), PRUNED, dtype=torch.int32, device=device)
+            "chunk_slots", torch.full((S + 1, num_chunks), PRUNED, dtype=slots_dtype, device=device)
         )
         self.register_buffer("utilities", torch.zeros(S + 1, num_chunks, device=device))
         self.register_buffer("utility_base", torch.tensor(0, dtype=torch.int64, device=device))

@@ -12,7 +12,8 @@ table per pool, shared by the pool's tables, keyed by (table, row) as in the pap
                       position among the collection's global tables
     entry             slot of a key in the pool's ResidentHashTable, in [0, S); S is the null
                       entry that every non-resident id reads (no chunk, never updated)
-    chunk_slots       int32 [S + 1, K]  pool slot of chunk k of entry e, or PRUNED (-1)
+    chunk_slots       int16/int32 [S + 1, K]  pool slot of chunk k of entry e, or PRUNED (-1);
+                                        int16 in a pool of at most 2^15 slots (``slot_dtype``)
     utilities         fp32  [S + 1, K]  u = gamma * u + a * g, stored against the table's base
                                         step (``EntryTable.utility_base``): the true utility
                                         at step t is u * gamma ** (t - base); 0 for a free entry
@@ -25,7 +26,7 @@ Physically indexed (one pool per group of tables sharing a budget; see ``ChunkPo
     slot              row index in [0, capacity) of a pool
     weights           fp32  [capacity, chunk_size]
     momentum          fp32  [capacity, chunk_size] (adagrad), [capacity] (rowwise), [0] (sgd)
-    free_stack        int32 [capacity]  free slots; the top is free_stack[num_free - 1]
+    free_stack        int16/int32 [capacity]  free slots; the top is free_stack[num_free - 1]
 
 A pruned chunk reads as zeros. Its utility keeps growing from the gradient at its zero-padded
 slice, so it can win a slot back at a later pruning cycle.
@@ -47,6 +48,19 @@ from typing import Sequence, Union
 import torch
 
 PRUNED = -1
+# A pool of at most this many slots indexes them with int16 (chunk_slots, free_stack): 2 bytes
+# per entry and chunk index and 2 per slot saved where the budget is smallest (at 100x on the hard
+# preset a pool has ~750 slots; a pool of 10^6 rows at 1% has ~10^4).
+SMALL_POOL_SLOTS = 2**15
+
+
+def slot_dtype(capacity: int) -> torch.dtype:
+    """The dtype of a pool's slot indices: int16 up to ``SMALL_POOL_SLOTS`` slots, else int32."""
+    return torch.int16 if capacity <= SMALL_POOL_SLOTS else torch.int32
+
+
+def slot_index_bytes(capacity: int) -> int:
+    return 2 if capacity <= SMALL_POOL_SLOTS else 4
 NEVER_SEEN = -1  # a logical form's last_step where no shard holds the row (store.logical)
 
 

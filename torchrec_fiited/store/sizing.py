@@ -24,6 +24,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 from torchrec_fiited.store.chunk_pool import OPTIMIZER_STATE_SHAPES
 from torchrec_fiited.store.fallback import FallbackGrid, bucket_width
+from torchrec_fiited.store.layout import SMALL_POOL_SLOTS, slot_index_bytes
 from torchrec_fiited.store.sketch import SKETCH_CELL_BYTES  # noqa: F401 (layout_plan imports it here)
 
 INT64, FP32, INT32 = 8, 4, 4
@@ -48,14 +49,20 @@ def full_table_bytes(num_rows: int, dim: int, optimizer: str) -> int:
     return FP32 * (num_rows * dim + optimizer_floats(optimizer, num_rows, dim))
 
 
-def entry_bytes(num_chunks: int) -> int:
-    """Bytes per hash-table slot: key, score, K chunk slots, K utilities."""
-    return INT64 + FP32 + INT32 * num_chunks + FP32 * num_chunks
+def _index_bytes(slots: Optional[int]) -> int:
+    """Bytes of one slot index in a pool of ``slots`` slots (``layout.slot_dtype``); None: int32."""
+    return INT32 if slots is None else slot_index_bytes(slots)
 
 
-def slot_bytes(chunk_size: int, optimizer: str) -> int:
-    """Bytes per pool slot: weights, optimizer state, free-stack entry."""
-    return FP32 * (chunk_size + optimizer_floats(optimizer, 1, chunk_size)) + INT32
+def entry_bytes(num_chunks: int, slots: Optional[int] = None) -> int:
+    """Bytes per hash-table slot: key, score, K chunk slots, K utilities (``slots``: the pool's
+    chunk slots, which fix the width of a slot index; None: int32)."""
+    return INT64 + FP32 + _index_bytes(slots) * num_chunks + FP32 * num_chunks
+
+
+def slot_bytes(chunk_size: int, optimizer: str, slots: Optional[int] = None) -> int:
+    """Bytes per pool slot: weights, optimizer state, free-stack entry (``slots`` as above)."""
+    return FP32 * (chunk_size + optimizer_floats(optimizer, 1, chunk_size)) + _index_bytes(slots)
 
 
 @dataclass(frozen=True)
@@ -90,12 +97,13 @@ class PoolSizes:
         return self.num_buckets * self.bucket_size
 
 
-def fixed_bytes(tables: Sequence[TableSpec], num_chunks: int, optimizer: str, dim_pruning: bool) -> int:
+def fixed_bytes(tables: Sequence[TableSpec], num_chunks: int, optimizer: str, dim_pruning: bool,
+                slots: Optional[int] = None) -> int:
     """Bytes that do not depend on the sizes: counters, the null entry, FIITED-2D maps, the
     module's step counter (charged to every pool, so each pool's total stays within budget)."""
     K = num_chunks
     pool = INT64 + INT64 * K  # num_free, live_per_chunk
-    entries = INT32 * K + FP32 * K + 3 * INT64  # null entry, num_seen, last-cycle counts
+    entries = _index_bytes(slots) * K + FP32 * K + 3 * INT64  # null entry, num_seen, last-cycle counts
     entries += INT64  # the utility base step
     entries += FP32 * K  # last thresholds
     entries += INT64  # the sketch's decay step
@@ -112,8 +120,8 @@ def min_pool_bytes(tables: Sequence[TableSpec], num_chunks: int, optimizer: str,
     A column shard of the last chunk indices can be due less than that (its chunks are the
     ones the fitted ratios prune most) and still needs entries for its rows; it gets this."""
     cs = tables[0].dim // num_chunks
-    return (fixed_bytes(tables, num_chunks, optimizer, dim_pruning)
-            + MIN_BUCKET * entry_bytes(num_chunks) + slot_bytes(cs, optimizer))
+    return (fixed_bytes(tables, num_chunks, optimizer, dim_pruning, 1)
+            + MIN_BUCKET * entry_bytes(num_chunks, 1) + slot_bytes(cs, optimizer, 1))
 
 
 def pool_bytes(sizes: PoolSizes, tables: Sequence[TableSpec], num_chunks: int, optimizer: str,
@@ -127,11 +135,11 @@ def pool_bytes(sizes: PoolSizes, tables: Sequence[TableSpec], num_chunks: int, o
         for t in tables
     )
     out = {
-        "chunks": sizes.slots * slot_bytes(cs, optimizer),
-        "entries": sizes.entries * entry_bytes(K),
+        "chunks": sizes.slots * slot_bytes(cs, optimizer, sizes.slots),
+        "entries": sizes.entries * entry_bytes(K, sizes.slots),
         "sketch": SKETCH_CELL_BYTES * SKETCH_DEPTH * sizes.sketch_width * K if sizes.sketch_width else 0,
         "fallback": fallback,
-        "fixed": fixed_bytes(tables, K, optimizer, dim_pruning),
+        "fixed": fixed_bytes(tables, K, optimizer, dim_pruning, sizes.slots),
     }
     out["total"] = sum(out.values())
     return out
@@ -203,14 +211,25 @@ def size_pool(
         if zeros.entries >= AUTO_FALLBACK_COVERAGE * sum(t.num_rows for t in tables):
             return zeros
         return size_pool(tables, budget, num_chunks, optimizer, miss="hashed", **kwargs)
+    args = (tables, budget, num_chunks, optimizer, miss, fallback_fraction, sketch_fraction,
+            entries_per_slot, bucket_size, dim_pruning, budget_bytes, fallback_rows, sketch_width)
+    # Slot indices priced at int16 first; a pool that comes out larger needs int32 ones.
+    small = _size_pool(*args, index_slots=SMALL_POOL_SLOTS)
+    return small if small.slots <= SMALL_POOL_SLOTS else _size_pool(*args, index_slots=None)
+
+
+def _size_pool(tables, budget, num_chunks, optimizer, miss, fallback_fraction, sketch_fraction,
+               entries_per_slot, bucket_size, dim_pruning, budget_bytes, fallback_rows,
+               sketch_width, index_slots: Optional[int]) -> PoolSizes:
+    """``size_pool`` with slot indices priced as in a pool of ``index_slots`` slots."""
     K = num_chunks
     cs = tables[0].dim // K
     full = sum(full_table_bytes(t.num_rows, t.dim, optimizer) for t in tables)
     B = budget * full if budget_bytes is None else budget_bytes
     names = [t.name for t in tables]
-    left = B - fixed_bytes(tables, K, optimizer, dim_pruning)
+    left = B - fixed_bytes(tables, K, optimizer, dim_pruning, index_slots)
     rows = sum(t.num_rows for t in tables)
-    e, c = entry_bytes(K), slot_bytes(cs, optimizer)
+    e, c = entry_bytes(K, index_slots), slot_bytes(cs, optimizer, index_slots)
 
     if fallback_rows is not None:
         fallback_rows = {t.name: int(fallback_rows[t.name]) for t in tables

@@ -24,6 +24,7 @@ from torchrec_fiited.store.layout import (
     MAX_TABLES,
     counter_state_int,
     entry_key,
+    slot_dtype,
     key_row,
     key_table,
     table_key,
@@ -171,7 +172,8 @@ class VHPIStore(nn.Module):
             {p: ChunkPool(s.slots, chunk_size[p], num_chunks, optimizer, device) for p, s in sizes.items()}
         )
         self.entries = nn.ModuleDict(
-            {p: EntryTable(s.num_buckets, s.bucket_size, num_chunks, device, utility_decay)
+            {p: EntryTable(s.num_buckets, s.bucket_size, num_chunks, device, utility_decay,
+                           slot_dtype(s.slots))
              for p, s in sizes.items()}
         )
         self.sketches = nn.ModuleDict(
@@ -316,7 +318,7 @@ class VHPIStore(nn.Module):
                     cp.reset_slots(
                         t_slots[lo:hi], self.init_values(table, t_rows[lo:hi], t_ks[lo:hi], step)
                     )
-        et.chunk_slots[entries, chunk_ids] = slots.to(torch.int32)
+        et.chunk_slots[entries, chunk_ids] = slots.to(et.chunk_slots.dtype)
         cp.live_per_chunk += torch.bincount(chunk_ids, minlength=self.num_chunks)
 
     def evict(self, pool: str, entries: torch.Tensor, chunk_ids: torch.Tensor) -> None:
