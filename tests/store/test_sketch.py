@@ -150,3 +150,18 @@ def test_native_sketch_ops_refuse_bad_input_with_the_sketch_unchanged():
     with pytest.raises(RuntimeError, match="one salt per row, got 1 salts for 2 rows"):
         torch.ops.fiited.sketch_estimate(sk.counts, torch.tensor([4, 5]), [1])
     assert torch.equal(sk.counts, before)
+
+
+def test_decay_block_by_block_equals_the_whole_sketch_at_once():
+    """decay_to works in blocks of cells (bounded temporaries); a sketch of more than one block
+    ends bitwise where rounding the whole fp32 product up to bf16 at once does."""
+    from torchrec_fiited.store.sketch import _DECAY_BLOCK, ceil_bf16
+
+    width = _DECAY_BLOCK // 4 + 123  # depth 2 x K 2: just over one block of cells
+    sketch = UtilitySketch(width, 2, K, torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    sketch.counts.copy_(ceil_bf16(torch.rand(sketch.counts.shape, generator=g) * 100))
+    want = ceil_bf16(sketch.counts.float() * 0.97**5)
+    sketch.decay_to(5, 0.97)
+    assert sketch.counts.numel() > _DECAY_BLOCK
+    assert torch.equal(sketch.counts, want)
