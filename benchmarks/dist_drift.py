@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run(plan: str, budget: float, seed: int, out: str, extra: List[str]) -> Dict[str, Any]:
-    args = [f"emb=fiited", f"budget={budget}", f"seed={seed}", "train.progress=false",
+    args = ["emb=fiited", f"budget={budget}", f"seed={seed}", "train.progress=false",
             f"hydra.run.dir={out}", *extra]
     if plan == "single":
         cmd = [sys.executable, "-m", "torchrec_fiited.train", *args]

@@ -18,7 +18,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec_fiited import FiitedConfig, FiitedEmbeddingBagCollection
 from torchrec_fiited.distributed import FiitedEmbeddingBagCollectionSharder
 from torchrec_fiited.distributed.gather import gather_state_dict, logical_tables
-from torchrec_fiited.store import key_row, row_permutation
+from torchrec_fiited.store import key_row
 from torchrec_fiited.store.sizing import full_table_bytes, slot_bytes
 
 FEATURES = ["f0", "f1", "f2", "f3"]

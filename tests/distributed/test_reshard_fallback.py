@@ -9,7 +9,7 @@ from torch import nn
 
 from torchrec_fiited.distributed.fallback_pieces import assemble_fallbacks, held_pieces
 from torchrec_fiited.store import TableLayout
-from torchrec_fiited.store.fallback import FallbackGrid, HashedFallback, bucket_width
+from torchrec_fiited.store.fallback import HashedFallback, bucket_width
 
 E, D, WIDTH = 10_000, 4, bucket_width(10_000, 70)
 

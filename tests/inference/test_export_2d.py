@@ -9,7 +9,7 @@ from torchrec.modules.embedding_configs import PoolingType
 
 from tests.conftest import make_tables, random_kjt
 from torchrec_fiited import FiitedConfig, FiitedEmbeddingBagCollection
-from torchrec_fiited.inference import InferenceSpec, export_for_inference, load_inference, save_inference
+from torchrec_fiited.inference import export_for_inference, load_inference, save_inference
 
 CFG = dict(num_chunks=2, budget=0.5, prune_interval=3, sample_size=64, decay=0.9, enforce_ratio=0.0,
            learning_rate=0.05, seed=3)

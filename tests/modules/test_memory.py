@@ -15,7 +15,6 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from tests.conftest import module_bytes
 from torchrec_fiited import DimPruningConfig, FiitedConfig, FiitedEmbeddingBagCollection
-from torchrec_fiited.modules.layout_plan import sizing_options
 from torchrec_fiited.store.layout import slot_index_bytes
 from torchrec_fiited.store.sizing import (
     TableSpec,

@@ -64,7 +64,7 @@ def test_a_free_slot_takes_any_key():
 def test_a_key_that_does_not_beat_the_weakest_stays_out(estimate):
     """The weakest candidate scores 1: an estimate summing to 1 (a tie) or less does not enter."""
     store = _store()
-    e = _fill_with_candidates(store, [3, 1, 4, 1.5, 9, 2, 6, 5])
+    _fill_with_candidates(store, [3, 1, 4, 1.5, 9, 2, 6, 5])
     before = {k: v.clone() for k, v in store.state_dict().items()}
     _estimate(store, [100], [estimate])
     store.admit(POOL, _keys(store, [100]), 2, quota=[K] * K)

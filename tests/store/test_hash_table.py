@@ -5,7 +5,6 @@ applies ``ops/hash_reference.py``'s insert rule one key at a time; the property 
 every slot after every batch, for the reference ops and (when built) the native ones.
 """
 
-import os
 from typing import Dict, List, Optional, Tuple
 
 import pytest

@@ -4,7 +4,6 @@ budget too small for one bucket and one slot is refused naming the tables."""
 import math
 
 import pytest
-import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from torchrec_fiited import FiitedConfig, FiitedEmbeddingBagCollection

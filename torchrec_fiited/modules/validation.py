@@ -3,7 +3,7 @@
 They run before the store is touched, so a rejected batch leaves the state unchanged.
 """
 
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torchrec.fx.tracer import is_fx_tracing as torchrec_is_fx_tracing

@@ -20,7 +20,7 @@ leaves the rest of the budget unspent.
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, Mapping, Optional, Sequence
 
 from torchrec_fiited.store.chunk_pool import OPTIMIZER_STATE_SHAPES
 from torchrec_fiited.store.fallback import FallbackGrid, bucket_width
