@@ -130,38 +130,6 @@ void check_offsets(const at::Tensor& offsets, int64_t num_ids) {
 
 // Pools into `out` (validated by the caller: (B, D) fp32, unit column stride; for batched
 // lookups (B / F, W) with feature f's block at columns [feature_cols[f], + D)).
-template <typename SlotT>
-void pool_into_typed(
-    const LookupSizes& sizes,
-    const at::Tensor& weights,
-    const at::Tensor& chunk_slots,
-    const at::Tensor& entries,
-    const at::Tensor& offsets,
-    const std::optional<at::Tensor>& per_sample_weights,
-    bool mean,
-    at::Tensor& out,
-    const at::Tensor& feature_cols,
-    const at::Tensor& feature_mean) {
-  const auto w = weights.contiguous(), slots = chunk_slots.contiguous();
-  const auto ids = entries.contiguous(), offs = offsets.contiguous();
-  const auto psw = per_sample_weights.has_value() ? per_sample_weights->contiguous() : at::Tensor();
-  check_offsets(offs, sizes.num_ids);
-  const bool batched = feature_cols.defined();
-  const LookupArgs<SlotT> args{
-      w.data_ptr<float>(), slots.data_ptr<SlotT>(), ids.data_ptr<int64_t>(),
-      offs.data_ptr<int64_t>(), psw.defined() ? psw.data_ptr<float>() : nullptr,
-      out.data_ptr<float>(), out.stride(0), sizes, mean,
-      batched ? feature_cols.data_ptr<int64_t>() : nullptr,
-      batched ? feature_mean.data_ptr<bool>() : nullptr,
-      batched ? sizes.num_bags / feature_cols.numel() : std::max<int64_t>(sizes.num_bags, 1)};
-  const int64_t* o = args.offsets;
-  dispatch_shape(sizes.num_chunks, sizes.chunk_size, [&](auto shape) {
-    parallel_balanced(
-        sizes.num_bags, [o](int64_t b) { return o[b]; },
-        [&](int64_t begin, int64_t end) { pool_bags<decltype(shape), SlotT>(args, begin, end); });
-  });
-}
-
 void pool_into(
     const LookupSizes& sizes,
     const at::Tensor& weights,
@@ -173,12 +141,31 @@ void pool_into(
     at::Tensor& out,
     const at::Tensor& feature_cols = at::Tensor(),
     const at::Tensor& feature_mean = at::Tensor()) {
-  if (chunk_slots.scalar_type() == at::kShort) {
-    pool_into_typed<int16_t>(sizes, weights, chunk_slots, entries, offsets, per_sample_weights,
-                             mean, out, feature_cols, feature_mean);
+  const auto w = weights.contiguous(), slots = chunk_slots.contiguous();
+  const auto ids = entries.contiguous(), offs = offsets.contiguous();
+  const auto psw = per_sample_weights.has_value() ? per_sample_weights->contiguous() : at::Tensor();
+  check_offsets(offs, sizes.num_ids);
+  const bool batched = feature_cols.defined();
+  const auto run = [&](auto slot_type) {  // int16_t or int32_t: chunk_slots' dtype
+    using SlotT = decltype(slot_type);
+    const LookupArgs<SlotT> args{
+        w.data_ptr<float>(), slots.data_ptr<SlotT>(), ids.data_ptr<int64_t>(),
+        offs.data_ptr<int64_t>(), psw.defined() ? psw.data_ptr<float>() : nullptr,
+        out.data_ptr<float>(), out.stride(0), sizes, mean,
+        batched ? feature_cols.data_ptr<int64_t>() : nullptr,
+        batched ? feature_mean.data_ptr<bool>() : nullptr,
+        batched ? sizes.num_bags / feature_cols.numel() : std::max<int64_t>(sizes.num_bags, 1)};
+    const int64_t* o = args.offsets;
+    dispatch_shape(sizes.num_chunks, sizes.chunk_size, [&](auto shape) {
+      parallel_balanced(
+          sizes.num_bags, [o](int64_t b) { return o[b]; },
+          [&](int64_t begin, int64_t end) { pool_bags<decltype(shape), SlotT>(args, begin, end); });
+    });
+  };
+  if (slots.scalar_type() == at::kShort) {
+    run(int16_t{});
   } else {
-    pool_into_typed<int32_t>(sizes, weights, chunk_slots, entries, offsets, per_sample_weights,
-                             mean, out, feature_cols, feature_mean);
+    run(int32_t{});
   }
 }
 
