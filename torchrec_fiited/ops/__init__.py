@@ -3,7 +3,7 @@
 from torchrec_fiited.ops.dispatch import (
     fused_backward, lookup_forward, lookup_forward_batched, lookup_forward_out,
 )
-from torchrec_fiited.ops.reference import FusedParams, decayed_utilities
+from torchrec_fiited.ops.reference import FusedParams
 
-__all__ = ["FusedParams", "decayed_utilities", "fused_backward", "lookup_forward", "lookup_forward_batched",
+__all__ = ["FusedParams", "fused_backward", "lookup_forward", "lookup_forward_batched",
            "lookup_forward_out"]

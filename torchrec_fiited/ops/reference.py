@@ -38,13 +38,6 @@ class FusedParams:
     step: int
 
 
-def decayed_utilities(utilities: torch.Tensor, last_step: torch.Tensor, step: int, decay: float) -> torch.Tensor:
-    """Utilities fp32 [n, K] as of ``last_step`` int32 [n] (a logical form's rows), brought to
-    ``step``."""
-    age = (step - last_step.to(torch.int64)).clamp(min=0).to(utilities.dtype)
-    return utilities * torch.pow(decay, age).unsqueeze(-1)
-
-
 def lookup_forward(
     weights: torch.Tensor,
     chunk_slots: torch.Tensor,

@@ -60,7 +60,10 @@ def slot_dtype(capacity: int) -> torch.dtype:
 
 
 def slot_index_bytes(capacity: int) -> int:
-    return 2 if capacity <= SMALL_POOL_SLOTS else 4
+    """Bytes of one slot index of a pool of ``capacity`` slots."""
+    return slot_dtype(capacity).itemsize
+
+
 NEVER_SEEN = -1  # a logical form's last_step where no shard holds the row (store.logical)
 
 

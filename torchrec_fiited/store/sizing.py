@@ -25,7 +25,7 @@ from typing import Dict, Mapping, Optional, Sequence
 from torchrec_fiited.store.chunk_pool import OPTIMIZER_STATE_SHAPES
 from torchrec_fiited.store.fallback import FallbackGrid, bucket_width
 from torchrec_fiited.store.layout import SMALL_POOL_SLOTS, slot_index_bytes
-from torchrec_fiited.store.sketch import SKETCH_CELL_BYTES  # noqa: F401 (layout_plan imports it here)
+from torchrec_fiited.store.sketch import SKETCH_CELL_BYTES
 
 INT64, FP32, INT32 = 8, 4, 4
 SKETCH_DEPTH = 2
