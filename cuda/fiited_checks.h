@@ -33,6 +33,7 @@ struct BackwardSizes {
   int64_t num_chunks;
   int64_t num_ids;
   int64_t num_rows;  // R, rows of grad_rows
+  int64_t num_miss_groups;  // G, rows of miss_utilities (0 without)
   Optimizer optimizer;
   bool grad_access;  // utility == "grad_access" (else "access")
 };
@@ -188,7 +189,8 @@ inline BackwardSizes check_backward_inputs(
     const at::Tensor& momentum,    // (C, chunk_size) | (C) | (0)
     std::string_view optimizer,
     std::string_view utility,
-    double utility_scale) {
+    double utility_scale,
+    const std::optional<at::Tensor>& miss_utilities) {  // (G, K) or None
   constexpr const char* op = "fiited::fused_backward";
   const auto device = weights.device();
   check_tensor(op, "grad_rows", grad_rows, at::kFloat, 2, device);
@@ -212,6 +214,13 @@ inline BackwardSizes check_backward_inputs(
                                 {"weights", weights}}) {
     check_contiguous(op, name, t);
   }
+  int64_t G = 0;
+  if (miss_utilities.has_value()) {
+    check_tensor(op, "miss_utilities", *miss_utilities, at::kFloat, 2, device);
+    check_size(op, "miss_utilities", *miss_utilities, 1, K, "chunk_slots.size(1)");
+    check_contiguous(op, "miss_utilities", *miss_utilities);
+    G = miss_utilities->size(0);
+  }
   TORCH_CHECK(
       std::isfinite(static_cast<float>(utility_scale)) && utility_scale > 0, "[torchrec_fiited] ",
       op, ": utility_scale must be finite and > 0 in fp32, got ", utility_scale);
@@ -220,7 +229,7 @@ inline BackwardSizes check_backward_inputs(
       ": at most 2^31 - 1 entries per call, got ", n);
   const Optimizer opt = parse_optimizer(optimizer);
   check_momentum(momentum, opt, C, cs);
-  return {C, cs, E, K, n, grad_rows.size(0), opt, parse_grad_access(utility)};
+  return {C, cs, E, K, n, grad_rows.size(0), G, opt, parse_grad_access(utility)};
 }
 
 }  // namespace fiited

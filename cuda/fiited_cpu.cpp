@@ -219,12 +219,14 @@ void lookup_forward_batched_out_cpu(
 // ---- fused_backward ---------------------------------------------------------------------------
 
 // Every entry and bag row must be valid before anything is updated in place. Entry -1 skips
-// the id (ids of other entry tables in one batch: the collection's misses).
+// the id; entries E .. E + G - 1 are the miss groups.
 void check_backward_ids(const int64_t* entries, const int64_t* row_of_id, const BackwardSizes& s) {
+  const int64_t end_entry = s.num_entries + s.num_miss_groups;
   at::parallel_for(0, s.num_ids, kMinWorkPerTask, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      if (entries[i] != -1 && outside(entries[i], s.num_entries)) {
-        fail_out_of_range(kBackward, "entries", i, entries[i], s.num_entries, "E");
+      if (entries[i] != -1 && outside(entries[i], end_entry)) {
+        fail_out_of_range(kBackward, "entries", i, entries[i], end_entry,
+                          s.num_miss_groups ? "E + G (G = miss_utilities.size(0))" : "E");
       }
       if (outside(row_of_id[i], s.num_rows)) {
         fail_out_of_range(kBackward, "row_of_id", i, row_of_id[i], s.num_rows,
@@ -241,6 +243,7 @@ struct BackwardArgs {
   const float* __restrict id_scale;           // (n) or nullptr
   const SlotT* __restrict chunk_slots;        // (E, K)
   float* __restrict utilities;                // (E, K)
+  float* __restrict miss_utilities;           // (G, K) or nullptr: entries E + g
   float* __restrict weights;                  // (C, chunk_size)
   float* __restrict momentum;                 // (C, chunk_size) | (C) | (0)
   const uint32_t* __restrict sorted_entries;  // (n) entries in ascending order
@@ -269,22 +272,21 @@ void coalesce(const BackwardArgs<SlotT>& a, int64_t u, int64_t D, Accumulator<S>
   }
 }
 
-// u += accesses * (||g_chunk|| or 1) * utility_scale for all K chunks (utilities are stored
-// against the table's base step; see the schema).
-template <typename S, typename SlotT>
-void update_utilities(const BackwardArgs<SlotT>& a, int64_t e, int64_t K, int64_t V, int64_t accesses,
-                      Accumulator<S>& acc) {
+// u (K) += accesses * (||g_chunk|| or 1) * scale for all K chunks (an entry's utilities are
+// stored against the table's base step, see the schema; a miss group's are as of now, scale 1).
+template <typename S>
+void update_utilities(float* u, float scale, bool grad_access, int64_t K, int64_t V,
+                      int64_t accesses, Accumulator<S>& acc) {
   constexpr int W = S::W;
   const float count = static_cast<float>(accesses);
   for (int64_t k = 0; k < K; ++k) {
     float gain = 1.f;
-    if (a.sizes.grad_access) {
+    if (grad_access) {
       Vec<W> sq{};
       for (int64_t v = 0; v < V; ++v) sq += acc[k * V + v] * acc[k * V + v];
       gain = std::sqrt(hsum<W>(sq));
     }
-    const float add = count * gain * a.utility_scale;
-    a.utilities[e * K + k] += add;
+    u[k] += count * gain * scale;
   }
 }
 
@@ -320,17 +322,23 @@ void apply_optimizer(const BackwardArgs<SlotT>& a, int64_t slot, int64_t V, Vec<
 }
 
 // Prefetches the metadata of unique entry u + kSlotsPrefetchDistance and the live chunks (and
-// their rowwise state) of entry u + kChunkPrefetchDistance.
+// their rowwise state) of entry u + kChunkPrefetchDistance (a miss group has neither).
 template <typename SlotT>
 C10_ALWAYS_INLINE void prefetch_update(
     const BackwardArgs<SlotT>& a, int64_t u, int64_t u_end, int64_t K, int64_t cs) {
+  const int64_t E = a.sizes.num_entries;
   if (u + kSlotsPrefetchDistance < u_end) {
     const int64_t e = a.sorted_entries[a.segment_starts[u + kSlotsPrefetchDistance]];
-    prefetch_read(a.chunk_slots + e * K);
-    prefetch_write(a.utilities + e * K);
+    if (e < E) {
+      prefetch_read(a.chunk_slots + e * K);
+      prefetch_write(a.utilities + e * K);
+    } else {
+      prefetch_write(a.miss_utilities + (e - E) * K);
+    }
   }
   if (u + kChunkPrefetchDistance >= u_end) return;
   const int64_t e = a.sorted_entries[a.segment_starts[u + kChunkPrefetchDistance]];
+  if (e >= E) return;
   for (int64_t k = 0; k < K; ++k) {
     const int32_t s = a.chunk_slots[e * K + k];
     if (outside(s, a.sizes.capacity)) continue;
@@ -344,12 +352,20 @@ void update_entries(const BackwardArgs<SlotT>& a, int64_t u_begin, int64_t u_end
   constexpr int W = S::W;
   const int64_t K = S::D ? S::K : a.sizes.num_chunks;
   const int64_t cs = S::D ? S::cs : a.sizes.chunk_size, V = cs / W, C = a.sizes.capacity;
+  const int64_t E = a.sizes.num_entries;
   Accumulator<S> acc(K * cs);
   for (int64_t u = u_begin; u < u_end; ++u) {
     prefetch_update(a, u, u_end, K, cs);
     const int64_t e = a.sorted_entries[a.segment_starts[u]];
+    const int64_t accesses = a.segment_starts[u + 1] - a.segment_starts[u];
     coalesce<S>(a, u, K * cs, acc);
-    update_utilities<S>(a, e, K, V, a.segment_starts[u + 1] - a.segment_starts[u], acc);
+    if (e >= E) {  // a miss group: what it earns, as of now; it holds no chunk
+      update_utilities<S>(a.miss_utilities + (e - E) * K, 1.f, a.sizes.grad_access, K, V,
+                          accesses, acc);
+      continue;
+    }
+    update_utilities<S>(a.utilities + e * K, a.utility_scale, a.sizes.grad_access, K, V,
+                        accesses, acc);
 #pragma GCC unroll 8
     for (int64_t k = 0; k < K; ++k) {
       const int32_t s = a.chunk_slots[e * K + k];
@@ -374,24 +390,27 @@ void fused_backward_cpu(
     double eps,
     double weight_decay,
     c10::string_view utility,
-    double utility_scale) {
+    double utility_scale,
+    const std::optional<at::Tensor>& miss_utilities) {
   const BackwardSizes sizes = check_backward_inputs(
       grad_rows, row_of_id, id_scale, entries, chunk_slots, utilities, weights, momentum,
-      optimizer, utility, utility_scale);
+      optimizer, utility, utility_scale, miss_utilities);
   if (sizes.num_ids == 0) return;
   const auto grads = grad_rows.contiguous(), rows = row_of_id.contiguous();
   const auto ids = entries.contiguous(), slots = chunk_slots.contiguous();
   const auto scale = id_scale.has_value() ? id_scale->contiguous() : at::Tensor();
   check_backward_ids(ids.data_ptr<int64_t>(), rows.data_ptr<int64_t>(), sizes);
   SortWorkspace& ws = sort_workspace(sizes.num_ids);
-  const int src = sort_by_entry(ws, ids.data_ptr<int64_t>(), sizes.num_ids, sizes.num_entries);
+  const int src = sort_by_entry(ws, ids.data_ptr<int64_t>(), sizes.num_ids,
+                                sizes.num_entries + sizes.num_miss_groups);
   const float* scale_ptr = scale.defined() ? scale.data_ptr<float>() : nullptr;
   const auto run = [&](auto slot_type) {
     using SlotT = decltype(slot_type);
     const BackwardArgs<SlotT> args{
         grads.data_ptr<float>(), rows.data_ptr<int64_t>(), scale_ptr, slots.data_ptr<SlotT>(),
-        utilities.data_ptr<float>(), weights.data_ptr<float>(), momentum.data_ptr<float>(),
-        ws.keys[src].data(), ws.ids[src].data(), ws.segment_starts.data(), sizes,
+        utilities.data_ptr<float>(),
+        miss_utilities.has_value() ? miss_utilities->data_ptr<float>() : nullptr,
+        weights.data_ptr<float>(), momentum.data_ptr<float>(), ws.keys[src].data(), ws.ids[src].data(), ws.segment_starts.data(), sizes,
         static_cast<float>(lr), static_cast<float>(eps), static_cast<float>(weight_decay),
         static_cast<float>(utility_scale)};
     const int64_t num_unique = static_cast<int64_t>(ws.segment_starts.size()) - 1;

@@ -18,6 +18,7 @@ namespace fiited {
 // Radix digits of at most 11 bits keep the histogram (2048 x 8 B per task) in L1; E = 200k
 // entries then takes two passes.
 constexpr int kMaxRadixBits = 11;
+constexpr int kMaxSinglePassBits = 16;
 
 // Buffers of the sort, kept per calling thread and reused across calls: first-touch of fresh
 // memory costs more than the sort itself (fiited_cpu.cpp, file comment).
@@ -95,7 +96,10 @@ inline int sort_by_entry(
   const uint32_t skip_key = static_cast<uint32_t>(num_entries);
   int key_bits = 1;
   while (key_bits < 32 && (int64_t{1} << key_bits) < num_entries + 1) ++key_bits;
-  const int passes = (key_bits + kMaxRadixBits - 1) / kMaxRadixBits;
+  // One pass over a wider digit when the histogram's scan costs less than the second pass
+  // over the ids it saves.
+  const int passes = key_bits <= kMaxSinglePassBits && (int64_t{1} << key_bits) <= n
+      ? 1 : (key_bits + kMaxRadixBits - 1) / kMaxRadixBits;
   const int bits = (key_bits + passes - 1) / passes;
   int src = 0;
   for (int p = 0; p < passes; ++p, src ^= 1) {

@@ -107,17 +107,22 @@ __global__ void __launch_bounds__(kWarpSize * kWarpsPerBlock)
   }
   __syncwarp();
 
-  /* Step 2: u += accesses * (||g_k|| or 1) * utility_scale for every chunk. */
+  /* Step 2: u += accesses * (||g_k|| or 1) * utility_scale for every chunk; a miss group
+     (e >= E) earns into miss_utilities, unscaled, and stops there (it holds no chunk). */
   const int64_t e = p.unique_entries[u];
+  const bool miss = e >= p.num_entries;
+  float* const target = miss ? p.miss_utilities + (e - p.num_entries) * K : p.utilities + e * K;
+  const float scale = miss ? 1.f : p.utility_scale;
   const float accesses = static_cast<float>(last - first);
   for (int k = 0; k < K; ++k) {
     float sq = 0.f;
     for (int c = lane; c < cs; c += kWarpSize) sq += acc[k * cs + c] * acc[k * cs + c];
     sq = warp_sum(sq);
     const float gain = p.grad_access ? sqrtf(sq) : 1.f;
-    const float add = accesses * gain * p.utility_scale;
-    if (lane == 0) p.utilities[e * K + k] += add;
+    const float add = accesses * gain * scale;
+    if (lane == 0) target[k] += add;
   }
+  if (miss) return;  // warp-uniform
 
   /* Step 3: the optimizer on live chunks only (warp-uniform branch on the slot). */
   for (int k = 0; k < K; ++k) {

@@ -54,9 +54,11 @@ struct FiitedBackwardParams {
   const void* __restrict chunk_slots;       // (E, K) int16 or int32
   int32_t slot_index_bytes;                 // 2 (int16) or 4 (int32)
   float* __restrict utilities;              // (E, K), stored against the table's base step
+  float* __restrict miss_utilities;         // (G, K) or nullptr: entries E + g, as of now
   float* __restrict weights;                // (C, chunk_size)
   float* __restrict momentum;               // (C, chunk_size) | (C) | (0)
   int64_t num_unique;                       // U
+  int64_t num_entries;                      // E
   int64_t capacity;                         // C
   int32_t num_chunks;                       // K
   int32_t chunk_size;

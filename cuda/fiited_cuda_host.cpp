@@ -138,11 +138,12 @@ void fused_backward_cuda(
     double eps,
     double weight_decay,
     c10::string_view utility,
-    double utility_scale) {
+    double utility_scale,
+    const std::optional<at::Tensor>& miss_utilities) {
   constexpr const char* op = "fiited::fused_backward";
   const BackwardSizes s = check_backward_inputs(
       grad_rows, row_of_id, id_scale, entries, chunk_slots, utilities, weights, momentum,
-      optimizer, utility, utility_scale);
+      optimizer, utility, utility_scale, miss_utilities);
   TORCH_CHECK(
       s.num_chunks * s.chunk_size <= FIITED_CUDA_MAX_DIM, "[torchrec_fiited] ", op,
       ": the CUDA kernel takes D = K * chunk_size <= ", FIITED_CUDA_MAX_DIM, ", got ",
@@ -152,7 +153,9 @@ void fused_backward_cuda(
   const auto grads = grad_rows.contiguous(), rows = row_of_id.contiguous();
   const auto ids = entries.contiguous(), slots = chunk_slots.contiguous();
   const auto scale = id_scale.has_value() ? id_scale->contiguous() : at::Tensor();
-  check_range(op, "entries", ids, s.num_entries, "E", /*lowest=*/-1);  // -1: skip the id
+  // -1: skip the id; E .. E + G - 1: the miss groups
+  check_range(op, "entries", ids, s.num_entries + s.num_miss_groups,
+              s.num_miss_groups ? "E + G (G = miss_utilities.size(0))" : "E", /*lowest=*/-1);
   check_range(op, "row_of_id", rows, s.num_rows, "R=grad_rows.size(0)");
   // Dedupe: a stable sort keeps each entry's ids in their original order (the reference's sum).
   const auto [all_sorted, all_order] =
@@ -167,8 +170,10 @@ void fused_backward_cuda(
       scale.defined() ? scale.data_ptr<float>() : nullptr, order.data_ptr<int64_t>(),
       unique.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), slots.data_ptr(),
       static_cast<int32_t>(slots.element_size()),
-      utilities.data_ptr<float>(), weights.data_ptr<float>(),
-      momentum.data_ptr<float>(), unique.numel(), s.capacity,
+      utilities.data_ptr<float>(),
+      miss_utilities.has_value() ? miss_utilities->data_ptr<float>() : nullptr,
+      weights.data_ptr<float>(), momentum.data_ptr<float>(), unique.numel(), s.num_entries,
+      s.capacity,
       static_cast<int32_t>(s.num_chunks), static_cast<int32_t>(s.chunk_size),
       static_cast<int32_t>(s.optimizer), s.grad_access ? 1 : 0, static_cast<float>(lr),
       static_cast<float>(eps), static_cast<float>(weight_decay),

@@ -48,14 +48,17 @@ TORCH_LIBRARY(fiited, m) {
   //   grad_rows   fp32  (R, D)        pooled-output gradients of the table's bags
   //   row_of_id   int64 (n)           bag row of each id, in [0, R)
   //   id_scale    fp32  (n) or None   per-id gradient scale (sample weight, 1 / length)
-  //   entries     int64 (n)           each in [0, E), or -1: the id is skipped
+  //   entries     int64 (n)           each in [0, E + G), or -1: the id is skipped
   //   chunk_slots int32 (E, K)        read only
   //   utilities   fp32  (E, K)        updated
   //   weights     fp32  (C, chunk_size)  updated at live slots
   //   momentum    fp32  (C, chunk_size) adagrad | (C) rowwise_adagrad | (0) sgd
+  //   miss_utilities fp32 (G, K) or None  entry E + g is group g of ids without an entry (one
+  //               per key): it earns a * g unscaled into row g and updates nothing else, so one
+  //               sort serves an entry table's ids and its misses
   m.def(
       "fused_backward(Tensor grad_rows, Tensor row_of_id, Tensor? id_scale, Tensor entries, "
       "Tensor chunk_slots, Tensor(a!) utilities, Tensor(b!) weights, Tensor(c!) momentum, "
       "str optimizer, float lr, float eps, float weight_decay, str utility, "
-      "float utility_scale) -> ()");
+      "float utility_scale, Tensor(d!)? miss_utilities=None) -> ()");
 }

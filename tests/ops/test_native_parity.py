@@ -131,20 +131,25 @@ def test_lookup_forward_out_writes_a_column_block(K, D):
         torch.ops.fiited.lookup_forward_out(*args, torch.zeros(D, 33).t())
 
 
-def _backward_both(store, batch, grad_rows, params, device="cpu"):
-    """Run the native op on ``device`` and the reference on CPU from the same state."""
+def _backward_both(store, batch, grad_rows, params, device="cpu", miss_gains=None):
+    """Run the native op on ``device`` and the reference on CPU from the same state; with
+    ``miss_gains`` (fp32 [G, K]), also compare what the miss groups E + g earn."""
     got, want = store.to(device), store.clone()
+    got_gains = None if miss_gains is None else miss_gains.to(device)
+    want_gains = None if miss_gains is None else miss_gains.clone()
     torch.ops.fiited.fused_backward(
         grad_rows.to(device), batch.row_of_id.to(device),
         None if batch.id_scale is None else batch.id_scale.to(device), batch.entries.to(device),
         got.chunk_slots, got.utilities, got.weights, got.momentum,
         params.optimizer, params.lr, params.eps, params.weight_decay, params.utility,
-        utility_scale(params),
+        utility_scale(params), got_gains,
     )
     reference.fused_backward(
         grad_rows, batch.row_of_id, batch.id_scale, batch.entries, want.chunk_slots,
-        want.utilities, want.weights, want.momentum, params, utility_scale(params),
+        want.utilities, want.weights, want.momentum, params, utility_scale(params), want_gains,
     )
+    if miss_gains is not None:
+        torch.testing.assert_close(got_gains.cpu(), want_gains, rtol=RTOL, atol=ATOL)
     return got.to("cpu"), want
 
 
@@ -170,11 +175,17 @@ def _backward_cases(K, D, optimizer, device="cpu", E=300, B=33, slots_dtype=torc
         utility = ("grad_access", "access")[i % 2]
         store = make_store(E, K, D // K, pruned, optimizer, step, gen, slots_dtype)
         batch = make_batch(E, B, L, weighted, mean, gen)
-        if i % 3 == 2:  # ids skipped with entry -1 (the collection's misses)
+        miss_gains = None
+        if i % 3 == 2:  # ids skipped with entry -1
             batch.entries[torch.rand(batch.entries.numel(), generator=gen) < 0.3] = -1
+        elif i % 3 == 1:  # the collection's misses: groups E + g, some repeated, some not seen
+            G = 17
+            miss = torch.rand(batch.entries.numel(), generator=gen) < 0.4
+            batch.entries[miss] = E + torch.randint(0, G, (int(miss.sum()),), generator=gen)
+            miss_gains = torch.rand(G, K, generator=gen)
         grad_rows = torch.randn(B, D, generator=gen)
         params = FusedParams(optimizer, 0.05, 1e-8, 0.01 * (i // 2 % 2), utility, 0.95, step)
-        got, want = _backward_both(store, batch, grad_rows, params, device)
+        got, want = _backward_both(store, batch, grad_rows, params, device, miss_gains)
         _assert_same_state(got, want, f"weighted={weighted} mean={mean} L={L} pruned={pruned} "
                                       f"utility={utility} wd={params.weight_decay}")
 
@@ -228,6 +239,48 @@ def test_fused_backward_skips_minus_one_ids(native_op):
         with pytest.raises(RuntimeError, match=r"entries\[0\] must be in \[0, E=300\), got -2"):
             op(store.clone(), grad_rows, batch.row_of_id, batch.id_scale,
                torch.full_like(batch.entries, -2), params)
+
+
+def test_fused_backward_miss_groups_earn_like_entries_without_chunks():
+    """Ids at E + g earn into miss_utilities[g] exactly what an entry whose chunks are all
+    pruned earns (unscaled), change nothing else, and E + G is refused with the state unchanged."""
+    gen = torch.Generator().manual_seed(8)
+    store = make_store(300, 4, 16, 0.5, "rowwise_adagrad", 9, gen)
+    batch = make_batch(300, 64, 20, True, True, gen)
+    grad_rows = torch.randn(64, 64, generator=gen)
+    params = FusedParams("rowwise_adagrad", 0.05, 1e-8, 0.01, "grad_access", 0.95, 9)
+    miss = batch.entries < 40  # entries 0..39 play the misses, as groups 0..39
+    merged = torch.where(miss, batch.entries + 300, batch.entries)
+    gains = torch.zeros(40, 4)
+    got = store.clone()
+    torch.ops.fiited.fused_backward(
+        grad_rows, batch.row_of_id, batch.id_scale, merged, got.chunk_slots, got.utilities,
+        got.weights, got.momentum, params.optimizer, params.lr, params.eps, params.weight_decay,
+        params.utility, utility_scale(params), gains)
+    hits_only = store.clone()
+    _native_backward(hits_only, grad_rows, batch.row_of_id, batch.id_scale,
+                     torch.where(miss, -1, batch.entries), params)
+    for name in ("utilities", "weights", "momentum"):
+        assert torch.equal(getattr(got, name), getattr(hits_only, name)), name
+    pruned = store.clone()
+    pruned.chunk_slots[:40] = -1
+    pruned.utilities[:40] = 0
+    torch.ops.fiited.fused_backward(
+        grad_rows, batch.row_of_id[miss], batch.id_scale[miss], batch.entries[miss],
+        pruned.chunk_slots, pruned.utilities, pruned.weights, pruned.momentum, params.optimizer,
+        params.lr, params.eps, params.weight_decay, params.utility, 1.0)
+    assert torch.equal(gains, pruned.utilities[:40])
+    assert bool((gains > 0).any())
+    before = got.clone(), gains.clone()
+    with pytest.raises(RuntimeError, match=r"entries\[\d+\] must be in \[0, E \+ G \(G = "
+                                           r"miss_utilities.size\(0\)\)=340\), got 340"):
+        torch.ops.fiited.fused_backward(
+            grad_rows, batch.row_of_id, batch.id_scale, torch.where(miss, 340, merged),
+            got.chunk_slots, got.utilities, got.weights, got.momentum, params.optimizer, params.lr,
+            params.eps, params.weight_decay, params.utility, utility_scale(params), gains)
+    assert torch.equal(gains, before[1])
+    for name in ("utilities", "weights", "momentum"):
+        assert torch.equal(getattr(got, name), getattr(before[0], name)), name
 
 
 def _native_backward(st: Store, grad_rows, rows, scale, entries, params) -> None:

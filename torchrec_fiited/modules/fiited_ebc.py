@@ -25,7 +25,6 @@ from torchrec_fiited.policy import (
     UtilityRule,
     cycle_due,
     decision_due,
-    missed_gains,
     record_dim_utilities,
 )
 from torchrec_fiited.store import VHPIStore
@@ -434,25 +433,23 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
                 id_scale = None if id_scale_all is None else id_scale_all[ids]
                 entries = pb.entries[ids]
                 miss = entries == et.null_entry
-                num_miss = int(miss.sum())
                 # Ids with an entry: optimizer and utilities. Ids without: their utility for the
-                # sketch, by group (one per key). Two passes that skip (-1) each other's ids, so
-                # the null entry never becomes one segment of every miss (a serial sum on one
-                # thread).
-                hit_rows, hit_scale, hit_entries = _few_or_all(
-                    rows, id_scale, torch.where(miss, -1, entries), ~miss, rows.numel() - num_miss
-                )
+                # sketch, by group (one per key), as entries E + group of the same call (one sort
+                # for both; bench_lookup L=20, budget 0.01: two passes sorted every id twice).
+                # Never the null entry itself: it would be one segment of every miss, a serial
+                # sum on one thread.
+                scored = self.store.sketches[pb.pool].width and pb.misses is not None
+                if scored:
+                    E = et.chunk_slots.shape[0]
+                    entries = torch.where(miss, pb.miss_group[ids] + E, entries)
+                else:
+                    entries = torch.where(miss, -1, entries)
                 fused_backward(
-                    grad_rows, hit_rows, hit_scale, hit_entries, et.chunk_slots, et.utilities,
+                    grad_rows, rows, id_scale, entries, et.chunk_slots, et.utilities,
                     pool.weights, pool.momentum, params, et.addition_scale(params.step),
+                    pb.misses.gains if scored else None,
                 )
-                if num_miss == 0:
-                    continue
-                if self.store.sketches[pb.pool].width:
-                    groups = pb.miss_group[ids]  # -1 where an entry
-                    missed_gains(grad_rows, *_few_or_all(rows, id_scale, groups, miss, num_miss),
-                                 pb.misses.gains, params)
-                if table in self.store.fallbacks:
+                if table in self.store.fallbacks and bool(miss.any()):
                     keys = pb.keys[ids][miss]
                     g = grad_full[rows[miss]]  # every column: the fallback stores them all
                     if id_scale is not None:
@@ -524,16 +521,6 @@ def _column_offsets(features) -> Dict[str, int]:
         cols[feature] = offset
         offset += table.embedding_dim
     return cols
-
-
-def _few_or_all(rows, id_scale, entries, keep, num_keep):
-    """(rows, id_scale, entries) for a fused backward over the ids in ``keep`` (bool [n], where
-    ``entries`` is not -1): compacted when they are few, else whole with the -1s skipped by the
-    kernel (its sort then costs the whole batch, a compaction the kept ids only)."""
-    if 4 * num_keep >= keep.numel():
-        return rows, id_scale, entries
-    idx = keep.nonzero().squeeze(1)
-    return rows[idx], None if id_scale is None else id_scale[idx], entries[idx]
 
 
 class _FusedLookup(torch.autograd.Function):

@@ -104,18 +104,19 @@ def fused_backward(
     momentum: torch.Tensor,
     params: FusedParams,
     utility_scale: float = 1.0,
+    miss_utilities: Optional[torch.Tensor] = None,
 ) -> None:
     """In-place utility and optimizer update; see ``reference.fused_backward`` for the args."""
     if use_native(weights.device):
         torch.ops.fiited.fused_backward(
             grad_rows, row_of_id, id_scale, entries, chunk_slots, utilities, weights, momentum,
             params.optimizer, params.lr, params.eps, params.weight_decay, params.utility,
-            utility_scale,
+            utility_scale, miss_utilities,
         )
         return
     reference.fused_backward(
         grad_rows, row_of_id, id_scale, entries, chunk_slots, utilities, weights, momentum,
-        params, utility_scale,
+        params, utility_scale, miss_utilities,
     )
 
 

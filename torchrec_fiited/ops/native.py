@@ -203,6 +203,7 @@ def _fused_backward_fake(
     weight_decay: float,
     utility: str,
     utility_scale: float,
+    miss_utilities: Optional[torch.Tensor] = None,
 ) -> None:
     """Checks shapes and dtypes only; the op mutates its inputs and returns nothing."""
     op = "fused_backward"

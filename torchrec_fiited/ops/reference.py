@@ -123,6 +123,7 @@ def fused_backward(
     momentum: torch.Tensor,
     params: FusedParams,
     utility_scale: float = 1.0,
+    miss_utilities: Optional[torch.Tensor] = None,
 ) -> None:
     """Coalesce one table's id gradients, update utilities and apply the optimizer, in place.
 
@@ -137,15 +138,30 @@ def fused_backward(
         grad_rows: fp32 [R, D], the pooled-output gradients of the table's bags.
         row_of_id: int64 [n], the bag row of each id.
         id_scale: fp32 [n] or None (all ones).
-        entries: int64 [n], each in [0, E) or -1: the id is skipped (an id of another entry
-            table, e.g. a miss scored by ``policy.missed_gains`` in the same batch).
+        entries: int64 [n], each in [0, E + G) or -1: the id is skipped (an id of another
+            entry table). E + g is miss group g (``miss_utilities``).
         chunk_slots: int32 [E, K] (read).
         utilities: fp32 [E, K] (updated for touched entries).
         weights: fp32 [C, chunk_size] (updated at live slots).
         momentum: fp32 [C, chunk_size] (adagrad), [C] (rowwise_adagrad) or [0] (sgd).
         params: hyper-parameters.
         utility_scale: gamma^(base - step), fp32-finite and > 0.
+        miss_utilities: fp32 [G, K] or None (G = 0). Group g gathers the ids of one key without
+            an entry: it earns into row g exactly what an entry with every chunk pruned would,
+            unscaled (as of now), and nothing else is updated for it. One call (one sort) then
+            serves a table's hits and misses.
     """
+    E = chunk_slots.shape[0]
+    if miss_utilities is not None:
+        miss = entries >= E
+        if bool(miss.any()):
+            grads = grad_rows[row_of_id[miss]]
+            if id_scale is not None:
+                grads = grads * id_scale[miss].unsqueeze(1)
+            groups, _, gains = coalesced_gains(
+                entries[miss] - E, grads, chunk_slots.shape[1], params.utility)
+            miss_utilities[groups] = miss_utilities[groups] + gains
+            entries = torch.where(miss, -1, entries)
     skip = entries < 0
     if bool(skip.any()):
         keep = ~skip

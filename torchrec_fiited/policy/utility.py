@@ -12,7 +12,6 @@ import torch
 
 from torchrec_fiited.ops import FusedParams, fused_backward
 from torchrec_fiited.store.chunk_pool import OPTIMIZER_STATE_SHAPES
-from torchrec_fiited.store.layout import PRUNED
 
 
 class UtilityRule:
@@ -42,19 +41,21 @@ def missed_gains(
     Id i belongs to group ``groups[i]`` (int64 [n], in [0, G): one group per distinct key; -1
     for an id that has an entry, which is skipped) and
     its gradient is ``id_scale[i] * grad_rows[row_of_id[i]]``, as in ``ops.fused_backward``. It
-    *is* the fused backward, run on G scratch entries that hold no chunk: a group earns exactly
-    what an entry with every chunk pruned would (repeated ids summed, a = their count), by the
-    same kernel, and nothing is written but ``gains``.
+    *is* the fused backward's miss groups over an empty entry table: a group earns exactly what
+    an entry with every chunk pruned would (repeated ids summed, a = their count), by the same
+    kernel, and nothing is written but ``gains``. (The collection passes its misses to the
+    same call as its entries instead.)
     """
     G, K = gains.shape
     if groups.numel() == 0 or G == 0:
         return
     cs = grad_rows.shape[1] // K
-    no_chunks = torch.full((G, K), PRUNED, dtype=torch.int32, device=gains.device)
+    no_entries = torch.empty(0, K, dtype=torch.int32, device=gains.device)
+    no_utilities = gains.new_empty(0, K)
     no_weights = grad_rows.new_empty(0, cs)
     no_state = grad_rows.new_zeros(OPTIMIZER_STATE_SHAPES[params.optimizer](0, cs))
-    fused_backward(grad_rows, row_of_id, id_scale, groups, no_chunks, gains, no_weights, no_state,
-                   params)  # utility_scale 1: the gains are as of now
+    fused_backward(grad_rows, row_of_id, id_scale, groups, no_entries, no_utilities, no_weights,
+                   no_state, params, miss_utilities=gains)
 
 
 def record_missed_utilities(sketch, keys: torch.Tensor, grads: torch.Tensor, params) -> None:
