@@ -37,6 +37,11 @@ TORCH_LIBRARY_FRAGMENT(fiited, m) {
   m.def(
       "row_permutation(Tensor rows, Tensor id_starts, Tensor num_rows, Tensor shift, "
       "bool inverse) -> Tensor");
+  // values[b] repeated over bag b's ids: out[offsets[b]:offsets[b + 1]] = values[b], as
+  // torch.repeat_interleave(values, offsets.diff(), output_size=num_ids), which costs an
+  // index_select and a cumsum over the batch (27 ms of a 325 ms step, bench_lookup --mixed L=20).
+  //   values int64 (nb);  offsets int64 (nb + 1), from 0 to num_ids, non-decreasing
+  m.def("expand_bags(Tensor values, Tensor offsets, int num_ids) -> Tensor");
 }
 
 namespace fiited {
@@ -190,10 +195,44 @@ at::Tensor row_permutation_cpu(const at::Tensor& rows, const at::Tensor& id_star
   return out;
 }
 
+at::Tensor expand_bags_cpu(const at::Tensor& values, const at::Tensor& offsets, int64_t num_ids) {
+  constexpr const char* op = "fiited::expand_bags";
+  TORCH_CHECK(values.scalar_type() == at::kLong && values.dim() == 1, "[torchrec_fiited] ", op,
+              ": values must be a 1-D int64 tensor, got ", values.scalar_type(), " ",
+              values.sizes());
+  const int64_t nb = values.numel();
+  TORCH_CHECK(offsets.scalar_type() == at::kLong && offsets.dim() == 1 &&
+                  offsets.numel() == nb + 1,
+              "[torchrec_fiited] ", op, ": offsets must be int64 (values.numel() + 1 = ", nb + 1,
+              "), got ", offsets.scalar_type(), " ", offsets.sizes());
+  const auto off = offsets.contiguous(), v = values.contiguous();
+  const int64_t* o = off.data_ptr<int64_t>();
+  TORCH_CHECK(o[0] == 0 && o[nb] == num_ids, "[torchrec_fiited] ", op,
+              ": offsets must run from 0 to num_ids=", num_ids, ", got ", o[0], " to ", o[nb]);
+  for (int64_t b = 0; b < nb; ++b) {
+    TORCH_CHECK(o[b] <= o[b + 1], "[torchrec_fiited] ", op, ": offsets must be non-decreasing, "
+                "got offsets[", b, "]=", o[b], " > offsets[", b + 1, "]=", o[b + 1]);
+  }
+  auto out = at::empty({num_ids}, v.options());
+  const int64_t* val = v.data_ptr<int64_t>();
+  int64_t* dst = out.data_ptr<int64_t>();
+  at::parallel_for(0, num_ids, kGrain, [&](int64_t begin, int64_t end) {
+    // The bag of position `begin`: the last b with o[b] <= begin (empty bags skipped).
+    int64_t b = std::upper_bound(o, o + nb + 1, begin) - o - 1;
+    for (int64_t i = begin; i < end; ++b) {
+      const int64_t stop = std::min(o[b + 1], end);
+      std::fill(dst + i, dst + stop, val[b]);
+      i = std::max(i, stop);
+    }
+  });
+  return out;
+}
+
 }  // namespace
 }  // namespace fiited
 
 TORCH_LIBRARY_IMPL(fiited, CPU, m) {
   m.impl("feature_keys", &fiited::feature_keys_cpu);
   m.impl("row_permutation", &fiited::row_permutation_cpu);
+  m.impl("expand_bags", &fiited::expand_bags_cpu);
 }

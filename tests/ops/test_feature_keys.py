@@ -64,3 +64,34 @@ def test_bad_arguments_are_named():
     with pytest.raises(RuntimeError, match=r"num_entries must be an int64 \(1\) tensor"):
         torch.ops.fiited.feature_keys(torch.arange(3), torch.tensor([0, 3]), torch.zeros(1).long(),
                                       torch.zeros(1).long(), torch.tensor([5.0]), False)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_expand_bags_matches_repeat_interleave(threads):
+    """``fiited::expand_bags`` is ``repeat_interleave`` over offsets: empty bags (first, last, in
+    runs), bags longer than a thread's share, and bad offsets refused."""
+    gen = torch.Generator().manual_seed(3)
+    lengths = torch.randint(0, 40, (5000,), generator=gen)
+    lengths[:3] = 0
+    lengths[-2:] = 0
+    lengths[100:150] = 0
+    lengths[2000] = 70000  # longer than a task's grain
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    values = torch.randint(-(1 << 40), 1 << 40, (5000,), generator=gen)
+    n = int(offsets[-1])
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = torch.ops.fiited.expand_bags(values, offsets, n)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(got, torch.repeat_interleave(values, lengths, output_size=n))
+    assert torch.equal(dispatch.expand_bags(values, offsets, n), got)
+    empty = torch.ops.fiited.expand_bags(values[:0], offsets[:1], 0)
+    assert empty.shape == (0,)
+    with pytest.raises(RuntimeError, match=r"offsets must run from 0 to num_ids=5, got 0 to"):
+        torch.ops.fiited.expand_bags(values, offsets, 5)
+    bad = offsets.clone()
+    bad[10] = bad[11] + 1
+    with pytest.raises(RuntimeError, match=r"offsets must be non-decreasing, got offsets\[10\]"):
+        torch.ops.fiited.expand_bags(values, bad, n)

@@ -145,9 +145,7 @@ class PoolBatch:
         """Bag int64 [n] in [0, F * B) of every id (computed once per batch)."""
         if self._bag_of_id is None:
             bags = torch.arange(self.lengths.numel(), device=self.lengths.device)
-            self._bag_of_id = torch.repeat_interleave(
-                bags, self.lengths, output_size=self.keys.numel()
-            )
+            self._bag_of_id = dispatch.expand_bags(bags, self.offsets, self.keys.numel())
         return self._bag_of_id
 
     def grad_row_of_id(self, width: int, dim: int) -> torch.Tensor:
@@ -158,8 +156,7 @@ class PoolBatch:
         B = self.batch_size
         cols = self.spec.feature_cols // dim
         row_of_bag = (torch.arange(B, device=cols.device) * (width // dim)).unsqueeze(0) + cols.unsqueeze(1)
-        return torch.repeat_interleave(row_of_bag.reshape(-1), self.lengths,
-                                       output_size=self.keys.numel())
+        return dispatch.expand_bags(row_of_bag.reshape(-1), self.offsets, self.keys.numel())
 
     def id_scale(self) -> Optional[torch.Tensor]:
         """Gradient scale fp32 [n] of every id (its weight, times 1 / length in a MEAN feature),

@@ -194,6 +194,14 @@ def feature_keys(
     return reference.feature_keys(ids, id_starts, key_base, row_offset, num_entries, hash_ids)
 
 
+def expand_bags(values: torch.Tensor, offsets: torch.Tensor, num_ids: int) -> torch.Tensor:
+    """int64 [num_ids]: ``values`` int64 [nb] repeated over the ids of each bag (``offsets``
+    int64 [nb + 1]), i.e. ``torch.repeat_interleave(values, offsets.diff())``, in one pass."""
+    if _serves(native.KEYS_DEVICES, values.device):
+        return torch.ops.fiited.expand_bags(values, offsets, num_ids)
+    return torch.repeat_interleave(values, offsets.diff(), output_size=num_ids)
+
+
 def row_permutation(
     rows: torch.Tensor, id_starts: Sequence[int], num_rows: Sequence[int], shift: Sequence[int],
     inverse: bool,

@@ -29,7 +29,7 @@ OPS = ("lookup_forward", "lookup_forward_out", "lookup_forward_batched_out", "fu
 HASH_OPS = ("hash_lookup", "hash_insert", "hash_erase")  # store/hash_table.py
 SKETCH_OPS = ("sketch_estimate", "sketch_raise")  # store/sketch.py
 INIT_OPS = ("counter_uniform_grid",)  # store/vhpi.py init_values
-KEYS_OPS = ("feature_keys", "row_permutation")  # modules/batch.py, distributed/local_lookups.py
+KEYS_OPS = ("feature_keys", "row_permutation", "expand_bags")  # modules/batch.py, distributed/local_lookups.py
 # bench_lookup on 2 CPU cores: the native ops run at 1.04-1.75x FBGEMM TBE, the reference at 0.24-0.37x.
 _SLOW_PATH = (
     "FiitedEmbeddingBagCollection falls back to the PyTorch reference ops (ops/reference.py), "
@@ -327,6 +327,12 @@ def _row_permutation_fake(rows, id_starts, num_rows, shift, inverse):
     return rows.new_empty(rows.shape, dtype=torch.int64)
 
 
+def _expand_bags_fake(values, offsets, num_ids):
+    """Per-id values int64 [num_ids]."""
+    return values.new_empty((num_ids,), dtype=torch.int64)
+
+
 if KEYS_DEVICES:
     torch.library.register_fake("fiited::feature_keys")(_feature_keys_fake)
     torch.library.register_fake("fiited::row_permutation")(_row_permutation_fake)
+    torch.library.register_fake("fiited::expand_bags")(_expand_bags_fake)
