@@ -111,8 +111,9 @@ class PoolBatch:
     """One pool's part of a batch (module docstring for the layouts).
 
     ``entries`` (int64 [n], the null entry where not resident) is set by the collection's
-    ``_resolve_entries``; in a training forward also ``miss_group`` (int64 [n], which of
-    ``misses.keys`` each id is, -1 where it has an entry) and ``misses``.
+    ``_resolve_entries``; in a training forward also ``update_entries`` (int64 [n], what the
+    fused backward takes for each id: its entry, E + g for a miss scored as group g of
+    ``misses.keys``, E the entry table's rows, or -1 for a miss not scored) and ``misses``.
     """
 
     spec: PoolFeatures
@@ -123,7 +124,7 @@ class PoolBatch:
     weights: Optional[torch.Tensor]
     id_starts: List[int]
     entries: Optional[torch.Tensor] = None
-    miss_group: Optional[torch.Tensor] = None
+    update_entries: Optional[torch.Tensor] = None
     misses: Optional[object] = None
     _bag_of_id: Optional[torch.Tensor] = field(default=None, repr=False)
     _id_scale: Optional[torch.Tensor] = field(default=None, repr=False)
@@ -205,7 +206,18 @@ def _segments(features: KeyedJaggedTensor, names: List[str]):
 
 
 def _cat(parts: List[torch.Tensor]) -> torch.Tensor:
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+    """``torch.cat(parts)`` of 1-D tensors, or a view when they already lie back to back in one
+    storage (a KJT's features in key order: 7 ms of copies per step at 26 features, L=20)."""
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+    ptr, end = first.untyped_storage().data_ptr(), first.storage_offset()
+    for p in parts:
+        if (p.dtype != first.dtype or p.stride(0) != 1 or p.storage_offset() != end
+                or p.untyped_storage().data_ptr() != ptr):
+            return torch.cat(parts)
+        end += p.numel()
+    return first.as_strided((end - first.storage_offset(),), (1,), first.storage_offset())
 
 
 def resolve_pool(

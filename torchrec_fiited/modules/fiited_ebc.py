@@ -253,18 +253,21 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
         for pb in batch.pools:
             entries = self.store.entries[pb.pool].lookup(pb.keys)
             if admit:
-                entries, pb.miss_group, pb.misses = self._admit(pb.pool, pb.keys, entries, step)
+                entries, pb.update_entries, pb.misses = self._admit(pb.pool, pb.keys, entries, step)
             pb.entries = entries
 
     def _admit(self, pool: str, keys: torch.Tensor, entries: torch.Tensor, step: int):
         """Admission of the pool's batch ``keys`` int64 [n] resolved to ``entries`` int64 [n].
 
         Returns the entries after admission (``entries`` itself, updated in place: the probe's
-        fresh output), each id's miss group int64 [n] (-1 where it has an entry) and the pool's
-        misses (``_PoolMisses``).
+        fresh output), what the fused backward takes for each id (``PoolBatch.update_entries``:
+        built here, where the misses are known, so backward needs no pass of its own to mark
+        them) and the pool's misses (``_PoolMisses``).
         """
         et = self.store.entries[pool]
         null = et.null_entry
+        # A miss's code in the backward: E + its group, scored for the sketch; -1 without one.
+        first_group = et.chunk_slots.shape[0] if self.store.sketches[pool].width else None
         miss_at = (entries == null).nonzero().squeeze(1)
         unique, inverse = torch.unique(keys[miss_at], return_inverse=True)
         quota = self._policies[pool].admission_quota(self._capacities[pool])
@@ -278,18 +281,23 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
         # The pool's misses after admission: keys still out, then keys that lost their entry.
         # Per distinct key first, then one gather per id (the misses outnumber their keys).
         stay_out = slots < 0
-        group_of_unique = torch.where(stay_out, torch.cumsum(stay_out, 0) - 1, -1)
-        group = torch.full_like(entries, -1)
-        entries[miss_at] = torch.where(stay_out, null, slots)[inverse]
-        group[miss_at] = group_of_unique[inverse]
+        entry_of_unique = torch.where(stay_out, null, slots)
+        entries[miss_at] = entry_of_unique[inverse]
         misses_keys = unique[stay_out]
+        if first_group is None:
+            update = torch.where(entries == null, -1, entries)
+        else:
+            update = entries.clone()
+            group_of_unique = torch.cumsum(stay_out, 0) - 1 + first_group
+            update[miss_at] = torch.where(stay_out, group_of_unique, entry_of_unique)[inverse]
         if lost_at is not None and lost_at.numel():
             lost_keys, lost_group = torch.unique(keys[lost_at], return_inverse=True)
             entries[lost_at] = null
-            group[lost_at] = misses_keys.numel() + lost_group
+            update[lost_at] = (-1 if first_group is None
+                               else first_group + misses_keys.numel() + lost_group)
             misses_keys = torch.cat([misses_keys, lost_keys])
         gains = torch.zeros(misses_keys.numel(), self.store.num_chunks, device=keys.device)
-        return entries, group, _PoolMisses(pool, misses_keys, gains)
+        return entries, update, _PoolMisses(pool, misses_keys, gains)
 
     def _plain(self, spec: PoolFeatures) -> bool:
         """Whether a pool's features go through the table-batched ops: no table of it has a
@@ -431,25 +439,20 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
                     record_dim_utilities(dims.utilities, grad_rows, self._config.dim_pruning.decay)
                     grad_rows = self.store.narrow(table, grad_rows)
                 id_scale = None if id_scale_all is None else id_scale_all[ids]
-                entries = pb.entries[ids]
-                miss = entries == et.null_entry
                 # Ids with an entry: optimizer and utilities. Ids without: their utility for the
                 # sketch, by group (one per key), as entries E + group of the same call (one sort
                 # for both; bench_lookup L=20, budget 0.01: two passes sorted every id twice).
                 # Never the null entry itself: it would be one segment of every miss, a serial
                 # sum on one thread.
                 scored = self.store.sketches[pb.pool].width and pb.misses is not None
-                if scored:
-                    E = et.chunk_slots.shape[0]
-                    entries = torch.where(miss, pb.miss_group[ids] + E, entries)
-                else:
-                    entries = torch.where(miss, -1, entries)
                 fused_backward(
-                    grad_rows, rows, id_scale, entries, et.chunk_slots, et.utilities,
-                    pool.weights, pool.momentum, params, et.addition_scale(params.step),
-                    pb.misses.gains if scored else None,
+                    grad_rows, rows, id_scale, pb.update_entries[ids], et.chunk_slots,
+                    et.utilities, pool.weights, pool.momentum, params,
+                    et.addition_scale(params.step), pb.misses.gains if scored else None,
                 )
-                if table in self.store.fallbacks and bool(miss.any()):
+                miss = None if table not in self.store.fallbacks else (
+                    pb.entries[ids] == et.null_entry)
+                if miss is not None and bool(miss.any()):
                     keys = pb.keys[ids][miss]
                     g = grad_full[rows[miss]]  # every column: the fallback stores them all
                     if id_scale is not None:
