@@ -61,21 +61,54 @@ inline c10::BFloat16 ceil_bf16(float x) {
   return c10::BFloat16(static_cast<uint16_t>(bits >> 16), c10::BFloat16::from_bits());
 }
 
-inline int64_t cell_of(int64_t key, int64_t salt, int64_t width) {
-  const int64_t x = static_cast<int64_t>(fiited_mix64(static_cast<uint64_t>(key ^ salt)));
-  const int64_t c = x % width;
-  return c < 0 ? c + width : c;
+// x mod width in [0, width) for int64 x (torch.remainder), without a 64-bit division per key:
+// Lemire's fastmod (M = ceil(2^128 / width)) on x as uint64, then the wrap of a negative x
+// (x = u - 2^64) undone with 2^64 mod width. The idiv was most of sketch_raise's time.
+class Remainder {
+ public:
+  explicit Remainder(int64_t width)
+      : d_(static_cast<uint64_t>(width)),
+        m_(~__uint128_t{0} / d_ + 1),
+        wrap_((0 - d_) % d_) {}
+
+  int64_t operator()(int64_t x) const {
+    const __uint128_t low = m_ * static_cast<uint64_t>(x);
+    const __uint128_t high = ((low & ~uint64_t{0}) * d_ >> 64) + (low >> 64) * d_;
+    const uint64_t r = static_cast<uint64_t>(high >> 64);  // uint64(x) mod d
+    if (x >= 0) return static_cast<int64_t>(r);
+    return static_cast<int64_t>(r >= wrap_ ? r - wrap_ : r + d_ - wrap_);
+  }
+
+ private:
+  uint64_t d_;
+  __uint128_t m_;
+  uint64_t wrap_;
+};
+
+// cells (depth, n): the cell of each key in each row, computed once per call.
+std::vector<int64_t> cells_of(const SketchView& s, const int64_t* keys, int64_t n,
+                              c10::IntArrayRef salts) {
+  std::vector<int64_t> cells(s.depth * n);
+  const Remainder mod(s.width);
+  at::parallel_for(0, n, kMinWorkPerTask, [&](int64_t begin, int64_t end) {
+    for (int64_t r = 0; r < s.depth; ++r) {
+      for (int64_t i = begin; i < end; ++i) {
+        cells[r * n + i] = mod(static_cast<int64_t>(
+            fiited_mix64(static_cast<uint64_t>(keys[i] ^ salts[r]))));
+      }
+    }
+  });
+  return cells;
 }
 
 // out (n, K) = min over the rows of the keys' cells.
-void estimate_into(const SketchView& s, const int64_t* keys, int64_t n, c10::IntArrayRef salts,
+void estimate_into(const SketchView& s, const std::vector<int64_t>& cells, int64_t n,
                    float* out) {
   at::parallel_for(0, n, kMinWorkPerTask, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       float* o = out + i * s.K;
       for (int64_t r = 0; r < s.depth; ++r) {
-        const c10::BFloat16* c =
-            s.counts + (r * s.width + cell_of(keys[i], salts[r], s.width)) * s.K;
+        const c10::BFloat16* c = s.counts + (r * s.width + cells[r * n + i]) * s.K;
         for (int64_t k = 0; k < s.K; ++k) {
           const float v = static_cast<float>(c[k]);
           o[k] = r == 0 ? v : std::min(o[k], v);
@@ -89,8 +122,9 @@ at::Tensor sketch_estimate_cpu(const at::Tensor& counts, const at::Tensor& keys,
                                c10::IntArrayRef salts) {
   const SketchView s = check_sketch("fiited::sketch_estimate", counts, keys, salts);
   const auto k = keys.contiguous();
-  auto out = at::empty({k.numel(), s.K}, counts.options().dtype(at::kFloat));
-  estimate_into(s, k.data_ptr<int64_t>(), k.numel(), salts, out.data_ptr<float>());
+  const int64_t n = k.numel();
+  auto out = at::empty({n, s.K}, counts.options().dtype(at::kFloat));
+  estimate_into(s, cells_of(s, k.data_ptr<int64_t>(), n, salts), n, out.data_ptr<float>());
   return out;
 }
 
@@ -105,11 +139,11 @@ void sketch_raise_cpu(at::Tensor& counts, const at::Tensor& keys, const at::Tens
               values.scalar_type(), " of shape ", values.sizes());
   if (n == 0) return;
   const auto k = keys.contiguous();
-  const int64_t* kp = k.data_ptr<int64_t>();
+  const std::vector<int64_t> cells = cells_of(s, k.data_ptr<int64_t>(), n, salts);
   at::Tensor target = values.contiguous();
   if (add) {
     auto est = at::empty({n, s.K}, counts.options().dtype(at::kFloat));
-    estimate_into(s, kp, n, salts, est.data_ptr<float>());
+    estimate_into(s, cells, n, est.data_ptr<float>());
     target = est.add_(target);  // fp32 est + value, as the reference
   }
   const float* t = target.data_ptr<float>();
@@ -118,7 +152,7 @@ void sketch_raise_cpu(at::Tensor& counts, const at::Tensor& keys, const at::Tens
     for (int64_t r = r0; r < r1; ++r) {
       c10::BFloat16* row = s.counts + r * s.width * s.K;
       for (int64_t i = 0; i < n; ++i) {
-        c10::BFloat16* c = row + cell_of(kp[i], salts[r], s.width) * s.K;
+        c10::BFloat16* c = row + cells[r * n + i] * s.K;
         for (int64_t j = 0; j < s.K; ++j) {
           const c10::BFloat16 v = ceil_bf16(t[i * s.K + j]);
           if (static_cast<float>(v) > static_cast<float>(c[j])) c[j] = v;

@@ -119,7 +119,10 @@ def test_record_missed_utilities_scores_like_an_entry(utility):
 
 
 @pytest.mark.skipif(not native.SKETCH_DEVICES, reason="native sketch ops not built")
-@pytest.mark.parametrize("depth,width,num_chunks", [(1, 7, 1), (2, 13, 2), (4, 50, 4), (2, 3, 8)])
+@pytest.mark.parametrize("depth,width,num_chunks", [
+    (1, 7, 1), (2, 13, 2), (4, 50, 4), (2, 3, 8), (1, 1, 2),
+    (2, 1_000_003, 1), (1, 1 << 20, 1),  # the native cell index is a multiply, not a division
+])
 def test_native_sketch_ops_match_the_reference(monkeypatch, depth, width, num_chunks):
     """estimate / add / raise_to, native vs reference, bitwise: keys colliding in cells (small
     widths), negative keys, repeated rounds, any thread count."""
