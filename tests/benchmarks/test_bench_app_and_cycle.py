@@ -21,7 +21,8 @@ def _run(script, *args, timeout=240):
 
 def test_bench_app_step_compares_methods_to_full_at_equal_budgets(tmp_path):
     out = tmp_path / "app.json"
-    _run("bench_app_step.py", "--quick", "--methods", "full", "fiited:0.25", "--out", str(out))
+    _run("bench_app_step.py", "--quick", "--methods", "full", "fiited:0.25", "--rounds", "2",
+         "--out", str(out))
     rows = json.loads(out.read_text())["rows"]
     assert [(r["emb"], r["budget"]) for r in rows] == [("full", None), ("fiited", 0.25)]
     full, fiited = rows
@@ -30,6 +31,10 @@ def test_bench_app_step_compares_methods_to_full_at_equal_budgets(tmp_path):
     # Every byte counted: budget 0.25 holds a quarter of the full collection (within 1%).
     assert abs(fiited["embedding_bytes"] / fiited["embedding_bytes_full"] - 0.25) < 0.0025
     assert fiited["steps"] == 3 and fiited["seconds"] > 0
+    for r in rows:  # two rounds each, the fastest counts
+        speeds = r["rounds_examples_per_second"]
+        assert len(speeds) == 2 and speeds == sorted(speeds)
+        assert r["examples_per_second"] == speeds[-1]
 
 
 def test_bench_cycle_reports_cost_per_budget_and_sample_size(tmp_path):
