@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from torchrec_fiited.policy import DynamicThresholdPolicy, ManualRatioPolicy, UtilityRule, sample_pool
+from torchrec_fiited.policy import DynamicThresholdPolicy, ManualRatioPolicy, sample_pool
 from torchrec_fiited.store import PoolSizes, TableLayout, VHPIStore
 
 N, K, M = 100_000, 4, 4096
@@ -56,7 +56,7 @@ def test_manual_thresholds_within_the_quantile_bound(seed):
     store, population = _population(seed)
     ratios = [0.1, 0.5, 0.8, 0.95]
     policy = ManualRatioPolicy(ratios, enforce_ratio=0.0, fixed=True)
-    sample = sample_pool(store, UtilityRule("grad_access", 0.99), "p", M, 0, N)
+    sample = sample_pool(store, "p", M, 0, N)
     n = sample.utilities.shape[0]
     assert abs(n - M) <= 5 * math.sqrt(M)  # a Bernoulli(m / N) draw of N rows has ~m of them
     assert len(set(sample.row_keys.tolist())) == n
@@ -70,7 +70,7 @@ def test_dynamic_threshold_within_the_quantile_bound():
     N K population utilities is within the bound of 0.7."""
     store, population = _population()
     policy = DynamicThresholdPolicy(K, enforce_ratio=0.0)
-    sample = sample_pool(store, UtilityRule("grad_access", 0.99), "p", M, 0, N)
+    sample = sample_pool(store, "p", M, 0, N)
     capacity = int(0.3 * N * K)
     decision = policy.decide(sample.utilities, sample.live, capacity=capacity, num_seen=N)
     assert decision.keep_fractions.tolist() == [0.3] * K

@@ -90,7 +90,7 @@ def test_grad_access_utilities_by_hand(impl):
                                        torch.tensor([want]), rtol=0, atol=1e-6)
         assert et.utilities[e[3]].tolist() == [0.0, 0.0]
         # The scoring path of a cycle: every seen row sampled (m >= seen), brought to step 3.
-        sample = sample_pool(m.store, m._rule, POOL, 100, int(m.steps_done), 3)
+        sample = sample_pool(m.store, POOL, 100, int(m.steps_done), 3)
         assert int(m.steps_done) == 3
         assert sorted(sample.row_keys.tolist()) == m.store.keys("t", torch.arange(3)).tolist()
         by_row = torch.argsort(sample.row_keys)

@@ -6,7 +6,7 @@ One pool with a single hash bucket of 8 entries, so every key competes with ever
 import pytest
 import torch
 
-from torchrec_fiited.policy import PruneDecision, UtilityRule, apply_decision
+from torchrec_fiited.policy import PruneDecision, apply_decision
 from torchrec_fiited.store import PRUNED, PoolSizes, TableLayout, VHPIStore
 
 K, POOL, W = 2, "p", 8
@@ -174,9 +174,8 @@ def test_cycle_erases_chunkless_entries_only_when_the_pool_has_a_sketch(sketch_w
     chunk: with a sketch they are erased and their decayed utilities go to it; without one (a
     pool that holds every row) they stay resident, scored by their row utility."""
     store = _cycle_store(sketch_width)
-    rule = UtilityRule("grad_access", GAMMA)
     decision = PruneDecision(torch.tensor([1.0, 10.0]), torch.ones(K, dtype=torch.float64), 0.0, False)
-    counts = apply_decision(store, rule, POOL, decision, 2)
+    counts = apply_decision(store, POOL, decision, 2)  # the store's decay: GAMMA
     assert counts.evictions == {"t": 0} and counts.allocations == {"t": 0}
     et = store.entries[POOL]
     e01 = _entries(store, [0, 1])

@@ -22,7 +22,6 @@ from torchrec_fiited.optim import FiitedFusedOptimizer
 from torchrec_fiited.policy import (
     LocalCoordinator,
     PruneCoordinator,
-    UtilityRule,
     cycle_due,
     decision_due,
     record_dim_utilities,
@@ -138,7 +137,6 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
         # Each pool's features in id order, for the table-batched ops (modules/batch.py).
         self._pool_features = pool_features(self._features, self._col_of, self.store.layouts, device)
         self._plain_pools: Dict[str, bool] = {}
-        self._rule = UtilityRule(config.utility, config.decay)
         self._coordinator = coordinator or LocalCoordinator()
         self.register_buffer("steps_done", torch.tensor(0, dtype=torch.int64, device=device))
         self._last_cycle: Dict[str, Dict[str, Any]] = {}

@@ -49,7 +49,7 @@ def run_cycle(modules: List[Any], coordinator: PruneCoordinator) -> Dict[str, Di
     slots = {key: tally[f"{key}|slots"] for key in logical}
     samples: Dict[str, list] = {key: [] for key in logical}
     for m, pool, key in local:
-        samples[key].append(sample_pool(m.store, m._rule, pool, cfg.sample_size, step, counts[key]))
+        samples[key].append(sample_pool(m.store, pool, cfg.sample_size, step, counts[key]))
     samples = coordinator.gather(samples)
     decisions, report = {}, {}
     for key in sorted(logical):
@@ -70,7 +70,7 @@ def run_cycle(modules: List[Any], coordinator: PruneCoordinator) -> Dict[str, Di
             "num_sampled": int(utilities.shape[0]),
         }
     for m, pool, key in local:
-        done = apply_decision(m.store, m._rule, pool, decisions[key], step)
+        done = apply_decision(m.store, pool, decisions[key], step)
         et = m.store.entries[pool]
         et.last_cycle_evictions.fill_(sum(done.evictions.values()))
         et.last_cycle_allocations.fill_(sum(done.allocations.values()))

@@ -30,7 +30,7 @@ from torchrec_fiited.policy.thresholds import (
     PruneDecision,
     ThresholdPolicy,
 )
-from torchrec_fiited.policy.utility import UtilityRule, missed_gains, record_missed_utilities
+from torchrec_fiited.policy.utility import missed_gains, record_missed_utilities
 
 __all__ = [
     "CycleCounts",
@@ -43,7 +43,6 @@ __all__ = [
     "PoolSample",
     "PruneDecision",
     "ThresholdPolicy",
-    "UtilityRule",
     "apply_decision",
     "chunk_shares",
     "count_seen",

@@ -12,7 +12,6 @@ from typing import Dict, Sequence, Tuple
 import torch
 
 from torchrec_fiited.policy.thresholds import PruneDecision
-from torchrec_fiited.policy.utility import UtilityRule
 from torchrec_fiited.store.layout import counter_uniform
 from torchrec_fiited.store.vhpi import VHPIStore
 
@@ -51,7 +50,7 @@ def count_seen(store: VHPIStore, pool: str) -> Tuple[int, int, int]:
 
 
 def sample_pool(
-    store: VHPIStore, rule: UtilityRule, pool: str, m: int, step: int, num_seen_total: int
+    store: VHPIStore, pool: str, m: int, step: int, num_seen_total: int
 ) -> PoolSample:
     """Sample each resident entry of ``pool`` with probability m / num_seen_total.
 
@@ -122,7 +121,6 @@ def _per_table(store: VHPIStore, pool: str, keys: torch.Tensor) -> Dict[str, int
 
 def apply_decision(
     store: VHPIStore,
-    rule: UtilityRule,
     pool: str,
     decision: PruneDecision,
     step: int,
@@ -165,7 +163,7 @@ def apply_decision(
         erased = _per_table(store, pool, keys[empty])
         # Sketch first brought to this step: ``u`` is already decayed to it, and would otherwise
         # be decayed a second time (by gamma ** interval) with the sketch's older contents.
-        store.sketches[pool].decay_to(step, rule.decay)
+        store.sketches[pool].decay_to(step, store.entries[pool].decay)  # the one decay
         store.erase(pool, entries[empty], u[empty])
         entries, u = entries[~empty], u[~empty]
     et.index.scores[entries] = u.sum(1)

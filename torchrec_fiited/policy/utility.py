@@ -14,20 +14,6 @@ from torchrec_fiited.ops import FusedParams, fused_backward
 from torchrec_fiited.store.chunk_pool import OPTIMIZER_STATE_SHAPES
 
 
-class UtilityRule:
-    """Scores chunks for pruning; the per-step update itself is part of ``ops.fused_backward``.
-
-    Args:
-        kind: "grad_access" (a * ||g||, the paper) or "access" (a, decayed access count as in
-            TorchRec's ITEP).
-        decay: gamma in (0, 1].
-    """
-
-    def __init__(self, kind: str, decay: float) -> None:
-        self.kind = kind
-        self.decay = decay
-
-
 def missed_gains(
     grad_rows: torch.Tensor,
     row_of_id: torch.Tensor,
