@@ -19,7 +19,9 @@ against ``full`` in the same (D, batch) block. With ``--rounds R`` every configu
 runs R times, round-robin (full, fiited, ..., full, fiited, ...), and the fastest round of each
 counts (as ``bench_lookup.py``'s best iteration: interference only ever adds time); the median
 round is kept in the JSON. One round of the grid moved single points by 5-30% (a 20-step mean
-beside the VM's neighbours), more than the methods differ.
+beside the VM's neighbours), more than the methods differ. Every step is also timed on its own:
+"x full (median step)" is the ratio of the median step times over all rounds (a step slowed by
+a neighbour moves a mean, not a median).
 
 Usage::
 
@@ -32,6 +34,7 @@ Usage::
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -79,11 +82,16 @@ def run_one(args: Dict[str, Any]) -> Dict[str, Any]:
     recipe.setup()
     batches = list(recipe.train_data.epoch(0, 0))[:total]
     warm = train(recipe.model, batches[: args["warmup"]], recipe.dense_optimizer, progress=False)
-    timed = train(recipe.model, batches[args["warmup"]:], recipe.dense_optimizer, progress=False,
-                  result=TrainResult())
+    timed, step_seconds = TrainResult(), []
+
+    def on_step(_: int) -> None:  # runs outside the timed region: one step's time is the delta
+        step_seconds.append(timed.seconds - sum(step_seconds))
+
+    train(recipe.model, batches[args["warmup"]:], recipe.dense_optimizer, progress=False,
+          result=timed, on_step=on_step)
     return {
         **{k: args[k] for k in ("emb", "budget", "dim", "batch")},
-        "steps": timed.steps, "seconds": timed.seconds,
+        "steps": timed.steps, "seconds": timed.seconds, "step_seconds": step_seconds,
         "examples_per_second": timed.examples_per_second,
         "warmup_examples_per_second": warm.examples_per_second,
         "embedding_bytes": recipe._embedding_bytes(), "embedding_bytes_full": recipe.full_bytes,
@@ -138,19 +146,24 @@ def main() -> int:
             for rounds in runs:
                 speeds = sorted(r["examples_per_second"] for r in rounds)
                 best = max(rounds, key=lambda r: r["examples_per_second"])
+                steps = [s for r in rounds for s in r["step_seconds"]]
                 block.append({**best, "rounds_examples_per_second": speeds,
-                              "median_examples_per_second": speeds[len(speeds) // 2]})
+                              "median_examples_per_second": speeds[len(speeds) // 2],
+                              "median_step_seconds": statistics.median(steps)})
             full = next((r for r in block if r["emb"] == "full"), None)
             for r in block:
                 r["x_full"] = r["examples_per_second"] / full["examples_per_second"] if full else None
+                r["x_full_median_step"] = (full["median_step_seconds"] / r["median_step_seconds"]
+                                           if full else None)
             rows.extend(block)
     print(f"{'D':>3} {'batch':>6} {'method':<9} {'budget':>6} {'ex/s':>10} {'x full':>7} "
-          f"{'reduction':>9}")
+          f"{'x full (median step)':>20} {'reduction':>9}")
     for r in rows:
         red = r["embedding_bytes_full"] / r["embedding_bytes"]
         x = f"{r['x_full']:.2f}" if r["x_full"] is not None else "-"
+        xm = f"{r['x_full_median_step']:.2f}" if r["x_full_median_step"] is not None else "-"
         print(f"{r['dim']:>3} {r['batch']:>6} {r['emb']:<9} {r['budget'] or 1.0:>6} "
-              f"{r['examples_per_second']:>10,.0f} {x:>7} {red:>8.1f}x")
+              f"{r['examples_per_second']:>10,.0f} {x:>7} {xm:>20} {red:>8.1f}x")
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"config": vars(a), "rows": rows}, f, indent=1)

@@ -35,6 +35,11 @@ def test_bench_app_step_compares_methods_to_full_at_equal_budgets(tmp_path):
         speeds = r["rounds_examples_per_second"]
         assert len(speeds) == 2 and speeds == sorted(speeds)
         assert r["examples_per_second"] == speeds[-1]
+        # Each step timed alone: the steps add up to the run's time.
+        assert len(r["step_seconds"]) == 3
+        assert sum(r["step_seconds"]) == pytest.approx(r["seconds"])
+    assert fiited["x_full_median_step"] == (full["median_step_seconds"]
+                                            / fiited["median_step_seconds"])
 
 
 def test_bench_cycle_reports_cost_per_budget_and_sample_size(tmp_path):
