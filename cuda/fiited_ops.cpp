@@ -13,7 +13,7 @@ TORCH_LIBRARY(fiited, m) {
   // Fused entry remap + chunk gather + pooling. Pruned chunks (slot -1) read as zeros and are
   // never loaded.
   //   weights             fp32  (C, chunk_size)   the pool
-  //   chunk_slots         int32 (E, K)            slot of chunk k of entry e, or -1
+  //   chunk_slots         int16 | int32 (E, K)    slot of chunk k of entry e, or -1
   //   entries             int64 (n)               each in [0, E)
   //   offsets             int64 (B + 1)           bag b is entries[offsets[b]:offsets[b + 1]]
   //   per_sample_weights  fp32  (n) or None
@@ -49,7 +49,7 @@ TORCH_LIBRARY(fiited, m) {
   //   row_of_id   int64 (n)           bag row of each id, in [0, R)
   //   id_scale    fp32  (n) or None   per-id gradient scale (sample weight, 1 / length)
   //   entries     int64 (n)           each in [0, E + G), or -1: the id is skipped
-  //   chunk_slots int32 (E, K)        read only
+  //   chunk_slots int16 | int32 (E, K)  read only
   //   utilities   fp32  (E, K)        updated
   //   weights     fp32  (C, chunk_size)  updated at live slots
   //   momentum    fp32  (C, chunk_size) adagrad | (C) rowwise_adagrad | (0) sgd

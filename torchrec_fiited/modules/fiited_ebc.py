@@ -441,12 +441,12 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
                 # sketch, by group (one per key), as entries E + group of the same call (one sort
                 # for both; bench_lookup L=20, budget 0.01: two passes sorted every id twice).
                 # Never the null entry itself: it would be one segment of every miss, a serial
-                # sum on one thread.
-                scored = self.store.sketches[pb.pool].width and pb.misses is not None
+                # sum on one thread. Without a sketch no id is coded E + g (``_admit``), so the
+                # gains are passed and stay untouched.
                 fused_backward(
                     grad_rows, rows, id_scale, pb.update_entries[ids], et.chunk_slots,
                     et.utilities, pool.weights, pool.momentum, params,
-                    et.addition_scale(params.step), pb.misses.gains if scored else None,
+                    et.addition_scale(params.step), pb.misses.gains,
                 )
                 miss = None if table not in self.store.fallbacks else (
                     pb.entries[ids] == et.null_entry)

@@ -50,7 +50,7 @@ def lookup_forward(
 
     Args:
         weights: pool weights, fp32 [C, chunk_size].
-        chunk_slots: the table's slots, int32 [E, K], -1 where pruned.
+        chunk_slots: the table's slots, int16 or int32 [E, K], -1 where pruned.
         entries: int64 [n], each in [0, E).
         offsets: bag boundaries, int64 [B + 1].
         per_sample_weights: fp32 [n] or None.
@@ -140,7 +140,7 @@ def fused_backward(
         id_scale: fp32 [n] or None (all ones).
         entries: int64 [n], each in [0, E + G) or -1: the id is skipped (an id of another
             entry table). E + g is miss group g (``miss_utilities``).
-        chunk_slots: int32 [E, K] (read).
+        chunk_slots: int16 or int32 [E, K] (read).
         utilities: fp32 [E, K] (updated for touched entries).
         weights: fp32 [C, chunk_size] (updated at live slots).
         momentum: fp32 [C, chunk_size] (adagrad), [C] (rowwise_adagrad) or [0] (sgd).
