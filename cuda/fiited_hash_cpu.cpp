@@ -130,14 +130,23 @@ void find_slots(const char* op, const TableView& t, const int64_t* keys, int64_t
 }
 
 // `missing` lets a caller read its own null entry for a miss without a second pass.
-at::Tensor hash_lookup_cpu(const at::Tensor& table_keys, int64_t bucket_size,
-                           const at::Tensor& keys, int64_t missing) {
+void hash_lookup_out_cpu(const at::Tensor& table_keys, int64_t bucket_size, const at::Tensor& keys,
+                         int64_t missing, at::Tensor& out) {
   constexpr const char* op = "fiited::hash_lookup";
   const TableView t = check_table(op, table_keys, nullptr, bucket_size);
   check_keys(op, keys);
+  TORCH_CHECK(out.scalar_type() == at::kLong && out.dim() == 1 && out.numel() == keys.numel() &&
+                  out.is_contiguous() && out.device().is_cpu(),
+              "[torchrec_fiited] ", op, ": out must be a contiguous int64 CPU tensor of shape (",
+              keys.numel(), "), got ", out.scalar_type(), " ", out.sizes(), " on ", out.device());
   const auto k = keys.contiguous();
-  auto slots = at::empty({k.numel()}, k.options());
-  find_slots(op, t, k.data_ptr<int64_t>(), k.numel(), slots.data_ptr<int64_t>(), missing);
+  find_slots(op, t, k.data_ptr<int64_t>(), k.numel(), out.data_ptr<int64_t>(), missing);
+}
+
+at::Tensor hash_lookup_cpu(const at::Tensor& table_keys, int64_t bucket_size,
+                           const at::Tensor& keys, int64_t missing) {
+  auto slots = at::empty({keys.numel()}, keys.options().dtype(at::kLong));
+  hash_lookup_out_cpu(table_keys, bucket_size, keys, missing, slots);
   return slots;
 }
 
@@ -350,6 +359,7 @@ at::Tensor hash_erase_cpu(at::Tensor& table_keys, at::Tensor& table_scores, int6
 
 TORCH_LIBRARY_IMPL(fiited, CPU, m) {
   m.impl("hash_lookup", &fiited::hash_lookup_cpu);
+  m.impl("hash_lookup_out", &fiited::hash_lookup_out_cpu);
   m.impl("hash_insert", &fiited::hash_insert_cpu);
   m.impl("hash_erase", &fiited::hash_erase_cpu);
 }

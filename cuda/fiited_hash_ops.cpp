@@ -12,6 +12,10 @@ TORCH_LIBRARY_FRAGMENT(fiited, m) {
   //   keys        int64 (n)   none equal to kFiitedEmptyKey
   //   returns     int64 (n)
   m.def("hash_lookup(Tensor table_keys, int bucket_size, Tensor keys, int missing=-1) -> Tensor");
+  // hash_lookup into `out` int64 (n), contiguous (a buffer reused across training steps).
+  m.def(
+      "hash_lookup_out(Tensor table_keys, int bucket_size, Tensor keys, int missing, "
+      "Tensor(a!) out) -> ()");
 
   // Insert the missing keys (dedupe by max score, residents pinned, per bucket in (score desc,
   // key asc) order: lowest free slot, else replace the min-score victim if strictly higher).

@@ -29,6 +29,11 @@ TORCH_LIBRARY_FRAGMENT(fiited, m) {
   m.def(
       "feature_keys(Tensor ids, Tensor id_starts, Tensor key_base, Tensor row_offset, "
       "Tensor num_entries, bool hash) -> (Tensor, Tensor)");
+  // feature_keys into `keys` int64 (n), contiguous (a buffer the caller reuses across steps:
+  // a fresh 34 MB output costs ~7 ms of page faults at 4.26M ids); returns first_bad.
+  m.def(
+      "feature_keys_out(Tensor ids, Tensor id_starts, Tensor key_base, Tensor row_offset, "
+      "Tensor num_entries, bool hash, Tensor(a!) keys) -> Tensor");
   // store.layout.row_permutation of F features' rows back to back, bit for bit: feature f's
   // rows[id_starts[f]:id_starts[f + 1]] (+ shift[f] before an inverse) through the 4-round
   // Feistel bijection of [0, num_rows[f]), cycle-walked. Row-wise shards route ids by it (hash
@@ -42,6 +47,8 @@ TORCH_LIBRARY_FRAGMENT(fiited, m) {
   // index_select and a cumsum over the batch (27 ms of a 325 ms step, bench_lookup --mixed L=20).
   //   values int64 (nb);  offsets int64 (nb + 1), from 0 to num_ids, non-decreasing
   m.def("expand_bags(Tensor values, Tensor offsets, int num_ids) -> Tensor");
+  // expand_bags into `out` int64 (num_ids), contiguous.
+  m.def("expand_bags_out(Tensor values, Tensor offsets, Tensor(a!) out) -> ()");
 }
 
 namespace fiited {
@@ -84,9 +91,18 @@ void keys_of(const Id* ids, const int64_t* starts, int64_t F, const int64_t* bas
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> feature_keys_cpu(
+void check_out(const char* op, const char* name, const at::Tensor& out, int64_t n,
+               const at::Device& device) {
+  TORCH_CHECK(out.scalar_type() == at::kLong && out.dim() == 1 && out.numel() == n &&
+                  out.is_contiguous() && out.device() == device,
+              "[torchrec_fiited] ", op, ": ", name, " must be a contiguous int64 (", n,
+              ") tensor on ", device, ", got ", out.scalar_type(), " ", out.sizes(), " on ",
+              out.device());
+}
+
+at::Tensor feature_keys_out_cpu(
     const at::Tensor& ids, const at::Tensor& id_starts, const at::Tensor& key_base,
-    const at::Tensor& row_offset, const at::Tensor& num_entries, bool hash) {
+    const at::Tensor& row_offset, const at::Tensor& num_entries, bool hash, at::Tensor& keys) {
   TORCH_CHECK((ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt) && ids.dim() == 1,
               "[torchrec_fiited] fiited::feature_keys: ids must be a 1-D int32/int64 tensor, got ",
               ids.scalar_type(), " ", ids.sizes());
@@ -95,6 +111,7 @@ std::tuple<at::Tensor, at::Tensor> feature_keys_cpu(
   check_long("key_base", key_base, F);
   check_long("row_offset", row_offset, F);
   check_long("num_entries", num_entries, F);
+  check_out("fiited::feature_keys", "keys", keys, n, ids.device());
   const auto starts = id_starts.contiguous(), base = key_base.contiguous();
   const auto offset = row_offset.contiguous(), entries = num_entries.contiguous();
   const int64_t* s = starts.data_ptr<int64_t>();
@@ -106,7 +123,6 @@ std::tuple<at::Tensor, at::Tensor> feature_keys_cpu(
                 "num_entries positive, feature ", f);
   }
   const auto v = ids.contiguous();
-  auto keys = at::empty({n}, v.options().dtype(at::kLong));
   std::atomic<int64_t> first_bad{-1};
   if (v.scalar_type() == at::kLong) {
     keys_of(v.data_ptr<int64_t>(), s, F, base.data_ptr<int64_t>(), offset.data_ptr<int64_t>(),
@@ -115,7 +131,15 @@ std::tuple<at::Tensor, at::Tensor> feature_keys_cpu(
     keys_of(v.data_ptr<int32_t>(), s, F, base.data_ptr<int64_t>(), offset.data_ptr<int64_t>(),
             entries.data_ptr<int64_t>(), hash, n, keys.data_ptr<int64_t>(), first_bad);
   }
-  return {keys, at::scalar_tensor(first_bad.load(), v.options().dtype(at::kLong))};
+  return at::scalar_tensor(first_bad.load(), v.options().dtype(at::kLong));
+}
+
+std::tuple<at::Tensor, at::Tensor> feature_keys_cpu(
+    const at::Tensor& ids, const at::Tensor& id_starts, const at::Tensor& key_base,
+    const at::Tensor& row_offset, const at::Tensor& num_entries, bool hash) {
+  auto keys = at::empty({ids.numel()}, ids.options().dtype(at::kLong));
+  auto bad = feature_keys_out_cpu(ids, id_starts, key_base, row_offset, num_entries, hash, keys);
+  return {keys, bad};
 }
 
 // Round keys of store.layout._FEISTEL_KEYS, in order.
@@ -195,8 +219,9 @@ at::Tensor row_permutation_cpu(const at::Tensor& rows, const at::Tensor& id_star
   return out;
 }
 
-at::Tensor expand_bags_cpu(const at::Tensor& values, const at::Tensor& offsets, int64_t num_ids) {
+void expand_bags_out_cpu(const at::Tensor& values, const at::Tensor& offsets, at::Tensor& out) {
   constexpr const char* op = "fiited::expand_bags";
+  const int64_t num_ids = out.numel();
   TORCH_CHECK(values.scalar_type() == at::kLong && values.dim() == 1, "[torchrec_fiited] ", op,
               ": values must be a 1-D int64 tensor, got ", values.scalar_type(), " ",
               values.sizes());
@@ -213,7 +238,7 @@ at::Tensor expand_bags_cpu(const at::Tensor& values, const at::Tensor& offsets, 
     TORCH_CHECK(o[b] <= o[b + 1], "[torchrec_fiited] ", op, ": offsets must be non-decreasing, "
                 "got offsets[", b, "]=", o[b], " > offsets[", b + 1, "]=", o[b + 1]);
   }
-  auto out = at::empty({num_ids}, v.options());
+  check_out(op, "out", out, num_ids, values.device());
   const int64_t* val = v.data_ptr<int64_t>();
   int64_t* dst = out.data_ptr<int64_t>();
   at::parallel_for(0, num_ids, kGrain, [&](int64_t begin, int64_t end) {
@@ -225,6 +250,13 @@ at::Tensor expand_bags_cpu(const at::Tensor& values, const at::Tensor& offsets, 
       i = std::max(i, stop);
     }
   });
+}
+
+at::Tensor expand_bags_cpu(const at::Tensor& values, const at::Tensor& offsets, int64_t num_ids) {
+  TORCH_CHECK(num_ids >= 0, "[torchrec_fiited] fiited::expand_bags: num_ids must be >= 0, got ",
+              num_ids);
+  auto out = at::empty({num_ids}, values.options().dtype(at::kLong));
+  expand_bags_out_cpu(values, offsets, out);
   return out;
 }
 
@@ -235,4 +267,6 @@ TORCH_LIBRARY_IMPL(fiited, CPU, m) {
   m.impl("feature_keys", &fiited::feature_keys_cpu);
   m.impl("row_permutation", &fiited::row_permutation_cpu);
   m.impl("expand_bags", &fiited::expand_bags_cpu);
+  m.impl("feature_keys_out", &fiited::feature_keys_out_cpu);
+  m.impl("expand_bags_out", &fiited::expand_bags_out_cpu);
 }

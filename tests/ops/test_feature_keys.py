@@ -95,3 +95,33 @@ def test_expand_bags_matches_repeat_interleave(threads):
     bad[10] = bad[11] + 1
     with pytest.raises(RuntimeError, match=r"offsets must be non-decreasing, got offsets\[10\]"):
         torch.ops.fiited.expand_bags(values, bad, n)
+
+
+@pytest.mark.parametrize("native_on", ["1", "0"])
+def test_out_variants_write_what_the_functional_ops_return(native_on, monkeypatch):
+    """``feature_keys`` and ``expand_bags`` into a caller's buffer (the training step's reused
+    per-id tensors): the same values, in place, and a wrong buffer refused by name."""
+    monkeypatch.setenv(dispatch.NATIVE_ENV, native_on)
+    gen = torch.Generator().manual_seed(9)
+    ids, starts, base, offset, entries, _ = _features(gen, torch.int64)
+    want, _ = dispatch.feature_keys(ids, starts, base, offset, entries, True)
+    out = torch.full((ids.numel(),), -3, dtype=torch.int64)
+    got, bad = dispatch.feature_keys(ids, starts, base, offset, entries, True, out=out)
+    assert bad == -1 and got.data_ptr() == out.data_ptr() and torch.equal(got, want)
+    ids[5] = 10**12  # outside feature 1 (rows 1000): found through the out variant too
+    _, bad = dispatch.feature_keys(ids, starts, base, offset, entries, False, out=out)
+    assert bad == 5
+
+    offsets = torch.tensor([0, 0, 3, 3, 7])
+    values = torch.tensor([4, 5, 6, 7])
+    buf = torch.empty(7, dtype=torch.int64)
+    assert dispatch.expand_bags(values, offsets, 7, out=buf).data_ptr() == buf.data_ptr()
+    assert buf.tolist() == [5, 5, 5, 7, 7, 7, 7]
+    if native_on == "1":
+        with pytest.raises(RuntimeError, match=r"feature_keys: keys must be a contiguous int64"):
+            torch.ops.fiited.feature_keys_out(ids, torch.tensor(starts), base, offset, entries,
+                                              True, torch.empty(3, dtype=torch.int64))
+        with pytest.raises(RuntimeError, match=r"expand_bags: out must be a contiguous int64"):
+            torch.ops.fiited.expand_bags_out(values, offsets, torch.empty(7, dtype=torch.int32))
+        with pytest.raises(RuntimeError, match=r"offsets must run from 0 to num_ids=6"):
+            torch.ops.fiited.expand_bags_out(values, offsets, torch.empty(6, dtype=torch.int64))

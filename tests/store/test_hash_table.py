@@ -297,14 +297,36 @@ def test_corrupt_state_dict_refused(corrupt):
 
 
 @NATIVE_SKIP
-@pytest.mark.parametrize("op", ["hash_lookup", "hash_insert", "hash_erase"])
+@pytest.mark.parametrize("op", ["hash_lookup", "hash_lookup_out", "hash_insert", "hash_erase"])
 def test_opcheck(op):
     """Schema (mutations declared), fake impl and AOT dispatch of the native ops."""
     table = filled_table()
     keys = torch.arange(10, 40)
     args = {
         "hash_lookup": (table.keys, 8, keys),
+        "hash_lookup_out": (table.keys, 8, keys, -1, torch.empty_like(keys)),
         "hash_insert": (table.keys, table.scores, 8, keys, torch.rand(keys.numel())),
         "hash_erase": (table.keys, table.scores, 8, keys),
     }[op]
     torch.library.opcheck(getattr(torch.ops.fiited, op), args)
+
+
+@pytest.mark.parametrize("native_on", ["1", "0"])
+def test_lookup_into_out_matches_lookup(native_on, monkeypatch):
+    """``dispatch.hash_lookup(..., out=)`` (the training step's reused buffer) writes exactly what
+    the functional lookup returns, and refuses an out of the wrong shape or dtype."""
+    if native_on == "1" and "cpu" not in native.HASH_DEVICES:
+        pytest.skip("native ops not built")
+    monkeypatch.setenv(dispatch.NATIVE_ENV, native_on)
+    table = filled_table()
+    keys = torch.cat([torch.arange(0, 300), torch.tensor([10**12, 7, 7])])
+    want = dispatch.hash_lookup(table.keys, table.bucket_size, keys, 99)
+    out = torch.full((keys.numel() + 5,), -7, dtype=torch.int64)[:keys.numel()]
+    got = dispatch.hash_lookup(table.keys, table.bucket_size, keys, 99, out=out)
+    assert got.data_ptr() == out.data_ptr() and torch.equal(got, want)
+    if native_on == "1":
+        for bad in (torch.empty(keys.numel() - 1, dtype=torch.int64),
+                    torch.empty(keys.numel(), dtype=torch.int32),
+                    torch.empty(keys.numel() * 2, dtype=torch.int64)[::2]):
+            with pytest.raises(RuntimeError, match="hash_lookup: out must be a contiguous int64"):
+                torch.ops.fiited.hash_lookup_out(table.keys, table.bucket_size, keys, -1, bad)

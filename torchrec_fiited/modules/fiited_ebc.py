@@ -16,6 +16,7 @@ from torchrec_fiited.modules.dim_pruning import run_dim_pruning
 from torchrec_fiited.modules.layout_plan import TableShard, plan_pools
 from torchrec_fiited.modules.pruning import run_cycle
 from torchrec_fiited.modules.batch import Batch, PoolBatch, PoolFeatures, pool_features, resolve_batch
+from torchrec_fiited.modules.step_buffers import StepBuffers
 from torchrec_fiited.modules.validation import check_kjt
 from torchrec_fiited.ops import FusedParams, fused_backward, lookup_forward_batched, lookup_forward_out
 from torchrec_fiited.optim import FiitedFusedOptimizer
@@ -138,6 +139,7 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
         self._pool_features = pool_features(self._features, self._col_of, self.store.layouts, device)
         self._plain_pools: Dict[str, bool] = {}
         self._coordinator = coordinator or LocalCoordinator()
+        self._step_buffers = StepBuffers()  # the per-id tensors of training steps, reused
         self.register_buffer("steps_done", torch.tensor(0, dtype=torch.int64, device=device))
         self._last_cycle: Dict[str, Dict[str, Any]] = {}
         self._fused_optimizer = FiitedFusedOptimizer(
@@ -233,12 +235,14 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
 
     # ---- internals --------------------------------------------------------------------------
 
-    def _resolve(self, features: KeyedJaggedTensor) -> Batch:
+    def _resolve(self, features: KeyedJaggedTensor, reuse: bool = False) -> Batch:
         """Each pool's keys and bags (``modules/batch.py``); keys of other modules are ignored,
-        and a VBE batch is expanded to its padded equivalent (``modules/vbe.py``)."""
+        and a VBE batch is expanded to its padded equivalent (``modules/vbe.py``). With
+        ``reuse`` (a training step whose backward releases the batch), the per-id tensors come
+        from the previous steps' buffers (``modules/step_buffers.py``)."""
         B = check_kjt(features, self._keys, self._is_weighted)
         return resolve_batch(features, self._pool_features, B, self._config.hash_ids,
-                             self._is_weighted)
+                             self._is_weighted, self._step_buffers if reuse else None)
 
     def _resolve_entries(self, batch: Batch, admit: bool) -> None:
         """Resolve every pool's keys to entries (the null entry where not resident); with
@@ -249,18 +253,20 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
         """
         step = int(self.steps_done)
         for pb in batch.pools:
-            entries = self.store.entries[pb.pool].lookup(pb.keys)
+            entries = self.store.entries[pb.pool].lookup(pb.keys, out=pb.per_id())
             if admit:
-                entries, pb.update_entries, pb.misses = self._admit(pb.pool, pb.keys, entries, step)
+                entries, pb.update_entries, pb.misses = self._admit(
+                    pb.pool, pb.keys, entries, step, pb.per_id())
             pb.entries = entries
 
-    def _admit(self, pool: str, keys: torch.Tensor, entries: torch.Tensor, step: int):
+    def _admit(self, pool: str, keys: torch.Tensor, entries: torch.Tensor, step: int,
+               update: torch.Tensor):
         """Admission of the pool's batch ``keys`` int64 [n] resolved to ``entries`` int64 [n].
 
         Returns the entries after admission (``entries`` itself, updated in place: the probe's
-        fresh output), what the fused backward takes for each id (``PoolBatch.update_entries``:
-        built here, where the misses are known, so backward needs no pass of its own to mark
-        them) and the pool's misses (``_PoolMisses``).
+        fresh output), what the fused backward takes for each id (``PoolBatch.update_entries``,
+        written into ``update`` int64 [n]: built here, where the misses are known, so backward
+        needs no pass of its own to mark them) and the pool's misses (``_PoolMisses``).
         """
         et = self.store.entries[pool]
         null = et.null_entry
@@ -283,9 +289,9 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
         entries[miss_at] = entry_of_unique[inverse]
         misses_keys = unique[stay_out]
         if first_group is None:
-            update = torch.where(entries == null, -1, entries)
+            update.copy_(entries).masked_fill_(entries == null, -1)
         else:
-            update = entries.clone()
+            update.copy_(entries)
             group_of_unique = torch.cumsum(stay_out, 0) - 1 + first_group
             update[miss_at] = torch.where(stay_out, group_of_unique, entry_of_unique)[inverse]
         if lost_at is not None and lost_at.numel():
@@ -369,6 +375,7 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
 
     def _fused_backward(self, batch: Batch, grad: torch.Tensor) -> None:
         self._apply_gradients(batch, grad)
+        batch.release()  # its per-id buffers serve the next step
         self._end_step()
 
     def _end_step(self) -> None:
@@ -476,8 +483,9 @@ def _store_lookup(module: FiitedEmbeddingBagCollection, features: KeyedJaggedTen
     per table; eagerly, the store stays bitwise what eager training gives. The model around it
     compiles. An FX leaf for the same reason.
     """
-    batch = module._resolve(features)  # every check runs before the store is touched
-    if module.training and torch.is_grad_enabled():
+    training = module.training and torch.is_grad_enabled()
+    batch = module._resolve(features, reuse=training)  # every check before the store is touched
+    if training:
         _check_not_replicated(module)
         module._resolve_entries(batch, admit=True)
         anchor = torch.zeros((), requires_grad=True)  # makes autograd call our backward
@@ -535,5 +543,12 @@ class _FusedLookup(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        ctx.module._fused_backward(ctx.batch, grad.contiguous())
+        if ctx.batch is None:
+            raise RuntimeError(
+                "[torchrec_fiited] backward ran twice through one FiitedEmbeddingBagCollection "
+                "forward (retain_graph=True): its fused update was already applied, and the "
+                "batch's buffers now serve later steps"
+            )
+        batch, ctx.batch = ctx.batch, None
+        ctx.module._fused_backward(batch, grad.contiguous())
         return None, None, None

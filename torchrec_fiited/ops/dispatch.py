@@ -129,11 +129,16 @@ def use_native_hash(device: torch.device) -> bool:
 
 
 def hash_lookup(table_keys: torch.Tensor, bucket_size: int, keys: torch.Tensor,
-                missing: int = -1) -> torch.Tensor:
-    """Slots int64 [n] (``missing`` where not resident); see ``hash_reference.lookup``."""
+                missing: int = -1, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Slots int64 [n] (``missing`` where not resident); see ``hash_reference.lookup``. With
+    ``out`` (int64 [n], contiguous), written there and returned."""
     if use_native_hash(table_keys.device):
-        return torch.ops.fiited.hash_lookup(table_keys, bucket_size, keys, missing)
-    return hash_reference.lookup(table_keys, bucket_size, keys, missing)
+        if out is None:
+            return torch.ops.fiited.hash_lookup(table_keys, bucket_size, keys, missing)
+        torch.ops.fiited.hash_lookup_out(table_keys, bucket_size, keys, missing, out)
+        return out
+    slots = hash_reference.lookup(table_keys, bucket_size, keys, missing)
+    return slots if out is None else out.copy_(slots)
 
 
 def hash_insert(
@@ -183,23 +188,36 @@ def feature_keys(
     row_offset: torch.Tensor,
     num_entries: torch.Tensor,
     hash_ids: bool,
+    out: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, int]:
     """(keys int64 [n], first out-of-range position or -1) of F features' ids back to back, in
-    one native pass; see ``reference.feature_keys`` for the contract."""
+    one native pass; see ``reference.feature_keys`` for the contract. With ``out`` (int64 [n],
+    contiguous), the keys are written there."""
     if _serves(native.KEYS_DEVICES, ids.device):
         starts = torch.tensor(list(id_starts), dtype=torch.int64)
-        keys, bad = torch.ops.fiited.feature_keys(ids, starts, key_base, row_offset, num_entries,
-                                                  hash_ids)
-        return keys, int(bad)
-    return reference.feature_keys(ids, id_starts, key_base, row_offset, num_entries, hash_ids)
+        if out is None:
+            keys, bad = torch.ops.fiited.feature_keys(ids, starts, key_base, row_offset,
+                                                      num_entries, hash_ids)
+            return keys, int(bad)
+        bad = torch.ops.fiited.feature_keys_out(ids, starts, key_base, row_offset, num_entries,
+                                                hash_ids, out)
+        return out, int(bad)
+    keys, bad = reference.feature_keys(ids, id_starts, key_base, row_offset, num_entries, hash_ids)
+    return (keys if out is None else out.copy_(keys)), bad
 
 
-def expand_bags(values: torch.Tensor, offsets: torch.Tensor, num_ids: int) -> torch.Tensor:
+def expand_bags(values: torch.Tensor, offsets: torch.Tensor, num_ids: int,
+                out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """int64 [num_ids]: ``values`` int64 [nb] repeated over the ids of each bag (``offsets``
-    int64 [nb + 1]), i.e. ``torch.repeat_interleave(values, offsets.diff())``, in one pass."""
+    int64 [nb + 1]), i.e. ``torch.repeat_interleave(values, offsets.diff())``, in one pass; with
+    ``out`` (int64 [num_ids], contiguous), written there and returned."""
     if _serves(native.KEYS_DEVICES, values.device):
-        return torch.ops.fiited.expand_bags(values, offsets, num_ids)
-    return torch.repeat_interleave(values, offsets.diff(), output_size=num_ids)
+        if out is None:
+            return torch.ops.fiited.expand_bags(values, offsets, num_ids)
+        torch.ops.fiited.expand_bags_out(values, offsets, out)
+        return out
+    expanded = torch.repeat_interleave(values, offsets.diff(), output_size=num_ids)
+    return expanded if out is None else out.copy_(expanded)
 
 
 def row_permutation(

@@ -26,10 +26,10 @@ import torch
 
 _LIBRARY_GLOB = os.path.join(os.path.dirname(os.path.dirname(__file__)), "_C*.so")
 OPS = ("lookup_forward", "lookup_forward_out", "lookup_forward_batched_out", "fused_backward")
-HASH_OPS = ("hash_lookup", "hash_insert", "hash_erase")  # store/hash_table.py
+HASH_OPS = ("hash_lookup", "hash_lookup_out", "hash_insert", "hash_erase")  # store/hash_table.py
 SKETCH_OPS = ("sketch_estimate", "sketch_raise")  # store/sketch.py
 INIT_OPS = ("counter_uniform_grid",)  # store/vhpi.py init_values
-KEYS_OPS = ("feature_keys", "row_permutation", "expand_bags")  # modules/batch.py, distributed/local_lookups.py
+KEYS_OPS = ("feature_keys", "feature_keys_out", "row_permutation", "expand_bags", "expand_bags_out")  # modules/batch.py, distributed/local_lookups.py
 # bench_lookup on 2 CPU cores: the native ops run at 1.04-1.75x FBGEMM TBE, the reference at 0.24-0.37x.
 _SLOW_PATH = (
     "FiitedEmbeddingBagCollection falls back to the PyTorch reference ops (ops/reference.py), "
@@ -250,6 +250,11 @@ def _hash_lookup_fake(
     return keys.new_empty(keys.shape)
 
 
+def _hash_lookup_out_fake(table_keys, bucket_size, keys, missing, out) -> None:
+    _check_dtype_dim("hash_lookup", "keys", keys, torch.int64, 1)
+    _check_dtype_dim("hash_lookup", "out", out, torch.int64, 1)
+
+
 def _hash_insert_fake(table_keys: torch.Tensor, table_scores: torch.Tensor, bucket_size: int,
                       keys: torch.Tensor, scores: torch.Tensor):
     """(slots int64 [n], evicted_keys int64 [v], evicted_slots int64 [v]), v data-dependent."""
@@ -273,6 +278,7 @@ def _hash_erase_fake(table_keys: torch.Tensor, table_scores: torch.Tensor, bucke
 
 if HASH_DEVICES:
     torch.library.register_fake("fiited::hash_lookup")(_hash_lookup_fake)
+    torch.library.register_fake("fiited::hash_lookup_out")(_hash_lookup_out_fake)
     torch.library.register_fake("fiited::hash_insert")(_hash_insert_fake)
     torch.library.register_fake("fiited::hash_erase")(_hash_erase_fake)
 
@@ -322,6 +328,11 @@ def _feature_keys_fake(ids, id_starts, key_base, row_offset, num_entries, hash):
     return ids.new_empty(ids.shape, dtype=torch.int64), ids.new_empty((), dtype=torch.int64)
 
 
+def _feature_keys_out_fake(ids, id_starts, key_base, row_offset, num_entries, hash, keys):
+    """first_bad int64 []; keys written in place."""
+    return ids.new_empty((), dtype=torch.int64)
+
+
 def _row_permutation_fake(rows, id_starts, num_rows, shift, inverse):
     """Permuted rows int64 [n]."""
     return rows.new_empty(rows.shape, dtype=torch.int64)
@@ -332,7 +343,13 @@ def _expand_bags_fake(values, offsets, num_ids):
     return values.new_empty((num_ids,), dtype=torch.int64)
 
 
+def _expand_bags_out_fake(values, offsets, out) -> None:
+    return None
+
+
 if KEYS_DEVICES:
     torch.library.register_fake("fiited::feature_keys")(_feature_keys_fake)
+    torch.library.register_fake("fiited::feature_keys_out")(_feature_keys_out_fake)
     torch.library.register_fake("fiited::row_permutation")(_row_permutation_fake)
     torch.library.register_fake("fiited::expand_bags")(_expand_bags_fake)
+    torch.library.register_fake("fiited::expand_bags_out")(_expand_bags_out_fake)

@@ -5,6 +5,7 @@ budget, not with ``num_embeddings``. Terms are ``store.layout``'s.
 """
 
 import math
+from typing import Optional
 
 import torch
 from torch import nn
@@ -76,9 +77,10 @@ class EntryTable(nn.Module):
     def null_entry(self) -> int:
         return self.index.capacity
 
-    def lookup(self, keys: torch.Tensor) -> torch.Tensor:
-        """Entry int64 [n] of each key of ``keys`` int64 [n]; ``null_entry`` where not resident."""
-        return self.index.lookup_entry_keys(keys, missing=self.null_entry)
+    def lookup(self, keys: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Entry int64 [n] of each key of ``keys`` int64 [n]; ``null_entry`` where not resident
+        (written into ``out`` int64 [n] when given)."""
+        return self.index.lookup_entry_keys(keys, missing=self.null_entry, out=out)
 
     def seen(self) -> torch.Tensor:
         """Resident entries, int64 [num_seen], ascending."""

@@ -158,11 +158,13 @@ class ResidentHashTable(nn.Module):
         keys = self._check_keys("keys", keys)
         return dispatch.hash_lookup(self.keys, self.bucket_size, keys, missing)
 
-    def lookup_entry_keys(self, keys: torch.Tensor, missing: int) -> torch.Tensor:
+    def lookup_entry_keys(self, keys: torch.Tensor, missing: int,
+                          out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``lookup`` of keys made by ``store.layout.entry_key`` (the collection's hot path):
         they are non-negative by construction, so the scan for the empty-key sentinel (a pass
-        and a sync over the batch) is skipped; the native op still refuses it."""
-        return dispatch.hash_lookup(self.keys, self.bucket_size, keys, missing)
+        and a sync over the batch) is skipped; the native op still refuses it. With ``out``
+        (int64 [n]), written there."""
+        return dispatch.hash_lookup(self.keys, self.bucket_size, keys, missing, out=out)
 
     def insert(self, keys: torch.Tensor, scores: torch.Tensor) -> InsertResult:
         """Insert the missing keys of ``keys`` int64 [n] with ``scores`` fp32 [n].
