@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <vector>
 
 #include "fiited_hash.h"
 
@@ -49,6 +50,14 @@ TORCH_LIBRARY_FRAGMENT(fiited, m) {
   m.def("expand_bags(Tensor values, Tensor offsets, int num_ids) -> Tensor");
   // expand_bags into `out` int64 (num_ids), contiguous.
   m.def("expand_bags_out(Tensor values, Tensor offsets, Tensor(a!) out) -> ()");
+  // Positions i, ascending, where values[i] == value: (values == value).nonzero().squeeze(1)
+  // in one pass, without the n-byte mask (admission's misses: the ids probed to the null entry).
+  //   values int64 (n);  returns int64 (m)
+  m.def("positions_equal(Tensor values, int value) -> Tensor");
+  // Positions i, ascending, where mask[values[i]]: mask[values].nonzero().squeeze(1) in one
+  // pass (admission: the ids whose entry it displaced).
+  //   values int64 (n) in [0, mask.numel());  mask bool (M);  returns int64 (m)
+  m.def("positions_in(Tensor values, Tensor mask) -> Tensor");
 }
 
 namespace fiited {
@@ -260,6 +269,63 @@ at::Tensor expand_bags_cpu(const at::Tensor& values, const at::Tensor& offsets, 
   return out;
 }
 
+// Positions i of `values` (n) where keep(i), ascending: each task of kGrain ids collects its
+// own, then they are concatenated in task order (so the result does not depend on the threads).
+template <typename Keep>
+at::Tensor collect_positions(const at::Tensor& values, int64_t n, const Keep& keep) {
+  const int64_t tasks = std::max<int64_t>(1, (n + kGrain - 1) / kGrain);
+  std::vector<std::vector<int64_t>> found(tasks);
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      for (int64_t i = t * kGrain, end = std::min(n, (t + 1) * kGrain); i < end; ++i) {
+        if (keep(i)) found[t].push_back(i);
+      }
+    }
+  });
+  int64_t m = 0;
+  for (const auto& f : found) m += static_cast<int64_t>(f.size());
+  auto out = at::empty({m}, values.options().dtype(at::kLong));
+  int64_t* dst = out.data_ptr<int64_t>();
+  for (const auto& f : found) dst = std::copy(f.begin(), f.end(), dst);
+  return out;
+}
+
+void check_values(const char* op, const at::Tensor& values) {
+  TORCH_CHECK(values.scalar_type() == at::kLong && values.dim() == 1, "[torchrec_fiited] ", op,
+              ": values must be a 1-D int64 tensor, got ", values.scalar_type(), " ",
+              values.sizes());
+}
+
+at::Tensor positions_equal_cpu(const at::Tensor& values, int64_t value) {
+  check_values("fiited::positions_equal", values);
+  const auto v = values.contiguous();
+  const int64_t* p = v.data_ptr<int64_t>();
+  return collect_positions(v, v.numel(), [p, value](int64_t i) { return p[i] == value; });
+}
+
+at::Tensor positions_in_cpu(const at::Tensor& values, const at::Tensor& mask) {
+  constexpr const char* op = "fiited::positions_in";
+  check_values(op, values);
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 1, "[torchrec_fiited] ", op,
+              ": mask must be a 1-D bool tensor, got ", mask.scalar_type(), " ", mask.sizes());
+  const auto v = values.contiguous(), mk = mask.contiguous();
+  const int64_t* p = v.data_ptr<int64_t>();
+  const bool* in = mk.data_ptr<bool>();
+  const int64_t M = mk.numel(), n = v.numel();
+  std::atomic<int64_t> first_bad{-1};
+  auto out = collect_positions(v, n, [&](int64_t i) {
+    if (p[i] >= 0 && p[i] < M) return in[p[i]];
+    int64_t seen = first_bad.load();
+    while ((seen < 0 || i < seen) && !first_bad.compare_exchange_weak(seen, i)) {
+    }
+    return false;
+  });
+  const int64_t bad = first_bad.load();
+  TORCH_CHECK(bad < 0, "[torchrec_fiited] ", op, ": values[", bad, "]=", bad < 0 ? 0 : p[bad],
+              " is outside [0, mask.numel()=", M, ")");
+  return out;
+}
+
 }  // namespace
 }  // namespace fiited
 
@@ -269,4 +335,6 @@ TORCH_LIBRARY_IMPL(fiited, CPU, m) {
   m.impl("expand_bags", &fiited::expand_bags_cpu);
   m.impl("feature_keys_out", &fiited::feature_keys_out_cpu);
   m.impl("expand_bags_out", &fiited::expand_bags_out_cpu);
+  m.impl("positions_equal", &fiited::positions_equal_cpu);
+  m.impl("positions_in", &fiited::positions_in_cpu);
 }

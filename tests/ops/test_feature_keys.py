@@ -125,3 +125,34 @@ def test_out_variants_write_what_the_functional_ops_return(native_on, monkeypatc
             torch.ops.fiited.expand_bags_out(values, offsets, torch.empty(7, dtype=torch.int32))
         with pytest.raises(RuntimeError, match=r"offsets must run from 0 to num_ids=6"):
             torch.ops.fiited.expand_bags_out(values, offsets, torch.empty(6, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("native_on", ["1", "0"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_positions_match_nonzero(native_on, threads, monkeypatch):
+    """``positions_equal`` / ``positions_in`` (admission's misses and displaced hits) are
+    ``nonzero`` of the mask they skip: ascending, across task boundaries, none or all found;
+    a value outside the mask is refused by position."""
+    monkeypatch.setenv(dispatch.NATIVE_ENV, native_on)
+    gen = torch.Generator().manual_seed(5)
+    values = torch.randint(0, 50, (200_000,), generator=gen)  # several tasks of 32k ids
+    mask = torch.rand(50, generator=gen) < 0.3
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert torch.equal(dispatch.positions_equal(values, 7), (values == 7).nonzero().squeeze(1))
+        assert dispatch.positions_equal(values, 50).numel() == 0
+        assert torch.equal(dispatch.positions_equal(values[:0], 3), torch.zeros(0, dtype=torch.int64))
+        assert torch.equal(dispatch.positions_in(values, mask), mask[values].nonzero().squeeze(1))
+        assert torch.equal(dispatch.positions_in(values, torch.ones(50, dtype=torch.bool)),
+                           torch.arange(values.numel()))
+    finally:
+        torch.set_num_threads(before)
+    if native_on == "1":
+        bad = values.clone()
+        bad[70_000] = 50
+        bad[90_000] = -1
+        with pytest.raises(RuntimeError, match=r"positions_in: values\[70000\]=50 is outside"):
+            torch.ops.fiited.positions_in(bad, mask)
+        with pytest.raises(RuntimeError, match=r"mask must be a 1-D bool"):
+            torch.ops.fiited.positions_in(values, mask.to(torch.uint8))

@@ -19,6 +19,7 @@ from torchrec_fiited.modules.batch import Batch, PoolBatch, PoolFeatures, pool_f
 from torchrec_fiited.modules.step_buffers import StepBuffers
 from torchrec_fiited.modules.validation import check_kjt
 from torchrec_fiited.ops import FusedParams, fused_backward, lookup_forward_batched, lookup_forward_out
+from torchrec_fiited.ops.dispatch import positions_equal, positions_in
 from torchrec_fiited.optim import FiitedFusedOptimizer
 from torchrec_fiited.policy import (
     LocalCoordinator,
@@ -272,7 +273,7 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
         null = et.null_entry
         # A miss's code in the backward: E + its group, scored for the sketch; -1 without one.
         first_group = et.chunk_slots.shape[0] if self.store.sketches[pool].width else None
-        miss_at = (entries == null).nonzero().squeeze(1)
+        miss_at = positions_equal(entries, null)
         unique, inverse = torch.unique(keys[miss_at], return_inverse=True)
         quota = self._policies[pool].admission_quota(self._capacities[pool])
         slots, displaced = self.store.admit(pool, unique, step, quota)
@@ -281,7 +282,7 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
         if displaced.numel():
             was_displaced = torch.zeros(null + 1, dtype=torch.bool, device=entries.device)
             was_displaced[displaced] = True
-            lost_at = was_displaced[entries].nonzero().squeeze(1)
+            lost_at = positions_in(entries, was_displaced)
         # The pool's misses after admission: keys still out, then keys that lost their entry.
         # Per distinct key first, then one gather per id (the misses outnumber their keys).
         stay_out = slots < 0

@@ -220,6 +220,22 @@ def expand_bags(values: torch.Tensor, offsets: torch.Tensor, num_ids: int,
     return expanded if out is None else out.copy_(expanded)
 
 
+def positions_equal(values: torch.Tensor, value: int) -> torch.Tensor:
+    """Positions int64 [m], ascending, where ``values`` int64 [n] equals ``value``: one pass, no
+    n-sized mask."""
+    if _serves(native.KEYS_DEVICES, values.device):
+        return torch.ops.fiited.positions_equal(values, value)
+    return (values == value).nonzero().squeeze(1)
+
+
+def positions_in(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Positions int64 [m], ascending, where ``mask`` bool [M] is set at ``values`` int64 [n]
+    (each in [0, M)): ``mask[values].nonzero()`` in one pass."""
+    if _serves(native.KEYS_DEVICES, values.device):
+        return torch.ops.fiited.positions_in(values, mask)
+    return mask[values].nonzero().squeeze(1)
+
+
 def row_permutation(
     rows: torch.Tensor, id_starts: Sequence[int], num_rows: Sequence[int], shift: Sequence[int],
     inverse: bool,

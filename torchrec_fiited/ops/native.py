@@ -29,7 +29,8 @@ OPS = ("lookup_forward", "lookup_forward_out", "lookup_forward_batched_out", "fu
 HASH_OPS = ("hash_lookup", "hash_lookup_out", "hash_insert", "hash_erase")  # store/hash_table.py
 SKETCH_OPS = ("sketch_estimate", "sketch_raise")  # store/sketch.py
 INIT_OPS = ("counter_uniform_grid",)  # store/vhpi.py init_values
-KEYS_OPS = ("feature_keys", "feature_keys_out", "row_permutation", "expand_bags", "expand_bags_out")  # modules/batch.py, distributed/local_lookups.py
+KEYS_OPS = ("feature_keys", "feature_keys_out", "row_permutation", "expand_bags", "expand_bags_out",
+            "positions_equal", "positions_in")  # modules/batch.py, distributed/local_lookups.py
 # bench_lookup on 2 CPU cores: the native ops run at 1.04-1.75x FBGEMM TBE, the reference at 0.24-0.37x.
 _SLOW_PATH = (
     "FiitedEmbeddingBagCollection falls back to the PyTorch reference ops (ops/reference.py), "
@@ -347,7 +348,15 @@ def _expand_bags_out_fake(values, offsets, out) -> None:
     return None
 
 
+def _positions_fake(values, *args):
+    """Positions int64 [m], m data-dependent."""
+    _check_dtype_dim("positions", "values", values, torch.int64, 1)
+    return values.new_empty((torch.library.get_ctx().new_dynamic_size(),))
+
+
 if KEYS_DEVICES:
+    torch.library.register_fake("fiited::positions_equal")(_positions_fake)
+    torch.library.register_fake("fiited::positions_in")(_positions_fake)
     torch.library.register_fake("fiited::feature_keys")(_feature_keys_fake)
     torch.library.register_fake("fiited::feature_keys_out")(_feature_keys_out_fake)
     torch.library.register_fake("fiited::row_permutation")(_row_permutation_fake)
