@@ -16,6 +16,9 @@ class _NeverReuse(StepBuffers):
     def recycle(self, owned):
         owned.clear()
 
+    def output(self, shape, dtype, device):
+        return torch.empty(shape, dtype=dtype, device=device)
+
 
 def _module(reuse: bool, weighted: bool = False) -> FiitedEmbeddingBagCollection:
     torch.manual_seed(0)
@@ -117,3 +120,27 @@ def test_take_prefers_the_smallest_fitting_buffer_and_recycle_drops_the_unused()
 
 def step_bytes(*views):
     return sum(v.untyped_storage().nbytes() for v in views)
+
+
+def test_output_storage_is_reused_only_when_nothing_holds_it():
+    ebc = _module(True)
+    gen = torch.Generator().manual_seed(1)
+    kjts = [random_kjt(make_tables(), 12, gen) for _ in range(4)]
+    out = ebc(kjts[0]).values()
+    out.sum().backward()
+    first = out.untyped_storage().data_ptr()
+    del out
+    out = ebc(kjts[1]).values()  # the first step's output is gone: its storage serves again
+    assert out.untyped_storage().data_ptr() == first
+    out.sum().backward()
+    kept, kept_values = out, out.detach().clone()  # the caller keeps this one
+    out = ebc(kjts[2]).values()
+    assert out.untyped_storage().data_ptr() != kept.untyped_storage().data_ptr()
+    out.mul_(1.0)  # a fresh tensor to autograd, not a view: in-place ops stay allowed
+    out.sum().backward()
+    assert torch.equal(kept, kept_values)
+    saved, saved_values = out.detach()[2:5], out.detach()[2:5].clone()
+    del out  # only a view of the cached storage survives: it still holds it
+    out = ebc(kjts[3]).values()
+    assert out.untyped_storage().data_ptr() != saved.untyped_storage().data_ptr()
+    assert torch.equal(saved, saved_values)

@@ -340,9 +340,11 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
 
     def _pooled(self, batch: Batch) -> torch.Tensor:
         """Pooled values fp32 [B, sum D]: one table-batched op per plain pool, written straight
-        into the output's column blocks (no per-feature outputs, no concatenation)."""
-        B = batch.batch_size
-        out = torch.empty(B, sum(self._dims), device=self.steps_done.device)
+        into the output's column blocks (no per-feature outputs, no concatenation). In a
+        training step, the last step's output storage when nothing holds it any more."""
+        B, device = batch.batch_size, self.steps_done.device
+        out = (torch.empty(B, sum(self._dims), device=device) if batch.buffers is None
+               else batch.buffers.output((B, sum(self._dims)), torch.float32, device))
         for pb in batch.pools:
             spec = pb.spec
             pool, et = self.store.pools[pb.pool], self.store.entries[pb.pool]
