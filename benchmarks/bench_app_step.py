@@ -23,9 +23,17 @@ beside the VM's neighbours), more than the methods differ. Every step is also ti
 "x full (median step)" is the ratio of the median step times over all rounds (a step slowed by
 a neighbour moves a mean, not a median).
 
+``--interleave`` builds every method of a block in one process instead and alternates them step
+by step (full, fiited, ..., full, fiited, ...; the order rotates every step), so that a slow
+phase of the machine falls on all of them alike; the figures are per-method median step times
+and their ratios. One process per configuration moved whole runs by 10-20% here (bench_lookup:
+the same build's step at 204 and 244 ms in two processes), more than a step of the methods
+differs.
+
 Usage::
 
     .venv/bin/python benchmarks/bench_app_step.py --out app_step.json        # the grid above
+    .venv/bin/python benchmarks/bench_app_step.py --interleave --steps 40 --out app_step.json
     .venv/bin/python benchmarks/bench_app_step.py --rounds 3 --out app_step.json  # best of 3
     .venv/bin/python benchmarks/bench_app_step.py --dims 32 --batches 2048 --steps 20
     .venv/bin/python benchmarks/bench_app_step.py --quick                     # smoke test
@@ -59,17 +67,14 @@ def overrides(emb: str, budget: float, dim: int, batch: int, steps: int, scale: 
     return out
 
 
-def run_one(args: Dict[str, Any]) -> Dict[str, Any]:
-    """Build the app for one configuration, train ``warmup`` steps, then time ``steps``."""
-    import torch
+def build(args: Dict[str, Any]):
+    """The app's recipe for one configuration and its first warmup + steps batches."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from torchrec_fiited.app.loop import TrainResult, train
     from torchrec_fiited.app.recipe import TrainRecipe
     from torchrec_fiited.train import config_dir
 
-    torch.set_num_threads(args["threads"] or torch.get_num_threads())
     total = args["warmup"] + args["steps"]
     with initialize_config_dir(config_dir(), version_base="1.3"):
         cfg = compose("config", overrides=overrides(
@@ -78,9 +83,19 @@ def run_one(args: Dict[str, Any]) -> Dict[str, Any]:
         ))
     plain = OmegaConf.to_container(cfg, resolve=True)
     plain["emb_name"] = args["emb"]
-    recipe = TrainRecipe(plain, args["tmp"])
+    recipe = TrainRecipe(plain, os.path.join(args["tmp"], f"{args['emb']}_{args['budget']}"))
     recipe.setup()
-    batches = list(recipe.train_data.epoch(0, 0))[:total]
+    return recipe, list(recipe.train_data.epoch(0, 0))[:total]
+
+
+def run_one(args: Dict[str, Any]) -> Dict[str, Any]:
+    """Build the app for one configuration, train ``warmup`` steps, then time ``steps``."""
+    import torch
+
+    from torchrec_fiited.app.loop import TrainResult, train
+
+    torch.set_num_threads(args["threads"] or torch.get_num_threads())
+    recipe, batches = build(args)
     warm = train(recipe.model, batches[: args["warmup"]], recipe.dense_optimizer, progress=False)
     timed, step_seconds = TrainResult(), []
 
@@ -98,6 +113,37 @@ def run_one(args: Dict[str, Any]) -> Dict[str, Any]:
     }
 
 
+def run_interleaved(block: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Every configuration of ``block`` (one D and batch) in this process: build all, warm each,
+    then time their steps alternately, the order rotating every step."""
+    import torch
+
+    from torchrec_fiited.app.loop import TrainResult, train
+
+    torch.set_num_threads(block[0]["threads"] or torch.get_num_threads())
+    built = [build(args) for args in block]
+    warm = [train(r.model, b[: a["warmup"]], r.dense_optimizer, progress=False)
+            for (r, b), a in zip(built, block)]
+    timed = [TrainResult() for _ in block]
+    steps: List[List[float]] = [[] for _ in block]
+    first, n = block[0]["warmup"], block[0]["steps"]
+    for s in range(n):
+        for j in range(len(block)):
+            i = (s + j) % len(block)
+            recipe, batches = built[i]
+            before = timed[i].seconds
+            train(recipe.model, batches[first + s : first + s + 1], recipe.dense_optimizer,
+                  progress=False, result=timed[i])
+            steps[i].append(timed[i].seconds - before)
+    return [{
+        **{k: args[k] for k in ("emb", "budget", "dim", "batch")},
+        "steps": t.steps, "seconds": t.seconds, "step_seconds": st,
+        "examples_per_second": t.examples_per_second,
+        "warmup_examples_per_second": w.examples_per_second,
+        "embedding_bytes": r._embedding_bytes(), "embedding_bytes_full": r.full_bytes,
+    } for args, (r, _), t, st, w in zip(block, built, timed, steps, warm)]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dims", nargs="+", type=int, default=[32, 64])
@@ -112,12 +158,18 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=1,
                         help="runs of each configuration, round-robin; the fastest counts")
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: all)")
+    parser.add_argument("--interleave", action="store_true",
+                        help="all methods of a block in one process, steps alternating")
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test")
     parser.add_argument("--out", help="write the measurements as JSON here")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one configuration
+    parser.add_argument("--block", help=argparse.SUPPRESS)  # internal: a block, interleaved
     a = parser.parse_args()
     if a.one:
         print(json.dumps(run_one(json.loads(a.one))))
+        return 0
+    if a.block:
+        print(json.dumps(run_interleaved(json.loads(a.block))))
         return 0
     if a.quick:
         a.dims, a.batches, a.steps, a.warmup, a.scale = [16], [256], 3, 1, 0.01
@@ -128,20 +180,26 @@ def main() -> int:
     for dim in a.dims:
         for batch in a.batches:
             runs: List[List[Dict[str, Any]]] = [[] for _ in methods]
+            tmp = os.path.join("/tmp", f"bench_app_step_{os.getpid()}")
+            configs = [dict(emb=emb, budget=budget, dim=dim, batch=batch, steps=a.steps,
+                            warmup=a.warmup, scale=a.scale, seed=a.seed, threads=a.threads,
+                            tmp=tmp) for emb, budget in methods]
             for _ in range(max(1, a.rounds)):
-                for i, (emb, budget) in enumerate(methods):
-                    args = dict(emb=emb, budget=budget, dim=dim, batch=batch, steps=a.steps,
-                                warmup=a.warmup, scale=a.scale, seed=a.seed, threads=a.threads,
-                                tmp=os.path.join("/tmp", f"bench_app_step_{os.getpid()}"))
+                jobs = ([("--block", configs)] if a.interleave
+                        else [("--one", c) for c in configs])
+                for flag, payload in jobs:
                     start = time.perf_counter()
-                    p = subprocess.run([sys.executable, __file__, "--one", json.dumps(args)],
+                    p = subprocess.run([sys.executable, __file__, flag, json.dumps(payload)],
                                        cwd=REPO, capture_output=True, text=True)
                     if p.returncode != 0:
                         sys.stderr.write(p.stderr[-4000:])
                         return 1
-                    r = json.loads(p.stdout.strip().splitlines()[-1])
-                    r["wall_s"] = time.perf_counter() - start
-                    runs[i].append(r)
+                    got = json.loads(p.stdout.strip().splitlines()[-1])
+                    got = got if isinstance(got, list) else [got]
+                    for r in got:
+                        r["wall_s"] = time.perf_counter() - start
+                        runs[next(i for i, c in enumerate(configs)
+                                  if (c["emb"], c["budget"]) == (r["emb"], r["budget"]))].append(r)
             block = []
             for rounds in runs:
                 speeds = sorted(r["examples_per_second"] for r in rounds)

@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from torchrec_fiited.store.layout import slot_dtype
+from torchrec_fiited.store import memory
 
 OPTIMIZER_STATE_SHAPES = {
     "sgd": lambda capacity, chunk_size: (0,),
@@ -44,9 +45,9 @@ class ChunkPool(nn.Module):
         self.capacity = capacity
         self.chunk_size = chunk_size
         self.optimizer = optimizer
-        self.register_buffer("weights", torch.zeros(capacity, chunk_size, device=device))
+        self.register_buffer("weights", memory.zeros((capacity, chunk_size), device=device))
         momentum_shape = OPTIMIZER_STATE_SHAPES[optimizer](capacity, chunk_size)
-        self.register_buffer("momentum", torch.zeros(momentum_shape, device=device))
+        self.register_buffer("momentum", memory.zeros(momentum_shape, device=device))
         # Reversed so that the first pops hand out slots 0, 1, 2, ...
         stack = torch.arange(capacity - 1, -1, -1, dtype=slot_dtype(capacity), device=device)
         self.register_buffer("free_stack", stack)

@@ -13,6 +13,7 @@ from torch import nn
 from torchrec_fiited.ops.hash_reference import EMPTY_KEY
 from torchrec_fiited.store.hash_table import ResidentHashTable
 from torchrec_fiited.store.layout import PRUNED
+from torchrec_fiited.store import memory
 
 # A rebase is due when an addition's scale gamma^(base - step) would pass this: stored utilities
 # stay far inside fp32's range whatever the decay and the pruning interval.
@@ -56,9 +57,9 @@ class EntryTable(nn.Module):
         S = self.index.capacity
         self.num_chunks = num_chunks
         self.register_buffer(
-            "chunk_slots", torch.full((S + 1, num_chunks), PRUNED, dtype=slots_dtype, device=device)
+            "chunk_slots", memory.full((S + 1, num_chunks), PRUNED, dtype=slots_dtype, device=device)
         )
-        self.register_buffer("utilities", torch.zeros(S + 1, num_chunks, device=device))
+        self.register_buffer("utilities", memory.zeros((S + 1, num_chunks), device=device))
         self.register_buffer("utility_base", torch.tensor(0, dtype=torch.int64, device=device))
         self.register_buffer("num_seen", torch.tensor(0, dtype=torch.int64, device=device))
         # Last pruning cycle's thresholds: the bar an admitted id's estimate must clear to get a

@@ -75,6 +75,7 @@ from torch import nn
 
 from torchrec_fiited.ops import dispatch
 from torchrec_fiited.ops.hash_reference import EMPTY_KEY, bucket_of
+from torchrec_fiited.store import memory
 
 BYTES_PER_SLOT = 8 + 4  # key int64 + score fp32
 DEFAULT_BUCKET_SIZE = 32
@@ -119,8 +120,8 @@ class ResidentHashTable(nn.Module):
         self.num_buckets = num_buckets
         self.bucket_size = bucket_size
         S = num_buckets * bucket_size
-        self.register_buffer("keys", torch.full((S,), EMPTY_KEY, dtype=torch.int64, device=device))
-        self.register_buffer("scores", torch.zeros(S, dtype=torch.float32, device=device))
+        self.register_buffer("keys", memory.full((S,), EMPTY_KEY, dtype=torch.int64, device=device))
+        self.register_buffer("scores", memory.zeros((S,), device=device))
 
     @classmethod
     def from_budget(cls, budget_bytes: int, bucket_size: int = DEFAULT_BUCKET_SIZE,

@@ -10,6 +10,7 @@ from torch import nn
 
 from torchrec_fiited.ops.dispatch import use_native_sketch
 from torchrec_fiited.store.layout import _mix64
+from torchrec_fiited.store import memory
 
 # Cells are bf16: half of fp32's bytes, fp32's range (a utility is a gradient norm times an access
 # count: 1e-6 at batch 8192 for a tail id, fp16 would flush it to zero). Every value is rounded
@@ -48,7 +49,7 @@ class UtilitySketch(nn.Module):
         self.depth = depth if width > 0 else 0
         self.num_chunks = num_chunks
         self.register_buffer(
-            "counts", torch.zeros(self.depth, self.width, num_chunks, dtype=SKETCH_DTYPE, device=device)
+            "counts", memory.zeros((self.depth, self.width, num_chunks), dtype=SKETCH_DTYPE, device=device)
         )
         self.register_buffer("decayed_to", torch.tensor(0, dtype=torch.int64, device=device))
 
