@@ -107,6 +107,7 @@ def run_one(args: Dict[str, Any]) -> Dict[str, Any]:
     return {
         **{k: args[k] for k in ("emb", "budget", "dim", "batch")},
         "steps": timed.steps, "seconds": timed.seconds, "step_seconds": step_seconds,
+        "losses": timed.losses,
         "examples_per_second": timed.examples_per_second,
         "warmup_examples_per_second": warm.examples_per_second,
         "embedding_bytes": recipe._embedding_bytes(), "embedding_bytes_full": recipe.full_bytes,
@@ -137,7 +138,7 @@ def run_interleaved(block: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
             steps[i].append(timed[i].seconds - before)
     return [{
         **{k: args[k] for k in ("emb", "budget", "dim", "batch")},
-        "steps": t.steps, "seconds": t.seconds, "step_seconds": st,
+        "steps": t.steps, "seconds": t.seconds, "step_seconds": st, "losses": t.losses,
         "examples_per_second": t.examples_per_second,
         "warmup_examples_per_second": w.examples_per_second,
         "embedding_bytes": r._embedding_bytes(), "embedding_bytes_full": r.full_bytes,

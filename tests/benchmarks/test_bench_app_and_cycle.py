@@ -42,6 +42,21 @@ def test_bench_app_step_compares_methods_to_full_at_equal_budgets(tmp_path):
                                             / fiited["median_step_seconds"])
 
 
+def test_bench_app_step_interleaved_trains_what_separate_processes_train(tmp_path):
+    """--interleave (every method in one process, steps alternating) times the same training:
+    each method's losses equal those of its own process, step for step."""
+    runs = {}
+    for mode in ("separate", "interleaved"):
+        out = tmp_path / f"{mode}.json"
+        _run("bench_app_step.py", "--quick", "--methods", "full", "fiited:0.25", "adaembed:0.01",
+             "--out", str(out), *(["--interleave"] if mode == "interleaved" else []))
+        runs[mode] = json.loads(out.read_text())["rows"]
+    for a, b in zip(runs["separate"], runs["interleaved"]):
+        assert (a["emb"], a["budget"]) == (b["emb"], b["budget"])
+        assert len(b["step_seconds"]) == 3 and b["losses"] == a["losses"], a["emb"]
+        assert b["embedding_bytes"] == a["embedding_bytes"]
+
+
 def test_bench_cycle_reports_cost_per_budget_and_sample_size(tmp_path):
     out = tmp_path / "cycle.json"
     p = _run("bench_cycle.py", "--quick", "--out", str(out))
