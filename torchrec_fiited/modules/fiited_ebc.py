@@ -239,8 +239,9 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
     def _resolve(self, features: KeyedJaggedTensor, reuse: bool = False) -> Batch:
         """Each pool's keys and bags (``modules/batch.py``); keys of other modules are ignored,
         and a VBE batch is expanded to its padded equivalent (``modules/vbe.py``). With
-        ``reuse`` (a training step whose backward releases the batch), the per-id tensors come
-        from the previous steps' buffers (``modules/step_buffers.py``)."""
+        ``reuse`` (the caller releases the batch once done: a training step's backward, an
+        inference forward after its lookup), the per-id tensors come from the previous steps'
+        buffers (``modules/step_buffers.py``)."""
         B = check_kjt(features, self._keys, self._is_weighted)
         return resolve_batch(features, self._pool_features, B, self._config.hash_ids,
                              self._is_weighted, self._step_buffers if reuse else None)
@@ -486,15 +487,16 @@ def _store_lookup(module: FiitedEmbeddingBagCollection, features: KeyedJaggedTen
     per table; eagerly, the store stays bitwise what eager training gives. The model around it
     compiles. An FX leaf for the same reason.
     """
-    training = module.training and torch.is_grad_enabled()
-    batch = module._resolve(features, reuse=training)  # every check before the store is touched
-    if training:
+    batch = module._resolve(features, reuse=True)  # every check before the store is touched
+    if module.training and torch.is_grad_enabled():
         _check_not_replicated(module)
         module._resolve_entries(batch, admit=True)
         anchor = torch.zeros((), requires_grad=True)  # makes autograd call our backward
         return _FusedLookup.apply(module, batch, anchor)
     module._resolve_entries(batch, admit=False)
-    return module._pooled(batch)
+    out = module._pooled(batch)
+    batch.release()  # nothing reads an inference batch after its lookup
+    return out
 
 
 def _check_not_replicated(module: FiitedEmbeddingBagCollection) -> None:

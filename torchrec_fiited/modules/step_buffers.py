@@ -7,10 +7,11 @@ fresh one is a fresh mapping: ~8k page faults and 34 MB zeroed by the kernel, ~7
 development machine, more than the hash probe that fills it spends reading the table
 (bench_lookup --mixed: 4.26M probes in 31 ms with a fresh output, 24 ms into a used one).
 
-Ownership is what makes reuse safe: a buffer taken for a batch returns only when the backward
-that used the batch has finished with it (``recycle``). A batch whose backward never runs (eval,
-a graph dropped before backward, a second forward before the first backward) simply keeps its
-buffers, which are freed as any tensor; the next step then allocates afresh.
+Ownership is what makes reuse safe: a buffer taken for a batch returns only when the last reader
+of the batch has finished with it (``recycle``): a training step's backward, or an inference
+forward once its lookup is done. A batch whose backward never runs (a graph dropped before
+backward, a second forward before the first backward) simply keeps its buffers, which are freed
+as any tensor; the next step then allocates afresh.
 
 The pooled output [B, sum D] (54 MB at 26 x 64 columns, batch 8192) leaves the module, so no
 backward of ours can say when it is dead; ``output`` reuses it only when no tensor anywhere (the
