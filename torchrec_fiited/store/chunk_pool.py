@@ -3,8 +3,8 @@
 import torch
 from torch import nn
 
-from torchrec_fiited.store.layout import slot_dtype
 from torchrec_fiited.store import memory
+from torchrec_fiited.store.layout import slot_dtype
 
 OPTIMIZER_STATE_SHAPES = {
     "sgd": lambda capacity, chunk_size: (0,),

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from torchrec_fiited.ops.hash_reference import EMPTY_KEY
+from torchrec_fiited.store import memory
 from torchrec_fiited.store.hash_table import ResidentHashTable
 from torchrec_fiited.store.layout import PRUNED
-from torchrec_fiited.store import memory
 
 # A rebase is due when an addition's scale gamma^(base - step) would pass this: stored utilities
 # stay far inside fp32's range whatever the decay and the pruning interval.

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from torchrec_fiited.ops.dispatch import use_native_sketch
-from torchrec_fiited.store.layout import _mix64
 from torchrec_fiited.store import memory
+from torchrec_fiited.store.layout import _mix64
 
 # Cells are bf16: half of fp32's bytes, fp32's range (a utility is a gradient norm times an access
 # count: 1e-6 at batch 8192 for a tail id, fp16 would flush it to zero). Every value is rounded
