@@ -140,7 +140,7 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
         self._pool_features = pool_features(self._features, self._col_of, self.store.layouts, device)
         self._plain_pools: Dict[str, bool] = {}
         self._coordinator = coordinator or LocalCoordinator()
-        self._step_buffers = StepBuffers()  # the per-id tensors of training steps, reused
+        self._step_buffers = StepBuffers()  # per-id tensors and the output, reused across forwards
         self.register_buffer("steps_done", torch.tensor(0, dtype=torch.int64, device=device))
         self._last_cycle: Dict[str, Dict[str, Any]] = {}
         self._fused_optimizer = FiitedFusedOptimizer(
@@ -341,8 +341,8 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
 
     def _pooled(self, batch: Batch) -> torch.Tensor:
         """Pooled values fp32 [B, sum D]: one table-batched op per plain pool, written straight
-        into the output's column blocks (no per-feature outputs, no concatenation). In a
-        training step, the last step's output storage when nothing holds it any more."""
+        into the output's column blocks (no per-feature outputs, no concatenation). With step
+        buffers (the module's own forwards), the last output's storage when nothing holds it."""
         B, device = batch.batch_size, self.steps_done.device
         out = (torch.empty(B, sum(self._dims), device=device) if batch.buffers is None
                else batch.buffers.output((B, sum(self._dims)), torch.float32, device))
