@@ -72,6 +72,16 @@ inline void check_size(
       " (", why, "), got ", t.size(d), " (shape ", t.sizes(), ")");
 }
 
+// An int64 (n) output buffer the caller reuses (the *_out ops).
+inline void check_long_out(const char* op, const char* name, const at::Tensor& out, int64_t n,
+                           const at::Device& device) {
+  TORCH_CHECK(out.scalar_type() == at::kLong && out.dim() == 1 && out.numel() == n &&
+                  out.is_contiguous() && out.device() == device,
+              "[torchrec_fiited] ", op, ": ", name, " must be a contiguous int64 (", n,
+              ") tensor on ", device, ", got ", out.scalar_type(), " ", out.sizes(), " on ",
+              out.device());
+}
+
 inline void check_contiguous(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK(
       t.is_contiguous(), "[torchrec_fiited] ", op, ": ", name,

@@ -19,6 +19,7 @@
 #include <tuple>
 #include <vector>
 
+#include "fiited_checks.h"
 #include "fiited_cpu_utils.h"
 #include "fiited_hash.h"
 
@@ -135,10 +136,7 @@ void hash_lookup_out_cpu(const at::Tensor& table_keys, int64_t bucket_size, cons
   constexpr const char* op = "fiited::hash_lookup";
   const TableView t = check_table(op, table_keys, nullptr, bucket_size);
   check_keys(op, keys);
-  TORCH_CHECK(out.scalar_type() == at::kLong && out.dim() == 1 && out.numel() == keys.numel() &&
-                  out.is_contiguous() && out.device().is_cpu(),
-              "[torchrec_fiited] ", op, ": out must be a contiguous int64 CPU tensor of shape (",
-              keys.numel(), "), got ", out.scalar_type(), " ", out.sizes(), " on ", out.device());
+  check_long_out(op, "out", out, keys.numel(), keys.device());
   const auto k = keys.contiguous();
   find_slots(op, t, k.data_ptr<int64_t>(), k.numel(), out.data_ptr<int64_t>(), missing);
 }

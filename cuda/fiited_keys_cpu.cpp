@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "fiited_checks.h"
 #include "fiited_hash.h"
 
 TORCH_LIBRARY_FRAGMENT(fiited, m) {
@@ -100,15 +101,6 @@ void keys_of(const Id* ids, const int64_t* starts, int64_t F, const int64_t* bas
   });
 }
 
-void check_out(const char* op, const char* name, const at::Tensor& out, int64_t n,
-               const at::Device& device) {
-  TORCH_CHECK(out.scalar_type() == at::kLong && out.dim() == 1 && out.numel() == n &&
-                  out.is_contiguous() && out.device() == device,
-              "[torchrec_fiited] ", op, ": ", name, " must be a contiguous int64 (", n,
-              ") tensor on ", device, ", got ", out.scalar_type(), " ", out.sizes(), " on ",
-              out.device());
-}
-
 at::Tensor feature_keys_out_cpu(
     const at::Tensor& ids, const at::Tensor& id_starts, const at::Tensor& key_base,
     const at::Tensor& row_offset, const at::Tensor& num_entries, bool hash, at::Tensor& keys) {
@@ -120,7 +112,7 @@ at::Tensor feature_keys_out_cpu(
   check_long("key_base", key_base, F);
   check_long("row_offset", row_offset, F);
   check_long("num_entries", num_entries, F);
-  check_out("fiited::feature_keys", "keys", keys, n, ids.device());
+  check_long_out("fiited::feature_keys", "keys", keys, n, ids.device());
   const auto starts = id_starts.contiguous(), base = key_base.contiguous();
   const auto offset = row_offset.contiguous(), entries = num_entries.contiguous();
   const int64_t* s = starts.data_ptr<int64_t>();
@@ -228,12 +220,16 @@ at::Tensor row_permutation_cpu(const at::Tensor& rows, const at::Tensor& id_star
   return out;
 }
 
-void expand_bags_out_cpu(const at::Tensor& values, const at::Tensor& offsets, at::Tensor& out) {
-  constexpr const char* op = "fiited::expand_bags";
-  const int64_t num_ids = out.numel();
+void check_values(const char* op, const at::Tensor& values) {
   TORCH_CHECK(values.scalar_type() == at::kLong && values.dim() == 1, "[torchrec_fiited] ", op,
               ": values must be a 1-D int64 tensor, got ", values.scalar_type(), " ",
               values.sizes());
+}
+
+void expand_bags_out_cpu(const at::Tensor& values, const at::Tensor& offsets, at::Tensor& out) {
+  constexpr const char* op = "fiited::expand_bags";
+  const int64_t num_ids = out.numel();
+  check_values(op, values);
   const int64_t nb = values.numel();
   TORCH_CHECK(offsets.scalar_type() == at::kLong && offsets.dim() == 1 &&
                   offsets.numel() == nb + 1,
@@ -247,7 +243,7 @@ void expand_bags_out_cpu(const at::Tensor& values, const at::Tensor& offsets, at
     TORCH_CHECK(o[b] <= o[b + 1], "[torchrec_fiited] ", op, ": offsets must be non-decreasing, "
                 "got offsets[", b, "]=", o[b], " > offsets[", b + 1, "]=", o[b + 1]);
   }
-  check_out(op, "out", out, num_ids, values.device());
+  check_long_out(op, "out", out, num_ids, values.device());
   const int64_t* val = v.data_ptr<int64_t>();
   int64_t* dst = out.data_ptr<int64_t>();
   at::parallel_for(0, num_ids, kGrain, [&](int64_t begin, int64_t end) {
@@ -288,12 +284,6 @@ at::Tensor collect_positions(const at::Tensor& values, int64_t n, const Keep& ke
   int64_t* dst = out.data_ptr<int64_t>();
   for (const auto& f : found) dst = std::copy(f.begin(), f.end(), dst);
   return out;
-}
-
-void check_values(const char* op, const at::Tensor& values) {
-  TORCH_CHECK(values.scalar_type() == at::kLong && values.dim() == 1, "[torchrec_fiited] ", op,
-              ": values must be a 1-D int64 tensor, got ", values.scalar_type(), " ",
-              values.sizes());
 }
 
 at::Tensor positions_equal_cpu(const at::Tensor& values, int64_t value) {
