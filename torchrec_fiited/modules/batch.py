@@ -23,7 +23,7 @@ import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from torchrec_fiited.modules.step_buffers import StepBuffers
+from torchrec_fiited.modules.step_buffers import Lease, StepBuffers, per_id
 from torchrec_fiited.modules.validation import check_ids
 from torchrec_fiited.modules.vbe import written_out
 from torchrec_fiited.ops import dispatch
@@ -129,19 +129,18 @@ class PoolBatch:
     misses: Optional[object] = None
     _bag_of_id: Optional[torch.Tensor] = field(default=None, repr=False)
     _id_scale: Optional[torch.Tensor] = field(default=None, repr=False)
-    # Where the per-id int64 tensors come from in a training step (``step_buffers``), and the
-    # batch's list of the buffers taken (shared by its pools); None: fresh tensors.
-    buffers: Optional[StepBuffers] = field(default=None, repr=False)
-    owned: List[torch.Tensor] = field(default_factory=list, repr=False)
+    # Where the per-id int64 tensors come from (the batch's lease on ``step_buffers``, shared
+    # by its pools); None: fresh tensors.
+    lease: Optional[Lease] = field(default=None, repr=False)
 
     @property
     def pool(self) -> str:
         return self.spec.pool
 
     def per_id(self) -> torch.Tensor:
-        """An int64 [n] tensor, one value per id (contents unspecified): a reused buffer in a
-        training step, else fresh."""
-        return new_per_id(self.keys.numel(), self.keys.device, self.buffers, self.owned)
+        """An int64 [n] tensor, one value per id (contents unspecified): a reused buffer under a
+        lease, else fresh."""
+        return per_id(self.keys.numel(), self.keys.device, self.lease)
 
     def ids(self, first: int, end: int) -> slice:
         """The id range of features [first, end)."""
@@ -192,8 +191,7 @@ class Batch:
 
     batch_size: int
     pools: List[PoolBatch]
-    buffers: Optional[StepBuffers] = field(default=None, repr=False)
-    owned: List[torch.Tensor] = field(default_factory=list, repr=False)
+    lease: Optional[Lease] = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.pools)
@@ -202,16 +200,8 @@ class Batch:
         """Hand the batch's buffers back for the next step; call once nothing reads the batch
         any more (the end of its backward): its per-id tensors are then overwritten by the
         next step's."""
-        if self.buffers is not None:
-            self.buffers.recycle(self.owned)
-
-
-def new_per_id(n: int, device: torch.device, buffers: Optional[StepBuffers],
-               owned: List[torch.Tensor]) -> torch.Tensor:
-    """int64 [n] on ``device``: from ``buffers`` (recorded in ``owned``) or fresh."""
-    if buffers is None:
-        return torch.empty(n, dtype=torch.int64, device=device)
-    return buffers.take(n, torch.int64, device, owned)
+        if self.lease is not None:
+            self.lease.release()
 
 
 def _segments(features: KeyedJaggedTensor, names: List[str]):
@@ -251,10 +241,10 @@ def _cat(parts: List[torch.Tensor]) -> torch.Tensor:
 
 def resolve_pool(
     spec: PoolFeatures, segments, batch_size: int, hash_ids: bool, weighted: bool,
-    buffers: Optional[StepBuffers] = None, owned: Optional[List[torch.Tensor]] = None,
+    lease: Optional[Lease] = None,
 ) -> PoolBatch:
     """``PoolBatch`` of one pool from its features' (ids, lengths, weights); its per-id tensors
-    from ``buffers`` (recorded in ``owned``) when given.
+    from ``lease`` when given.
 
     Raises:
         ValueError: without ``hash_ids``, an id outside its table (naming feature and table).
@@ -264,10 +254,9 @@ def resolve_pool(
     for c in counts:
         id_starts.append(id_starts[-1] + c)
     ids = _cat([s[0] for s in segments])
-    owned = [] if owned is None else owned
     keys, first_bad = dispatch.feature_keys(ids, id_starts, spec.key_base, spec.row_offset,
                                             spec.num_entries_t, hash_ids,
-                                            out=new_per_id(ids.numel(), ids.device, buffers, owned))
+                                            out=per_id(ids.numel(), ids.device, lease))
     if first_bad >= 0:
         f = bisect_right(id_starts, first_bad) - 1
         check_ids(spec.features[f], spec.tables[f],
@@ -277,8 +266,7 @@ def resolve_pool(
     offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int64, device=device)
     torch.cumsum(lengths, 0, out=offsets[1:])
     weights = _cat([s[2] for s in segments]).to(torch.float32) if weighted else None
-    return PoolBatch(spec, batch_size, keys, lengths, offsets, weights, id_starts,
-                     buffers=buffers, owned=owned)
+    return PoolBatch(spec, batch_size, keys, lengths, offsets, weights, id_starts, lease=lease)
 
 
 def resolve_batch(
@@ -293,9 +281,9 @@ def resolve_batch(
     modules are ignored. Nothing is changed before every id is checked. With ``buffers`` (a
     training step), the per-id tensors are taken from it, for ``Batch.release`` to return."""
     segments = _segments(features, [f for spec in pools for f in spec.features])
-    owned: List[torch.Tensor] = []
+    lease = None if buffers is None else buffers.lease()
     return Batch(batch_size, [
         resolve_pool(spec, [segments[f] for f in spec.features], batch_size, hash_ids, weighted,
-                     buffers, owned)
+                     lease)
         for spec in pools
-    ], buffers, owned)
+    ], lease)

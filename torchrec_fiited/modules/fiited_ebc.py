@@ -344,8 +344,8 @@ class FiitedEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimiz
         into the output's column blocks (no per-feature outputs, no concatenation). With step
         buffers (the module's own forwards), the last output's storage when nothing holds it."""
         B, device = batch.batch_size, self.steps_done.device
-        out = (torch.empty(B, sum(self._dims), device=device) if batch.buffers is None
-               else batch.buffers.output((B, sum(self._dims)), torch.float32, device))
+        out = (torch.empty(B, sum(self._dims), device=device) if batch.lease is None
+               else batch.lease.output((B, sum(self._dims)), torch.float32, device))
         for pb in batch.pools:
             spec = pb.spec
             pool, et = self.store.pools[pb.pool], self.store.entries[pb.pool]

@@ -79,10 +79,38 @@ class StepBuffers:
         self._free = list(owned)
         owned.clear()
 
-    def clear(self) -> None:
-        self._free.clear()
-        self._output = self._output_alone = None
+    def lease(self) -> "Lease":
+        """What one batch takes from here, to give back in one ``Lease.release``."""
+        return Lease(self)
 
     @property
     def free_bytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self._free)
+
+
+class Lease:
+    """The buffers one batch has taken from a ``StepBuffers`` (shared by the batch's pools)."""
+
+    def __init__(self, buffers: StepBuffers) -> None:
+        self._buffers = buffers
+        self._owned: List[torch.Tensor] = []
+
+    def per_id(self, n: int, device: torch.device) -> torch.Tensor:
+        """An int64 [n] tensor (contents unspecified), reused from an earlier batch if one fits."""
+        return self._buffers.take(n, torch.int64, device, self._owned)
+
+    def output(self, shape: Sequence[int], dtype: torch.dtype, device: torch.device):
+        """``StepBuffers.output``: the last output's storage when nothing holds it any more."""
+        return self._buffers.output(shape, dtype, device)
+
+    def release(self) -> None:
+        """Give every buffer taken back; the batch's per-id tensors are then overwritten by the
+        next batch's."""
+        self._buffers.recycle(self._owned)
+
+
+def per_id(n: int, device: torch.device, lease: Optional[Lease]) -> torch.Tensor:
+    """int64 [n] on ``device``: from ``lease`` when given, else fresh."""
+    if lease is None:
+        return torch.empty(n, dtype=torch.int64, device=device)
+    return lease.per_id(n, device)

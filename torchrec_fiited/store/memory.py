@@ -13,6 +13,7 @@ turns the advice off (read when a store is built).
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import sys
 from typing import Optional, Sequence
@@ -22,20 +23,17 @@ import torch
 HUGE_PAGES_ENV = "TORCHREC_FIITED_HUGE_PAGES"
 _HUGE_PAGE = 2 << 20
 _MADV_HUGEPAGE = 14  # linux/mman.h
-_libc: Optional[ctypes.CDLL] = None
-_libc_loaded = False
 
 
+@functools.lru_cache(maxsize=None)
 def _madvise():
-    global _libc, _libc_loaded
-    if not _libc_loaded:
-        _libc_loaded = True
-        try:
-            _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-            _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        except (OSError, AttributeError):
-            _libc = None
-    return None if _libc is None else _libc.madvise
+    """libc's madvise, or None where it cannot be loaded."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    except (OSError, AttributeError):
+        return None
+    return libc.madvise
 
 
 def advise_huge_pages(t: torch.Tensor) -> bool:
