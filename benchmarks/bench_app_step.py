@@ -88,35 +88,11 @@ def build(args: Dict[str, Any]):
     return recipe, list(recipe.train_data.epoch(0, 0))[:total]
 
 
-def run_one(args: Dict[str, Any]) -> Dict[str, Any]:
-    """Build the app for one configuration, train ``warmup`` steps, then time ``steps``."""
-    import torch
-
-    from torchrec_fiited.app.loop import TrainResult, train
-
-    torch.set_num_threads(args["threads"] or torch.get_num_threads())
-    recipe, batches = build(args)
-    warm = train(recipe.model, batches[: args["warmup"]], recipe.dense_optimizer, progress=False)
-    timed, step_seconds = TrainResult(), []
-
-    def on_step(_: int) -> None:  # runs outside the timed region: one step's time is the delta
-        step_seconds.append(timed.seconds - sum(step_seconds))
-
-    train(recipe.model, batches[args["warmup"]:], recipe.dense_optimizer, progress=False,
-          result=timed, on_step=on_step)
-    return {
-        **{k: args[k] for k in ("emb", "budget", "dim", "batch")},
-        "steps": timed.steps, "seconds": timed.seconds, "step_seconds": step_seconds,
-        "losses": timed.losses,
-        "examples_per_second": timed.examples_per_second,
-        "warmup_examples_per_second": warm.examples_per_second,
-        "embedding_bytes": recipe._embedding_bytes(), "embedding_bytes_full": recipe.full_bytes,
-    }
-
-
-def run_interleaved(block: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """Every configuration of ``block`` (one D and batch) in this process: build all, warm each,
-    then time their steps alternately, the order rotating every step."""
+def run_block(block: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Every configuration of ``block`` in this process (one, or with ``--interleave`` all of a
+    D and batch): build all, train ``warmup`` steps of each, then time ``steps`` steps of each,
+    alternately, the order rotating every step. Each step is timed alone (by ``train``, inside
+    its loop)."""
     import torch
 
     from torchrec_fiited.app.loop import TrainResult, train
@@ -167,10 +143,10 @@ def main() -> int:
     parser.add_argument("--block", help=argparse.SUPPRESS)  # internal: a block, interleaved
     a = parser.parse_args()
     if a.one:
-        print(json.dumps(run_one(json.loads(a.one))))
+        print(json.dumps(run_block([json.loads(a.one)])[0]))
         return 0
     if a.block:
-        print(json.dumps(run_interleaved(json.loads(a.block))))
+        print(json.dumps(run_block(json.loads(a.block))))
         return 0
     if a.quick:
         a.dims, a.batches, a.steps, a.warmup, a.scale = [16], [256], 3, 1, 0.01
