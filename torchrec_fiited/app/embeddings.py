@@ -44,7 +44,7 @@ class EmbeddingSpec:
     method: str = "fiited"
     fiited: Optional[Dict[str, Any]] = None
     prune_interval: Optional[int] = None
-    prune_interval_fraction: float = 0.1
+    prune_interval_fraction: float = 0.05
     warmup_fraction: float = 0.0
     temperature: float = 0.3
     dim_cold_start_fraction: float = 0.2
