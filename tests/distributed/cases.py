@@ -593,6 +593,61 @@ def default_sharders(rank: int, world_size: int) -> Dict[str, Any]:
     return out
 
 
+def sharded_buffer_reuse(rank: int, world_size: int, kind: str) -> Dict[str, Any]:
+    """A sharded collection's lookups reuse their step buffers: the per-id keys sit in the same
+    memory every step, training is bitwise what fresh tensors give, and a second backward through
+    one forward is refused."""
+    from torchrec_fiited.modules.step_buffers import StepBuffers
+
+    class NeverReuse(StepBuffers):
+        def recycle(self, owned):
+            owned.clear()
+
+        def output(self, shape, dtype, device):
+            return torch.empty(shape, dtype=dtype, device=device)
+
+    config = dict(num_chunks=2, budget=0.5, prune_interval=2, sample_size=20, enforce_ratio=0.0,
+                  learning_rate=0.1)
+    reused, fresh = _ebc_dmp(kind, world_size, config), _ebc_dmp(kind, world_size, config)
+    for lookup in sharded_collection(fresh)._lookups:
+        lookup._step_buffers = NeverReuse()
+    lookups = sharded_collection(reused)._lookups
+    free_bytes: List[List[int]] = []
+    for kjt in global_batches(4, GLOBAL_BATCH):
+        for dmp in (reused, fresh):
+            _train_steps(dmp, rank, world_size, [kjt])
+        free_bytes.append([lookup._step_buffers.free_bytes for lookup in lookups])
+    equal = all(
+        torch.equal(a, b)
+        for la, lb in zip(lookups, sharded_collection(fresh)._lookups)
+        for a, b in zip(la.state_dict().values(), lb.state_dict().values())
+        if torch.is_tensor(a)
+    )
+    seen = []
+    for lookup in lookups:
+        resolve = lookup._resolve
+
+        def spy(features, reuse=False, resolve=resolve):
+            batch = resolve(features, reuse)
+            seen.append(batch)
+            return batch
+
+        lookup._resolve = spy
+    for kjt in global_batches(2, GLOBAL_BATCH, seed=5):
+        _train_steps(reused, rank, world_size, [kjt])
+    keys_ptrs = [[pb.keys.data_ptr() for pb in b.pools] for b in seen]
+    refused = ""
+    values = torch.cat(list(reused(rank_slice(global_batches(1, GLOBAL_BATCH)[0], rank,
+                                              world_size)).to_dict().values()), dim=1)
+    values.sum().backward(retain_graph=True)
+    try:
+        values.sum().backward()
+    except RuntimeError as e:
+        refused = str(e)
+    return {"equal": equal, "free_bytes": free_bytes, "keys_ptrs": keys_ptrs,
+            "num_lookups": len(lookups), "refused": refused}
+
+
 def plain_training_step(rank: int, world_size: int) -> int:
     """A training step of an unsharded collection in this process group: steps done."""
     ebc = FiitedEmbeddingBagCollection(tables(), FiitedConfig(num_chunks=4))

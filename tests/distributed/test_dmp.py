@@ -297,3 +297,17 @@ def test_single_process_state_loads_into_a_sharded_collection():
         # Row-wise bags are summed per rank: equal up to fp32 summation order.
         tol = dict(rtol=1e-6, atol=1e-7) if kind == "row_wise" else dict(rtol=0, atol=0)
         torch.testing.assert_close(got, want, **tol)
+
+
+@pytest.mark.parametrize("kind", ["table_wise", "row_wise"])
+def test_sharded_lookups_reuse_their_step_buffers(kind):
+    for got in run_ranks(cases.sharded_buffer_reuse, 2, kind):
+        assert got["equal"]  # bitwise what fresh tensors every step give
+        assert all(b > 0 for step in got["free_bytes"] for b in step)  # released after backward
+        n = got["num_lookups"]
+        first, second = got["keys_ptrs"][:n], got["keys_ptrs"][n:]
+        assert len(first) == len(second) == n
+        # The next step's keys reuse a buffer the last step released (which one depends on the
+        # sizes: a row shard's batch size varies from step to step).
+        assert all(set(a) & set(b) for a, b in zip(first, second))
+        assert "backward ran twice" in got["refused"]

@@ -179,4 +179,6 @@ def resolve(lookup: FiitedEmbeddingBagCollection, part: "Part", kjt: KeyedJagged
     local = KeyedJaggedTensor(
         part.keys, values, kjt.weights_or_none(), lengths=kjt.lengths(), stride=kjt.stride()
     )
-    return lookup._resolve(local), kjt.stride()
+    # From the lookup's step buffers: the collection releases the batch after its backward (an
+    # inference forward: after pooling), so the next step's per-id tensors reuse its memory.
+    return lookup._resolve(local, reuse=True), kjt.stride()

@@ -289,6 +289,7 @@ class ShardedFiitedEmbeddingBagCollection(
             flat = list(_ShardedFusedLookup.apply(self, batches, anchor))
         else:
             flat = [_pooled(lookup, b, stride) for lookup, (b, stride) in zip(self._lookups, batches)]
+            _release(batches)  # nothing reads an inference batch after its lookup
         outs = []
         for parts, order in zip(self._parts, self._column_order):
             if order is None:
@@ -412,10 +413,23 @@ class _ShardedFusedLookup(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):  # type: ignore[override]
-        module = ctx.module
-        for lookup, (batch, _), grad in zip(module._lookups, ctx.batches, grads):
+        if ctx.batches is None:
+            raise RuntimeError(
+                "[torchrec_fiited] backward ran twice through one sharded FIITED collection "
+                "forward (retain_graph=True): its fused update was already applied, and the "
+                "batches' buffers now serve later steps"
+            )
+        module, batches, ctx.batches = ctx.module, ctx.batches, None
+        for lookup, (batch, _), grad in zip(module._lookups, batches, grads):
             if batch:
                 lookup._apply_gradients(batch, grad.contiguous(), flush=False)
+        _release(batches)  # their per-id buffers serve the next step
         module._flush_fallbacks()
         module._end_step()
         return None, None, None
+
+
+def _release(batches) -> None:
+    for batch, _ in batches:
+        if batch:
+            batch.release()
