@@ -2,6 +2,7 @@
 bring dims back re-initialised, table vs global scope, checkpoints round-trip."""
 
 import io
+import warnings
 
 import pytest
 import torch
@@ -344,3 +345,20 @@ def test_shape_like_lets_dcp_load_a_pruned_checkpoint_in_place(tmp_path):
         assert torch.equal(_step(dst, b), _step(src, b))
     with pytest.raises(ValueError, match="share one width in"):
         dst.shape_like({"store.dim_maps.t0.kept": (2, 2), "store.dim_maps.t2.kept": (2, 3)})
+
+
+def test_warns_when_the_column_maps_would_take_most_of_a_small_budget():
+    # 26 tables of 4000 x 16 (the hard preset's shape): at budget 0.001 the per-column maps are
+    # 5,200 of 7,072 budget bytes; at 0.01 a tenth of that share, no warning.
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+
+    tables = [EmbeddingBagConfig(num_embeddings=4000, embedding_dim=16, name=f"t{i}",
+                                 feature_names=[f"f{i}"]) for i in range(26)]
+    dims = DimPruningConfig(target_ratio=0.5)
+    with pytest.warns(UserWarning, match=r"pool 'shared_cs8': FIITED-2D's column maps take 5,200 "
+                                         r"of its 7,072 budget bytes \(74%\)"):
+        FiitedEmbeddingBagCollection(tables, FiitedConfig(budget=0.001, dim_pruning=dims))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        FiitedEmbeddingBagCollection(tables, FiitedConfig(budget=0.01, dim_pruning=dims))
+        FiitedEmbeddingBagCollection(tables, FiitedConfig(budget=0.001))  # no dimension pruning

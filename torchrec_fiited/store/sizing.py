@@ -107,10 +107,14 @@ def fixed_bytes(tables: Sequence[TableSpec], num_chunks: int, optimizer: str, di
     entries += INT64  # the utility base step
     entries += FP32 * K  # last thresholds
     entries += INT64  # the sketch's decay step
-    dims = 0
-    if dim_pruning:
-        dims = sum((INT64 + FP32) * t.dim + INT64 for t in tables)  # kept, utilities, step
+    dims = dim_map_bytes(tables) if dim_pruning else 0
     return pool + entries + dims + INT64  # + steps_done
+
+
+def dim_map_bytes(tables: Sequence[TableSpec]) -> int:
+    """FIITED-2D's per-table maps at full width: kept columns (int64), column utilities (fp32)
+    and the decision step. Fixed per column of every table, whatever the budget."""
+    return sum((INT64 + FP32) * t.dim + INT64 for t in tables)
 
 
 def min_pool_bytes(tables: Sequence[TableSpec], num_chunks: int, optimizer: str,
