@@ -7,6 +7,8 @@ import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from torchrec_fiited.modules.step_buffers import StepBuffers
+
 
 def make_tables(pooling: PoolingType = PoolingType.SUM, rows: int = 40) -> List[EmbeddingBagConfig]:
     """Three tables, two dims, one table fed by two features."""
@@ -76,3 +78,15 @@ def assert_resident(module, rows_by_table: Dict[str, torch.Tensor]) -> None:
 def module_bytes(module) -> int:
     """Bytes of every tensor (buffer and parameter) ``module`` holds."""
     return sum(t.numel() * t.element_size() for t in list(module.buffers()) + list(module.parameters()))
+
+
+
+class NeverReuse(StepBuffers):
+    """Step buffers that hand out fresh tensors every step: the behaviour before buffers were
+    reused (``modules/step_buffers.py``), to compare reuse against bit for bit."""
+
+    def recycle(self, owned):
+        owned.clear()
+
+    def output(self, shape, dtype, device):
+        return torch.empty(shape, dtype=dtype, device=device)

@@ -15,6 +15,7 @@ from torchrec.distributed.types import ShardingEnv, ShardingPlan
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from tests.conftest import NeverReuse
 from torchrec_fiited import FiitedConfig, FiitedEmbeddingBagCollection
 from torchrec_fiited.distributed import FiitedEmbeddingBagCollectionSharder
 from torchrec_fiited.distributed.gather import gather_state_dict, logical_tables
@@ -597,15 +598,6 @@ def sharded_buffer_reuse(rank: int, world_size: int, kind: str) -> Dict[str, Any
     """A sharded collection's lookups reuse their step buffers: the per-id keys sit in the same
     memory every step, training is bitwise what fresh tensors give, and a second backward through
     one forward is refused."""
-    from torchrec_fiited.modules.step_buffers import StepBuffers
-
-    class NeverReuse(StepBuffers):
-        def recycle(self, owned):
-            owned.clear()
-
-        def output(self, shape, dtype, device):
-            return torch.empty(shape, dtype=dtype, device=device)
-
     config = dict(num_chunks=2, budget=0.5, prune_interval=2, sample_size=20, enforce_ratio=0.0,
                   learning_rate=0.1)
     reused, fresh = _ebc_dmp(kind, world_size, config), _ebc_dmp(kind, world_size, config)

@@ -5,19 +5,9 @@ take, and the buffers must really be reused."""
 import pytest
 import torch
 
-from tests.conftest import make_tables, random_kjt
+from tests.conftest import NeverReuse, make_tables, random_kjt
 from torchrec_fiited import FiitedConfig, FiitedEmbeddingBagCollection
 from torchrec_fiited.modules.step_buffers import StepBuffers
-
-
-class _NeverReuse(StepBuffers):
-    """Fresh tensors every step: the behaviour before buffers were reused."""
-
-    def recycle(self, owned):
-        owned.clear()
-
-    def output(self, shape, dtype, device):
-        return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _module(reuse: bool, weighted: bool = False) -> FiitedEmbeddingBagCollection:
@@ -25,7 +15,7 @@ def _module(reuse: bool, weighted: bool = False) -> FiitedEmbeddingBagCollection
     cfg = FiitedConfig(num_chunks=2, budget=0.3, prune_interval=3, learning_rate=0.1, seed=4)
     ebc = FiitedEmbeddingBagCollection(make_tables(), cfg, is_weighted=weighted)
     if not reuse:
-        ebc._step_buffers = _NeverReuse()
+        ebc._step_buffers = NeverReuse()
     return ebc
 
 

@@ -198,8 +198,8 @@ class Batch:
 
     def release(self) -> None:
         """Hand the batch's buffers back for the next step; call once nothing reads the batch
-        any more (the end of its backward): its per-id tensors are then overwritten by the
-        next step's."""
+        any more (the end of its backward; an inference forward's lookup): its per-id tensors
+        are then overwritten by the next step's."""
         if self.lease is not None:
             self.lease.release()
 
@@ -278,8 +278,8 @@ def resolve_batch(
     buffers: Optional[StepBuffers] = None,
 ) -> Batch:
     """Every pool's ``PoolBatch`` of a checked KJT (``validation.check_kjt``); keys of other
-    modules are ignored. Nothing is changed before every id is checked. With ``buffers`` (a
-    training step), the per-id tensors are taken from it, for ``Batch.release`` to return."""
+    modules are ignored. Nothing is changed before every id is checked. With ``buffers``, the
+    per-id tensors are taken from it, for ``Batch.release`` to return."""
     segments = _segments(features, [f for spec in pools for f in spec.features])
     lease = None if buffers is None else buffers.lease()
     return Batch(batch_size, [
