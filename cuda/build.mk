@@ -6,8 +6,11 @@
 #               source changed or the library is missing.
 #   wheel       builds dist/torchrec_fiited-*.whl (native ops and configs inside) with the same setup.py.
 #   nvcc-check  compiles the CUDA kernels (cuda/fiited_cuda.cu, cuda/fiited_hash_cuda.cu, torch-free)
-#               to object files with nvcc alone, so they cannot rot on CPU-only machines; skipped
-#               when nvcc is absent.
+#               to object files with nvcc alone, so they cannot rot on CPU-only machines; then
+#               builds the torch host wrappers (cuda/fiited_cuda_host.cpp) against the installed
+#               CPU torch, links them with --no-undefined and loads them, so every CUDA kernel
+#               registers against its op's schema (cuda/host_check/check.py). Skipped when nvcc
+#               is absent. C++20 throughout, as torch's BuildExtension compiles.
 .PHONY: ext wheel nvcc-check FORCE
 
 EXT_SOURCES := $(wildcard cuda/*.cpp cuda/*.h cuda/*.cu) setup.py
@@ -29,7 +32,17 @@ $(EXT_STAMP): $(STAMP) $(EXT_SOURCES) $(if $(EXT_LIBRARY),,FORCE)
 wheel: venv
 	FIITED_EXT_MARCH= $(VPY) -m pip wheel -q --no-deps --no-build-isolation -w dist .
 
-nvcc-check: $(NVCC_OBJECTS)
+HOST_CHECK := build/nvcc-check/host/.checked
+
+nvcc-check: $(NVCC_OBJECTS) $(HOST_CHECK)
+
+# Needs the stack (torch's headers and libraries) and the native CPU ops (the schemas).
+$(HOST_CHECK): $(EXT_STAMP) $(wildcard cuda/*.h cuda/*.cu cuda/*.cpp cuda/host_check/*.py cuda/host_check/*.cpp)
+	@if command -v $(NVCC) >/dev/null 2>&1; then \
+	    $(VPY) cuda/host_check/check.py $(dir $@) --nvcc $(NVCC) --arch $(NVCC_ARCH) && touch $@; \
+	else \
+	    echo "nvcc-check: $(NVCC) not found; CUDA host wrapper check skipped"; \
+	fi
 
 build/nvcc-check/fiited_cuda.o: cuda/fiited_cuda.cu cuda/fiited_cuda.h
 build/nvcc-check/fiited_hash_cuda.o: cuda/fiited_hash_cuda.cu cuda/fiited_hash_cuda.h cuda/fiited_hash.h
@@ -37,7 +50,7 @@ build/nvcc-check/fiited_hash_cuda.o: cuda/fiited_hash_cuda.cu cuda/fiited_hash_c
 build/nvcc-check/%.o:
 	@if command -v $(NVCC) >/dev/null 2>&1; then \
 	    mkdir -p $(dir $@) && \
-	    $(NVCC) -std=c++17 -O3 -arch=$(NVCC_ARCH) -Xcompiler -Wall,-Werror -c $< -o $@ && \
+	    $(NVCC) -std=c++20 -O3 -arch=$(NVCC_ARCH) -Xcompiler -Wall,-Werror -c $< -o $@ && \
 	    echo "nvcc-check: $< compiles ($(NVCC_ARCH))"; \
 	else \
 	    echo "nvcc-check: $(NVCC) not found; CUDA compile check skipped"; \

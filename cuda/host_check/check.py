@@ -1,0 +1,125 @@
+"""Build the CUDA ops' torch host wrappers against the installed (CPU) torch, and load them.
+
+``make nvcc-check`` compiles the kernels with nvcc alone; the host wrappers
+(``cuda/fiited_cuda_host.cpp``) include c10's CUDA headers and register the kernels with the
+dispatcher, which a CPU machine could not build or load, so they would first meet a compiler on a
+GPU machine. This script closes most of that gap without a GPU:
+
+1. compiles the host wrappers with torch's flags (C++20, ``-Wall -Wextra -Werror`` on our code,
+   torch's headers as system headers; the one generated c10 CUDA header a CPU wheel lacks comes
+   from ``cuda/host_check/c10``), the kernels with nvcc and ``c10_cuda_stubs.cpp``;
+2. links them with ``--no-undefined`` against torch's libraries and the CUDA runtime, so every
+   symbol the wrappers use resolves (c10_cuda's from the stubs, which abort if ever called);
+3. loads the library into a fresh Python after the native CPU ops (which define the schemas):
+   registering a CUDA kernel whose C++ signature disagrees with its op's schema aborts there,
+   and every op the wrappers name must end with a CUDA kernel.
+
+It cannot run a kernel: that needs a GPU (``tests/ops/test_*::test_cuda_*``).
+
+Usage: ``python cuda/host_check/check.py OUT_DIR [--host FILE] [--arch sm_80]``; exit status 0
+when the wrappers build and register, 1 (with the compiler's or the dispatcher's message) if not.
+"""
+
+import argparse
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import List
+
+HERE = Path(__file__).resolve().parent
+CUDA_DIR = HERE.parent
+KERNELS = CUDA_DIR / "fiited_cuda.cu"
+STUBS = HERE / "c10_cuda_stubs.cpp"
+
+
+def _torch_flags() -> List[str]:
+    from torch.utils import cpp_extension
+
+    return [f for p in cpp_extension.include_paths() for f in ("-isystem", p)]
+
+
+def _run(cmd: List[str]) -> None:
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"host check: failed: {' '.join(cmd)}\n{done.stdout}{done.stderr}")
+
+
+def _object(source: Path, out: Path, nvcc: str, arch: str, deps: List[Path]) -> Path:
+    """Compile ``source`` to ``out`` unless ``out`` is newer than it and ``deps``."""
+    if out.exists() and all(out.stat().st_mtime >= p.stat().st_mtime for p in [source, *deps]):
+        return out
+    common = [nvcc, "-std=c++20", "-O1", "-Xcompiler", "-fPIC,-Wall,-Werror", "-c", str(source),
+              "-o", str(out)]
+    if source.suffix == ".cu":
+        _run(common + [f"-arch={arch}"])
+    else:  # host code: torch's headers, our shim for the generated one, -Wextra on our code
+        _run(common + ["-x", "c++", "-Xcompiler", "-Wextra", "-isystem", str(HERE),
+                       *_torch_flags(), f"-I{CUDA_DIR}"])
+    return out
+
+
+def registered_ops(host: Path) -> List[str]:
+    """The op names ``host`` registers under ``TORCH_LIBRARY_IMPL(fiited, CUDA, m)``."""
+    text = host.read_text()
+    block = text[text.index("TORCH_LIBRARY_IMPL(fiited, CUDA"):]
+    return re.findall(r'm\.impl\("([A-Za-z0-9_]+)"', block)
+
+
+def build(out_dir: Path, host: Path, nvcc: str = "nvcc", arch: str = "sm_80") -> Path:
+    """Compile and link the host-check library; its path."""
+    from torch.utils import cpp_extension
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    headers = sorted(CUDA_DIR.glob("*.h"))
+    objects = [
+        _object(KERNELS, out_dir / "fiited_cuda.o", nvcc, arch, headers),
+        _object(STUBS, out_dir / "c10_cuda_stubs.o", nvcc, arch, []),
+        _object(host, out_dir / f"{host.stem}.o", nvcc, arch, headers),
+    ]
+    lib = out_dir / f"lib{host.stem}_check.so"
+    torch_lib = cpp_extension.library_paths()[0]
+    _run([nvcc, "-shared", "-o", str(lib), *map(str, objects), f"-L{torch_lib}", "-lc10",
+          "-ltorch_cpu", "-ltorch", "-Xlinker", f"--no-undefined,-rpath,{torch_lib}"])
+    return lib
+
+
+_LOAD = """
+import sys, torch
+import torchrec_fiited.ops.native as native
+assert native.AVAILABLE, "the native CPU ops (the schemas) are not built: make ext"
+torch.ops.load_library(sys.argv[1])
+unknown = [op for op in sys.argv[2:] if not hasattr(torch.ops.fiited, op)]
+assert not unknown, f"no op schema for {unknown} (fiited_ops.cpp defines the schemas)"
+missing = [op for op in sys.argv[2:]
+           if not torch._C._dispatch_has_kernel_for_dispatch_key(f"fiited::{op}", "CUDA")]
+assert not missing, f"no CUDA kernel registered for {missing}"
+print("registered:", " ".join(sys.argv[2:]))
+"""
+
+
+def load(lib: Path, ops: List[str]) -> None:
+    """Load ``lib`` in a fresh interpreter (a failed registration aborts it) and check ``ops``."""
+    if not ops:
+        raise SystemExit("host check: the host file registers no op under CUDA")
+    done = subprocess.run([sys.executable, "-c", _LOAD, str(lib), *ops], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        # The dispatcher's message is above torch's stack frames.
+        message = "\n".join(l for l in done.stderr.splitlines() if not l.startswith("frame #"))
+        raise SystemExit(f"host check: loading {lib.name} failed:\n{message}")
+    print(f"host check: {done.stdout.strip()} (CUDA host wrappers build, link and register)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--host", type=Path, default=CUDA_DIR / "fiited_cuda_host.cpp")
+    parser.add_argument("--nvcc", default="nvcc")
+    parser.add_argument("--arch", default="sm_80")
+    args = parser.parse_args()
+    load(build(args.out_dir, args.host, args.nvcc, args.arch), registered_ops(args.host))
+
+
+if __name__ == "__main__":
+    main()
