@@ -35,7 +35,10 @@ CPU_SOURCES = [
     "cuda/fiited_hash_ops.cpp", "cuda/fiited_hash_cpu.cpp", "cuda/fiited_sketch_cpu.cpp",
     "cuda/fiited_init_cpu.cpp", "cuda/fiited_keys_cpu.cpp",
 ]
-CUDA_SOURCES = ["cuda/fiited_cuda.cu", "cuda/fiited_cuda_host.cpp"]
+CUDA_SOURCES = [
+    "cuda/fiited_cuda.cu", "cuda/fiited_cuda_host.cpp",
+    "cuda/fiited_hash_cuda.cu", "cuda/fiited_hash_cuda_host.cpp",
+]
 CONF_DIR = "conf"  # top-level in the repository, torchrec_fiited/conf in the installed package
 
 

@@ -1,6 +1,6 @@
 // CUDA kernels of the resident-id hash table ops, with C-ABI launchers (fiited_hash_cuda.h).
-// Compiles with nvcc alone; the torch-facing host (validation, dedupe, sort, compaction) is not
-// written yet: until it is, CUDA tables run the PyTorch reference (ops/dispatch.py).
+// Compiles with nvcc alone; the torch-facing host (validation, dedupe, sort, compaction) is
+// fiited_hash_cuda_host.cpp.
 
 #include "fiited_hash.h"
 #include "fiited_hash_cuda.h"
@@ -21,7 +21,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   if (i >= p.num_keys) return;  // the whole warp leaves together
   const int64_t key = p.keys[i];
   const int64_t base = fiited_bucket_of(key, p.num_buckets) * p.bucket_size;
-  int64_t slot = -1;
+  int64_t slot = p.missing;
   for (int j0 = 0; j0 < p.bucket_size; j0 += kWarpSize) {
     const int j = j0 + lane;
     const bool hit = j < p.bucket_size && p.table_keys[base + j] == key;
@@ -95,6 +95,13 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
 }
 
+// Thread mapping: one thread per key (the host sorts the insert's candidates by bucket).
+__global__ void __launch_bounds__(kBlockThreads)
+    hash_buckets_kernel(const FiitedHashBucketsParams p) {
+  const int64_t i = int64_t{blockIdx.x} * kBlockThreads + threadIdx.x;
+  if (i < p.num_keys) p.buckets[i] = fiited_bucket_of(p.keys[i], p.num_buckets);
+}
+
 unsigned blocks_for(int64_t threads) {
   return static_cast<unsigned>((threads + kBlockThreads - 1) / kBlockThreads);
 }
@@ -121,5 +128,12 @@ extern "C" cudaError_t fiited_hash_erase_cuda(
   if (params->num_keys == 0) return cudaSuccess;
   hash_erase_kernel<<<blocks_for(params->num_keys * kWarpSize), kBlockThreads, 0, stream>>>(
       *params);
+  return cudaPeekAtLastError();
+}
+
+extern "C" cudaError_t fiited_hash_buckets_cuda(
+    const FiitedHashBucketsParams* params, cudaStream_t stream) {
+  if (params->num_keys == 0) return cudaSuccess;
+  hash_buckets_kernel<<<blocks_for(params->num_keys), kBlockThreads, 0, stream>>>(*params);
   return cudaPeekAtLastError();
 }

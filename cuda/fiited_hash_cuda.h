@@ -18,10 +18,18 @@ extern "C" {
 struct FiitedHashLookupParams {
   const int64_t* __restrict table_keys;  // (S)
   const int64_t* __restrict keys;        // (n), none equal to the empty key (host-checked)
-  int64_t* __restrict slots;             // (n) out: slot or -1
+  int64_t* __restrict slots;             // (n) out: slot or `missing`
   int64_t num_keys;                      // n
   int64_t num_buckets;
   int32_t bucket_size;                   // W, power of two <= 128
+  int64_t missing;                       // written for a key that is not resident
+};
+
+struct FiitedHashBucketsParams {
+  const int64_t* __restrict keys;  // (n)
+  int64_t* __restrict buckets;     // (n) out: fiited_bucket_of(key, num_buckets)
+  int64_t num_keys;
+  int64_t num_buckets;
 };
 
 struct FiitedHashInsertParams {
@@ -53,5 +61,6 @@ struct FiitedHashEraseParams {
 cudaError_t fiited_hash_lookup_cuda(const FiitedHashLookupParams* params, cudaStream_t stream);
 cudaError_t fiited_hash_insert_cuda(const FiitedHashInsertParams* params, cudaStream_t stream);
 cudaError_t fiited_hash_erase_cuda(const FiitedHashEraseParams* params, cudaStream_t stream);
+cudaError_t fiited_hash_buckets_cuda(const FiitedHashBucketsParams* params, cudaStream_t stream);
 
 }  // extern "C"

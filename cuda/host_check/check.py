@@ -1,7 +1,7 @@
 """Build the CUDA ops' torch host wrappers against the installed (CPU) torch, and load them.
 
 ``make nvcc-check`` compiles the kernels with nvcc alone; the host wrappers
-(``cuda/fiited_cuda_host.cpp``) include c10's CUDA headers and register the kernels with the
+(``cuda/fiited_cuda_host.cpp``, ``cuda/fiited_hash_cuda_host.cpp``) include c10's CUDA headers and register the kernels with the
 dispatcher, which a CPU machine could not build or load, so they would first meet a compiler on a
 GPU machine. This script closes most of that gap without a GPU:
 
@@ -21,6 +21,7 @@ when the wrappers build and register, 1 (with the compiler's or the dispatcher's
 """
 
 import argparse
+import hashlib
 import re
 import subprocess
 import sys
@@ -29,7 +30,9 @@ from typing import List
 
 HERE = Path(__file__).resolve().parent
 CUDA_DIR = HERE.parent
-KERNELS = CUDA_DIR / "fiited_cuda.cu"
+# setup.py's CUDA_SOURCES: the kernels and the host files that register them.
+KERNELS = [CUDA_DIR / "fiited_cuda.cu", CUDA_DIR / "fiited_hash_cuda.cu"]
+HOSTS = [CUDA_DIR / "fiited_cuda_host.cpp", CUDA_DIR / "fiited_hash_cuda_host.cpp"]
 STUBS = HERE / "c10_cuda_stubs.cpp"
 
 
@@ -43,6 +46,17 @@ def _run(cmd: List[str]) -> None:
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"host check: failed: {' '.join(cmd)}\n{done.stdout}{done.stderr}")
+
+
+def _digest(paths: List[Path]) -> str:
+    return hashlib.sha1("\n".join(str(p.resolve()) for p in paths).encode()).hexdigest()[:10]
+
+
+def _object_name(source: Path) -> str:
+    """The object file of ``source``: one directory serves every variant (a source from
+    elsewhere, such as a test's modified copy, gets its own object)."""
+    ours = source.resolve().parent in (CUDA_DIR, HERE)
+    return f"{source.stem}.o" if ours else f"{source.stem}_{_digest([source])}.o"
 
 
 def _object(source: Path, out: Path, nvcc: str, arch: str, deps: List[Path]) -> Path:
@@ -59,25 +73,34 @@ def _object(source: Path, out: Path, nvcc: str, arch: str, deps: List[Path]) -> 
     return out
 
 
-def registered_ops(host: Path) -> List[str]:
-    """The op names ``host`` registers under ``TORCH_LIBRARY_IMPL(fiited, CUDA, m)``."""
-    text = host.read_text()
-    block = text[text.index("TORCH_LIBRARY_IMPL(fiited, CUDA"):]
-    return re.findall(r'm\.impl\("([A-Za-z0-9_]+)"', block)
+def registered_ops(hosts: List[Path]) -> List[str]:
+    """The op names ``hosts`` register under ``TORCH_LIBRARY_IMPL(fiited, CUDA, m)``."""
+    ops = []
+    for host in hosts:
+        text = host.read_text()
+        block = text[text.index("TORCH_LIBRARY_IMPL(fiited, CUDA"):]
+        ops += re.findall(r'm\.impl\("([A-Za-z0-9_]+)"', block)
+    return ops
 
 
-def build(out_dir: Path, host: Path, nvcc: str = "nvcc", arch: str = "sm_80") -> Path:
+def with_host(replacement: Path) -> List[Path]:
+    """The host files, ``replacement`` in place of the one with its name."""
+    assert any(h.name == replacement.name for h in HOSTS), replacement
+    return [replacement if h.name == replacement.name else h for h in HOSTS]
+
+
+def build(out_dir: Path, hosts: List[Path] = HOSTS, nvcc: str = "nvcc",
+          arch: str = "sm_80") -> Path:
     """Compile and link the host-check library; its path."""
     from torch.utils import cpp_extension
 
     out_dir.mkdir(parents=True, exist_ok=True)
     headers = sorted(CUDA_DIR.glob("*.h"))
-    objects = [
-        _object(KERNELS, out_dir / "fiited_cuda.o", nvcc, arch, headers),
-        _object(STUBS, out_dir / "c10_cuda_stubs.o", nvcc, arch, []),
-        _object(host, out_dir / f"{host.stem}.o", nvcc, arch, headers),
-    ]
-    lib = out_dir / f"lib{host.stem}_check.so"
+    objects = [_object(k, out_dir / _object_name(k), nvcc, arch, headers) for k in KERNELS]
+    objects.append(_object(STUBS, out_dir / _object_name(STUBS), nvcc, arch, []))
+    objects += [_object(h, out_dir / _object_name(h), nvcc, arch, headers) for h in hosts]
+    variant = "" if hosts == HOSTS else "_" + _digest(hosts)
+    lib = out_dir / f"libfiited_cuda_host_check{variant}.so"
     torch_lib = cpp_extension.library_paths()[0]
     _run([nvcc, "-shared", "-o", str(lib), *map(str, objects), f"-L{torch_lib}", "-lc10",
           "-ltorch_cpu", "-ltorch", "-Xlinker", f"--no-undefined,-rpath,{torch_lib}"])
@@ -114,11 +137,13 @@ def load(lib: Path, ops: List[str]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--host", type=Path, default=CUDA_DIR / "fiited_cuda_host.cpp")
+    parser.add_argument("--host", type=Path, default=None,
+                        help="a host file to build in place of the one of the same name")
     parser.add_argument("--nvcc", default="nvcc")
     parser.add_argument("--arch", default="sm_80")
     args = parser.parse_args()
-    load(build(args.out_dir, args.host, args.nvcc, args.arch), registered_ops(args.host))
+    hosts = HOSTS if args.host is None else with_host(args.host)
+    load(build(args.out_dir, hosts, args.nvcc, args.arch), registered_ops(hosts))
 
 
 if __name__ == "__main__":

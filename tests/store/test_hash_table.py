@@ -330,3 +330,74 @@ def test_lookup_into_out_matches_lookup(native_on, monkeypatch):
                     torch.empty(keys.numel() * 2, dtype=torch.int64)[::2]):
             with pytest.raises(RuntimeError, match="hash_lookup: out must be a contiguous int64"):
                 torch.ops.fiited.hash_lookup_out(table.keys, table.bucket_size, keys, -1, bad)
+
+
+# ---- CUDA kernels (cuda/fiited_hash_cuda*.{cu,cpp}) against the CPU kernels; run on a GPU ------
+
+CUDA_SKIP = pytest.mark.skipif(
+    not torch.cuda.is_available() or "cuda" not in native.HASH_DEVICES,
+    reason=f"CUDA hash-table kernels need a CUDA build of torch with a GPU and the native ops "
+           f"built against it; this is torch {torch.__version__} (cuda={torch.version.cuda})")
+
+
+def _on_cpu(result):
+    return result.cpu() if isinstance(result, torch.Tensor) else (
+        tuple(_on_cpu(r) for r in result) if isinstance(result, tuple) else result)
+
+
+@CUDA_SKIP
+@pytest.mark.parametrize("num_buckets, W", [(1000, 16), (64, 32), (3, 8)])
+def test_cuda_matches_cpu(num_buckets, W):
+    """Random batches with many repeats, ties and full buckets: every output and every slot of
+    the table bitwise equal to the CPU kernels'."""
+    gen = torch.Generator().manual_seed(num_buckets)
+    cpu = ResidentHashTable(num_buckets, W)
+    gpu = ResidentHashTable(num_buckets, W, device=torch.device("cuda"))
+    for _ in range(6):
+        keys, scores = random_batch(20000, gen)
+        erase = keys[: keys.numel() // 40]
+        want = (cpu.insert(keys, scores), cpu.lookup(keys, missing=-5), cpu.erase(erase))
+        got = (gpu.insert(keys.cuda(), scores.cuda()), gpu.lookup(keys.cuda(), missing=-5),
+               gpu.erase(erase.cuda()))
+        for a, b in zip(want[0], got[0]):
+            assert torch.equal(a, b.cpu())
+        assert torch.equal(want[1], got[1].cpu()) and want[2] == got[2]
+        assert torch.equal(cpu.keys, gpu.keys.cpu()) and torch.equal(cpu.scores, gpu.scores.cpu())
+    assert gpu.insert(torch.empty(0, dtype=torch.int64, device="cuda"),
+                      torch.empty(0, device="cuda")).slots.numel() == 0
+
+
+@CUDA_SKIP
+def test_cuda_full_bucket_rule():
+    """The CPU test's full-bucket sequence (lowest free slot, strict beat of the minimum, pinned
+    residents, evictions in slot order) on the GPU."""
+    cuda = torch.device("cuda")
+    table = ResidentHashTable(1, 8, device=cuda)
+    table.insert(torch.arange(8, device=cuda), torch.arange(8, dtype=torch.float32, device=cuda))
+    assert table.lookup(torch.arange(8, device=cuda)).tolist() == list(range(7, -1, -1))
+    r = table.insert(torch.tensor([100, 101], device=cuda), torch.tensor([0.0, 5.5], device=cuda))
+    assert r.slots.tolist() == [-1, 7]
+    assert r.evicted_keys.tolist() == [0] and r.evicted_slots.tolist() == [7]
+    r = table.insert(torch.tensor([1, 200], device=cuda), torch.tensor([0.0, 9.0], device=cuda))
+    assert r.slots.tolist() == [6, 5] and r.evicted_keys.tolist() == [2]
+    assert table.erase(torch.tensor([1, 1, 999], device=cuda)) == 1
+
+
+@CUDA_SKIP
+@pytest.mark.parametrize("call, match", [
+    (lambda t, d: t.lookup(torch.tensor([1, EMPTY_KEY], device=d)), r"must not contain .* index 1"),
+    (lambda t, d: t.insert(torch.tensor([5, EMPTY_KEY], device=d), torch.ones(2, device=d)),
+     r"must not contain .* index 1"),
+    (lambda t, d: t.insert(torch.tensor([50, 51], device=d), torch.tensor([1.0, float("nan")], device=d)),
+     "scores must not be NaN"),
+    (lambda t, d: t.erase(torch.tensor([EMPTY_KEY], device=d)), "must not contain"),
+])
+def test_cuda_bad_input_leaves_table_unchanged(call, match):
+    cuda = torch.device("cuda")
+    table = ResidentHashTable(4, 8, device=cuda)
+    table.insert(torch.arange(20, device=cuda), torch.rand(20, device=cuda))
+    before = {k: v.clone() for k, v in table.state_dict().items()}
+    with pytest.raises((ValueError, RuntimeError), match=match):
+        call(table, cuda)
+    for k, v in table.state_dict().items():
+        assert torch.equal(v, before[k])
