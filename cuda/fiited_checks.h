@@ -9,6 +9,7 @@
 #include <cmath>
 #include <limits>
 #include <optional>
+#include <string>
 #include <string_view>
 
 namespace fiited {
@@ -240,6 +241,40 @@ inline BackwardSizes check_backward_inputs(
   const Optimizer opt = parse_optimizer(optimizer);
   check_momentum(momentum, opt, C, cs);
   return {C, cs, E, K, n, grad_rows.size(0), G, opt, parse_grad_access(utility)};
+}
+
+// The resident-id hash table's two flat tensors (fiited_hash_ops.cpp) on a `device_type` device
+// (the CPU or the CUDA kernels'): keys int64 (S), scores fp32 (S) when given, S = num_buckets *
+// bucket_size. Returns num_buckets.
+inline int64_t check_hash_table(const char* op, const at::Tensor& table_keys,
+                                const at::Tensor* table_scores, int64_t bucket_size,
+                                c10::DeviceType device_type) {
+  const std::string device = c10::DeviceTypeName(device_type);
+  TORCH_CHECK(
+      table_keys.scalar_type() == at::kLong && table_keys.dim() == 1 &&
+          table_keys.is_contiguous() && table_keys.device().type() == device_type,
+      "[torchrec_fiited] ", op, ": table_keys must be a contiguous 1-D int64 ", device,
+      " tensor, got a ", table_keys.dim(), "-D ", table_keys.scalar_type(), " tensor on ",
+      table_keys.device());
+  TORCH_CHECK(
+      bucket_size >= 8 && bucket_size <= 128 && (bucket_size & (bucket_size - 1)) == 0,
+      "[torchrec_fiited] ", op, ": bucket_size must be a power of two in [8, 128], got ",
+      bucket_size);
+  const int64_t S = table_keys.numel();
+  TORCH_CHECK(
+      S > 0 && S % bucket_size == 0 && S / bucket_size <= (int64_t{1} << 31), "[torchrec_fiited] ",
+      op, ": table_keys.numel() must be num_buckets * bucket_size with 1 <= num_buckets <= 2^31, "
+      "got ", S, " slots for bucket_size ", bucket_size);
+  if (table_scores != nullptr) {
+    const at::Tensor& s = *table_scores;
+    TORCH_CHECK(
+        s.scalar_type() == at::kFloat && s.dim() == 1 && s.numel() == S && s.is_contiguous() &&
+            s.device() == table_keys.device(),
+        "[torchrec_fiited] ", op, ": table_scores must be a contiguous fp32 tensor of shape (", S,
+        ") on ", table_keys.device(), ", got ", s.scalar_type(), " of shape ", s.sizes(), " on ",
+        s.device());
+  }
+  return S / bucket_size;
 }
 
 }  // namespace fiited

@@ -43,31 +43,11 @@ struct TableView {
 TableView check_table(
     const char* op, const at::Tensor& table_keys, const at::Tensor* table_scores,
     int64_t bucket_size) {
-  TORCH_CHECK(
-      table_keys.scalar_type() == at::kLong && table_keys.dim() == 1 &&
-          table_keys.is_contiguous() && table_keys.device().is_cpu(),
-      "[torchrec_fiited] ", op, ": table_keys must be a contiguous 1-D int64 CPU tensor, got a ",
-      table_keys.dim(), "-D ", table_keys.scalar_type(), " tensor on ", table_keys.device());
-  TORCH_CHECK(
-      bucket_size >= 8 && bucket_size <= 128 && (bucket_size & (bucket_size - 1)) == 0,
-      "[torchrec_fiited] ", op, ": bucket_size must be a power of two in [8, 128], got ",
-      bucket_size);
-  const int64_t S = table_keys.numel();
-  TORCH_CHECK(
-      S > 0 && S % bucket_size == 0 && S / bucket_size <= (int64_t{1} << 31), "[torchrec_fiited] ",
-      op, ": table_keys.numel() must be num_buckets * bucket_size with 1 <= num_buckets <= 2^31, "
-      "got ", S, " slots for bucket_size ", bucket_size);
-  float* scores = nullptr;
-  if (table_scores != nullptr) {
-    const at::Tensor& s = *table_scores;
-    TORCH_CHECK(
-        s.scalar_type() == at::kFloat && s.dim() == 1 && s.numel() == S && s.is_contiguous() &&
-            s.device().is_cpu(),
-        "[torchrec_fiited] ", op, ": table_scores must be a contiguous fp32 CPU tensor of shape (",
-        S, "), got ", s.scalar_type(), " of shape ", s.sizes());
-    scores = s.data_ptr<float>();
-  }
-  return {table_keys.data_ptr<int64_t>(), scores, S / bucket_size, bucket_size};
+  const int64_t num_buckets =
+      check_hash_table(op, table_keys, table_scores, bucket_size, c10::DeviceType::CPU);
+  return {table_keys.data_ptr<int64_t>(),
+          table_scores == nullptr ? nullptr : table_scores->data_ptr<float>(), num_buckets,
+          bucket_size};
 }
 
 void check_keys(const char* op, const at::Tensor& keys) {
