@@ -125,16 +125,31 @@ inline void check_lookup_out(
       ": out must have unit column stride (rows may be strided), got strides ", out.strides());
 }
 
+// Each feature's block [feature_cols[f], feature_cols[f] + D) inside out's W columns. Reads the
+// F values on the host (one copy when they are on a GPU).
+inline void check_feature_cols(const at::Tensor& feature_cols, int64_t D, int64_t W) {
+  const auto host = feature_cols.cpu();
+  const int64_t* c = host.data_ptr<int64_t>();
+  for (int64_t f = 0; f < host.numel(); ++f) {
+    TORCH_CHECK(
+        c[f] >= 0 && c[f] + D <= W, "[torchrec_fiited] fiited::lookup_forward_batched_out: ",
+        "feature_cols[", f, "]=", c[f], " puts a block of D=", D, " columns outside out's ", W,
+        " columns");
+  }
+}
+
 // `out`, `feature_cols` and `feature_mean` of lookup_forward_batched_out: F = feature_cols.numel()
 // features of B bags each (offsets hold F * B + 1 boundaries), feature f written at columns
 // [feature_cols[f], feature_cols[f] + D) of `out` (B, W), D = K * chunk_size. The column check
-// reads feature_cols on the host (F values; one copy when they are on a GPU).
+// (``check_feature_cols``) reads feature_cols on the host unless `cols_on_host` is false (the
+// CUDA host decides it on the device, with its other bounds, in one transfer).
 inline void check_batched_out(
     const at::Tensor& out,
     const at::Tensor& feature_cols,
     const at::Tensor& feature_mean,
     const LookupSizes& s,
-    const at::Device& device) {
+    const at::Device& device,
+    bool cols_on_host = true) {
   constexpr const char* op = "fiited::lookup_forward_batched_out";
   check_tensor(op, "feature_cols", feature_cols, at::kLong, 1, device);
   check_tensor(op, "feature_mean", feature_mean, at::kBool, 1, device);
@@ -149,14 +164,7 @@ inline void check_batched_out(
   TORCH_CHECK(
       out.size(1) <= 1 || out.stride(1) == 1, "[torchrec_fiited] ", op,
       ": out must have unit column stride (rows may be strided), got strides ", out.strides());
-  const int64_t D = s.num_chunks * s.chunk_size;
-  const auto host = feature_cols.cpu();
-  const int64_t* c = host.data_ptr<int64_t>();
-  for (int64_t f = 0; f < F; ++f) {
-    TORCH_CHECK(
-        c[f] >= 0 && c[f] + D <= out.size(1), "[torchrec_fiited] ", op, ": feature_cols[", f,
-        "]=", c[f], " puts a block of D=", D, " columns outside out's ", out.size(1), " columns");
-  }
+  if (cols_on_host) check_feature_cols(feature_cols, s.num_chunks * s.chunk_size, out.size(1));
 }
 
 inline Optimizer parse_optimizer(std::string_view optimizer) {

@@ -6,6 +6,7 @@
 // blocks across steps, so they do not pay the first-touch cost they would on the CPU.
 
 #include <algorithm>
+#include <vector>
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
@@ -25,8 +26,9 @@ static_assert(
         static_cast<int>(Optimizer::kRowwiseAdagrad) == FIITED_ROWWISE_ADAGRAD,
     "fiited::Optimizer and FiitedOptimizer must agree");
 
-// Ids must index their tables before a kernel dereferences them. One device sync per checked
-// tensor; FBGEMM's TBE pays the same in its bounds check.
+// Ids must index their tables before a kernel dereferences them. The bounds of a call are
+// decided on the device and read back in one transfer (`all_hold`); only a failing call pays
+// the further syncs that describe what failed (check_range, check_offsets, check_feature_cols).
 void check_range(const char* op, const char* name, const at::Tensor& t, int64_t hi,
                  const char* hi_name, int64_t lowest = 0) {
   if (t.numel() == 0) return;
@@ -48,6 +50,24 @@ void check_offsets(const at::Tensor& offsets, int64_t num_ids) {
       o[B]);
 }
 
+// 0-D bool on t's device: every value of t in [lowest, hi).
+at::Tensor in_range(const at::Tensor& t, int64_t lowest, int64_t hi) {
+  if (t.numel() == 0) return at::ones({}, t.options().dtype(at::kBool));
+  const auto [lo, top] = at::aminmax(t);
+  return lo.ge(lowest).logical_and(top.lt(hi));
+}
+
+// 0-D bool: offsets (B + 1 >= 1 values) start at 0, do not decrease, end at most at num_ids.
+at::Tensor offsets_hold(const at::Tensor& offsets, int64_t num_ids) {
+  auto ok = offsets[0].eq(0).logical_and(offsets[-1].le(num_ids));
+  return offsets.numel() > 1 ? ok.logical_and(offsets.diff().ge(0).all()) : ok;
+}
+
+// One device-to-host transfer for every flag.
+bool all_hold(const std::vector<at::Tensor>& flags) {
+  return at::stack(flags).all().item<bool>();
+}
+
 // Pools into `out` (validated by the caller: (B, D) fp32 on the weights' GPU, unit column stride).
 void pool_into(
     const LookupSizes& s,
@@ -64,8 +84,18 @@ void pool_into(
   const auto w = weights.contiguous(), slots = chunk_slots.contiguous();
   const auto ids = entries.contiguous(), offs = offsets.contiguous();
   const auto psw = per_sample_weights.has_value() ? per_sample_weights->contiguous() : at::Tensor();
-  check_range("fiited::lookup_forward", "entries", ids, s.num_entries, "E");
-  check_offsets(offs, s.num_ids);
+  std::vector<at::Tensor> flags{in_range(ids, 0, s.num_entries), offsets_hold(offs, s.num_ids)};
+  const int64_t D = s.num_chunks * s.chunk_size;
+  if (feature_cols.defined()) {
+    flags.push_back(feature_cols.ge(0).logical_and(feature_cols.add(D).le(out.size(1))).all());
+  }
+  if (!all_hold(flags)) {  // raise, saying which bound failed and with what values
+    check_range("fiited::lookup_forward", "entries", ids, s.num_entries, "E");
+    check_offsets(offs, s.num_ids);
+    if (feature_cols.defined()) check_feature_cols(feature_cols, D, out.size(1));
+    TORCH_CHECK(false, "[torchrec_fiited] fiited::lookup_forward: a bound failed on the device "
+                "and held on the host");
+  }
   const FiitedLookupParams params{
       w.data_ptr<float>(), slots.data_ptr(), static_cast<int32_t>(slots.element_size()),
       ids.data_ptr<int64_t>(),
@@ -120,7 +150,7 @@ void lookup_forward_batched_out_cuda(
   const LookupSizes s =
       check_lookup_inputs(weights, chunk_slots, entries, offsets, per_sample_weights);
   const auto cols = feature_cols.contiguous(), means = feature_mean.contiguous();
-  check_batched_out(out, cols, means, s, weights.device());
+  check_batched_out(out, cols, means, s, weights.device(), /*cols_on_host=*/false);
   pool_into(s, weights, chunk_slots, entries, offsets, per_sample_weights, false, out, cols, means);
 }
 
@@ -153,14 +183,23 @@ void fused_backward_cuda(
   const auto grads = grad_rows.contiguous(), rows = row_of_id.contiguous();
   const auto ids = entries.contiguous(), slots = chunk_slots.contiguous();
   const auto scale = id_scale.has_value() ? id_scale->contiguous() : at::Tensor();
-  // -1: skip the id; E .. E + G - 1: the miss groups
-  check_range(op, "entries", ids, s.num_entries + s.num_miss_groups,
-              s.num_miss_groups ? "E + G (G = miss_utilities.size(0))" : "E", /*lowest=*/-1);
-  check_range(op, "row_of_id", rows, s.num_rows, "R=grad_rows.size(0)");
+  // Entries -1 (skip the id) to E + G - 1 (the miss groups), rows in [0, R), and how many ids
+  // are skipped, in one transfer.
+  const auto host = at::stack({in_range(ids, -1, s.num_entries + s.num_miss_groups).to(at::kLong),
+                               in_range(rows, 0, s.num_rows).to(at::kLong), ids.lt(0).sum()})
+                        .cpu();
+  const int64_t* h = host.data_ptr<int64_t>();
+  if (!(h[0] && h[1])) {
+    check_range(op, "entries", ids, s.num_entries + s.num_miss_groups,
+                s.num_miss_groups ? "E + G (G = miss_utilities.size(0))" : "E", /*lowest=*/-1);
+    check_range(op, "row_of_id", rows, s.num_rows, "R=grad_rows.size(0)");
+    TORCH_CHECK(false, "[torchrec_fiited] ", op, ": a bound failed on the device and held on the "
+                "host");
+  }
   // Dedupe: a stable sort keeps each entry's ids in their original order (the reference's sum).
   const auto [all_sorted, all_order] =
       at::sort(ids, /*stable=*/true, /*dim=*/0, /*descending=*/false);
-  const int64_t skipped = ids.lt(0).sum().item<int64_t>();  // sorted first
+  const int64_t skipped = h[2];  // sorted first
   if (skipped == s.num_ids) return;
   const auto sorted = all_sorted.slice(0, skipped), order = all_order.slice(0, skipped);
   const auto [unique, inverse, counts] = at::unique_consecutive(sorted, false, true);

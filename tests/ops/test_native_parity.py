@@ -446,3 +446,36 @@ def test_cuda_matches_reference(K, D):
         torch.testing.assert_close(got.cpu(), reference.lookup_forward(*args), rtol=RTOL, atol=ATOL)
     for optimizer, slots_dtype in itertools.product(reference.OPTIMIZERS, [torch.int32, torch.int16]):
         _backward_cases(K, D, optimizer, device="cuda", slots_dtype=slots_dtype)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and "cuda" in native.DEVICES),
+                    reason=CUDA_SKIP_REASON)
+def test_cuda_bad_bounds_are_refused_and_leave_the_state_untouched():
+    """The CUDA host decides every bound of a call on the device in one transfer; a failing
+    one is then named with its values, as on the CPU, before any kernel runs."""
+    lookup, backward = _opcheck_inputs()
+    lookup = [a.cuda() if torch.is_tensor(a) else a for a in lookup]
+    backward = [a.cuda() if torch.is_tensor(a) else a for a in backward]
+    weights, slots, entries, offsets, psw, mean = lookup
+    with pytest.raises(RuntimeError, match=r"entries must be in \[0, E=50\), got values in"):
+        torch.ops.fiited.lookup_forward(weights, slots, torch.full_like(entries, 50), offsets,
+                                        psw, mean)
+    with pytest.raises(RuntimeError, match=r"offsets must start at 0, be non-decreasing"):
+        torch.ops.fiited.lookup_forward(weights, slots, entries, offsets + 1, psw, mean)
+    B, D = offsets.numel() - 1, weights.shape[1] * slots.shape[1]
+    out = torch.zeros(B, 2 * D, device="cuda")
+    with pytest.raises(RuntimeError, match=r"feature_cols\[0\]=.* outside out's"):
+        torch.ops.fiited.lookup_forward_batched_out(
+            weights, slots, entries, offsets, psw, torch.tensor([D + 1], device="cuda"),
+            torch.tensor([False], device="cuda"), out)
+    assert not out.any()
+    for position, value, match in ((3, 50, r"entries must be in \[-1, E=50\)"),
+                                   (1, 6, r"row_of_id must be in \[0, R=grad_rows")):
+        bad = list(backward)
+        bad[position] = bad[position].clone()
+        bad[position][-1] = value
+        before = [t.clone() for t in bad[4:8]]
+        with pytest.raises(RuntimeError, match=match):
+            torch.ops.fiited.fused_backward(*bad)
+        for b, a in zip(before, bad[4:8]):
+            assert torch.equal(a, b)
