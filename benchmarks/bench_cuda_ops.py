@@ -6,14 +6,16 @@ builds the ops there and runs it).
 Workload (defaults, the bench_lookup grid's shape at GPU scale): one pool shared by F=8 tables
 of 1M resident rows each (8M entries), D=64 in K=4 chunks of 16 floats, half the chunks live
 (a budget-0.5 pool: 16M chunk slots, 1 GiB of weights), batch 8192, pooling factor L=20
-(1.3M ids a step), Zipf(1.05) ids, SGD (torch's sparse SGD is the baseline's optimizer).
+(1.3M ids a step), Zipf(1.05) ids; SGD or (``--optimizer adagrad``) elementwise Adagrad, the
+same rule on both sides (torch's sparse SGD / Adagrad for the baseline).
 
 Measured (CUDA events; the median of ``--iterations`` after ``--warmup``):
     copy        ``dst.copy_(src)`` of 2 GiB: the GPU's practical peak, bytes read + written.
     forward     ``fiited::lookup_forward_batched_out``: all F features in one call.
-    backward    ``fiited::fused_backward`` over the same ids (dedupe, utilities, SGD on live chunks).
+    backward    ``fiited::fused_backward`` over the same ids (dedupe, utilities, the optimizer on
+                live chunks).
     embbag fwd  ``F.embedding_bag`` (sum) over a dense [8M, 64] table with the same ids.
-    embbag step its forward + backward (sparse grad) + ``torch.optim.SGD`` step.
+    embbag step its forward + backward (sparse grad) + a ``torch.optim.SGD`` / ``Adagrad`` step.
     hash probe  ``fiited::hash_lookup`` of the step's keys in a table holding the 8M entries.
 
 Bytes are a model of what each op must move (stated per op below; hot rows served from L2 count
@@ -111,7 +113,8 @@ def timed(fn: Callable[[], None], device: torch.device, warmup: int, iterations:
     return statistics.median(times)
 
 
-def run(w: Workload, device: torch.device, warmup: int, iterations: int) -> Dict[str, Dict]:
+def run(w: Workload, device: torch.device, warmup: int, iterations: int,
+        optimizer: str = "sgd") -> Dict[str, Dict]:
     d = build(w, device)
     K, cs, D = w.chunks, w.dim // w.chunks, w.dim
     n, bags = d["entries"].numel(), d["offsets"].numel() - 1
@@ -141,19 +144,23 @@ def run(w: Workload, device: torch.device, warmup: int, iterations: int) -> Dict
            n * (8 + 4 * K) + live_read * cs * 4 + (bags + 1) * 8 + out.numel() * 4,
            "per id: entry (8 B), K slots (4 B), live chunks read; offsets; output written")
 
-    params = FusedParams("sgd", 0.01, 1e-8, 0.0, "grad_access", 0.99, 1)
-    momentum = torch.zeros(0, device=device)
+    params = FusedParams(optimizer, 0.01, 1e-8, 0.0, "grad_access", 0.99, 1)
+    # Adagrad's state: one fp32 per stored float, read and written with the weights.
+    momentum = (torch.zeros_like(d["weights"]) if optimizer == "adagrad"
+                else torch.zeros(0, device=device))
+    state = 2 if optimizer == "adagrad" else 1
     grad_rows = d["grad"].view(-1, D)
     backward = lambda: dispatch.fused_backward(  # noqa: E731
         grad_rows, d["row_of_id"], None, d["entries"], d["chunk_slots"], d["utilities"],
         d["weights"], momentum, params)
     record("backward", timed(backward, device, warmup, iterations),
-           n * (8 + 8 + D * 4) + uniq.numel() * K * (4 + 8) + live_touched * cs * 4 * 2,
+           n * (8 + 8 + D * 4) + uniq.numel() * K * (4 + 8) + live_touched * cs * 4 * 2 * state,
            "per id: entry, bag row, gradient row; per touched entry: K slots, K utilities read "
-           "and written; live chunks read and written")
+           "and written; live chunks (and their Adagrad state) read and written")
 
     dense = d["dense"].clone().requires_grad_(True)
-    opt = torch.optim.SGD([dense], lr=0.01)
+    opt = (torch.optim.Adagrad([dense], lr=0.01, eps=1e-8) if optimizer == "adagrad"
+           else torch.optim.SGD([dense], lr=0.01))
     emb_fwd = lambda: F.embedding_bag(d["entries"], dense, d["offsets"][:-1], mode="sum")  # noqa: E731
     dense_fwd_bytes = n * (8 + D * 4) + bags * 8 + bags * D * 4
     record("embbag_forward", timed(lambda: emb_fwd(), device, warmup, iterations),
@@ -166,8 +173,8 @@ def run(w: Workload, device: torch.device, warmup: int, iterations: int) -> Dict
         opt.zero_grad(set_to_none=True)
 
     record("embbag_step", timed(emb_step, device, warmup, iterations),
-           dense_fwd_bytes + n * (8 + D * 4) + uniq.numel() * D * 4 * 2,
-           "forward; per id: index, gradient row; per touched row: read and written")
+           dense_fwd_bytes + n * (8 + D * 4) + uniq.numel() * D * 4 * 2 * state,
+           "forward; per id: index, gradient row; per touched row (and its state): read and written")
 
     table = ResidentHashTable(max(1, int(w.tables * w.rows * 1.25) // 32), 32, device=device)
     keys = torch.arange(w.tables * w.rows, device=device, dtype=torch.int64)
@@ -199,6 +206,7 @@ def main() -> None:
     parser.add_argument("--pooling", type=int, default=Workload.pooling)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iterations", type=int, default=20)
+    parser.add_argument("--optimizer", choices=["sgd", "adagrad"], default="sgd")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -207,9 +215,9 @@ def main() -> None:
                          f"HASH_DEVICES={sorted(native.HASH_DEVICES)} (build with a CUDA torch: "
                          f"FIITED_EXT_CUDA=1 pip install --no-build-isolation --no-deps -e .)")
     w = Workload(rows=args.rows, chunks=args.chunks, pooling=args.pooling)
-    results = run(w, device, args.warmup, args.iterations)
+    results = run(w, device, args.warmup, args.iterations, args.optimizer)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"{name}, torch {torch.__version__}, workload {asdict(w)}")
+    print(f"{name}, torch {torch.__version__}, {args.optimizer}, workload {asdict(w)}")
     for op, r in results.items():
         if op != "ratios":
             print(f"  {op:15s} {r['ms']:9.3f} ms  {r['GBps']:8.1f} GB/s  ({r['bytes_model']})")
@@ -217,7 +225,8 @@ def main() -> None:
         print(f"  {k:28s} {v:6.2f}")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"device": name, "torch": torch.__version__, "workload": asdict(w),
+            json.dump({"device": name, "torch": torch.__version__, "optimizer": args.optimizer,
+                       "workload": asdict(w),
                        "results": results}, f, indent=1)
 
 

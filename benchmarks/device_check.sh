@@ -2,7 +2,7 @@
 # The GPU checks of issue 12 (acceptance 4) as one prepared run, for a machine with a CUDA torch
 # and nvcc but no torchrec or fbgemm (the `device` tool's): build the native ops with their CUDA
 # kernels in place, run the CUDA parity tests against the CPU kernels and the reference (torch
-# alone: --noconftest), then the bandwidth benchmark, and last compute-sanitizer's memcheck over
+# alone: --noconftest), then the bandwidth benchmark (SGD and Adagrad), and last compute-sanitizer's memcheck over
 # a few parity cases. Everything it prints also lands in $OUT (default build/device).
 #
 #   device run:  bash benchmarks/device_check.sh        (about 5-7 minutes on an H200)
@@ -41,6 +41,8 @@ assert 'cuda' in n.DEVICES and 'cuda' in n.HASH_DEVICES, 'CUDA kernels not regis
 step parity 300 $PY -m pytest --noconftest -p no:cacheprovider -q -rs -k cuda \
   tests/ops/test_native_parity.py tests/ops/test_batched_lookup.py tests/store/test_hash_table.py
 step bench 300 $PY benchmarks/bench_cuda_ops.py --out "$OUT/cuda_ops.json"
+step bench_adagrad 300 $PY benchmarks/bench_cuda_ops.py --optimizer adagrad \
+  --out "$OUT/cuda_ops_adagrad.json"
 step memcheck 240 compute-sanitizer --tool memcheck --error-exitcode 9 \
   $PY -m pytest --noconftest -p no:cacheprovider -q -x \
   -k "test_cuda_batched_matches_reference and 2-16 or test_cuda_full_bucket_rule or test_cuda_matches_cpu and 3-8" \

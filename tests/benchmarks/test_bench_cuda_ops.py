@@ -60,9 +60,10 @@ def test_workload_is_wired_as_documented(bench):
     torch.testing.assert_close(_logical(d, w), torch.where(live, logical - 0.5 * dense.grad, 0.0))
 
 
-def test_report_has_every_figure(bench):
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad"])
+def test_report_has_every_figure(bench, optimizer):
     results = bench.run(bench.Workload(rows=500, batch=16, pooling=3), torch.device("cpu"),
-                        warmup=0, iterations=1)
+                        warmup=0, iterations=1, optimizer=optimizer)
     for op in ("copy", "forward", "backward", "embbag_forward", "embbag_step", "hash_probe"):
         assert results[op]["ms"] > 0 and results[op]["bytes"] > 0 and results[op]["bytes_model"]
     assert results["hash_probe"]["Mkeys_per_s"] > 0
