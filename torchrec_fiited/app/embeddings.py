@@ -15,6 +15,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface
 from torchrec.optim.keyed import KeyedOptimizer
 
 from torchrec_fiited import FiitedConfig, FiitedEmbeddingBagCollection
+from torchrec_fiited.config import decay_for_budget
 from torchrec_fiited.app.model import full_embeddings
 
 FIITED_METHODS = ("fiited", "fiited_dynamic", "adaembed", "itep")
@@ -65,6 +66,8 @@ def fiited_config(spec: EmbeddingSpec, budget: float, lr: float, eps: float, ste
     interval = spec.prune_interval or max(1, round(spec.prune_interval_fraction * steps_per_epoch))
     fields = dict(spec.fiited or {})
     fields.setdefault("warmup_steps", int(spec.warmup_fraction * steps_per_epoch))
+    if fields.get("decay") is None:  # null in the method's config: from the budget
+        fields["decay"] = decay_for_budget(budget)
     dims = fields.get("dim_pruning")
     if isinstance(dims, dict) and "cold_start_steps" not in dims:
         cold = max(1, round(spec.dim_cold_start_fraction * steps_per_epoch))

@@ -1,5 +1,5 @@
 """Frozen configuration dataclasses (usable as Hydra structured configs)."""
 
-from torchrec_fiited.config.fiited_config import DimPruningConfig, FiitedConfig
+from torchrec_fiited.config.fiited_config import DimPruningConfig, FiitedConfig, decay_for_budget
 
-__all__ = ["DimPruningConfig", "FiitedConfig"]
+__all__ = ["DimPruningConfig", "FiitedConfig", "decay_for_budget"]

@@ -248,6 +248,30 @@ class FiitedConfig:
         return dataclasses.asdict(self)
 
 
+# The utility decay the app derives from the budget when its config leaves ``decay`` null. Long
+# memory where the budget holds most of the ids that matter (a utility close to the run's whole
+# gradient mass, the signal the frequency oracle has up front), short memory where slots are
+# scarce (there a resident's accumulated utility would shut out newcomers, known only through
+# the sketch). Measured, 0.999 against 0.98 (README "Utility decay"): at 10x +0.0065 on a
+# MovieLens-shaped log, +0.0000 on the hard data; at 100x -0.0003 to +0.0008; at 1000x -0.0058.
+SHORT_MEMORY = (0.001, 0.98)  # (budget at and below which, decay): half-life 34 steps
+LONG_MEMORY = (0.01, 0.999)  # (budget at and above which, decay): half-life 693 steps
+
+
+def decay_for_budget(budget: float) -> float:
+    """gamma for ``budget``: ``SHORT_MEMORY``'s at and below its budget, ``LONG_MEMORY``'s at and
+    above its, and between them the half-life interpolated geometrically in the budget."""
+    _check_budget("budget", budget)
+    (b0, g0), (b1, g1) = SHORT_MEMORY, LONG_MEMORY
+    if budget <= b0:
+        return g0
+    if budget >= b1:
+        return g1
+    h0, h1 = math.log(0.5) / math.log(g0), math.log(0.5) / math.log(g1)
+    t = math.log(budget / b0) / math.log(b1 / b0)
+    return 0.5 ** (1.0 / (h0 * (h1 / h0) ** t))
+
+
 def _dim_pruning_from(fields: Mapping) -> DimPruningConfig:
     known = {f.name for f in dataclasses.fields(DimPruningConfig)}
     unknown = sorted(set(fields) - known)
