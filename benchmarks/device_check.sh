@@ -26,6 +26,15 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run, log to $OUT/NAME.log, record th
   echo "$name rc=$rc $((SECONDS - t0))s" | tee -a "$OUT/status.txt"
 }
 
+# torch's extension build finds the toolkit from CUDA_HOME, else from nvcc's path, which a wrapper
+# script (as /usr/local/bin/nvcc on some images) would make /usr/local: point it at the toolkit.
+if [ -z "${CUDA_HOME:-}" ]; then
+  for d in /usr/local/cuda /usr/local/cuda-*; do
+    if [ -x "$d/bin/nvcc" ]; then export CUDA_HOME=$d; break; fi
+  done
+fi
+echo "CUDA_HOME=${CUDA_HOME:-unset} ($(nvcc --version 2>/dev/null | tail -1))" | tee "$OUT/toolkit.txt"
+
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv \
   | tee "$OUT/gpu.txt"
 $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)" \
