@@ -12,6 +12,8 @@
 #include <string>
 #include <string_view>
 
+#include "fiited_hash.h"
+
 namespace fiited {
 
 enum class Optimizer { kSgd, kAdagrad, kRowwiseAdagrad };
@@ -249,6 +251,34 @@ inline BackwardSizes check_backward_inputs(
   const Optimizer opt = parse_optimizer(optimizer);
   check_momentum(momentum, opt, C, cs);
   return {C, cs, E, K, n, grad_rows.size(0), G, opt, parse_grad_access(utility)};
+}
+
+// A batch of hash-table keys: int64 (n) on the table's device.
+inline void check_hash_keys(const char* op, const at::Tensor& keys, const at::Device& device) {
+  TORCH_CHECK(
+      keys.scalar_type() == at::kLong && keys.dim() == 1 && keys.device() == device,
+      "[torchrec_fiited] ", op, ": keys must be a 1-D int64 tensor on ", device, ", got a ",
+      keys.dim(), "-D ", keys.scalar_type(), " tensor on ", keys.device());
+}
+
+// hash_insert's scores: fp32 (n), one per key, on the keys' device; at most 2^31 - 1 keys a call.
+inline void check_insert_scores(const char* op, const at::Tensor& scores, const at::Tensor& keys) {
+  const int64_t n = keys.numel();
+  TORCH_CHECK(
+      scores.scalar_type() == at::kFloat && scores.dim() == 1 && scores.numel() == n &&
+          scores.device() == keys.device(),
+      "[torchrec_fiited] ", op, ": scores must be a 1-D fp32 tensor with one score per key on ",
+      keys.device(), ", got ", scores.scalar_type(), " of shape ", scores.sizes(), " on ",
+      scores.device(), " for ", n, " keys");
+  TORCH_CHECK(n < (int64_t{1} << 31), "[torchrec_fiited] ", op,
+              ": at most 2^31 - 1 keys per call, got ", n);
+}
+
+// keys[i] is the empty-slot sentinel, which no op takes as a key.
+[[noreturn]] C10_NOINLINE inline void fail_empty_key(const char* op, int64_t i) {
+  TORCH_CHECK(
+      false, "[torchrec_fiited] ", op, ": keys must not contain ", kFiitedEmptyKey,
+      " (int64 min, the empty-slot sentinel), got it at index ", i);
 }
 
 // The resident-id hash table's two flat tensors (fiited_hash_ops.cpp) on a `device_type` device

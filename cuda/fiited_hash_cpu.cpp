@@ -51,16 +51,7 @@ TableView check_table(
 }
 
 void check_keys(const char* op, const at::Tensor& keys) {
-  TORCH_CHECK(
-      keys.scalar_type() == at::kLong && keys.dim() == 1 && keys.device().is_cpu(),
-      "[torchrec_fiited] ", op, ": keys must be a 1-D int64 CPU tensor, got a ", keys.dim(),
-      "-D ", keys.scalar_type(), " tensor on ", keys.device());
-}
-
-[[noreturn]] C10_NOINLINE void fail_empty_key(const char* op, int64_t i) {
-  TORCH_CHECK(
-      false, "[torchrec_fiited] ", op, ": keys must not contain ", kFiitedEmptyKey,
-      " (int64 min, the empty-slot sentinel), got it at index ", i);
+  check_hash_keys(op, keys, at::Device(at::kCPU));
 }
 
 C10_ALWAYS_INLINE void prefetch_bucket(const TableView& t, int64_t key) {
@@ -233,12 +224,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hash_insert_cpu(
   const TableView t = check_table(op, table_keys, &table_scores, bucket_size);
   check_keys(op, keys);
   const int64_t n = keys.numel();
-  TORCH_CHECK(
-      scores.scalar_type() == at::kFloat && scores.dim() == 1 && scores.numel() == n,
-      "[torchrec_fiited] ", op, ": scores must be a 1-D fp32 tensor with one score per key, got ",
-      scores.scalar_type(), " of shape ", scores.sizes(), " for ", n, " keys");
-  TORCH_CHECK(n < (int64_t{1} << 31), "[torchrec_fiited] ", op,
-              ": at most 2^31 - 1 keys per call, got ", n);
+  check_insert_scores(op, scores, keys);
   const auto k = keys.contiguous(), s = scores.contiguous();
   const int64_t* kp = k.data_ptr<int64_t>();
   const float* sp = s.data_ptr<float>();

@@ -40,17 +40,10 @@ TableShape check_table(const char* op, const at::Tensor& table_keys,
 // The CPU kernels refuse the empty-slot key as they meet it; here one reduction (a device sync)
 // finds it before anything runs.
 void check_keys(const char* op, const at::Tensor& keys, const at::Tensor& table_keys) {
-  TORCH_CHECK(
-      keys.scalar_type() == at::kLong && keys.dim() == 1 && keys.device() == table_keys.device(),
-      "[torchrec_fiited] ", op, ": keys must be a 1-D int64 tensor on ", table_keys.device(),
-      ", got a ", keys.dim(), "-D ", keys.scalar_type(), " tensor on ", keys.device());
+  check_hash_keys(op, keys, table_keys.device());
   if (keys.numel() == 0) return;
   const auto empty = keys.eq(kFiitedEmptyKey);
-  if (!empty.any().item<bool>()) return;
-  TORCH_CHECK(
-      false, "[torchrec_fiited] ", op, ": keys must not contain ", kFiitedEmptyKey,
-      " (int64 min, the empty-slot sentinel), got it at index ",
-      empty.nonzero()[0][0].item<int64_t>());
+  if (empty.any().item<bool>()) fail_empty_key(op, empty.nonzero()[0][0].item<int64_t>());
 }
 
 void lookup_into(const TableShape& t, const at::Tensor& table_keys, const at::Tensor& keys,
@@ -87,13 +80,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hash_insert_cuda(
   const c10::cuda::CUDAGuard guard(table_keys.device());
   check_keys(op, keys, table_keys);
   const int64_t n = keys.numel();
-  TORCH_CHECK(
-      scores.scalar_type() == at::kFloat && scores.dim() == 1 && scores.numel() == n &&
-          scores.device() == keys.device(),
-      "[torchrec_fiited] ", op, ": scores must be a 1-D fp32 tensor with one score per key, got ",
-      scores.scalar_type(), " of shape ", scores.sizes(), " for ", n, " keys");
-  TORCH_CHECK(n < (int64_t{1} << 31), "[torchrec_fiited] ", op,
-              ": at most 2^31 - 1 keys per call, got ", n);
+  check_insert_scores(op, scores, keys);
   if (n > 0) {
     const auto nan = scores.isnan();
     TORCH_CHECK(!nan.any().item<bool>(), "[torchrec_fiited] ", op,
