@@ -7,7 +7,7 @@
 #   wheel       builds dist/torchrec_fiited-*.whl (native ops and configs inside) with the same setup.py.
 #   nvcc-check  compiles the CUDA kernels (cuda/fiited_cuda.cu, cuda/fiited_hash_cuda.cu, torch-free)
 #               to object files with nvcc alone, so they cannot rot on CPU-only machines; then
-#               builds the torch host wrappers (cuda/fiited_cuda_host.cpp) against the installed
+#               builds the torch host wrappers (setup.py's CUDA_SOURCES) against the installed
 #               CPU torch, links them with --no-undefined and loads them, so every CUDA kernel
 #               registers against its op's schema (cuda/host_check/check.py). Skipped when nvcc
 #               is absent. C++20 throughout, as torch's BuildExtension compiles.

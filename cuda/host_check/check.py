@@ -21,6 +21,7 @@ when the wrappers build and register, 1 (with the compiler's or the dispatcher's
 """
 
 import argparse
+import ast
 import hashlib
 import re
 import subprocess
@@ -30,10 +31,22 @@ from typing import List
 
 HERE = Path(__file__).resolve().parent
 CUDA_DIR = HERE.parent
-# setup.py's CUDA_SOURCES: the kernels and the host files that register them.
-KERNELS = [CUDA_DIR / "fiited_cuda.cu", CUDA_DIR / "fiited_hash_cuda.cu"]
-HOSTS = [CUDA_DIR / "fiited_cuda_host.cpp", CUDA_DIR / "fiited_hash_cuda_host.cpp"]
 STUBS = HERE / "c10_cuda_stubs.cpp"
+
+
+def _cuda_sources() -> List[Path]:
+    """setup.py's CUDA_SOURCES (read, not imported: importing setup.py would run the build)."""
+    tree = ast.parse((CUDA_DIR.parent / "setup.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(
+                isinstance(t, ast.Name) and t.id == "CUDA_SOURCES" for t in node.targets):
+            return [CUDA_DIR.parent / p for p in ast.literal_eval(node.value)]
+    raise SystemExit("host check: setup.py defines no CUDA_SOURCES")
+
+
+# The kernels and the host files that register them, as setup.py builds them.
+KERNELS = [p for p in _cuda_sources() if p.suffix == ".cu"]
+HOSTS = [p for p in _cuda_sources() if p.suffix == ".cpp"]
 
 
 def _torch_flags() -> List[str]:
