@@ -137,11 +137,9 @@ def logical_pools(global_tables: List[EmbeddingBagConfig], config: FiitedConfig)
         full_floats[pool] = full_floats.get(pool, 0) + t.num_embeddings * t.embedding_dim
         num_rows[pool] = num_rows.get(pool, 0) + t.num_embeddings
         budgets[pool] = config.budget_for(t.name)
+    specs = {p: [_spec(t) for t in global_tables if pool_of[t.name] == p] for p in full_floats}
     sizes = {
-        p: size_pool(
-            [_spec(t) for t in global_tables if pool_of[t.name] == p], budgets[p], K,
-            config.optimizer, **sizing_options(config),
-        )
+        p: size_pool(specs[p], budgets[p], K, config.optimizer, **sizing_options(config))
         for p in full_floats
     }
     pools = {
@@ -150,8 +148,7 @@ def logical_pools(global_tables: List[EmbeddingBagConfig], config: FiitedConfig)
     }
     if config.dim_pruning.enabled:
         for p in full_floats:
-            _warn_if_dim_maps_dominate(p, [_spec(t) for t in global_tables if pool_of[t.name] == p],
-                                       budgets[p], config.optimizer)
+            _warn_if_dim_maps_dominate(p, specs[p], budgets[p], config.optimizer)
     return LogicalPools(pool_of, budgets, num_rows, pools, sizes)
 
 
