@@ -3,28 +3,21 @@ CPU: its workload is wired as it says (the batched forward equals embedding_bag 
 table, the fused backward applies the same gradient as embedding_bag's), and the report carries
 every figure the issue's note needs. The GPU figures come from a device run, not from here."""
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.scripts import load_script
 from torchrec_fiited.ops import native
-
-REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.skipif("cpu" not in native.DEVICES, reason="native ops not built")
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_cuda_ops",
-                                                  REPO / "benchmarks" / "bench_cuda_ops.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/bench_cuda_ops.py")
 
 
 def _logical(d, w) -> torch.Tensor:

@@ -2,7 +2,6 @@
 runs end to end, with pruning cycles, and its JSON carries the fields the acceptance reads.
 The acceptance figures themselves come from the full run (10^9 rows per table), not from here."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,15 +9,13 @@ import sys
 
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.scripts import REPO, load_script
+
 SCRIPT = os.path.join(REPO, "benchmarks", "bench_scale.py")
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("bench_scale", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/bench_scale.py")
 
 
 def test_zipf_ids_are_a_spread_power_law_over_the_id_space():

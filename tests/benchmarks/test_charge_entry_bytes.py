@@ -1,22 +1,14 @@
 """benchmarks/charge_entry_bytes.py: the what-if sizing charges exactly today's entry at today's
 layout, and a cheaper charge buys more entries and slots from the same budget."""
 
-import importlib.util
-import os
-
 import pytest
 
+from tests.scripts import load_script
 from torchrec_fiited.store import sizing
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SCRIPT = os.path.join(REPO, "benchmarks", "charge_entry_bytes.py")
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("charge_entry_bytes", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)  # the __main__ block does not run: sizing stays unpatched
-    return mod
+    return load_script("benchmarks/charge_entry_bytes.py")  # sizing stays unpatched
 
 
 @pytest.mark.parametrize("num_chunks", [1, 2, 4])

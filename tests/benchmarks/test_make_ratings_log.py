@@ -1,21 +1,14 @@
 """benchmarks/make_ratings_log.py writes a ratings.csv that the MovieLens reader loads whole, with
 the planted labels (rating >= 4) and the Zipf-skewed ids it describes."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 
+from tests.scripts import load_script
 from torchrec_fiited.data.movielens import load_movielens
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def test_written_log_loads_with_its_labels(tmp_path):
-    spec = importlib.util.spec_from_file_location("make_ratings_log",
-                                                  REPO / "benchmarks" / "make_ratings_log.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("benchmarks/make_ratings_log.py")
     path = tmp_path / "ratings.csv"
     positive = module.write(str(path), seed=3, users=500, movies=100, ratings=4000)
     train, test, ds = load_movielens(path, progress=False, cache=False)

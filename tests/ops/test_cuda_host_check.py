@@ -2,15 +2,14 @@
 (``cuda/host_check/check.py``, also run by ``make nvcc-check``), and the check fails where a
 wrapper's C++ signature disagrees with its op's schema or a wrapper is not registered."""
 
-import importlib.util
 import shutil
 from pathlib import Path
 
 import pytest
 
+from tests.scripts import REPO, load_script
 from torchrec_fiited.ops import native
 
-REPO = Path(__file__).resolve().parents[2]
 HOST = REPO / "cuda" / "fiited_cuda_host.cpp"
 HASH_HOST = REPO / "cuda" / "fiited_hash_cuda_host.cpp"
 
@@ -20,18 +19,11 @@ pytestmark = [
 ]
 
 
-def _check_module():
-    spec = importlib.util.spec_from_file_location("host_check", REPO / "cuda/host_check/check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def check():
     """The check module and ``make nvcc-check``'s build directory: its objects (built there by
     `make test` before pytest) are reused; a modified copy gets objects and a library of its own."""
-    return _check_module(), REPO / "build" / "nvcc-check" / "host"
+    return load_script("cuda/host_check/check.py"), REPO / "build" / "nvcc-check" / "host"
 
 
 def test_the_host_wrappers_register_every_op(check, capsys):
